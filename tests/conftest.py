@@ -1,0 +1,76 @@
+"""Shared fixtures: real slides from ../shared/data and small generated slides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("WSI_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED.exists():
+        pytest.fail(f"shared data not found at {SHARED}; set WSI_SHARED_DATA")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def cmu_svs(shared_data: Path) -> Path:
+    return shared_data / "slides" / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="session")
+def tcga_svs(shared_data: Path) -> Path:
+    return shared_data / "slides" / "tcga-cr-7395-01a-01-ts1.svs"
+
+
+@pytest.fixture(scope="session")
+def generic_tiff(shared_data: Path) -> Path:
+    return shared_data / "slides" / "CMU-1-Small-Region_pyramid_generic.tiff"
+
+
+@pytest.fixture(scope="session")
+def bad_dcm(shared_data: Path) -> Path:
+    return shared_data / "bad" / "TCGA-XK-AAJU_nonconformant_sm.dcm"
+
+
+@pytest.fixture(scope="session")
+def kather_dir(shared_data: Path) -> Path:
+    return shared_data / "kather16"
+
+
+def _blob_image(w: int, h: int, seed: int = 0) -> np.ndarray:
+    """White glass with one elliptical pink/purple 'tissue' blob carrying some texture."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    inside = ((xx - w * 0.5) / (w * 0.3)) ** 2 + ((yy - h * 0.5) / (h * 0.3)) ** 2 <= 1.0
+    img = np.full((h, w, 3), 242, np.uint8)
+    noise = rng.normal(0, 12, (h, w, 1))
+    tissue = np.clip(np.array([200, 120, 185]) + noise, 0, 255).astype(np.uint8)
+    img[inside] = tissue[inside]
+    return img
+
+
+@pytest.fixture(scope="session")
+def small_svs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2048×1536 Aperio-style pyramid at 0.5 MPP with one tissue blob in the centre (30% radii)."""
+    from wsi_pipeline.synth.pyramid import array_painter, write_pyramid_tiff
+
+    path = tmp_path_factory.mktemp("slides") / "blob.svs"
+    write_pyramid_tiff(path, array_painter(_blob_image(2048, 1536)), (2048, 1536), mpp=0.5, downsamples=(1, 4, 16))
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_svs_no_mpp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from wsi_pipeline.synth.pyramid import array_painter, write_pyramid_tiff
+
+    path = tmp_path_factory.mktemp("slides") / "nompp.svs"
+    write_pyramid_tiff(path, array_painter(_blob_image(1024, 768, 1)), (1024, 768), mpp=None, objective_power=20,
+                       downsamples=(1, 4))
+    return path

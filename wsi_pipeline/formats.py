@@ -1,0 +1,341 @@
+"""Every on-disk format of a RUN folder, defined once: dataset and attribute names, format version,
+atomic writers and validating readers.
+
+Coordinates are always level-0 pixels (x, y) of a tile's top-left corner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_pipeline import __version__
+from wsi_pipeline.errors import FormatError
+
+FORMAT_VERSION = 1
+
+# ---- dataset names (CLAM / TRIDENT compatible where they have one) ----
+DS_COORDS = "coords"  # N×2 int64, level-0 (x, y) of the top-left corner
+DS_FEATURES = "features"  # N×D float16/float32
+DS_SCORES_GROUP = "scores"  # group: one dataset per target (N or N×C)
+DS_ATTENTION_GROUP = "attention"  # group: one dataset per target (N), MIL attention weights
+DS_TME_PROBS = "probs"  # N×C tissue-class probabilities
+
+# ---- attribute names ----
+A_FORMAT_VERSION = "format_version"
+A_PIPELINE_VERSION = "pipeline_version"
+A_PARAMS_HASH = "params_hash"  # hash of the parameters that produced the file: resume key
+A_SLIDE_ID = "slide_id"
+A_SLIDE_PATH = "slide_path"
+# tiling (CLAM/TRIDENT names first)
+A_PATCH_SIZE = "patch_size"  # output tile size in pixels (at target_mpp)
+A_PATCH_SIZE_L0 = "patch_size_level0"  # tile side in level-0 pixels
+A_PATCH_LEVEL = "patch_level"  # pyramid level read for this target MPP
+A_LEVEL0_W = "level0_width"
+A_LEVEL0_H = "level0_height"
+A_TARGET_MPP = "target_mpp"
+A_SLIDE_MPP = "slide_mpp"
+A_SLIDE_MPP_SOURCE = "slide_mpp_source"
+A_TILE_SIZE = "tile_size"
+A_OVERLAP = "overlap"
+A_MIN_TISSUE = "min_tissue"
+A_TARGET_MAG = "target_magnification"  # TRIDENT: 10 / target_mpp
+A_LEVEL0_MAG = "level0_magnification"  # TRIDENT: 10 / slide_mpp
+A_NAME = "name"  # CLAM/TRIDENT: slide id
+# features
+A_ENCODER = "encoder"
+A_WEIGHTS_SHA256 = "weights_sha256"
+A_EMBED_DIM = "embed_dim"
+A_INPUT_SIZE = "input_size"
+A_PRECISION = "precision"
+# scores / tme
+A_MODEL = "model"
+A_TARGETS = "targets"
+A_CLASS_NAMES = "class_names"
+
+TILE_ATTRS_REQUIRED = (A_TARGET_MPP, A_SLIDE_MPP, A_TILE_SIZE, A_PATCH_SIZE_L0, A_LEVEL0_W, A_LEVEL0_H)
+
+
+# ---------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; rename it onto ``final`` only if the block succeeds.
+
+    A file that exists under its final name is therefore always complete.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def _attr_value(v: Any) -> Any:
+    if isinstance(v, (list, tuple)) and v and all(isinstance(s, str) for s in v):
+        return np.array(v, dtype=object)
+    if v is None:
+        return ""
+    return v
+
+
+def _decode(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.ndarray) and v.dtype == object:
+        return [s.decode() if isinstance(s, bytes) else s for s in v.tolist()]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def read_attrs(obj: Any) -> dict[str, Any]:
+    return {k: _decode(v) for k, v in obj.attrs.items()}
+
+
+def _write_attrs(obj: Any, attrs: Mapping[str, Any]) -> None:
+    import h5py
+
+    for k, v in attrs.items():
+        v = _attr_value(v)
+        if isinstance(v, np.ndarray) and v.dtype == object:
+            obj.attrs.create(k, v, dtype=h5py.string_dtype())
+        else:
+            obj.attrs[k] = v
+
+
+def base_attrs() -> dict[str, Any]:
+    return {A_FORMAT_VERSION: FORMAT_VERSION, A_PIPELINE_VERSION: __version__}
+
+
+def _check_version(path: Path, attrs: Mapping[str, Any]) -> None:
+    v = attrs.get(A_FORMAT_VERSION)
+    if v is not None and int(v) > FORMAT_VERSION:
+        raise FormatError(
+            path, f"format_version {v} is newer than this wsi-pipeline understands ({FORMAT_VERSION}); upgrade"
+        )
+
+
+# ---------------------------------------------------------------- tiles
+@dataclass
+class TileSet:
+    """Tile coordinates of one slide plus the tiling attributes."""
+
+    l0_xy: np.ndarray  # N×2 int64
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.l0_xy.shape[0])
+
+    @property
+    def target_mpp(self) -> float:
+        return float(self.attrs[A_TARGET_MPP])
+
+    @property
+    def slide_mpp(self) -> float:
+        return float(self.attrs[A_SLIDE_MPP])
+
+    @property
+    def tile_size(self) -> int:
+        return int(self.attrs[A_TILE_SIZE])
+
+    @property
+    def tile_size_l0(self) -> int:
+        return int(self.attrs[A_PATCH_SIZE_L0])
+
+
+def write_tiles_h5(path: str | Path, l0_xy: np.ndarray, attrs: Mapping[str, Any]) -> None:
+    import h5py
+
+    l0_xy = np.asarray(l0_xy, dtype=np.int64).reshape(-1, 2)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        ds = f.create_dataset(DS_COORDS, data=l0_xy, maxshape=(None, 2))
+        _write_attrs(ds, {**base_attrs(), **attrs})
+        _write_attrs(f, {**base_attrs(), **attrs})
+
+
+def read_tiles_h5(path: str | Path) -> TileSet:
+    """Read our tiles file, or a CLAM / TRIDENT coordinates file (attrs normalised to ours where possible)."""
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if DS_COORDS not in f:
+                raise FormatError(path, f"no '{DS_COORDS}' dataset; is this a tiles/coords .h5 file?")
+            ds = f[DS_COORDS]
+            l0_xy = np.asarray(ds[:], dtype=np.int64).reshape(-1, 2)
+            attrs = {**read_attrs(f), **read_attrs(ds)}
+    except OSError as e:
+        raise FormatError(path, f"cannot read HDF5 file ({e}); delete it and re-run the tiling") from e
+    _check_version(path, attrs)
+    return TileSet(l0_xy=l0_xy, attrs=normalise_foreign_tile_attrs(attrs))
+
+
+def normalise_foreign_tile_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """Map CLAM / TRIDENT attribute conventions onto ours (missing ones stay missing)."""
+    out = dict(attrs)
+    if A_TILE_SIZE not in out and A_PATCH_SIZE in out:
+        out[A_TILE_SIZE] = int(out[A_PATCH_SIZE])
+    if A_PATCH_SIZE_L0 not in out and A_PATCH_SIZE in out:
+        # CLAM: patch_size is at patch_level with 'downsample' (a pair) attribute
+        ds = out.get("downsample")
+        factor = float(np.asarray(ds).ravel()[0]) if ds is not None else 1.0
+        out[A_PATCH_SIZE_L0] = int(round(int(out[A_PATCH_SIZE]) * factor))
+    if A_TARGET_MPP not in out and A_TARGET_MAG in out and out.get(A_TARGET_MAG):
+        out[A_TARGET_MPP] = 10.0 / float(out[A_TARGET_MAG])
+    return out
+
+
+# ---------------------------------------------------------------- features
+@dataclass
+class FeatureSet:
+    features: np.ndarray  # N×D
+    l0_xy: np.ndarray  # N×2 int64
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def write_features_h5(
+    path: str | Path, features: np.ndarray, l0_xy: np.ndarray, attrs: Mapping[str, Any]
+) -> None:
+    import h5py
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset(DS_FEATURES, data=features, chunks=(min(len(features), 4096) or 1, features.shape[1]))
+        f.create_dataset(DS_COORDS, data=np.asarray(l0_xy, dtype=np.int64).reshape(-1, 2))
+        _write_attrs(f, {**base_attrs(), **attrs})
+
+
+def read_features_h5(path: str | Path, load_features: bool = True) -> FeatureSet:
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if DS_FEATURES not in f:
+                raise FormatError(path, f"no '{DS_FEATURES}' dataset; re-run `wsi extract`")
+            feats = np.asarray(f[DS_FEATURES][:]) if load_features else np.empty((0, f[DS_FEATURES].shape[1]))
+            l0_xy = np.asarray(f[DS_COORDS][:], dtype=np.int64) if DS_COORDS in f else np.empty((0, 2), np.int64)
+            attrs = read_attrs(f)
+    except OSError as e:
+        raise FormatError(path, f"cannot read HDF5 file ({e}); delete it and re-run `wsi extract`") from e
+    _check_version(path, attrs)
+    return FeatureSet(features=feats, l0_xy=l0_xy, attrs=attrs)
+
+
+def read_h5_attrs(path: str | Path) -> dict[str, Any]:
+    """Root attributes of any of our h5 files; {} when the file is missing or unreadable."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return read_attrs(f)
+    except (OSError, KeyError):
+        return {}
+
+
+# ---------------------------------------------------------------- per-tile scores (MIL) and TME probs
+@dataclass
+class ScoreSet:
+    """Per-tile scores of one slide: ``scores[target]`` is N (binary/regression/survival) or N×C
+    (multiclass, per-class scores), ``attention[target]`` is N (may be empty when the head has none)."""
+
+    l0_xy: np.ndarray
+    scores: dict[str, np.ndarray]
+    attention: dict[str, np.ndarray]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def write_scores_h5(path: str | Path, scores: ScoreSet) -> None:
+    import h5py
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset(DS_COORDS, data=np.asarray(scores.l0_xy, dtype=np.int64).reshape(-1, 2))
+        g = f.create_group(DS_SCORES_GROUP)
+        for name, arr in scores.scores.items():
+            g.create_dataset(name, data=np.asarray(arr, dtype=np.float32))
+        a = f.create_group(DS_ATTENTION_GROUP)
+        for name, arr in scores.attention.items():
+            a.create_dataset(name, data=np.asarray(arr, dtype=np.float32))
+        _write_attrs(f, {**base_attrs(), **scores.attrs})
+
+
+def read_scores_h5(path: str | Path) -> ScoreSet:
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            l0_xy = np.asarray(f[DS_COORDS][:], dtype=np.int64)
+            scores = {k: np.asarray(v[:]) for k, v in f[DS_SCORES_GROUP].items()}
+            att = {k: np.asarray(v[:]) for k, v in f[DS_ATTENTION_GROUP].items()} if DS_ATTENTION_GROUP in f else {}
+            attrs = read_attrs(f)
+    except (OSError, KeyError) as e:
+        raise FormatError(path, f"not a scores file ({e}); re-run `wsi predict`") from e
+    _check_version(path, attrs)
+    return ScoreSet(l0_xy=l0_xy, scores=scores, attention=att, attrs=attrs)
+
+
+def write_tme_h5(path: str | Path, l0_xy: np.ndarray, probs: np.ndarray, attrs: Mapping[str, Any]) -> None:
+    import h5py
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset(DS_COORDS, data=np.asarray(l0_xy, dtype=np.int64).reshape(-1, 2))
+        f.create_dataset(DS_TME_PROBS, data=np.asarray(probs, dtype=np.float32))
+        _write_attrs(f, {**base_attrs(), **attrs})
+
+
+def read_tme_h5(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            out = (np.asarray(f[DS_COORDS][:], np.int64), np.asarray(f[DS_TME_PROBS][:]), read_attrs(f))
+    except (OSError, KeyError) as e:
+        raise FormatError(path, f"not a TME file ({e}); re-run `wsi tme`") from e
+    _check_version(path, out[2])
+    return out
+
+
+# ---------------------------------------------------------------- misc
+def params_hash(params: Mapping[str, Any]) -> str:
+    """Stable short hash of a parameter mapping: the resume key stored in every output."""
+    import hashlib
+    import json
+
+    blob = json.dumps(dict(params), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()

@@ -1,0 +1,106 @@
+"""Every path inside a RUN folder, built in one place."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def safe_name(name: str) -> str:
+    """A registry/model name as a folder name: 'timm:vit_small_patch16_224' -> 'timm-vit_small_patch16_224'."""
+    return _UNSAFE.sub("-", name).strip("-") or "unnamed"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    # ---- run-level files
+    @property
+    def config_yaml(self) -> Path:
+        return self.root / "config.yaml"
+
+    def command_config_yaml(self, command: str) -> Path:
+        return self.root / "configs" / f"{command}.yaml"
+
+    @property
+    def slides_csv(self) -> Path:
+        return self.root / "slides.csv"
+
+    @property
+    def predictions_csv(self) -> Path:
+        return self.root / "predictions.csv"
+
+    @property
+    def patient_predictions_csv(self) -> Path:
+        return self.root / "patient_predictions.csv"
+
+    @property
+    def tme_csv(self) -> Path:
+        return self.root / "tme.csv"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".lock"
+
+    # ---- folders
+    @property
+    def tiles_dir(self) -> Path:
+        return self.root / "tiles"
+
+    def features_dir(self, encoder: str) -> Path:
+        return self.root / "features" / safe_name(encoder)
+
+    def scores_dir(self, model: str) -> Path:
+        return self.root / "scores" / safe_name(model)
+
+    @property
+    def tme_dir(self) -> Path:
+        return self.root / "tme"
+
+    def heatmap_dir(self, slide_id: str) -> Path:
+        return self.root / "heatmaps" / slide_id
+
+    # ---- per-slide files
+    def tiles_h5(self, slide_id: str) -> Path:
+        return self.tiles_dir / f"{slide_id}.h5"
+
+    def mask_png(self, slide_id: str) -> Path:
+        return self.root / "masks" / f"{slide_id}.png"
+
+    def thumbnail_png(self, slide_id: str) -> Path:
+        return self.root / "thumbnails" / f"{slide_id}.png"
+
+    def grid_png(self, slide_id: str) -> Path:
+        return self.root / "thumbnails" / f"{slide_id}_grid.png"
+
+    def tissue_geojson(self, slide_id: str) -> Path:
+        return self.root / "tissue" / f"{slide_id}.geojson"
+
+    def features_h5(self, encoder: str, slide_id: str) -> Path:
+        return self.features_dir(encoder) / f"{slide_id}.h5"
+
+    def scores_h5(self, model: str, slide_id: str) -> Path:
+        return self.scores_dir(model) / f"{slide_id}.h5"
+
+    def tme_h5(self, slide_id: str) -> Path:
+        return self.tme_dir / f"{slide_id}.h5"
+
+    def tme_map_png(self, slide_id: str) -> Path:
+        return self.tme_dir / f"{slide_id}_classmap.png"
+
+    def tme_geojson(self, slide_id: str) -> Path:
+        return self.tme_dir / f"{slide_id}.geojson"
+
+    def slide_ids_with_tiles(self) -> list[str]:
+        return sorted(p.stem for p in self.tiles_dir.glob("*.h5")) if self.tiles_dir.exists() else []

@@ -1,0 +1,1 @@
+"""Synthetic H&E-like slides, cohorts and mosaics for samples, tests and benchmarks."""
