@@ -18,7 +18,8 @@ class TilingConfig:
     tile_size: int = 224
     overlap: int = 0
     min_tissue: float = 0.25
-    slide_mpp: float | None = None  # override for slides without MPP
+    slide_mpp: float | None = None  # µm/px for slides whose file has no MPP (--slide-mpp)
+    force_slide_mpp: float | None = None  # µm/px for every slide, even those with MPP (--force-slide-mpp)
     mpp_from_objective: bool = False  # opt-in fallback: MPP = 10 / objective power
     tissue_mpp: float = 8.0  # resolution of the tissue mask (µm/px)
     min_tissue_area_um2: float = 20000.0  # drop tissue blobs smaller than this
@@ -33,8 +34,10 @@ class TilingConfig:
             raise ConfigError(f"--overlap must be in [0, tile_size) (got {self.overlap})")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise ConfigError(f"--min-tissue must be in [0, 1] (got {self.min_tissue})")
-        if self.slide_mpp is not None and self.slide_mpp <= 0:
-            raise ConfigError(f"--slide-mpp must be > 0 (got {self.slide_mpp})")
+        for name in ("slide_mpp", "force_slide_mpp"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {v})")
         return self
 
     def params(self) -> dict[str, Any]:
@@ -49,6 +52,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def _plain(v: Any) -> Any:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return to_dict(v)
     if isinstance(v, Path):
         return str(v)
     if isinstance(v, (list, tuple)):
@@ -92,8 +97,7 @@ def save_resolved(run_root: str | Path, command: str, sections: Mapping[str, Any
 
     layout = RunLayout(run_root)
     doc = {"command": command, "wsi_pipeline_version": __version__}
-    doc.update({k: to_dict(v) if not isinstance(v, (str, int, float, bool, type(None))) else v
-                for k, v in sections.items()})
+    doc.update({k: _plain(v) for k, v in sections.items()})
     text = yaml.safe_dump(doc, sort_keys=False)
     write_text_atomic(layout.command_config_yaml(command), text)
     write_text_atomic(layout.config_yaml, text)

@@ -144,8 +144,8 @@ class Slide(ABC):
         level = self.best_level_for_downsample(downsample)
         img = self.read_level(level)
         w0, h0 = self.dimensions
-        ow, oh = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
-        if img.shape[1] > ow * 1.05:
+        if self.level_downsamples[level] * 1.5 < downsample:  # level much finer than asked: shrink
+            ow, oh = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
             img = resize_rgb(img, (ow, oh))
         return img, w0 / img.shape[1]
 

@@ -1,0 +1,75 @@
+"""`wsi tile SLIDE_OR_DIR... --out RUN`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("tile")
+    def tile(
+        inputs: list[Path] = typer.Argument(..., help="Slide files and/or folders of slides."),
+        out: Path = typer.Option(..., "--out", "-o", help="RUN folder."),
+        target_mpp: float = typer.Option(0.5, "--target-mpp", help="Tile resolution in µm/px."),
+        tile_size: int = typer.Option(224, "--tile-size", help="Tile side in pixels at --target-mpp."),
+        overlap: int = typer.Option(0, "--overlap", help="Overlap between neighbouring tiles, in pixels."),
+        min_tissue: float = typer.Option(0.25, "--min-tissue", help="Minimum tissue fraction to keep a tile."),
+        slide_mpp: float = typer.Option(None, "--slide-mpp", help="Level-0 µm/px for slides whose file has no MPP."),
+        force_slide_mpp: float = typer.Option(None, "--force-slide-mpp",
+                                              help="Level-0 µm/px for every slide, overriding the files."),
+        mpp_from_objective: bool = typer.Option(False, "--mpp-from-objective",
+                                                help="Allow MPP = 10 / objective power when a file has none."),
+        tissue_mpp: float = typer.Option(8.0, "--tissue-mpp", help="Resolution of the tissue mask (µm/px)."),
+        no_pen_rejection: bool = typer.Option(False, "--no-pen-rejection", help="Keep pen-marked areas."),
+        workers: int = typer.Option(None, "--workers", "-j", help="Parallel slides (default: the cores; 0 = in-process)."),
+        shard: str = typer.Option(None, "--shard", help="I/N: process only shard I of N (default: torchrun/SLURM rank)."),
+        recursive: bool = typer.Option(False, "--recursive", "-r", help="Search folders recursively."),
+        force: bool = typer.Option(False, "--force", help="Redo slides already tiled with the same parameters."),
+    ) -> None:
+        """Detect tissue and cut every slide into tiles at a true physical resolution."""
+        from wsi_pipeline.config import TilingConfig, save_resolved
+        from wsi_pipeline.run.batch import default_workers, parse_shard
+        from wsi_pipeline.run.layout import RunLayout
+        from wsi_pipeline.slide import find_slides
+        cfg = TilingConfig(target_mpp=target_mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue,
+                           slide_mpp=slide_mpp, force_slide_mpp=force_slide_mpp, mpp_from_objective=mpp_from_objective, tissue_mpp=tissue_mpp,
+                           reject_pen=not no_pen_rejection).validate()
+        paths = find_slides(inputs, recursive=recursive)
+        if not paths:
+            raise typer.BadParameter(f"no slide files found in {', '.join(map(str, inputs))}")
+        layout = RunLayout(out)
+        the_shard = parse_shard(shard)
+        n_workers = default_workers() if workers is None else workers
+        save_resolved(out, "tile", {"inputs": [str(p) for p in inputs], "tiling": cfg,
+                                    "workers": n_workers, "shard": f"{the_shard.index}/{the_shard.count}"})
+        summary = run_with_progress(paths, layout, cfg, n_workers, the_shard, force)
+        _report(summary)
+        if not summary.ok:
+            raise typer.Exit(1)
+
+
+def run_with_progress(paths, layout, cfg, workers, shard, force):  # noqa: ANN001, ANN201
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from wsi_pipeline.tiling.runner import tile_slides
+
+    n = len(shard.select(paths))
+    with Progress(TextColumn("[bold]tile"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), transient=False) as progress:
+        task = progress.add_task("", total=n)
+
+        def on_result(sid: str, ok: bool, err: str) -> None:
+            progress.update(task, advance=1, description=f"{sid} {'✓' if ok else '✗'}")
+
+        return tile_slides(paths, layout, cfg, workers=workers, shard=shard, force=force, on_result=on_result)
+
+
+def _report(summary) -> None:  # noqa: ANN001
+    from rich.console import Console
+
+    c = Console(stderr=True)
+    c.print(f"tiled {len(summary.done)}, skipped (already done) {len(summary.skipped)}, failed {len(summary.failed)}")
+    for sid, err in summary.failed:
+        c.print(f"[red]✗ {sid}[/red]: {err}")
