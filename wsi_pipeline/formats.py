@@ -204,7 +204,7 @@ def normalise_foreign_tile_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
         # CLAM: patch_size is at patch_level with 'downsample' (a pair) attribute
         ds = out.get("downsample")
         factor = float(np.asarray(ds).ravel()[0]) if ds is not None else 1.0
-        out[A_PATCH_SIZE_L0] = int(round(int(out[A_PATCH_SIZE]) * factor))
+        out[A_PATCH_SIZE_L0] = round(int(out[A_PATCH_SIZE]) * factor)
     if A_TARGET_MPP not in out and A_TARGET_MAG in out and out.get(A_TARGET_MAG):
         out[A_TARGET_MPP] = 10.0 / float(out[A_TARGET_MAG])
     return out

@@ -72,7 +72,7 @@ def _child(fn: Callable[[Any], Any], item: Any, conn: Connection) -> None:
     try:
         value = fn(item)
         conn.send((True, value, "", "", time.perf_counter() - t0))
-    except BaseException as e:  # the parent must always get an answer
+    except BaseException as e:  # noqa: BLE001 - the parent must always get an answer
         log.debug("worker failed on %s:\n%s", item, traceback.format_exc())
         conn.send((False, None, str(e) or repr(e), type(e).__name__, time.perf_counter() - t0))
     finally:
@@ -83,7 +83,7 @@ def _in_process(fn: Callable[[T], Any], item: T) -> Outcome[T]:
     t0 = time.perf_counter()
     try:
         return Outcome(item, True, fn(item), seconds=time.perf_counter() - t0)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - isolation is the point: record and go on
         log.debug("failed on %s:\n%s", item, traceback.format_exc())
         return Outcome(item, False, None, str(e) or repr(e), type(e).__name__, time.perf_counter() - t0)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_pipeline.errors import CorruptSlideError
-from wsi_pipeline.slide.base import MPPInfo, Slide
+from wsi_pipeline.slide.base import Slide
 from wsi_pipeline.slide.mpp import (
     finalize_mpp,
     mpp_from_openslide_properties,
@@ -52,7 +52,7 @@ class OpenSlideSlide(Slide):
         self._read_region((int(w // 2 * ds), int(h // 2 * ds)), lvl, (1, 1))
 
     @property
-    def osr(self):  # noqa: ANN201 - the openslide.OpenSlide handle, for DeepZoom etc.
+    def osr(self):
         return self._osr
 
     @property

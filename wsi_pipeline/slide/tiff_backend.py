@@ -69,7 +69,8 @@ class TiffSlide(Slide):
             series = self._tif.series[0]
             self._levels = list(series.levels)
         except (tifffile.TiffFileError, ValueError, IndexError, OSError) as e:
-            raise CorruptSlideError(path, f"not a readable TIFF ({e})", "check the file is a complete TIFF") from e
+            raise CorruptSlideError(path, f"not a readable TIFF ({e})",
+                                    "the file may be truncated or damaged; copy or export it again") from e
         self._axes = series.axes
         dims = []
         for lvl in self._levels:
@@ -102,8 +103,8 @@ class TiffSlide(Slide):
         if level not in self._arrays:
             import zarr
 
-            store = self._levels[level].aszarr()
-            self._arrays[level] = zarr.open(store, mode="r")
+            store = self._tif.series[0].aszarr(level=level)
+            self._arrays[level] = zarr.open_array(store, mode="r")
         return self._arrays[level]
 
     @property

@@ -35,7 +35,7 @@ def mask_polygons(
     (orientation and closing are normalised by :mod:`wsi_pipeline.qupath` when written)."""
     from scipy import ndimage as ndi
 
-    labels, n = ndi.label(mask)
+    labels, _ = ndi.label(mask)
     sx, sy = mask_l0_per_px
     polygons: list[list[Ring]] = []
     objects = ndi.find_objects(labels)

@@ -133,7 +133,7 @@ def tile_slide(path: str | Path, layout: RunLayout, cfg: TilingConfig, slide_id:
         _write_side_outputs(slide, layout, slide_id, tmap, l0_xy, attrs[F.A_PATCH_SIZE_L0])
         # the tiles file last: its presence marks the slide done
         F.write_tiles_h5(layout.tiles_h5(slide_id), l0_xy, attrs)
-    return TileResult(slide_id, str(path), int(len(l0_xy)), mpp, time.perf_counter() - t0, timings=timings)
+    return TileResult(slide_id, str(path), len(l0_xy), mpp, time.perf_counter() - t0, timings=timings)
 
 
 def _write_side_outputs(slide: Slide, layout: RunLayout, slide_id: str, tmap: TissueMap, l0_xy: np.ndarray,

@@ -38,7 +38,7 @@ def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def pen_mask(rgb: np.ndarray) -> np.ndarray:
     """Marker ink: blue/green/cyan hues (absent from H&E), saturated red, and near-black."""
     h, s, v = _hsv(rgb)
-    r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
+    r, g = rgb[..., 0].astype(np.int16), rgb[..., 1].astype(np.int16)
     blue_green = (h > 75) & (h < 255) & (s > 0.2) & (v < 0.95)
     red = ((h >= 335) | (h <= 20)) & (s > 0.6) & (g * 2 < r)
     black = v < DARK_V
@@ -75,9 +75,8 @@ def detect_tissue(rgb: np.ndarray, params: TissueParams) -> np.ndarray:
     thr = float(np.clip(otsu_threshold(sample), SAT_FLOOR, SAT_CEIL)) if sample.size else SAT_FLOOR
     mask = (s > thr) & candidates
     mask = ndi.binary_closing(mask, structure=np.ones((3, 3), bool), border_value=0)
-    mask &= ~pen
     px_area = params.mask_mpp**2
-    mask = fill_small_holes(mask, max(1, int(params.min_hole_um2 / px_area)))
+    mask = fill_small_holes(mask, max(1, int(params.min_hole_um2 / px_area))) & ~pen
     return remove_small_objects(mask, max(1, int(params.min_area_um2 / px_area)))
 
 
