@@ -12,6 +12,7 @@ import numpy as np
 from wsi_pipeline.errors import MissingMPPError
 
 MPP_TOLERANCE = 0.05  # a level whose MPP is within 5% above the target still "meets" it
+READ_BLOCK_PX = 4096  # block side for whole-level reads that are shrunk on the fly (bounded memory)
 
 
 @dataclass(frozen=True)
@@ -136,18 +137,33 @@ class Slide(ABC):
         w, h = self.level_dimensions[level]
         return self.read_region((0, 0), level, (w, h))
 
-    def read_at_downsample(self, downsample: float) -> tuple[np.ndarray, float]:
-        """The whole slide at about ``downsample`` × level 0, from the closest finer level.
+    def read_at_downsample(self, downsample: float, level: int | None = None) -> tuple[np.ndarray, float]:
+        """The whole slide at about ``downsample`` × level 0, from ``level`` (default: the closest finer one).
 
-        Returns (RGB image, actual level-0 pixels per output pixel along x).
+        A level much finer than asked is read block by block and shrunk, so memory stays bounded even on a
+        slide without a pyramid. Returns (RGB image, level-0 pixels per output pixel along x).
         """
-        level = self.best_level_for_downsample(downsample)
-        img = self.read_level(level)
+        level = self.best_level_for_downsample(downsample) if level is None else level
+        lw, lh = self.level_dimensions[level]
+        lds = self.level_downsamples[level]
         w0, h0 = self.dimensions
-        if self.level_downsamples[level] * 1.5 < downsample:  # level much finer than asked: shrink
-            ow, oh = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
-            img = resize_rgb(img, (ow, oh))
-        return img, w0 / img.shape[1]
+        if lds * 1.5 >= downsample:  # close enough: the level as it is
+            img = self.read_level(level)
+            return img, w0 / img.shape[1]
+        ow, oh = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
+        out = np.empty((oh, ow, 3), np.uint8)
+        fx, fy = ow / lw, oh / lh  # output px per level px
+        block = READ_BLOCK_PX
+        for by in range(0, lh, block):
+            for bx in range(0, lw, block):
+                bw, bh = min(block, lw - bx), min(block, lh - by)
+                ox0, oy0 = round(bx * fx), round(by * fy)
+                ox1, oy1 = round((bx + bw) * fx), round((by + bh) * fy)
+                if ox1 <= ox0 or oy1 <= oy0:
+                    continue
+                region = self.read_region((round(bx * lds), round(by * lds)), level, (bw, bh))
+                out[oy0:oy1, ox0:ox1] = resize_rgb(region, (ox1 - ox0, oy1 - oy0))
+        return out, w0 / ow
 
     def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
         """A thumbnail whose longer side is ≤ ``max_size``; returns (RGB, level-0 px per thumbnail px)."""

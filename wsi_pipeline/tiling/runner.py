@@ -48,11 +48,20 @@ class TileResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def tissue_level(slide: Slide, tissue_mpp: float) -> int:
+    """The coarsest level no coarser than 2 × ``tissue_mpp`` (a pyramid's thumbnail level when there is one)."""
+    best = 0
+    for lvl in range(slide.level_count):
+        if slide.level_mpp(lvl) <= 2.0 * tissue_mpp:
+            best = lvl
+    return best
+
+
 def tissue_map(slide: Slide, cfg: TilingConfig) -> TissueMap:
-    """Read the slide at about ``cfg.tissue_mpp`` µm/px (from the closest level) and detect tissue."""
+    """Detect tissue on a low-resolution level (about ``cfg.tissue_mpp`` µm/px, up to 2× coarser)."""
     slide_mpp = slide.mpp
-    downsample = max(1.0, max(cfg.tissue_mpp, MASK_MPP_CAP) / slide_mpp)
-    rgb, _ = slide.read_at_downsample(downsample)
+    tissue_mpp = max(cfg.tissue_mpp, MASK_MPP_CAP)
+    rgb, _ = slide.read_at_downsample(tissue_mpp / slide_mpp, level=tissue_level(slide, tissue_mpp))
     w0, h0 = slide.dimensions
     l0_per_px = (w0 / rgb.shape[1], h0 / rgb.shape[0])
     params = TissueParams(mask_mpp=l0_per_px[0] * slide_mpp, min_area_um2=cfg.min_tissue_area_um2,
