@@ -73,6 +73,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600; outputs are shared with the team
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -102,5 +102,100 @@ class RunLayout:
     def tme_geojson(self, slide_id: str) -> Path:
         return self.tme_dir / f"{slide_id}.geojson"
 
+    # ---- analyses (wsi predictive, wsi evolution)
+    @property
+    def analysis_dir(self) -> Path:
+        return self.root / "analysis"
+
+    @property
+    def predictive_dir(self) -> Path:
+        return self.analysis_dir / "predictive"
+
+    @property
+    def predictive_json(self) -> Path:
+        return self.predictive_dir / "predictive.json"
+
+    @property
+    def predictive_md(self) -> Path:
+        return self.predictive_dir / "predictive.md"
+
+    @property
+    def predictive_coefficients_csv(self) -> Path:
+        return self.predictive_dir / "coefficients.csv"
+
+    @property
+    def predictive_subgroups_csv(self) -> Path:
+        return self.predictive_dir / "subgroups.csv"
+
+    @property
+    def predictive_patients_csv(self) -> Path:
+        return self.predictive_dir / "patients.csv"
+
+    @property
+    def predictive_forest_png(self) -> Path:
+        return self.predictive_dir / "forest.png"
+
+    @property
+    def predictive_effects_png(self) -> Path:
+        return self.predictive_dir / "subgroup_effects.png"
+
+    @property
+    def evolution_dir(self) -> Path:
+        return self.analysis_dir / "evolution"
+
+    @property
+    def evolution_json(self) -> Path:
+        return self.evolution_dir / "evolution.json"
+
+    @property
+    def evolution_md(self) -> Path:
+        return self.evolution_dir / "evolution.md"
+
+    @property
+    def evolution_trajectories_csv(self) -> Path:
+        return self.evolution_dir / "trajectories.csv"
+
+    @property
+    def evolution_changes_csv(self) -> Path:
+        return self.evolution_dir / "changes.csv"
+
+    @property
+    def evolution_tests_csv(self) -> Path:
+        return self.evolution_dir / "change_tests.csv"
+
+    @property
+    def evolution_transitions_csv(self) -> Path:
+        return self.evolution_dir / "transitions.csv"
+
+    @property
+    def evolution_transitions_png(self) -> Path:
+        return self.evolution_dir / "transitions.png"
+
+    def evolution_metric_png(self, metric: str) -> Path:
+        return self.evolution_dir / f"trajectories_{safe_name(metric)}.png"
+
+    # ---- review outputs (heatmaps/<slide_id>/...); ``channel`` is a file-safe channel key
+    def heatmap_png(self, slide_id: str, channel: str) -> Path:
+        return self.heatmap_dir(slide_id) / f"{safe_name(channel)}.png"
+
+    def heatmap_overlay_png(self, slide_id: str, channel: str) -> Path:
+        return self.heatmap_dir(slide_id) / f"{safe_name(channel)}_overlay.png"
+
+    def gallery_png(self, slide_id: str, channel: str, which: str) -> Path:
+        return self.heatmap_dir(slide_id) / f"{safe_name(channel)}_{which}.png"
+
+    def heatmap_zarr(self, slide_id: str) -> Path:
+        return self.heatmap_dir(slide_id) / "heatmap.zarr"
+
+    def heatmap_index_json(self, slide_id: str) -> Path:
+        return self.heatmap_dir(slide_id) / "index.json"
+
+    def qupath_geojson(self, slide_id: str) -> Path:
+        return self.heatmap_dir(slide_id) / f"{slide_id}_tiles.geojson"
+
+    # ---- responder subgroups (wsi subgroups)
+    def subgroups_dir(self, model: str) -> Path:
+        return self.root / "subgroups" / safe_name(model)
+
     def slide_ids_with_tiles(self) -> list[str]:
         return sorted(p.stem for p in self.tiles_dir.glob("*.h5")) if self.tiles_dir.exists() else []

@@ -1,0 +1,96 @@
+"""Review commands: ``wsi heatmap``, ``wsi export-qupath`` and ``wsi view``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def _split(values: list[str] | None) -> list[str]:
+    out: list[str] = []
+    for v in values or []:
+        out.extend(s.strip() for s in v.split(",") if s.strip())
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("heatmap")
+    def heatmap(
+        run: Path = typer.Argument(..., help="RUN folder with tiles and per-tile scores."),
+        model: str = typer.Option("", "--model", help="MIL model dir (or its name); default: the only one."),
+        targets: list[str] = typer.Option(None, "--targets", help="Targets to map (comma-separated or repeated)."),
+        scale: str = typer.Option("percentile", "--scale", help="percentile (within slide) or absolute."),
+        vmin: float = typer.Option(None, "--vmin", help="Absolute scale: score at the bottom of the colour bar."),
+        vmax: float = typer.Option(None, "--vmax", help="Absolute scale: score at the top of the colour bar."),
+        smooth: bool = typer.Option(False, "--smooth/--no-smooth", help="Average overlapping tiles per cell."),
+        top_k: int = typer.Option(8, "--top-k", help="Tiles per top/bottom gallery (0: none)."),
+        attention: bool = typer.Option(False, "--attention", help="Also map each target's MIL attention."),
+        cmap: str = typer.Option("RdYlBu_r", "--cmap", help="matplotlib colour map."),
+        slides: list[str] = typer.Option(None, "--slide", help="Only these slide ids (repeatable)."),
+        no_zarr: bool = typer.Option(False, "--no-zarr", help="Skip the multiscale zarr."),
+        no_geojson: bool = typer.Option(False, "--no-geojson", help="Skip the QuPath GeoJSON."),
+        force: bool = typer.Option(False, "--force", help="Redo slides whose outputs are up to date."),
+    ) -> None:
+        """Heatmaps per slide and target: PNG overlay, multiscale zarr, top/bottom-k galleries, QuPath GeoJSON."""
+        from rich.console import Console
+        from rich.progress import Progress
+
+        from wsi_pipeline.config import save_resolved
+        from wsi_pipeline.review.config import HeatmapConfig
+        from wsi_pipeline.review.heatmap import run_heatmaps
+        from wsi_pipeline.review.scores import resolve_model_name, scored_slide_ids
+        from wsi_pipeline.run.layout import RunLayout
+
+        cfg = HeatmapConfig(model=model, targets=_split(targets), scale=scale, vmin=vmin, vmax=vmax, smooth=smooth,
+                            top_k=top_k, attention=attention, cmap=cmap, zarr=not no_zarr,
+                            geojson=not no_geojson, force=force).validate()
+        layout = RunLayout(run)
+        ids = _split(slides) or scored_slide_ids(layout, resolve_model_name(layout, cfg.model))
+        save_resolved(run, "heatmap", {"heatmap": cfg})
+        console = Console(stderr=True)
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("heatmaps", total=len(ids))
+            summary = run_heatmaps(run, cfg, ids, on_slide=lambda _r, _sid, _err: progress.advance(task))
+        console.print(f"heatmaps: {len(summary.done)} done, {len(summary.skipped)} up to date, "
+                      f"{len(summary.failed)} failed → {layout.root / 'heatmaps'}")
+        for sid, err in summary.failed:
+            console.print(f"[red]{sid}[/red]: {err}")
+        if summary.failed:
+            raise typer.Exit(1)
+
+    @app.command("export-qupath")
+    def export_qupath_cmd(
+        run: Path = typer.Argument(..., help="RUN folder with tiles and per-tile scores."),
+        model: str = typer.Option("", "--model", help="MIL model dir (or its name); default: the only one."),
+        targets: list[str] = typer.Option(None, "--targets", help="Targets to export (comma-separated)."),
+        attention: bool = typer.Option(False, "--attention", help="Also export MIL attention."),
+    ) -> None:
+        """QuPath GeoJSON per slide: one detection per tile with score measurements and the top class."""
+        from rich.console import Console
+
+        from wsi_pipeline.review.export import export_qupath
+
+        summary = export_qupath(run, model or None, _split(targets), attention=attention)
+        console = Console(stderr=True)
+        console.print(f"QuPath GeoJSON: {len(summary.written)} written, {len(summary.failed)} failed "
+                      "(File → Import objects, or drag the .geojson onto the image in QuPath)")
+        for sid, err in summary.failed:
+            console.print(f"[red]{sid}[/red]: {err}")
+        if summary.failed:
+            raise typer.Exit(1)
+
+    @app.command("view")
+    def view(
+        run: Path = typer.Argument(..., help="RUN folder to browse."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
+        port: int = typer.Option(8000, "--port", help="Port to listen on."),
+        model: str = typer.Option("", "--model", help="Scores of this model (name or dir); default: the only one."),
+    ) -> None:
+        """Browse the run's slides in a deep-zoom viewer with heatmap overlays."""
+        from wsi_pipeline.review.config import ViewerConfig
+        from wsi_pipeline.review.server import serve
+
+        cfg = ViewerConfig(host=host, port=port, model=model).validate()
+        typer.echo(f"wsi view: http://{host}:{port}/  (Ctrl+C to stop)")
+        serve(run, cfg)

@@ -1,0 +1,178 @@
+"""Pictures for people: heatmap over the thumbnail (tissue outline, colour bar, title), the bare overlay
+layer, and top/bottom tile galleries. matplotlib (Agg) is imported inside the functions."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wsi_pipeline.formats import atomic_path
+from wsi_pipeline.review.raster import Normalizer
+
+log = logging.getLogger(__name__)
+
+DPI = 100
+
+
+@dataclass(frozen=True)
+class FigureGeometry:
+    """Where the thumbnail lands in the figure PNG: pixel box (x0, y0, x1, y1), y down, end-exclusive."""
+
+    image_box_px: tuple[float, float, float, float]
+    png_size: tuple[int, int]  # (w, h)
+
+    def thumb_to_png(self, tx: float, ty: float, thumb_size: tuple[int, int]) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.image_box_px
+        return x0 + tx / thumb_size[0] * (x1 - x0), y0 + ty / thumb_size[1] * (y1 - y0)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(path: str | Path, rgb_or_rgba: np.ndarray) -> Path:
+    from PIL import Image
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(rgb_or_rgba)).save(tmp, format="PNG", optimize=True)
+    return path
+
+
+def blend(thumb: np.ndarray, overlay_rgba: np.ndarray, alpha: float) -> np.ndarray:
+    """Thumbnail RGB with the overlay's colours laid on at ``alpha`` where the overlay is opaque."""
+    a = (overlay_rgba[..., 3:4].astype(np.float32) / 255.0) * float(alpha)
+    out = thumb[..., :3].astype(np.float32) * (1 - a) + overlay_rgba[..., :3].astype(np.float32) * a
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- tissue outline
+def outlines_from_geojson(path: Path, l0_per_px: tuple[float, float]) -> list[np.ndarray]:
+    """Exterior and hole rings of every polygon in a tissue GeoJSON, in thumbnail pixels."""
+    data = json.loads(path.read_text())
+    rings: list[np.ndarray] = []
+    for f in data.get("features", []):
+        g = f.get("geometry") or {}
+        polys = [g.get("coordinates")] if g.get("type") == "Polygon" else (
+            g.get("coordinates") or [] if g.get("type") == "MultiPolygon" else [])
+        for poly in polys:
+            for ring in poly or []:
+                arr = np.asarray(ring, dtype=np.float64).reshape(-1, 2)
+                rings.append(arr / np.asarray(l0_per_px))
+    return rings
+
+
+def outlines_from_mask(mask: np.ndarray, level0_size: tuple[int, int], l0_per_px: tuple[float, float]
+                       ) -> list[np.ndarray]:
+    """Contours of a binary tissue mask covering the whole slide, in thumbnail pixels (x, y)."""
+    from skimage import measure
+
+    m = np.asarray(mask)
+    if m.ndim == 3:
+        m = m[..., 0]
+    m = m > (127 if m.dtype == np.uint8 else 0)
+    if not m.any():
+        return []
+    padded = np.pad(m.astype(np.float32), 1)
+    mx, my = level0_size[0] / m.shape[1], level0_size[1] / m.shape[0]  # level-0 px per mask px
+    out = []
+    for c in measure.find_contours(padded, 0.5):
+        # contour (row, col) in padded-mask pixel-centre coordinates → level-0 → thumbnail
+        x = (c[:, 1] - 1 + 0.5) * mx / l0_per_px[0]
+        y = (c[:, 0] - 1 + 0.5) * my / l0_per_px[1]
+        out.append(np.stack([x, y], axis=1))
+    return out
+
+
+# ---------------------------------------------------------------- figures
+def render_heatmap_figure(
+    path: str | Path,
+    composite: np.ndarray,
+    outlines: Sequence[np.ndarray],
+    normalizer: Normalizer,
+    lut: np.ndarray,
+    title: str,
+    subtitle: str = "",
+    width_in: float = 8.0,
+) -> FigureGeometry:
+    """Save the overlay composite with outline, colour bar and title; return where the image sits."""
+    plt = _pyplot()
+    from matplotlib.colors import ListedColormap
+
+    th, tw = composite.shape[:2]
+    img_w = width_in
+    img_h = width_in * th / tw
+    left, right_pad, cbar_w, cbar_gap, top, bottom = 0.2, 1.6, 0.25, 0.2, 0.75, 0.2
+    fig_w = left + img_w + cbar_gap + cbar_w + right_pad
+    fig_h = top + img_h + bottom
+    fig = plt.figure(figsize=(fig_w, fig_h), dpi=DPI)
+    try:
+        ax = fig.add_axes((left / fig_w, bottom / fig_h, img_w / fig_w, img_h / fig_h))
+        ax.imshow(composite, interpolation="antialiased", extent=(0, tw, th, 0), aspect="auto")
+        for ring in outlines:
+            if len(ring) >= 2:
+                ax.plot(ring[:, 0], ring[:, 1], color="#1a7a1a", linewidth=1.0)
+        ax.set_xlim(0, tw)
+        ax.set_ylim(th, 0)
+        ax.set_axis_off()
+        cax = fig.add_axes(((left + img_w + cbar_gap) / fig_w, bottom / fig_h + 0.1 * img_h / fig_h,
+                            cbar_w / fig_w, 0.8 * img_h / fig_h))
+        grad = np.linspace(0, 1, 256)[:, None]
+        cax.imshow(grad, aspect="auto", cmap=ListedColormap(lut / 255.0), origin="lower", extent=(0, 1, 0, 1))
+        ticks = normalizer.ticks()
+        cax.set_xticks([])
+        cax.yaxis.tick_right()
+        cax.set_yticks([p for p, _ in ticks])
+        cax.set_yticklabels([lbl for _, lbl in ticks], fontsize=8)
+        cax.set_ylabel(normalizer.label, fontsize=8)
+        cax.yaxis.set_label_position("right")
+        fig.text(left / fig_w, 1 - 0.3 / fig_h, title, fontsize=12, fontweight="bold", va="center")
+        if subtitle:
+            fig.text(left / fig_w, 1 - 0.58 / fig_h, subtitle, fontsize=9, va="center", color="#444444")
+        fig.canvas.draw()
+        png_w, png_h = (int(v) for v in fig.canvas.get_width_height())
+        bb = ax.get_window_extent()
+        geom = FigureGeometry((bb.x0, png_h - bb.y1, bb.x1, png_h - bb.y0), (png_w, png_h))
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=DPI)
+    finally:
+        plt.close(fig)
+    return geom
+
+
+def render_gallery(path: str | Path, images: Sequence[np.ndarray], captions: Sequence[str], title: str,
+                   ncols: int = 4) -> Path:
+    """A grid of tile images with a caption under each."""
+    plt = _pyplot()
+    n = max(1, len(images))
+    ncols = max(1, min(ncols, n))
+    nrows = (n + ncols - 1) // ncols
+    cell = 2.2
+    fig = plt.figure(figsize=(ncols * cell, nrows * (cell + 0.3) + 0.5), dpi=DPI)
+    try:
+        fig.suptitle(title, fontsize=11, fontweight="bold")
+        for i, (img, cap) in enumerate(zip(images, captions, strict=True)):
+            ax = fig.add_subplot(nrows, ncols, i + 1)
+            ax.imshow(img)
+            ax.set_title(cap, fontsize=8)
+            ax.set_axis_off()
+        if not images:
+            fig.text(0.5, 0.5, "no scored tiles", ha="center")
+        fig.tight_layout(rect=(0, 0, 1, 0.95))
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=DPI)
+    finally:
+        plt.close(fig)
+    return path
