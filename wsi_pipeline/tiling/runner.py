@@ -52,7 +52,7 @@ def tissue_level(slide: Slide, tissue_mpp: float) -> int:
     """The coarsest level no coarser than 2 × ``tissue_mpp`` (a pyramid's thumbnail level when there is one)."""
     best = 0
     for lvl in range(slide.level_count):
-        if slide.level_mpp(lvl) <= 2.0 * tissue_mpp:
+        if slide.level_mpp(lvl) <= 2.0 * tissue_mpp * 1.05:
             best = lvl
     return best
 
