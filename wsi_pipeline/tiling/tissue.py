@@ -86,7 +86,6 @@ def otsu_threshold(values: np.ndarray, bins: int = 128) -> float:
 
 def detect_tissue(rgb: np.ndarray, params: TissueParams) -> np.ndarray:
     """Boolean tissue mask of ``rgb`` (H×W×3 uint8 at ``params.mask_mpp`` µm/px)."""
-    from scipy import ndimage as ndi
 
     c = _Colour.of(rgb)
     white = c.mn > WHITE_MIN_RGB
