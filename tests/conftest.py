@@ -74,3 +74,17 @@ def small_svs_no_mpp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_pyramid_tiff(path, array_painter(_blob_image(1024, 768, 1)), (1024, 768), mpp=None, objective_power=20,
                        downsamples=(1, 4))
     return path
+
+
+@pytest.fixture(scope="session")
+def synth_cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated cohort (wsi_pipeline.synth): 5 H&E-like .svs slides (2400×2000 @ 0.5 MPP, levels
+    1/4/16) of 4 patients in two arms, all three immune phenotypes, one on-treatment slide; labels.csv and
+    truth/<slide_id>.npz class maps. Takes ~15 s of CPU the first time it is used in a session."""
+    from wsi_pipeline.synth.cohort import CohortParams, WriteOptions, write_cohort
+
+    out = tmp_path_factory.mktemp("synth_cohort")
+    write_cohort(out, CohortParams(n_patients=4, seed=6, size_l0=(2400, 2000), two_arms=True,
+                                   timepoint_fraction=0.3, multi_slide_fraction=0.0),
+                 WriteOptions(workers=0, thumbnail_max=256))
+    return out

@@ -1,0 +1,121 @@
+"""kather16 mosaics: source-image split, mosaic slides with MPP 0.495, truth and geometry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from wsi_pipeline.synth.kather import (
+    CLASS_FOLDERS,
+    KATHER_CLASSES,
+    SPLIT_BY_TILE_CLASSES,
+    KatherDataError,
+    build_kather_mosaic_cohort,
+    parse_source,
+    split_kather_by_source,
+)
+from wsi_pipeline.synth.layout import lymph_geometry
+
+
+def test_parse_source_from_file_names() -> None:
+    assert parse_source("10009_CRC-Prim-HE-03_009.tif_Row_301_Col_151.jpg") == "CRC-Prim-HE-03_009"
+    assert parse_source("1000E_CRC-Prim-HE-07.tif_Row_901_Col_4201.jpg") == "CRC-Prim-HE-07"
+    with pytest.raises(KatherDataError, match="not a kather16 tile name"):
+        parse_source("tile_0001.jpg")
+
+
+@pytest.fixture(scope="module")
+def split(kather_dir: Path) -> pd.DataFrame:
+    return split_kather_by_source(kather_dir, test_fraction=0.3, seed=0)
+
+
+def test_split_never_shares_a_source_between_train_and_test(split: pd.DataFrame) -> None:
+    by_source = split[split.split_unit == "source"]
+    assert set(by_source.class_name) == set(KATHER_CLASSES) - set(SPLIT_BY_TILE_CLASSES)
+    assert (by_source.groupby("source").split.nunique() == 1).all()
+    assert set(split[split.split_unit == "tile"].class_name) == set(SPLIT_BY_TILE_CLASSES)
+
+
+def test_every_class_has_train_and_test_tiles(split: pd.DataFrame) -> None:
+    frac = split.groupby("class_name").split.apply(lambda s: (s == "test").mean())
+    assert set(frac.index) == set(KATHER_CLASSES)
+    assert ((frac > 0.15) & (frac < 0.5)).all(), frac
+
+
+def test_split_is_deterministic_and_seeded(kather_dir: Path, split: pd.DataFrame) -> None:
+    again = split_kather_by_source(kather_dir, test_fraction=0.3, seed=0)
+    assert (again.split.to_numpy() == split.split.to_numpy()).all()
+    other = split_kather_by_source(kather_dir, test_fraction=0.3, seed=1)
+    assert (other.split.to_numpy() != split.split.to_numpy()).any()
+
+
+def test_missing_class_folder_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "01_TUMOR").mkdir()
+    with pytest.raises(KatherDataError, match="missing class folder"):
+        split_kather_by_source(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def mosaics(kather_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
+    out = tmp_path_factory.mktemp("kather_mosaics")
+    df = build_kather_mosaic_cohort(kather_dir, out, n_slides=3, split="test", seed=4, grid=(10, 12))
+    return out, df
+
+
+def test_mosaic_slides_open_with_mpp_0495(mosaics: tuple[Path, pd.DataFrame]) -> None:
+    import openslide
+
+    out, df = mosaics
+    for sid in df.slide_id:
+        with openslide.OpenSlide(str(out / f"{sid}.svs")) as s:
+            assert float(s.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.495)
+            assert s.dimensions == (12 * 150, 10 * 150)
+            assert s.level_count == 3
+
+
+def test_mosaic_uses_only_test_pool_tiles_of_the_right_class(mosaics: tuple[Path, pd.DataFrame]) -> None:
+    out, df = mosaics
+    table = pd.read_csv(out / "tile_split.csv")
+    split_of = dict(zip(table.file, table.split, strict=True))
+    class_of = dict(zip(table.file, table.class_name, strict=True))
+    for sid in df.slide_id:
+        t = np.load(out / "truth" / f"{sid}.npz")
+        cm, tiles = t["class_map"], t["tiles"]
+        assert {split_of[f] for f in tiles.ravel()} == {"test"}
+        for (r, c), f in np.ndenumerate(tiles):
+            assert class_of[f] == CLASS_FOLDERS[cm[r, c]]
+
+
+def test_mosaic_truth_and_labels_agree(mosaics: tuple[Path, pd.DataFrame]) -> None:
+    out, _ = mosaics
+    labels = pd.read_csv(out / "labels.csv")
+    assert {"slide_id", "patient_id", "response", "immune_phenotype", "til_fraction", "split"} <= set(labels.columns)
+    for _, row in labels.iterrows():
+        t = np.load(out / "truth" / f"{row.slide_id}.npz")
+        cm = t["class_map"]
+        tissue = (cm != 0).sum()
+        assert row.til_fraction == pytest.approx((cm == 4).sum() / tissue, abs=1e-4)
+        assert row.frac_01_TUMOR == pytest.approx((cm == 1).sum() / tissue, abs=1e-4)
+        assert str(t["immune_phenotype"]) == row.immune_phenotype
+        g = lymph_geometry(cm)
+        if row.immune_phenotype == "excluded":
+            assert g["n_lymph_intratumoural"] == 0
+        elif row.immune_phenotype == "inflamed":
+            assert g["intratumoural_share"] >= 0.6
+
+
+def test_mosaic_pixels_follow_the_class_map(mosaics: tuple[Path, pd.DataFrame]) -> None:
+    import openslide
+
+    out, df = mosaics
+    sid = df.slide_id.iloc[int(np.argmax(df.til_fraction))]
+    cm = np.load(out / "truth" / f"{sid}.npz")["class_map"]
+    assert (cm == 4).any()
+    with openslide.OpenSlide(str(out / f"{sid}.svs")) as s:
+        img = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB")).astype(float)
+    cells = img.reshape(cm.shape[0], 150, cm.shape[1], 150, 3).mean(axis=(1, 3)).mean(axis=2)
+    assert cells[cm == 0].mean() > 220  # 08_EMPTY is near-white background
+    assert cells[cm == 4].mean() < cells[cm == 0].mean() - 60  # lymphocyte tiles are dark
