@@ -48,8 +48,9 @@ def tissue_fractions(
     if len(l0_xy) == 0:
         return np.zeros(0, np.float32)
     h, w = mask.shape
-    sat = np.zeros((h + 1, w + 1), np.int64)
-    sat[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+    sat = np.zeros((h + 1, w + 1), np.int32)  # summed-area table (int32: masks up to 2^31 px)
+    np.cumsum(mask, axis=0, dtype=np.int32, out=sat[1:, 1:])
+    np.cumsum(sat[1:, 1:], axis=1, out=sat[1:, 1:])
     sx, sy = mask_l0_per_px
     x0 = np.clip(np.round(l0_xy[:, 0] / sx).astype(np.int64), 0, w)
     y0 = np.clip(np.round(l0_xy[:, 1] / sy).astype(np.int64), 0, h)
