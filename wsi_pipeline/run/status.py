@@ -64,15 +64,28 @@ def update_status(path: str | Path, *records: SlideStatus) -> None:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     with _locked(path):
         table = {(r.slide_id, r.stage): r for r in read_status(path)}
+        changed = False
         for rec in records:
+            old = table.get((rec.slide_id, rec.stage))
+            if old is not None and _same(old, rec):
+                continue  # e.g. a slide failing again with the same error: no churn, the file stays as it is
             rec.updated = rec.updated or stamp
             table[(rec.slide_id, rec.stage)] = rec
+            changed = True
+        if not changed:
+            return
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=COLUMNS)
         w.writeheader()
         for key in sorted(table):
             w.writerow(asdict(table[key]))
         write_text_atomic(path, buf.getvalue())
+
+
+def _same(a: SlideStatus, b: SlideStatus) -> bool:
+    """Equal but for the timestamps and timings."""
+    skip = {"updated", "seconds"}
+    return all(str(getattr(a, k)) == str(getattr(b, k)) for k in COLUMNS if k not in skip)
 
 
 def failed(path: str | Path, stage: str | None = None) -> list[SlideStatus]:
