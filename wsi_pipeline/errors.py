@@ -84,3 +84,7 @@ class FormatError(WSIPipelineError):
 
 class LabelsError(WSIPipelineError, ValueError):
     """The labels CSV or the target specification is inconsistent."""
+
+
+class ScaleMismatchError(WSIPipelineError, ValueError):
+    """A model trained at one µm/px is about to be applied to tiles or features at another µm/px."""

@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
 
 
-def run_with_progress(paths, layout, cfg, workers, shard, force):  # noqa: ANN001, ANN201
+def run_with_progress(paths, layout, cfg, workers, shard, force):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from wsi_pipeline.tiling.runner import tile_slides
@@ -66,7 +66,7 @@ def run_with_progress(paths, layout, cfg, workers, shard, force):  # noqa: ANN00
         return tile_slides(paths, layout, cfg, workers=workers, shard=shard, force=force, on_result=on_result)
 
 
-def _report(summary) -> None:  # noqa: ANN001
+def _report(summary) -> None:
     from rich.console import Console
 
     c = Console(stderr=True)

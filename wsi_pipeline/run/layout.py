@@ -102,6 +102,11 @@ class RunLayout:
     def tme_geojson(self, slide_id: str) -> Path:
         return self.tme_dir / f"{slide_id}.geojson"
 
+    @property
+    def tme_labels_csv(self) -> Path:
+        """Labels joined with the TME read-out (``wsi tme --labels``), for ``wsi train``."""
+        return self.root / "labels_with_tme.csv"
+
     # ---- analyses (wsi predictive, wsi evolution)
     @property
     def analysis_dir(self) -> Path:
@@ -193,9 +198,12 @@ class RunLayout:
     def qupath_geojson(self, slide_id: str) -> Path:
         return self.heatmap_dir(slide_id) / f"{slide_id}_tiles.geojson"
 
-    # ---- responder subgroups (wsi subgroups)
+    # ---- responder subgroups (wsi subgroups) and held-out evaluation (wsi evaluate)
     def subgroups_dir(self, model: str) -> Path:
         return self.root / "subgroups" / safe_name(model)
+
+    def evaluation_dir(self, model: str) -> Path:
+        return self.root / "evaluation" / safe_name(model)
 
     def slide_ids_with_tiles(self) -> list[str]:
         return sorted(p.stem for p in self.tiles_dir.glob("*.h5")) if self.tiles_dir.exists() else []

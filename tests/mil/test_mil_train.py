@@ -1,0 +1,236 @@
+"""End to end on a generated feature cohort with planted signals: `wsi train` → `wsi predict` →
+`wsi subgroups`, covariates, encoder / µm/px checks, and the 2-rank gloo DDP run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from wsi_pipeline.cli import build_app
+from wsi_pipeline.errors import ConfigError, LabelsError, ScaleMismatchError
+from wsi_pipeline.formats import read_features_h5, read_scores_h5, write_features_h5
+from wsi_pipeline.mil.config import EvaluateConfig, PredictConfig
+from wsi_pipeline.mil.predict import evaluate_run, predict_run
+from wsi_pipeline.mil.simulate import SimSpec, simulate_feature_cohort
+
+TARGETS = "response:binary,immune_phenotype:multiclass,til_fraction:regression,os:survival(os_months,os_event)"
+
+
+def _invoke(*args: str) -> str:
+    res = CliRunner().invoke(build_app(), [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("milcohort")
+    spec = SimSpec(n_patients=36, embed_dim=16, grid=8, amplitude=4.0, signal_fraction=0.1, seed=8)
+    labels = simulate_feature_cohort(root / "run", root / "labels.csv", spec)
+    return root / "run", labels
+
+
+@pytest.fixture(scope="module")
+def trained(cohort, tmp_path_factory) -> Path:
+    run, labels = cohort
+    model = tmp_path_factory.mktemp("models") / "abmil-demo"
+    _invoke("train", run, "--labels", labels, "--targets", TARGETS, "--model-out", model, "--folds", "3",
+            "--epochs", "25", "--seed", "1", "--threads", "1", "--n-bootstrap", "300")
+    return model
+
+
+def test_training_outputs_and_learned_signal(trained, cohort):
+    _, labels = cohort
+    for name in ("config.yaml", "model.json", "metrics.json", "metrics.md", "oof_predictions.csv", "history.json"):
+        assert (trained / name).is_file(), name
+    card = json.loads((trained / "model.json").read_text())
+    assert card["main_variant"] == "abmil" and set(card["variants"]) == {"abmil", "meanpool-baseline"}
+    assert card["encoder"] == {"name": "sim", "embed_dim": 16, "target_mpp": 0.5}
+    for v in card["variants"].values():
+        assert [f["fold"] for f in v["folds"]] == [0, 1, 2]
+        for f in v["folds"]:
+            assert (trained / f["weights"]).is_file() and f["weights"].endswith(".safetensors")
+    assert len(card["subgroups"]["cutoffs"]) == 2
+    classes = {t["name"]: t.get("classes") for t in card["targets"]}
+    assert classes["immune_phenotype"] == ["desert", "excluded", "inflamed"]
+
+    # no patient in two folds; OOF covers every labelled patient once per model
+    lab = pd.read_csv(labels)
+    folds = card["patient_folds"]
+    assert set(folds) == set(lab["patient_id"])
+    oof = pd.read_csv(trained / "oof_predictions.csv")
+    for _, grp in oof.groupby("model"):
+        assert sorted(grp["patient_id"]) == sorted(set(lab["patient_id"]))
+        assert all(folds[p] == f for p, f in zip(grp["patient_id"], grp["fold"], strict=True))
+
+    m = json.loads((trained / "metrics.json").read_text())
+    resp = m["models"]["abmil"]["response"]["auroc"]
+    assert resp["estimate"] > 0.8, m["models"]["abmil"]["response"]  # the planted response tiles are found
+    assert resp["ci_low"] <= resp["estimate"] <= resp["ci_high"]
+    assert m["models"]["abmil"]["til_fraction"]["spearman"]["estimate"] > 0.5
+    assert {"brier", "balanced_accuracy", "calibration_slope", "calibration_intercept"} <= set(
+        m["models"]["abmil"]["response"])
+    assert "c_index" in m["models"]["abmil"]["os"]
+    assert {(c["model_a"], c["model_b"]) for c in m["comparisons"]} == {("abmil", "meanpool-baseline")}
+    md = (trained / "metrics.md").read_text()
+    assert "| abmil |" in md and "| meanpool-baseline |" in md
+
+
+def test_predict_writes_tables_and_tile_scores(trained, cohort):
+    run, labels = cohort
+    out = _invoke("predict", run, "--model", trained, "--labels", labels)
+    assert "predictions.csv" in out
+    slides = pd.read_csv(run / "predictions.csv")
+    n_slides = len(list((run / "features" / "sim").glob("*.h5")))
+    assert len(slides) == n_slides
+    expected = ["slide_id", "patient_id", "response_prob", "response_pred", "immune_phenotype_prob_desert",
+                "immune_phenotype_prob_excluded", "immune_phenotype_prob_inflamed", "immune_phenotype_pred",
+                "til_fraction_pred", "os_risk"]
+    assert list(slides.columns) == expected
+    probs = slides[[c for c in expected if c.startswith("immune_phenotype_prob")]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    patients = pd.read_csv(run / "patient_predictions.csv")
+    assert len(patients) == slides["patient_id"].nunique() and "n_slides" in patients.columns
+
+    sid = slides["slide_id"].iloc[0]
+    sc = read_scores_h5(run / "scores" / "abmil-demo" / f"{sid}.h5")
+    fs = read_features_h5(run / "features" / "sim" / f"{sid}.h5")
+    np.testing.assert_array_equal(sc.l0_xy, fs.l0_xy)
+    n = len(fs.l0_xy)
+    assert sc.scores["response"].shape == (n,) and sc.scores["immune_phenotype"].shape == (n, 3)
+    assert sc.attrs["class_names_immune_phenotype"] == ["desert", "excluded", "inflamed"]
+    assert sc.attention["response"].sum() == pytest.approx(1, abs=1e-4)
+    # without labels, patient_id defaults to slide_id
+    predict_run(PredictConfig(run=str(run), model=str(trained), write_scores=False))
+    slides2 = pd.read_csv(run / "predictions.csv")
+    assert (slides2["patient_id"] == slides2["slide_id"]).all()
+    np.testing.assert_allclose(slides2["response_prob"], slides["response_prob"], rtol=1e-6)
+
+
+def test_heldout_cohort_evaluate_and_subgroups(trained, tmp_path):
+    """A second cohort from the same generator (new patients): predict, `wsi evaluate`, `wsi subgroups`
+    on predictions (not OOF) with the cut-offs fixed at training."""
+    spec = SimSpec(n_patients=30, embed_dim=16, grid=8, amplitude=4.0, signal_fraction=0.1, seed=99,
+                   id_prefix="T")
+    labels = simulate_feature_cohort(tmp_path / "test", tmp_path / "test_labels.csv", spec)
+    run = tmp_path / "test"
+    with pytest.raises(ConfigError, match="wsi predict"):
+        evaluate_run(EvaluateConfig(run=str(run), model=str(trained), labels=str(labels)))
+    _invoke("predict", run, "--model", trained, "--labels", labels)
+    out = _invoke("evaluate", run, "--model", trained, "--labels", labels, "--n-bootstrap", "300")
+    assert "Held-out metrics" in out
+    m = json.loads((run / "evaluation" / "abmil-demo" / "metrics.json").read_text())
+    assert m["cohort"]["n_patients"] == 30
+    assert m["models"]["abmil-demo"]["response"]["auroc"]["estimate"] > 0.75
+    _invoke("subgroups", run, "--model", trained, "--labels", labels)
+    summary = json.loads((run / "subgroups" / "abmil-demo" / "subgroups.json").read_text())
+    card = json.loads((trained / "model.json").read_text())
+    assert summary["source"] == "predictions" and summary["cutoffs"] == card["subgroups"]["cutoffs"]
+
+
+def test_subgroups_on_training_run_use_oof(trained, cohort):
+    run, labels = cohort
+    out = _invoke("subgroups", run, "--model", trained, "--labels", labels)
+    assert "Responder subgroups" in out
+    d = run / "subgroups" / "abmil-demo"
+    table = pd.read_csv(d / "subgroups.csv")
+    summary = json.loads((d / "subgroups.json").read_text())
+    assert summary["source"] == "oof" and "os" in summary["logrank"]
+    overall = table[table["immune_phenotype"] == "all"]
+    assert list(overall["subgroup"]) == ["low", "intermediate", "high"]
+    assert overall["n"].sum() == summary["n_with_response"] <= summary["n_patients"]
+    high, low = overall.iloc[2], overall.iloc[0]
+    assert high["responder_rate"] > low["responder_rate"]
+    assert (table["ci_low"].fillna(0) <= table["responder_rate"].fillna(0)).all()
+    assert set(table["immune_phenotype"]) == {"all", "desert", "excluded", "inflamed"}
+    for png in ("response_by_subgroup.png", "km_os.png"):
+        assert (d / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_predict_refuses_other_encoder_or_scale(trained, cohort, tmp_path):
+    run, _ = cohort
+    src = next((run / "features" / "sim").glob("*.h5"))
+    fs = read_features_h5(src)
+    other = tmp_path / "other"
+    write_features_h5(other / "features" / "sim" / src.name, fs.features, fs.l0_xy,
+                      {**fs.attrs, "target_mpp": 1.0})
+    with pytest.raises(ScaleMismatchError, match="1 µm/px"):
+        predict_run(PredictConfig(run=str(other), model=str(trained)))
+    shutil.rmtree(other)
+    write_features_h5(other / "features" / "sim" / src.name, np.zeros((len(fs.l0_xy), 8), np.float32), fs.l0_xy,
+                      fs.attrs)
+    with pytest.raises(ConfigError, match="embedding size 8"):
+        predict_run(PredictConfig(run=str(other), model=str(trained)))
+
+
+def test_covariates_comparison(cohort, tmp_path):
+    run, labels = cohort
+    model = tmp_path / "cov"
+    cfg = tmp_path / "train.yaml"  # targets and covariates from YAML, the rest from the command line
+    cfg.write_text("targets:\n  - {name: response, kind: binary}\ncovariates: [age, stage]\nhead: meanpool\n")
+    _invoke("train", run, "--config", cfg, "--labels", labels, "--model-out", model, "--folds", "2", "--epochs", "6",
+            "--no-baseline", "--threads", "1", "--n-bootstrap", "200")
+    m = json.loads((model / "metrics.json").read_text())
+    assert set(m["models"]) == {"meanpool+cov", "meanpool", "covariates"}
+    pairs = {(c["model_a"], c["model_b"]) for c in m["comparisons"]}
+    assert pairs == {("meanpool+cov", "meanpool"), ("meanpool+cov", "covariates"), ("meanpool", "covariates")}
+    for c in m["comparisons"]:
+        assert c["ci_low"] <= c["estimate"] <= c["ci_high"]
+    card = json.loads((model / "model.json").read_text())
+    enc = card["variants"]["meanpool+cov"]["folds"][0]["covariates"]
+    assert set(enc["numeric"]) == {"age"} and set(enc["categorical"]["stage"]) <= {"I", "II", "III", "IV"}
+    with pytest.raises(LabelsError, match="covariates"):
+        predict_run(PredictConfig(run=str(run), model=str(model)))
+    predict_run(PredictConfig(run=str(run), model=str(model), labels=str(labels), write_scores=False))
+
+
+def test_ddp_two_ranks_match_single_process(cohort, tmp_path):
+    """torchrun with 2 gloo ranks deals the (model, fold) trainings across ranks; every fold is seeded on
+    its own, so the out-of-fold predictions equal those of a single process."""
+    run, labels = cohort
+    common = ["train", str(run), "--labels", str(labels), "--targets", "response:binary,til_fraction:regression",
+              "--folds", "2", "--epochs", "3", "--head", "abmil", "--threads", "1", "--n-bootstrap", "50"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = tmp_path / "single"
+    _invoke(*common, "--model-out", single)
+    ddp = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "wsi_pipeline", *common, "--model-out", str(ddp)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = pd.read_csv(single / "oof_predictions.csv")
+    b = pd.read_csv(ddp / "oof_predictions.csv")
+    assert list(a.columns) == list(b.columns) and len(a) == len(b)
+    for col in ("response_prob", "til_fraction_pred"):
+        np.testing.assert_allclose(a[col], b[col], rtol=1e-4, atol=1e-5)
+    card = json.loads((ddp / "model.json").read_text())
+    assert all(len(v["folds"]) == 2 for v in card["variants"].values())
+
+
+def test_train_config_errors(cohort, tmp_path):
+    from wsi_pipeline.mil.config import TrainConfig
+    from wsi_pipeline.mil.train import train_cv
+
+    run, labels = cohort
+    base = {"run": str(run), "labels": str(labels), "targets": "response:binary", "model_out": str(tmp_path / "m")}
+    with pytest.raises(ConfigError, match="available: abmil"):
+        train_cv(TrainConfig(**base, head="nope"))
+    with pytest.raises(ConfigError, match="--folds"):
+        train_cv(TrainConfig(**base, folds=1))
+    other = tmp_path / "other.csv"
+    other.write_text("slide_id,response\nX1,1\nX2,0\n")
+    with pytest.raises(LabelsError, match="no slide_id matches"):
+        train_cv(TrainConfig(**{**base, "labels": str(other)}))
+    with pytest.raises(LabelsError, match="needs column"):
+        train_cv(TrainConfig(**{**base, "targets": "nothere:binary"}))

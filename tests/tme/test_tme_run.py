@@ -1,0 +1,166 @@
+"""`wsi tissue-train` → `wsi tile` → (`wsi extract`) → `wsi tme` on a small kather16 mosaic slide.
+
+Real components throughout: a seeded resnet10t saved as a weights file (so checksums can be matched),
+real kather16 tiles, a real pyramid TIFF, the real tiler, extractor and tile reader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from wsi_pipeline import formats as F
+from wsi_pipeline.cli import build_app
+from wsi_pipeline.qupath import read_geojson, validate_feature_collection
+from wsi_pipeline.run.layout import RunLayout
+from wsi_pipeline.run.status import read_status
+
+ENCODER = "timm:resnet10t"
+T, S, L = 0, 1, 3  # kather16 class indices: 01_TUMOR, 02_STROMA, 04_LYMPHO
+MOSAIC = np.array([
+    [S, S, S, S, S, S],
+    [S, L, L, L, S, S],
+    [S, L, T, T, L, S],
+    [S, L, T, T, L, S],
+    [S, S, L, L, S, S],
+    [S, S, S, S, S, S],
+])
+
+
+def _invoke(args: list[str]) -> str:
+    res = CliRunner().invoke(build_app(), args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, kather_dir: Path) -> dict[str, Path]:
+    import torch
+    from safetensors.torch import save_file
+
+    from wsi_pipeline.encoders import create_encoder
+    from wsi_pipeline.ssl.data import load_labelled_folder, read_rgb
+    from wsi_pipeline.synth.pyramid import array_painter, write_pyramid_tiff
+
+    root = tmp_path_factory.mktemp("tme")
+    torch.manual_seed(0)
+    enc = create_encoder(ENCODER)
+    weights = root / "resnet10t.safetensors"
+    save_file({k: v.contiguous() for k, v in enc.trunk.state_dict().items()}, str(weights))
+    clf_dir = root / "clf"
+    out = _invoke(["tissue-train", "--data", str(kather_dir), "--out", str(clf_dir), "--encoder", ENCODER,
+                   "--weights", str(weights), "--max-per-class", "5", "--epochs", "50", "--device", "cpu"])
+    assert "held-out balanced accuracy" in out
+    tiles = load_labelled_folder(kather_dir)
+    rng = np.random.default_rng(0)
+    img = np.zeros((6 * 150, 6 * 150, 3), np.uint8)
+    for (r, c), cls in np.ndenumerate(MOSAIC):
+        pick = rng.choice(np.flatnonzero(tiles.labels == cls))
+        img[r * 150 : (r + 1) * 150, c * 150 : (c + 1) * 150] = read_rgb(tiles.paths[pick])
+    slide = write_pyramid_tiff(root / "slides" / "mosaic.svs", array_painter(img), (900, 900), mpp=0.495,
+                               downsamples=(1, 4))
+    return {"root": root, "weights": weights, "clf": clf_dir, "slide": slide}
+
+
+def test_tissue_train_records_classes_encoder_and_scale(setup: dict[str, Path]) -> None:
+    from wsi_pipeline.tme.classifier import load_classifier
+
+    clf = load_classifier(setup["clf"])
+    assert clf.class_names[0] == "01_TUMOR" and len(clf.class_names) == 8
+    assert clf.encoder == ENCODER and clf.embed_dim == 512 and clf.mpp == 0.5 and clf.fit == "native"
+    assert clf.tile_um == pytest.approx(150 * 0.495)
+    assert clf.encoder_weights_sha256 == F.file_sha256(setup["weights"])
+    held = clf.metrics["held_out"]
+    assert np.asarray(held["confusion_matrix"]).shape == (8, 8) and 0.0 <= held["balanced_accuracy"] <= 1.0
+    split = clf.training["split"]
+    assert split["mode"]["08_EMPTY"] == "tile"
+    # what the head saw is recorded, so evaluations can prove they are held out: with 5 tiles per class
+    # every class has < 8 sources and is split by tile, so the training files are listed one by one
+    assert not set(split["train_sources"]) & set(split["test_sources"])
+    assert len(split["train_files_split_by_tile"]) == clf.training["n_train"]
+    assert all(n.endswith(".jpg") for n in split["train_files_split_by_tile"])
+    assert "balanced_accuracy" in clf.metrics["colour_baseline_held_out"]
+
+
+def test_tme_on_aligned_tiles_embeds_from_the_slide(setup: dict[str, Path]) -> None:
+    run = setup["root"] / "run_aligned"
+    _invoke(["tile", str(setup["slide"]), "--out", str(run), "--target-mpp", "0.495", "--tile-size", "150",
+             "--min-tissue", "0", "--workers", "0"])
+    layout = RunLayout(run)
+    # features from the same encoder and weights but at the wrong scale (150 px @0.495 → 224 px = 0.33 µm/px)
+    _invoke(["extract", str(run), "--encoder", ENCODER, "--weights", str(setup["weights"]),
+             "--allow-mpp-mismatch", "--device", "cpu", "--num-workers", "0", "--precision", "fp32"])
+    # the classifier's encoder has no default weights: a random init would not match its checksum
+    res = CliRunner().invoke(build_app(), ["tme", str(run), "--classifier", str(setup["clf"]), "--no-reuse-features",
+                                           "--device", "cpu"])
+    assert res.exit_code != 0
+    assert any(r.stage == "tme" and r.status == "failed" and "checksum" in r.error
+               for r in read_status(layout.slides_csv))
+    _invoke(["tme", str(run), "--classifier", str(setup["clf"]), "--encoder-weights", str(setup["weights"]),
+             "--device", "cpu"])
+    tiles = F.read_tiles_h5(layout.tiles_h5("mosaic"))
+    xy, probs, attrs = F.read_tme_h5(layout.tme_h5("mosaic"))
+    np.testing.assert_array_equal(xy, tiles.l0_xy)
+    assert probs.shape == (len(tiles), 8) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert attrs[F.A_CLASS_NAMES][3] == "04_LYMPHO" and attrs["classifier_mpp"] == 0.5
+    assert attrs["feature_source"] == "slide"  # the 0.33 µm/px RUN features were refused
+    df = pd.read_csv(layout.tme_csv)
+    assert list(df["slide_id"]) == ["mosaic"] and df.columns[0] == "slide_id"
+    row = df.iloc[0]
+    assert row["immune_phenotype"] in ("inflamed", "excluded", "desert", "not_evaluable")
+    assert row["n_tiles"] == len(tiles) and row["tile_stride_um"] == pytest.approx(150 * 0.495, rel=0.01)
+    lym = probs.argmax(1) == 3
+    tissue = probs.argmax(1) != 7
+    assert row["til_fraction"] == pytest.approx(lym.sum() / tissue.sum(), rel=1e-5)
+    for col in ("lymph_density_tumour", "lymph_density_margin", "tumour_stroma_ratio", "area_frac_tumor"):
+        assert col in df.columns
+    fc = read_geojson(layout.tme_geojson("mosaic"))
+    assert validate_feature_collection(fc) == [] and len(fc["features"]) == len(tiles)
+    props = fc["features"][0]["properties"]
+    assert props["objectType"] == "detection" and "p_lympho" in props["measurements"]
+    assert props["classification"]["name"] in attrs[F.A_CLASS_NAMES]
+    from PIL import Image
+
+    with Image.open(layout.tme_map_png("mosaic")) as im:
+        assert im.size[0] > im.size[1]  # thumbnail + legend panel
+    assert any(r.stage == "tme" and r.status == "done" for r in read_status(layout.slides_csv))
+
+    # a second run reuses the stored probabilities; new rules only rewrite the table
+    before = layout.tme_h5("mosaic").stat().st_mtime_ns
+    _invoke(["tme", str(run), "--classifier", str(setup["clf"]), "--band-um", "500", "--device", "cpu"])
+    assert layout.tme_h5("mosaic").stat().st_mtime_ns == before
+    assert pd.read_csv(layout.tme_csv).iloc[0]["n_margin_tiles"] >= row["n_margin_tiles"]
+
+    # joined to labels for `wsi train`: TME columns prefixed, label columns untouched, all label rows kept
+    labels = setup["root"] / "labels.csv"
+    pd.DataFrame({"slide_id": ["mosaic", "other"], "til_fraction": [0.3, 0.1], "response": [1, 0]}).to_csv(
+        labels, index=False)
+    _invoke(["tme", str(run), "--classifier", str(setup["clf"]), "--labels", str(labels), "--device", "cpu"])
+    joined = pd.read_csv(layout.tme_labels_csv)
+    assert list(joined["slide_id"]) == ["mosaic", "other"] and list(joined["til_fraction"]) == [0.3, 0.1]
+    assert joined.loc[0, "tme_til_fraction"] == pytest.approx(row["til_fraction"])
+    assert joined.loc[0, "tme_immune_phenotype"] == row["immune_phenotype"]
+    assert pd.isna(joined.loc[1, "tme_til_fraction"])
+
+
+def test_tme_reuses_run_features_at_the_classifier_scale(setup: dict[str, Path]) -> None:
+    run = setup["root"] / "run_default"  # tiles at the encoder input (resnet10t: 176 px) and µm/px
+    _invoke(["tile", str(setup["slide"]), "--out", str(run), "--target-mpp", "0.5", "--tile-size", "176",
+             "--min-tissue", "0", "--workers", "0"])
+    _invoke(["extract", str(run), "--encoder", ENCODER, "--weights", str(setup["weights"]), "--device", "cpu",
+             "--num-workers", "0", "--precision", "fp32", "--dtype", "float32"])
+    layout = RunLayout(run)
+    args = ["tme", str(run), "--classifier", str(setup["clf"]), "--encoder-weights", str(setup["weights"]),
+            "--device", "cpu"]
+    _invoke(args)
+    _, from_features, attrs = F.read_tme_h5(layout.tme_h5("mosaic"))
+    assert attrs["feature_source"] == "run-features"
+    _invoke([*args, "--no-reuse-features", "--overwrite"])
+    _, from_slide, attrs = F.read_tme_h5(layout.tme_h5("mosaic"))
+    assert attrs["feature_source"] == "slide"
+    # same pixels at the same scale through either route
+    np.testing.assert_allclose(from_features, from_slide, atol=2e-3)

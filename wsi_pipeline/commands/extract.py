@@ -1,0 +1,130 @@
+"""`wsi extract RUN [--encoder NAME] [--weights FILE] ...` and `wsi encoders`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("extract")
+    def extract(
+        run: Path = typer.Argument(..., help="RUN folder (with tiles/ from `wsi tile`)."),
+        encoder: str = typer.Option(None, "--encoder", "-e",
+                                    help="Encoder: a preset (see `wsi encoders`), timm:<arch>, or an encoder "
+                                         "folder; default: the shipped demo encoder."),
+        weights: str = typer.Option(None, "--weights", "-w",
+                                    help="Local weights file (.safetensors/.pth/.bin) or hf-hub:org/name."),
+        batch_size: int = typer.Option(32, "--batch-size", "-b", help="Tiles per batch."),
+        num_workers: int = typer.Option(None, "--num-workers",
+                                        help="Reader processes (default: 1 on CPU, cores-1 up to 16 with a GPU; "
+                                             "0 = read in this process)."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+        precision: str = typer.Option("bf16", "--precision", help="bf16, fp16 or fp32 (autocast)."),
+        compile_model: bool = typer.Option(False, "--compile", help="torch.compile the encoder."),
+        dtype: str = typer.Option("float16", "--dtype", help="Stored feature dtype: float16 or float32."),
+        shard: str = typer.Option(None, "--shard", help="I/N: only shard I of N (default: torchrun/SLURM rank)."),
+        coords_dir: Path = typer.Option(None, "--coords-dir",
+                                        help="CLAM/TRIDENT coordinate .h5 files instead of RUN/tiles."),
+        slides_dir: Path = typer.Option(None, "--slides-dir", help="Folder of the slides of --coords-dir."),
+        slide_mpp: float = typer.Option(None, "--slide-mpp",
+                                        help="Level-0 µm/px for --coords-dir slides without MPP."),
+        allow_mpp_mismatch: bool = typer.Option(False, "--allow-mpp-mismatch",
+                                                help="Run even if the tiles' µm/px differs from the encoder's."),
+        no_fast_reader: bool = typer.Option(False, "--no-fast-reader",
+                                            help="Read every slide through OpenSlide (slower)."),
+        force: bool = typer.Option(False, "--force", help="Recompute slides already extracted."),
+    ) -> None:
+        """Embed every tile of every slide with an encoder into RUN/features/<encoder>/<slide_id>.h5."""
+        from wsi_pipeline.config import save_resolved
+        from wsi_pipeline.features.config import ExtractConfig
+        from wsi_pipeline.features.extract import extract_run
+
+        cfg = ExtractConfig(
+            encoder=encoder, weights=weights, batch_size=batch_size, num_workers=num_workers, device=device,
+            precision=precision, compile=compile_model, dtype=dtype, shard=shard,
+            coords_dir=str(coords_dir) if coords_dir else None, slides_dir=str(slides_dir) if slides_dir else None,
+            slide_mpp=slide_mpp, allow_mpp_mismatch=allow_mpp_mismatch, fast_reader=not no_fast_reader,
+            force=force,
+        ).validate()
+        if _rank() == 0:
+            save_resolved(run, "extract", {"extract": cfg})
+        summary = _run_with_progress(run, cfg, extract_run)
+        _report(summary)
+        if not summary.ok:
+            raise typer.Exit(1)
+
+    @app.command("encoders")
+    def encoders(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+        """List the encoder presets and shipped project encoders with their metadata."""
+        import json
+
+        from wsi_pipeline.encoders import get_encoder_meta, list_encoders
+
+        metas = [get_encoder_meta(n) for n in list_encoders()]
+        if as_json:
+            typer.echo(json.dumps([m.to_dict() for m in metas], indent=2, default=str))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title="encoders (also: timm:<any timm architecture>)")
+        for col in ("name", "dim", "input", "µm/px", "licence", "weights"):
+            t.add_column(col)
+        for m in metas:
+            t.add_row(m.name, str(m.embed_dim), str(m.input_size), f"{m.mpp:g}", m.licence, m.weights_source)
+        Console().print(t)
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def _run_with_progress(run: Path, cfg: Any, extract_run: Any) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class TilesPerSecond(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:,.0f} tiles/s" if speed else "- tiles/s")
+
+    prefix = f"[bold]extract[/bold] r{_rank()}" if _rank() else "[bold]extract"
+    with Progress(TextColumn(prefix), BarColumn(), MofNCompleteColumn(), TilesPerSecond(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), TextColumn("{task.description}")) as progress:
+        task = progress.add_task("planning", total=None)
+
+        def on_start(n_slides: int, n_tiles: int) -> None:
+            progress.update(task, total=n_tiles, description=f"{n_slides} slides")
+
+        def on_progress(n: int) -> None:
+            progress.update(task, advance=n)
+
+        def on_slide(sid: str, status: str, err: str) -> None:
+            mark = {"done": "✓", "skipped": "="}.get(status, "✗")
+            progress.update(task, description=f"{sid} {mark}")
+
+        return extract_run(run, cfg, on_progress=on_progress, on_slide=on_slide, on_start=on_start)
+
+
+def _report(summary: Any) -> None:
+    from rich.console import Console
+
+    c = Console(stderr=True)
+    c.print(f"{summary.encoder}: extracted {len(summary.done)} slides ({summary.tiles} tiles, "
+            f"{summary.tiles_per_s:,.1f} tiles/s), skipped (already done) {len(summary.skipped)}, "
+            f"failed {len(summary.failed)} → {summary.features_dir}")
+    for sid, err in summary.failed:
+        c.print(f"[red]✗ {sid}[/red]: {err}")

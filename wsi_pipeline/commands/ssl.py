@@ -1,0 +1,130 @@
+"""`wsi ssl-train` (DINO pretraining; also under `torchrun -m wsi_pipeline ssl-train`) and
+`wsi eval-encoder` (k-NN / linear probe on a labelled tile folder)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("ssl-train")
+    def ssl_train_cmd(
+        data: Path = typer.Option(..., "--data", help="Image folder (recursive) or RUN folder with tiles/*.h5."),
+        out: Path = typer.Option(..., "--out", help="Encoder folder to write (encoder.json + model.safetensors)."),
+        arch: str = typer.Option("resnet10t", "--arch", help="timm architecture (vit_tiny_patch16_224, vit_small_patch16_224, resnet18, ...)."),
+        timm_kwargs: str = typer.Option("{}", "--timm-kwargs", help='Extra timm.create_model arguments as JSON, e.g. \'{"depth": 6}\'.'),
+        name: str = typer.Option("", "--name", help="Encoder name in encoder.json (default: the --out folder name)."),
+        steps: int = typer.Option(1000, "--steps", help="Optimisation steps."),
+        batch_size: int = typer.Option(64, "--batch-size", help="Images per step and rank."),
+        global_size: int = typer.Option(112, "--global-size", help="Global crop size (px at --train-mpp)."),
+        local_size: int = typer.Option(48, "--local-size", help="Local crop size (px at --train-mpp)."),
+        n_local: int = typer.Option(6, "--n-local", help="Local crops per image."),
+        hed_sigma: float = typer.Option(0.05, "--hed-sigma", help="HED stain jitter: each stain × U(1−σ, 1+σ)."),
+        hed_bias: float = typer.Option(0.01, "--hed-bias", help="HED stain jitter: each stain + U(−b, b) (rgb2hed units)."),
+        color_jitter: float = typer.Option(0.15, "--color-jitter", help="Brightness/contrast/saturation factors U(1−a, 1+a)."),
+        hue: float = typer.Option(0.0, "--hue", help="Hue rotation, fraction of a turn (DINO: 0.1)."),
+        gray_p: float = typer.Option(0.0, "--gray-p", help="Probability of a grayscale view (DINO: 0.2)."),
+        mpp: float = typer.Option(0.5, "--mpp", help="µm/px of image-folder tiles (kather16: 0.495). RUN tiles carry their own."),
+        train_mpp: float = typer.Option(0.5, "--train-mpp", help="µm/px the encoder is trained at (its encoder.json mpp)."),
+        subset: str = typer.Option("all", "--subset", help="all | train | test side of the source split of a labelled folder."),
+        split_seed: int = typer.Option(0, "--split-seed", help="Seed of the source split (same as eval-encoder --seed)."),
+        test_fraction: float = typer.Option(0.3, "--test-fraction", help="Held-out fraction of the source split."),
+        max_tiles_per_slide: int = typer.Option(0, "--max-tiles-per-slide", help="RUN sources: sample at most this many tiles per slide (0: all)."),
+        lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate per 256 images (AdamW; scaled by the global batch)."),
+        weight_decay: float = typer.Option(0.04, "--weight-decay"),
+        weight_decay_end: float = typer.Option(0.4, "--weight-decay-end"),
+        momentum_teacher: float = typer.Option(0.996, "--momentum-teacher", help="Teacher EMA momentum at the start (cosine to 1)."),
+        teacher_temp: float = typer.Option(0.07, "--teacher-temp", help="Teacher temperature after warm-up (from 0.04)."),
+        out_dim: int = typer.Option(4096, "--out-dim", help="DINO head prototypes."),
+        koleo: float = typer.Option(0.0, "--koleo", help="KoLeo regulariser weight (0: off)."),
+        clip_grad: float = typer.Option(3.0, "--clip-grad"),
+        precision: str = typer.Option("bf16", "--precision", help="bf16 (autocast) or fp32."),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+        seed: int = typer.Option(0, "--seed"),
+        workers: int = typer.Option(0, "--workers", help="DataLoader worker processes per rank."),
+        threads: int = typer.Option(0, "--threads", help="torch threads per rank (0: default)."),
+        checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Checkpoint (and export) every N steps."),
+        checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="Default: OUT/checkpoints."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint, exactly."),
+        stop_at_step: int = typer.Option(0, "--stop-at-step", help="Stop after this step (checkpointed) to resume later."),
+        licence: str = typer.Option("see the training data's licence", "--licence", help="Licence recorded in encoder.json."),
+        description: str = typer.Option("", "--description", help="Description recorded in encoder.json."),
+    ) -> None:
+        """Pretrain a tile encoder with DINO self-distillation and export its teacher backbone."""
+        from wsi_pipeline.ssl.augment import AugmentConfig
+        from wsi_pipeline.ssl.config import SSLConfig
+        from wsi_pipeline.ssl.trainer import ssl_train
+
+        try:
+            kwargs = json.loads(timm_kwargs)
+        except json.JSONDecodeError as e:
+            from wsi_pipeline.errors import ConfigError
+
+            raise ConfigError(f"--timm-kwargs {timm_kwargs!r} is not valid JSON ({e})") from e
+        cfg = SSLConfig(
+            data=str(data), out=str(out), arch=arch, timm_kwargs=kwargs, name=name, steps=steps, batch_size=batch_size,
+            augment=AugmentConfig(
+                global_size=global_size, local_size=local_size, n_local=n_local, mpp=train_mpp, hed_sigma=hed_sigma,
+                hed_bias=hed_bias, brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=hue,
+                gray_p=gray_p,
+            ),
+            data_mpp=mpp, subset=subset, split_seed=split_seed, test_fraction=test_fraction,
+            max_tiles_per_slide=max_tiles_per_slide, lr=lr, weight_decay=weight_decay,
+            weight_decay_end=weight_decay_end, momentum_teacher=momentum_teacher, teacher_temp=teacher_temp,
+            out_dim=out_dim, koleo=koleo, clip_grad=clip_grad, precision=precision, device=device, seed=seed,
+            workers=workers, threads=threads, checkpoint_every=checkpoint_every,
+            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else "", resume=resume, stop_at_step=stop_at_step,
+            licence=licence, description=description,
+        )
+        res = ssl_train(cfg)
+        import os
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            state = "done" if res.completed else "stopped (resume with --resume)"
+            last = f", last loss {res.losses[-1]:.4f}" if res.losses else ""
+            typer.echo(f"ssl-train {state} at step {res.steps_done}/{steps}{last}; encoder: {res.out_dir}")
+
+    @app.command("eval-encoder")
+    def eval_encoder_cmd(
+        encoder: str | None = typer.Option(None, "--encoder", help="Encoder name, timm:<arch> or folder (default: the shipped demo encoder)."),
+        data: Path = typer.Option(..., "--data", help="Labelled tile folder: one sub-folder of tiles per class."),
+        weights: str | None = typer.Option(None, "--weights", help="Weights file for the encoder."),
+        mpp: float = typer.Option(0.5, "--mpp", help="µm/px of the tiles (kather16: 0.495); tiles are rescaled to the encoder's MPP."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the source split and the random-init baseline."),
+        test_fraction: float = typer.Option(0.3, "--test-fraction"),
+        k: int = typer.Option(20, "-k", "--k", help="Neighbours of the k-NN probe."),
+        batch_size: int = typer.Option(64, "--batch-size"),
+        precision: str = typer.Option("bf16", "--precision", help="bf16 | fp16 | fp32."),
+        device: str = typer.Option("auto", "--device"),
+        no_random_init: bool = typer.Option(False, "--no-random-init", help="Skip the random-init baseline."),
+        max_per_class: int = typer.Option(0, "--max-per-class", help="Subsample tiles per class (0: all)."),
+        json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON."),
+    ) -> None:
+        """k-NN (k=20, cosine, weighted) and linear-probe balanced accuracy on held-out source images."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from wsi_pipeline.ssl.config import EvalConfig
+        from wsi_pipeline.ssl.evaluate import evaluate_encoder, table_rows
+
+        cfg = EvalConfig(
+            encoder=encoder, data=str(data), weights=weights, data_mpp=mpp, seed=seed, test_fraction=test_fraction,
+            k=k, batch_size=batch_size, precision=precision, device=device, random_init=not no_random_init,
+            max_per_class=max_per_class, json_path=str(json_path) if json_path else "",
+        )
+        report = evaluate_encoder(cfg)
+        table = Table(title=(f"held-out balanced accuracy: {report['n_train']} train / {report['n_test']} test tiles, "
+                             f"{len(report['classes'])} classes, split by source (seed {seed})"))
+        table.add_column("features")
+        table.add_column(f"k-NN (k={k}, cosine, weighted)", justify="right")
+        table.add_column("linear probe", justify="right")
+        for row in table_rows(report):
+            table.add_row(*row)
+        Console().print(table)
+        if json_path:
+            typer.echo(f"wrote {json_path}")
+        else:
+            typer.echo(json.dumps({k_: v for k_, v in report.items() if k_.endswith("balanced_accuracy")}))

@@ -1,0 +1,144 @@
+"""`wsi tissue-train` (tile tissue classifier) and `wsi tme RUN` (TME composition and immune phenotype)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("tissue-train")
+    def tissue_train(
+        data: Path = typer.Option(..., "--data", help="Tile folder, one sub-folder per class."),
+        out: Path = typer.Option(..., "--out", "-o", help="Folder to write the classifier to."),
+        encoder: str = typer.Option("", "--encoder", help="Encoder (default: the demo encoder)."),
+        weights: str = typer.Option(None, "--weights", help="Local weights for the encoder."),
+        mpp: float = typer.Option(0.495, "--mpp", help="µm/px of the tiles in --data (kather16: 0.495)."),
+        head: str = typer.Option("linear", "--head", help="linear or mlp."),
+        test_fraction: float = typer.Option(0.3, "--test-fraction", help="Held-out share (by source)."),
+        seed: int = typer.Option(0, "--seed", help="Split and training seed."),
+        epochs: int = typer.Option(300, "--epochs", help="Full-batch training steps of the head."),
+        max_per_class: int = typer.Option(0, "--max-per-class", help="Subsample each class (0 = all tiles)."),
+        final_fit_all: bool = typer.Option(False, "--final-fit-all",
+                                           help="Refit on all tiles after evaluating."),
+        feature_cache: Path = typer.Option(None, "--feature-cache",
+                                           help="Folder caching the embedded tiles (re-fits are instant)."),
+        batch_size: int = typer.Option(64, "--batch-size"),
+        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+        precision: str = typer.Option("fp32", "--precision", help="bf16, fp16 or fp32."),
+    ) -> None:
+        """Fit a tissue-class head on frozen encoder features of a labelled tile folder (split by source
+        image), at the encoder's µm/px; report held-out balanced accuracy and the confusion matrix."""
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from wsi_pipeline.tme.classifier import format_confusion
+        from wsi_pipeline.tme.config import TissueTrainConfig
+        from wsi_pipeline.tme.train import train_tissue_classifier
+
+        cfg = TissueTrainConfig(
+            encoder=encoder, data=str(data), out=str(out), weights=weights, mpp=mpp, head=head,
+            test_fraction=test_fraction, seed=seed, epochs=epochs, max_per_class=max_per_class,
+            final_fit_all=final_fit_all, batch_size=batch_size, device=device, precision=precision,
+            feature_cache=str(feature_cache or ""),
+        ).validate()
+        with Progress(TextColumn("[bold]embed tiles"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      transient=True) as progress:
+            task = progress.add_task("", total=None)
+
+            def tick(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            clf = train_tissue_classifier(cfg, progress=tick)
+        c = Console()
+        held = clf.metrics["held_out"]
+        base = clf.metrics["colour_baseline_held_out"]
+        c.print(f"classifier: {out}  (encoder {clf.encoder}, {clf.embed_dim}-d, at {clf.mpp:g} µm/px, "
+                f"{clf.n_classes} classes)")
+        c.print(f"held-out balanced accuracy: [bold]{held['balanced_accuracy']:.3f}[/bold] "
+                f"(accuracy {held['accuracy']:.3f}, n={held['n']}); colour-only baseline "
+                f"{base['balanced_accuracy']:.3f}")
+        c.print(format_confusion(held), markup=False, highlight=False)
+
+    @app.command("tme")
+    def tme(
+        run: Path = typer.Argument(..., help="RUN folder (with tiles/)."),
+        classifier: str = typer.Option("", "--classifier", help="Classifier folder (default: shipped)."),
+        band_um: float = typer.Option(None, "--band-um", help="Width of the peri-tumoural band, µm [200]."),
+        tumour_closing_um: float = typer.Option(None, "--tumour-closing-um",
+                                                help="Tumour-region closing radius, µm (default 1 tile)."),
+        inflamed_min: float = typer.Option(None, "--inflamed-min",
+                                           help="Rule: tumour density ≥ this → inflamed [0.10]."),
+        excluded_min: float = typer.Option(None, "--excluded-min",
+                                           help="Rule: else margin density ≥ this → excluded [0.07]."),
+        min_tumour_tiles: int = typer.Option(None, "--min-tumour-tiles",
+                                             help="Fewer tumour tiles → not_evaluable [3]."),
+        config: Path = typer.Option(None, "--config",
+                                    help="YAML with a `tme:` section (options given here override it)."),
+        encoder_weights: str = typer.Option(None, "--encoder-weights",
+                                            help="Weights of the classifier's encoder."),
+        no_reuse_features: bool = typer.Option(False, "--no-reuse-features",
+                                               help="Always embed from the slides (ignore RUN/features)."),
+        batch_size: int = typer.Option(64, "--batch-size"),
+        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+        precision: str = typer.Option("fp32", "--precision", help="bf16, fp16 or fp32."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Recompute stored per-tile probabilities."),
+        labels: Path = typer.Option(None, "--labels", help="Labels CSV (slide_id) to join the read-out to."),
+        labels_out: Path = typer.Option(None, "--labels-out",
+                                        help="Write labels + tme_* columns here (for `wsi train`)."),
+    ) -> None:
+        """Per-tile tissue classes, class maps, QuPath GeoJSON and RUN/tme.csv (composition, TIL fraction,
+        intratumoural vs margin lymphocyte density, tumour–stroma ratio, immune phenotype).
+
+        RUN/tme.csv has one row per slide keyed by slide_id: `wsi report` and the analyses read it from the
+        RUN; for `wsi train`, --labels/--labels-out writes the labels joined with tme_* columns."""
+        import dataclasses
+
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from wsi_pipeline.config import load_yaml
+        from wsi_pipeline.run.layout import RunLayout
+        from wsi_pipeline.tme.config import TMEConfig, tme_config_from_dict
+        from wsi_pipeline.tme.run import run_tme
+
+        base = tme_config_from_dict(load_yaml(config).get("tme", {}) or {}) if config else TMEConfig()
+
+        def pick(value: Any, default: Any) -> Any:  # an option given on the command line wins
+            return default if value is None else value
+
+        cfg = dataclasses.replace(
+            base,
+            classifier=classifier or base.classifier,
+            encoder_weights=encoder_weights or base.encoder_weights,
+            spatial=dataclasses.replace(base.spatial, band_um=pick(band_um, base.spatial.band_um),
+                                        tumour_closing_um=pick(tumour_closing_um, base.spatial.tumour_closing_um)),
+            rules=dataclasses.replace(
+                base.rules, min_tumour_tiles=pick(min_tumour_tiles, base.rules.min_tumour_tiles),
+                inflamed_min_tumour_density=pick(inflamed_min, base.rules.inflamed_min_tumour_density),
+                excluded_min_margin_density=pick(excluded_min, base.rules.excluded_min_margin_density)),
+            reuse_features=not no_reuse_features and base.reuse_features,
+            batch_size=batch_size, device=device, precision=precision, overwrite=overwrite,
+        ).validate()
+        n = len(RunLayout(run).slide_ids_with_tiles())
+        with Progress(TextColumn("[bold]tme"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("{task.description}")) as progress:
+            task = progress.add_task("", total=n)
+
+            def on_result(sid: str, ok: bool, err: str) -> None:
+                progress.update(task, advance=1, description=f"{sid} {'✓' if ok else '✗'}")
+
+            summary = run_tme(run, cfg, on_result=on_result)
+        c = Console(stderr=True)
+        c.print(f"wrote {summary.csv_path} ({len(summary.rows)} slides); failed {len(summary.failed)}")
+        if labels is not None:
+            from wsi_pipeline.tme.run import join_tme_to_labels
+
+            target = labels_out or RunLayout(run).tme_labels_csv
+            c.print(f"wrote {join_tme_to_labels(labels, summary.csv_path, target)} (labels + tme_* columns)")
+        for sid, err in summary.failed:
+            c.print(f"[red]✗ {sid}[/red]: {err}")
+        if not summary.ok:
+            raise typer.Exit(1)

@@ -1,0 +1,205 @@
+"""The :class:`Encoder` module every registry entry produces, its metadata, preprocessing and a helper to
+embed in-memory tiles.
+
+An encoder maps a *normalised* float NCHW batch at ``meta.input_size`` px and ``meta.mpp`` µm/px to an
+(N, ``meta.embed_dim``) feature matrix. :meth:`Encoder.preprocess` turns uint8 NHWC tiles into that batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from wsi_pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+# How an encoder turns its trunk's output into one vector per image.
+POOL_MODEL = "model"  # the trunk already returns (N, D)
+POOL_CLS = "cls"  # trunk returns tokens (N, T, D): class token
+POOL_CLS_MEAN = "cls+mean"  # concat(class token, mean of patch tokens after the prefix tokens) (Virchow)
+POOLS = (POOL_MODEL, POOL_CLS, POOL_CLS_MEAN)
+
+
+@dataclass(frozen=True)
+class EncoderMeta:
+    """What a user (and the feature files) need to know about an encoder."""
+
+    name: str
+    arch: str
+    embed_dim: int
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    mpp: float = 0.5  # µm/px of the tiles the encoder was trained on
+    licence: str = "unknown"
+    weights_source: str = ""  # 'hf-hub:org/name', a URL, 'project' or a local path
+    description: str = ""
+    pool: str = POOL_MODEL
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+
+class Encoder(nn.Module):
+    """A trunk (timm / torchvision / project backbone) plus pooling, with its :class:`EncoderMeta`.
+
+    ``forward(x)`` takes a normalised float NCHW batch and returns (N, embed_dim).
+    ``weights_sha256`` is the checksum of the weights file loaded ('' for random initialisation) and
+    ``weights_path`` where it came from.
+    """
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        meta: EncoderMeta,
+        weights_sha256: str = "",
+        weights_path: str = "",
+    ) -> None:
+        super().__init__()
+        if meta.pool not in POOLS:
+            raise ConfigError(f"encoder {meta.name}: unknown pool {meta.pool!r}; expected one of {POOLS}")
+        self.trunk = trunk
+        self.meta = meta
+        self.weights_sha256 = weights_sha256
+        self.weights_path = weights_path
+        self.register_buffer("_mean", torch.tensor(meta.mean, dtype=torch.float32).view(1, 3, 1, 1), False)
+        self.register_buffer("_std", torch.tensor(meta.std, dtype=torch.float32).view(1, 3, 1, 1), False)
+
+    # ---- properties
+    @property
+    def embed_dim(self) -> int:
+        return self.meta.embed_dim
+
+    @property
+    def is_cnn(self) -> bool:
+        """True for convolutional trunks (they benefit from channels_last)."""
+        return not hasattr(self.trunk, "patch_embed") and any(
+            isinstance(m, nn.Conv2d) for m in list(self.trunk.modules())[:8]
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self._mean.device
+
+    @property
+    def random_init(self) -> bool:
+        return not self.weights_sha256
+
+    # ---- compute
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.trunk(x)
+        pool = self.meta.pool
+        if pool == POOL_MODEL:
+            return out
+        if out.ndim != 3:
+            raise RuntimeError(f"encoder {self.meta.name}: pool {pool!r} needs tokens (N, T, D), got {tuple(out.shape)}")
+        if pool == POOL_CLS:
+            return out[:, 0]
+        n_prefix = int(getattr(self.trunk, "num_prefix_tokens", 1))
+        return torch.cat([out[:, 0], out[:, n_prefix:].mean(dim=1)], dim=-1)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) tiles → normalised float32 (N, 3, S, S), S = ``meta.input_size``.
+
+        Tiles are resized (bilinear, antialiased) only when they are not already S×S.
+        """
+        if images.ndim == 3:
+            images = images.unsqueeze(0)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"preprocess expects uint8 (N, H, W, 3), got {tuple(images.shape)}")
+        x = images.to(self._mean.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        s = self.meta.input_size
+        if x.shape[-2:] != (s, s):
+            x = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        return x.sub_(self._mean).div_(self._std).contiguous()
+
+    def extra_repr(self) -> str:
+        m = self.meta
+        return f"name={m.name!r}, arch={m.arch!r}, embed_dim={m.embed_dim}, input_size={m.input_size}, mpp={m.mpp}"
+
+
+# ---------------------------------------------------------------- devices and precision
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' → CUDA when available, else CPU; anything else as given (checked)."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: str) -> Iterator[None]:
+    """Mixed-precision context for inference on ``device`` (no-op for fp32)."""
+    dtype = autocast_dtype(precision)
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield
+
+
+def prepare_for_inference(encoder: Encoder, device: torch.device, channels_last: bool | None = None) -> Encoder:
+    """Move to ``device``, eval mode, channels_last for CNNs (or as forced)."""
+    encoder = encoder.to(device).eval()
+    if channels_last if channels_last is not None else encoder.is_cnn:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    return encoder
+
+
+# ---------------------------------------------------------------- in-memory embedding
+def embed_images(
+    encoder: Encoder,
+    images: Sequence[np.ndarray] | np.ndarray,
+    batch_size: int = 32,
+    precision: str = "bf16",
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Embed in-memory uint8 RGB tiles (each H×W×3; sizes may differ from the encoder input, they are
+    resized) → float32 (N, embed_dim)."""
+    dev = resolve_device(device)
+    encoder = prepare_for_inference(encoder, dev)
+    channels_last = encoder.is_cnn
+    n = len(images)
+    out = np.empty((n, encoder.embed_dim), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            chunk = images[start : start + batch_size]
+            if isinstance(chunk, np.ndarray) and chunk.ndim == 4:
+                batch = torch.from_numpy(np.ascontiguousarray(chunk))
+                x = encoder.preprocess(batch)
+            else:
+                x = torch.cat([encoder.preprocess(torch.from_numpy(np.ascontiguousarray(im))) for im in chunk])
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(dev, precision):
+                y = encoder(x)
+            out[start : start + len(chunk)] = y.float().cpu().numpy()
+    return out

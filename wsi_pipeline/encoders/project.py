@@ -1,0 +1,203 @@
+"""Project encoders: a timm backbone trained by this package (``wsi ssl-train``) stored as a folder.
+
+Layout of an encoder folder (e.g. ``models/wsip-dino-r10/``)::
+
+    encoder.json        format_version, name, arch (timm name), timm_kwargs, embed_dim, input_size,
+                        mean, std, mpp, licence, description, training summary, weights_dtype
+    model.safetensors   the backbone state dict (``num_classes=0``: pooled features out), fp16 or fp32
+    README.md           model card (optional)
+
+:func:`save_project_encoder` writes one, :func:`load_project_encoder` reads it back as
+``(backbone, meta)``. The extraction registry (``wsi_pipeline.encoders``) resolves a path to such a
+folder, or a bare name matching ``models/<name>/encoder.json``, through :func:`resolve_project_encoder`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wsi_pipeline.errors import FormatError, WeightsError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+ENCODER_JSON = "encoder.json"
+WEIGHTS_FILE = "model.safetensors"
+PROJECT_ENCODER_FORMAT_VERSION = 1
+MODELS_DIR_ENV = "WSI_MODELS_DIR"
+
+REQUIRED_KEYS = ("name", "arch", "embed_dim", "input_size", "mean", "std", "mpp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def models_dir() -> Path:
+    """Folder of shipped encoders: ``$WSI_MODELS_DIR`` or ``<repo>/models`` next to the package."""
+    env = os.environ.get(MODELS_DIR_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "models"
+
+
+def is_project_encoder(path: str | Path) -> bool:
+    """True if ``path`` is a folder holding ``encoder.json`` (or is that ``encoder.json`` itself)."""
+    p = Path(path)
+    return (p.is_dir() and (p / ENCODER_JSON).is_file()) or (p.is_file() and p.name == ENCODER_JSON)
+
+
+def resolve_project_encoder(name_or_path: str | Path) -> Path | None:
+    """The encoder folder for a path (folder or its encoder.json) or a bare name under :func:`models_dir`.
+
+    Returns None when ``name_or_path`` is neither (so a registry can try its presets next).
+    """
+    p = Path(name_or_path)
+    if is_project_encoder(p):
+        return p.parent if p.is_file() else p
+    name = str(name_or_path)
+    if "/" not in name and os.sep not in name:
+        cand = models_dir() / name
+        if is_project_encoder(cand):
+            return cand
+    return None
+
+
+def list_project_encoders() -> list[str]:
+    """Names of the encoders shipped under :func:`models_dir`."""
+    root = models_dir()
+    if not root.is_dir():
+        return []
+    return sorted(d.name for d in root.iterdir() if is_project_encoder(d))
+
+
+def read_encoder_json(path: str | Path) -> dict[str, Any]:
+    """Read and validate ``encoder.json`` of an encoder folder (or the file itself)."""
+    p = Path(path)
+    jpath = p / ENCODER_JSON if p.is_dir() else p
+    if not jpath.is_file():
+        raise WeightsError(f"{jpath}: no encoder.json — pass a folder written by `wsi ssl-train` (or its name)")
+    try:
+        meta = json.loads(jpath.read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(jpath, f"not valid JSON ({e}); re-export the encoder") from e
+    if not isinstance(meta, dict):
+        raise FormatError(jpath, "expected a JSON object; re-export the encoder")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise FormatError(jpath, f"missing keys {missing}; re-export the encoder with `wsi ssl-train`")
+    version = int(meta.get("format_version", 1))
+    if version > PROJECT_ENCODER_FORMAT_VERSION:
+        raise FormatError(
+            jpath,
+            f"format_version {version} is newer than this wsi-pipeline understands "
+            f"({PROJECT_ENCODER_FORMAT_VERSION}); upgrade wsi-pipeline",
+        )
+    meta.setdefault("timm_kwargs", {})
+    meta.setdefault("licence", "unknown")
+    meta.setdefault("description", "")
+    meta.setdefault("weights_source", str(jpath.parent / WEIGHTS_FILE))
+    return meta
+
+
+def build_backbone(arch: str, timm_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """A timm backbone at random init with the classifier removed (``num_classes=0``)."""
+    import timm
+
+    kwargs = dict(timm_kwargs or {})
+    kwargs["num_classes"] = 0
+    kwargs.pop("pretrained", None)
+    try:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise WeightsError(f"timm cannot build {arch!r} with {kwargs}: {e}") from e
+
+
+def save_project_encoder(
+    out_dir: str | Path, backbone: nn.Module, meta: Mapping[str, Any], fp16: bool = True
+) -> Path:
+    """Write ``encoder.json`` + ``model.safetensors`` for ``backbone`` into ``out_dir``; returns the folder.
+
+    ``meta`` needs at least name, arch, embed_dim, input_size, mean, std and mpp; timm_kwargs, licence,
+    description and training (a summary dict) are recommended. Floating-point weights are stored as
+    float16 when ``fp16`` (half the size; loading casts back to float32).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from wsi_pipeline.formats import atomic_path, write_text_atomic
+
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"save_project_encoder: meta lacks {missing}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for k, v in backbone.state_dict().items():
+        t = v.detach().to("cpu")
+        if fp16 and t.is_floating_point():
+            t = t.to(torch.float16)
+        state[k] = t.contiguous().clone()
+    full = {
+        "format_version": PROJECT_ENCODER_FORMAT_VERSION,
+        "timm_kwargs": {},
+        "licence": "unknown",
+        "description": "",
+        **dict(meta),
+        "weights_dtype": "float16" if fp16 else "float32",
+    }
+    full.pop("weights_source", None)  # where the weights are is known at load time
+    full["input_size"] = int(full["input_size"])
+    full["embed_dim"] = int(full["embed_dim"])
+    full["mpp"] = float(full["mpp"])
+    full["mean"] = [float(x) for x in full["mean"]]
+    full["std"] = [float(x) for x in full["std"]]
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"arch": str(full["arch"]), "name": str(full["name"])})
+    write_text_atomic(out / ENCODER_JSON, json.dumps(full, indent=2, sort_keys=False) + "\n")
+    log.info("saved encoder %s (%s, %d-d) to %s", full["name"], full["arch"], full["embed_dim"], out)
+    return out
+
+
+def load_project_encoder(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Load an encoder folder (path, its encoder.json, or a name under ``models/``).
+
+    Returns ``(backbone, meta)``: a timm ``nn.Module`` with ``num_classes=0`` in eval mode, float32, on
+    ``device``, mapping images normalised with ``meta['mean']``/``meta['std']`` at ``meta['mpp']`` µm/px
+    to ``meta['embed_dim']`` features; ``meta`` is the encoder.json content plus ``weights_source``.
+    """
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = resolve_project_encoder(path)
+    if folder is None:
+        raise WeightsError(
+            f"{path}: not an encoder folder (no {ENCODER_JSON}) and no encoder of that name in {models_dir()}"
+            " — pass the folder written by `wsi ssl-train --out`"
+        )
+    meta = read_encoder_json(folder)
+    wpath = folder / WEIGHTS_FILE
+    meta["weights_source"] = str(wpath)
+    if not wpath.is_file():
+        raise WeightsError(f"{wpath}: weights file missing — copy model.safetensors next to encoder.json")
+    model = build_backbone(meta["arch"], meta.get("timm_kwargs"))
+    try:
+        state = load_file(str(wpath), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"{wpath}: cannot read weights ({e}); re-export the encoder") from e
+    ref = model.state_dict()
+    state = {k: v.to(ref[k].dtype) if k in ref and v.is_floating_point() else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(
+            f"{wpath}: weights do not match arch {meta['arch']!r} with {meta.get('timm_kwargs')}: {e}"
+        ) from e
+    model.eval().to(torch.device(device))
+    return model, meta

@@ -1,0 +1,1 @@
+"""Evaluation: metrics vectorised over patient-level bootstrap resamples, CV splits, responder subgroups."""

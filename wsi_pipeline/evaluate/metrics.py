@@ -1,0 +1,213 @@
+"""Evaluation metrics, vectorised over bootstrap resamples.
+
+Every metric takes per-sample arrays (length n) and a weight matrix ``w`` of shape (B, n): row b holds how
+many times each sample appears in resample b (``w = np.ones((1, n))`` is the plain estimate). It returns
+an array of B values, computed for all resamples at once with numpy (no Python loop over resamples), so
+1000 patient-level bootstrap resamples cost about as much as a handful of plain evaluations.
+
+Conventions (the same as scikit-learn / lifelines, checked in tests/evaluate):
+
+- AUROC: ties in scores count one half. Undefined (NaN) when a resample lacks one class.
+- Macro one-vs-rest AUROC (multiclass): unweighted mean of per-class AUROCs (scikit-learn
+  ``roc_auc_score(multi_class="ovr", average="macro")``).
+- Balanced accuracy: mean recall over the classes present in the resample.
+- Brier score: binary ``mean((p - y)^2)``; multiclass ``mean(sum_c (p_c - [y = c])^2)`` (Brier 1950).
+- Calibration (binary): logistic recalibration ``logit P(y=1) = a + b·logit(p)``; the slope is ``b``
+  of that fit, the intercept is the calibration-in-the-large ``a`` of the fit with the slope fixed at 1
+  (Van Calster et al., J Clin Epidemiol 2019). A perfectly calibrated model has slope 1, intercept 0.
+- Spearman: Pearson correlation of average ranks within the resample (``scipy.stats.spearmanr``).
+- Harrell's C-index (survival, higher risk = earlier event): pair (i, j) comparable when i had the event
+  and ``t_i < t_j``, or ``t_i == t_j`` and j is censored (lifelines' convention); risk ties count one half.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_EPS = 1e-7
+
+
+def _as_weights(w: np.ndarray | None, n: int) -> np.ndarray:
+    if w is None:
+        return np.ones((1, n))
+    w = np.asarray(w, dtype=np.float64)
+    return w.reshape(1, -1) if w.ndim == 1 else w
+
+
+def _group_sorted(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Order that sorts ``values``, start index of each tie group in that order, group id per sorted item."""
+    order = np.argsort(values, kind="mergesort")
+    sv = values[order]
+    starts = np.flatnonzero(np.r_[True, sv[1:] != sv[:-1]])
+    gid = np.cumsum(np.r_[True, sv[1:] != sv[:-1]]) - 1
+    return order, starts, gid
+
+
+# ---------------------------------------------------------------- classification
+def auroc(y: np.ndarray, score: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """Weighted AUROC for binary ``y`` (0/1) and scores; NaN where a resample has only one class."""
+    y = np.asarray(y, dtype=np.float64)
+    score = np.asarray(score, dtype=np.float64)
+    w = _as_weights(w, len(y))
+    order, starts, _ = _group_sorted(score)
+    wpos = (w * y)[:, order]
+    wneg = (w * (1.0 - y))[:, order]
+    gpos = np.add.reduceat(wpos, starts, axis=1)
+    gneg = np.add.reduceat(wneg, starts, axis=1)
+    neg_below = np.cumsum(gneg, axis=1) - gneg
+    num = (gpos * (neg_below + 0.5 * gneg)).sum(axis=1)
+    den = gpos.sum(axis=1) * gneg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def macro_auroc_ovr(y: np.ndarray, probs: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """Macro-averaged one-vs-rest AUROC; ``y`` holds class indices, ``probs`` is n×C."""
+    y = np.asarray(y).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    per_class = np.stack([auroc((y == c).astype(float), probs[:, c], w) for c in range(probs.shape[1])], axis=1)
+    # a class absent from a resample makes its OvR AUROC undefined, and the macro average with it (NaN)
+    return per_class.mean(axis=1)
+
+
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray, n_classes: int, w: np.ndarray | None = None) -> np.ndarray:
+    """Mean per-class recall over the classes present (scikit-learn ``balanced_accuracy_score``)."""
+    y = np.asarray(y).astype(int)
+    pred = np.asarray(pred).astype(int)
+    w = _as_weights(w, len(y))
+    recalls = []
+    for c in range(n_classes):
+        den = (w * (y == c)).sum(axis=1)
+        num = (w * ((y == c) & (pred == c))).sum(axis=1)
+        recalls.append(np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan))
+    r = np.stack(recalls, axis=1)
+    present = ~np.isnan(r)
+    return np.where(present.any(axis=1), np.nansum(r, axis=1) / np.maximum(present.sum(axis=1), 1), np.nan)
+
+
+def brier(y: np.ndarray, probs: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """Brier score. Binary: ``probs`` is the positive-class probability (n); multiclass: n×C, ``y`` indices."""
+    probs = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y)
+    w = _as_weights(w, len(y))
+    if probs.ndim == 1:
+        err = (probs - y.astype(np.float64)) ** 2
+    else:
+        onehot = np.eye(probs.shape[1])[y.astype(int)]
+        err = ((probs - onehot) ** 2).sum(axis=1)
+    return (w * err).sum(axis=1) / w.sum(axis=1)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
+    return np.log(p / (1 - p))
+
+
+def calibration_slope_intercept(
+    y: np.ndarray, prob: np.ndarray, w: np.ndarray | None = None, iters: int = 50
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logistic recalibration of a binary probability: (slope, calibration-in-the-large intercept).
+
+    Weighted Newton-Raphson, vectorised over resamples. Resamples where the fit separates perfectly or
+    lacks a class give NaN.
+    """
+    from scipy.special import expit
+
+    y = np.asarray(y, dtype=np.float64)
+    x = _logit(prob)
+    w = _as_weights(w, len(y))
+    nb = w.shape[0]
+    # -- slope: two-parameter fit  y ~ a + b x
+    a = np.zeros(nb)
+    b = np.ones(nb)
+    for _ in range(iters):
+        mu = expit(a[:, None] + b[:, None] * x)
+        r = w * (y - mu)
+        v = w * mu * (1 - mu)
+        g0, g1 = r.sum(1), (r * x).sum(1)
+        h00, h01, h11 = v.sum(1), (v * x).sum(1), (v * x * x).sum(1)
+        det = h00 * h11 - h01**2
+        ok = det > 1e-12
+        det = np.where(ok, det, 1.0)
+        da = np.where(ok, (h11 * g0 - h01 * g1) / det, 0.0)
+        db = np.where(ok, (h00 * g1 - h01 * g0) / det, 0.0)
+        a, b = a + da, b + db
+        if np.nanmax(np.abs(np.r_[da, db])) < 1e-10:
+            break
+    # -- intercept with the slope fixed at 1 (offset x)
+    c = np.zeros(nb)
+    for _ in range(iters):
+        mu = expit(c[:, None] + x)
+        g = (w * (y - mu)).sum(1)
+        h = (w * mu * (1 - mu)).sum(1)
+        dc = np.where(h > 1e-12, g / np.where(h > 1e-12, h, 1.0), 0.0)
+        c = c + dc
+        if np.nanmax(np.abs(dc)) < 1e-10:
+            break
+    npos = (w * y).sum(1)
+    nneg = (w * (1 - y)).sum(1)
+    bad = (npos == 0) | (nneg == 0) | ~np.isfinite(b) | (np.abs(b) > 1e3)
+    return np.where(bad, np.nan, b), np.where((npos == 0) | (nneg == 0), np.nan, c)
+
+
+# ---------------------------------------------------------------- regression
+def _weighted_avg_ranks(values: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Average (1-based) rank of every sample inside each weighted resample; B×n."""
+    order, starts, gid = _group_sorted(np.asarray(values, dtype=np.float64))
+    gw = np.add.reduceat(w[:, order], starts, axis=1)
+    before = np.cumsum(gw, axis=1) - gw
+    grank = before + (gw + 1.0) / 2.0
+    ranks = np.empty_like(w)
+    ranks[:, order] = grank[:, gid]
+    return ranks
+
+
+def _weighted_pearson(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
+    sw = w.sum(1, keepdims=True)
+    ma = (w * a).sum(1, keepdims=True) / sw
+    mb = (w * b).sum(1, keepdims=True) / sw
+    cov = (w * (a - ma) * (b - mb)).sum(1)
+    va = (w * (a - ma) ** 2).sum(1)
+    vb = (w * (b - mb) ** 2).sum(1)
+    den = np.sqrt(va * vb)
+    return np.where(den > 1e-12, cov / np.where(den > 1e-12, den, 1.0), np.nan)
+
+
+def spearman(y: np.ndarray, pred: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    y = np.asarray(y, dtype=np.float64)
+    w = _as_weights(w, len(y))
+    return _weighted_pearson(_weighted_avg_ranks(y, w), _weighted_avg_ranks(pred, w), w)
+
+
+def mae(y: np.ndarray, pred: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    y = np.asarray(y, dtype=np.float64)
+    w = _as_weights(w, len(y))
+    return (w * np.abs(np.asarray(pred, dtype=np.float64) - y)).sum(1) / w.sum(1)
+
+
+# ---------------------------------------------------------------- survival
+def c_index(
+    time: np.ndarray, event: np.ndarray, risk: np.ndarray, w: np.ndarray | None = None, chunk: int = 256
+) -> np.ndarray:
+    """Harrell's C-index of a risk score (higher = earlier event); weighted over resamples.
+
+    O(B·n²) with a dense pair matrix, processed in chunks of resamples; fine for the few thousand
+    patients of a cohort.
+    """
+    time = np.asarray(time, dtype=np.float64)
+    event = np.asarray(event).astype(bool)
+    risk = np.asarray(risk, dtype=np.float64)
+    w = _as_weights(w, len(time))
+    comparable = event[:, None] & (
+        (time[:, None] < time[None, :]) | ((time[:, None] == time[None, :]) & ~event[None, :])
+    )
+    concord = np.where(risk[:, None] > risk[None, :], 1.0, np.where(risk[:, None] == risk[None, :], 0.5, 0.0))
+    cmat = comparable.astype(np.float64)
+    kmat = cmat * concord
+    out = np.empty(w.shape[0])
+    for s in range(0, w.shape[0], chunk):
+        wc = w[s : s + chunk]
+        num = ((wc @ kmat) * wc).sum(1)
+        den = ((wc @ cmat) * wc).sum(1)
+        out[s : s + chunk] = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+    return out

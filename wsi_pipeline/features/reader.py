@@ -1,0 +1,334 @@
+"""Reading output tiles (``tile_size`` px at ``target_mpp`` µm/px, top-left at level-0 ``l0_xy``) fast.
+
+Two readers with one interface (:class:`TileReader`):
+
+* :class:`JpegTiffReader` — for TIFF pyramids whose level is stored as JPEG tiles (Aperio SVS, generic
+  tiled TIFF): reads each stored tile's bytes once (tifffile offsets, ``os.pread``), decodes it with
+  libjpeg-turbo (imagecodecs; optionally at 1/2, 1/4 or 1/8 scale in the DCT when the target MPP is that
+  much coarser than the level) into a small LRU, and cuts the output tiles from the decoded pixels.
+  Colour handling follows the TIFF photometric tag like libtiff/OpenSlide (Aperio's RGB-coded JPEGs are
+  decoded without YCbCr conversion).
+* :class:`SlideTileReader` — anything else (JPEG 2000, DICOM, MRXS, NDPI, ...) through
+  :meth:`Slide.read_region_at_mpp` (OpenSlide / tifffile backends).
+
+Both return the pixels of ``Slide.read_region_at_mpp`` (best level for the MPP, area-averaged resize) up
+to JPEG/resampling noise; out-of-slide pixels are white.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_pipeline.errors import CorruptSlideError
+
+log = logging.getLogger(__name__)
+
+FAST_VENDORS = ("aperio", "generic-tiff")
+WHITE = 255
+JPEG = 7
+PHOTOMETRIC_RGB = 2
+PHOTOMETRIC_YCBCR = 6
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """What to cut: ``tile_size`` px at ``target_mpp`` µm/px; ``slide_mpp`` is the level-0 µm/px that the
+    coordinates were made with (from the tiles file; it overrides the slide's own metadata)."""
+
+    target_mpp: float
+    tile_size: int
+    slide_mpp: float
+
+
+class TileReader:
+    """Reads output tiles of one slide. Not thread-safe; one per worker process."""
+
+    kind = "abstract"
+
+    def read(self, l0_xy: Sequence[int]) -> np.ndarray:
+        """One tile: uint8 (tile_size, tile_size, 3)."""
+        raise NotImplementedError
+
+    def read_many(self, l0_xy: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Tiles for an (n, 2) array of level-0 corners → uint8 (n, T, T, 3) (in the given order)."""
+        n = len(l0_xy)
+        t = self.spec.tile_size
+        if out is None:
+            out = np.empty((n, t, t, 3), np.uint8)
+        for i in range(n):
+            out[i] = self.read(l0_xy[i])
+        return out
+
+    spec: ReadSpec
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> TileReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SlideTileReader(TileReader):
+    """Generic reader through the slide layer (OpenSlide / tifffile backends)."""
+
+    kind = "slide"
+
+    def __init__(self, path: str | Path, spec: ReadSpec, slide: Any = None) -> None:
+        from wsi_pipeline.slide import open_slide
+
+        self.spec = spec
+        self.slide = slide if slide is not None else open_slide(path, mpp=spec.slide_mpp)
+
+    def read(self, l0_xy: Sequence[int]) -> np.ndarray:
+        return self.slide.read_region_at_mpp((int(l0_xy[0]), int(l0_xy[1])), self.spec.target_mpp,
+                                             self.spec.tile_size)
+
+    def close(self) -> None:
+        self.slide.close()
+
+
+@dataclass
+class _LevelGeometry:
+    level: int
+    downsample: float  # level-0 px per level px
+    scale: float  # level px per output px (>= ~1)
+    width: int
+    height: int
+    region: int  # side of the level region that makes one output tile (level px)
+
+
+class JpegTiffReader(TileReader):
+    """Fast reader for TIFF pyramids with JPEG tiles (see module doc)."""
+
+    kind = "tiff-jpeg"
+
+    def __init__(self, path: str | Path, spec: ReadSpec, slide: Any, page: Any, geometry: _LevelGeometry,
+                 cache_tiles: int = 256, reduced_decode: bool = True) -> None:
+        self.path = Path(path)
+        self.spec = spec
+        self.slide = slide  # kept open for the geometry; pixels come from the TIFF
+        self.geo = geometry
+        self._tw, self._th = int(page.tilewidth), int(page.tilelength)
+        self._ntx = -(-int(page.imagewidth) // self._tw)
+        self._nty = -(-int(page.imagelength) // self._th)
+        self._offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+        self._counts = np.asarray(page.databytecounts, dtype=np.int64)
+        self._tables: bytes | None = page.jpegtables
+        self._colorspace, self._outcolorspace, self._raw_rgb = _jpeg_colorspace(page)
+        self._fd = os.open(str(self.path), os.O_RDONLY)
+        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._cache_tiles = max(4, int(cache_tiles))
+        # decode at 1/r in the DCT when one output px covers >= r level px (power of two, r <= 8)
+        r = 1
+        if reduced_decode:
+            while r < 8 and geometry.scale >= 2 * r * (1 - 1e-6) and self._tw % (2 * r) == 0 and self._th % (2 * r) == 0:
+                r *= 2
+        self._reduce = r
+        self.decoded_tiles = 0
+
+    # ---- stored tiles
+    def _stored(self, tx: int, ty: int, r: int) -> np.ndarray:
+        key = (tx, ty, r)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        idx = ty * self._ntx + tx
+        nbytes = int(self._counts[idx])
+        if nbytes == 0:  # sparse tile: OpenSlide shows it as transparent → white
+            arr = np.full((self._th // r, self._tw // r, 3), WHITE, np.uint8)
+        else:
+            data = os.pread(self._fd, nbytes, int(self._offsets[idx]))
+            if len(data) < nbytes:
+                raise CorruptSlideError(
+                    self.path, f"tile ({tx}, {ty}) of level {self.geo.level} lies beyond the end of the file",
+                    "the file is truncated; copy it again",
+                )
+            arr = self._decode(data, r, tx, ty)
+        self.decoded_tiles += 1
+        self._cache[key] = arr
+        if len(self._cache) > self._cache_tiles:
+            self._cache.popitem(last=False)
+        return arr
+
+    def _decode(self, data: bytes, r: int, tx: int, ty: int) -> np.ndarray:
+        import imagecodecs
+
+        try:
+            if r == 1:
+                arr = imagecodecs.jpeg8_decode(data, tables=self._tables, colorspace=self._colorspace,
+                                               outcolorspace=self._outcolorspace)
+            else:
+                arr = _pil_decode_scaled(data, self._tables, r, self._raw_rgb)
+        except (ValueError, RuntimeError, OSError, imagecodecs.DelayedImportError) as e:
+            raise CorruptSlideError(
+                self.path, f"JPEG tile ({tx}, {ty}) of level {self.geo.level} does not decode ({e})",
+                "the file is damaged; re-copy or re-export it",
+            ) from e
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=2)
+        th, tw = self._th // r, self._tw // r
+        if arr.shape[0] != th or arr.shape[1] != tw:  # libjpeg rounds scaled sizes up; crop or pad
+            fixed = np.full((th, tw, 3), WHITE, np.uint8)
+            h, w = min(th, arr.shape[0]), min(tw, arr.shape[1])
+            fixed[:h, :w] = arr[:h, :w, :3]
+            arr = fixed
+        return arr[..., :3]
+
+    # ---- output tiles
+    def read(self, l0_xy: Sequence[int]) -> np.ndarray:
+        from wsi_pipeline.slide.base import resize_rgb
+
+        g = self.geo
+        fx, fy = int(l0_xy[0]) / g.downsample, int(l0_xy[1]) / g.downsample
+        lx, ly = int(np.floor(fx + 1e-9)), int(np.floor(fy + 1e-9))
+        ax, ay = fx - lx, fy - ly
+        ax, ay = (0.0 if ax < 1e-6 else ax), (0.0 if ay < 1e-6 else ay)
+        size = g.region
+        t = self.spec.tile_size
+        if ax or ay:
+            # OpenSlide places a level region at a fractional level position with bilinear filtering
+            region = _bilinear_shift(self._region(lx, ly, size + 1, 1), ax, ay, size)
+        else:
+            r = self._reduce
+            if r > 1 and (lx % r or ly % r or size % r):
+                r = 1  # sub-pixel misalignment at reduced scale: decode at full scale for this tile
+            region = self._region(lx, ly, size, r)
+        if region.shape[0] != t:
+            region = resize_rgb(region, (t, t))
+        return region
+
+    def _region(self, lx: int, ly: int, size: int, r: int) -> np.ndarray:
+        """Level pixels [lx, lx+size)² at 1/r scale; white outside the level."""
+        out_side = size // r
+        out = np.full((out_side, out_side, 3), WHITE, np.uint8)
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + size, self.geo.width), min(ly + size, self.geo.height)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        tw, th = self._tw, self._th
+        for ty in range(y0 // th, (y1 - 1) // th + 1):
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+                tile = self._stored(tx, ty, r)
+                # intersection in level px
+                ix0, iy0 = max(x0, tx * tw), max(y0, ty * th)
+                ix1, iy1 = min(x1, (tx + 1) * tw), min(y1, (ty + 1) * th)
+                out[(iy0 - ly) // r:(iy1 - ly) // r, (ix0 - lx) // r:(ix1 - lx) // r] = \
+                    tile[(iy0 - ty * th) // r:(iy1 - ty * th) // r, (ix0 - tx * tw) // r:(ix1 - tx * tw) // r]
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._cache.clear()
+        self.slide.close()
+
+
+# ---------------------------------------------------------------- helpers
+def _bilinear_shift(region: np.ndarray, ax: float, ay: float, size: int) -> np.ndarray:
+    """``region`` ((size+1)² px) sampled at (x + ax, y + ay): the size² result, bilinear."""
+    r = region.astype(np.float32)
+    top = r[:size, :size] * (1 - ax) + r[:size, 1:size + 1] * ax
+    bottom = r[1:size + 1, :size] * (1 - ax) + r[1:size + 1, 1:size + 1] * ax
+    out = top * (1 - ay) + bottom * ay
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _jpeg_colorspace(page: Any) -> tuple[int | None, int | None, bool]:
+    """(jpeg colorspace, output colorspace, raw_rgb) following the TIFF tags like libtiff does."""
+    photometric = int(page.photometric)
+    jfif = bool(getattr(page, "is_jfif", False))
+    if photometric == PHOTOMETRIC_YCBCR:
+        return None, PHOTOMETRIC_RGB, False
+    if photometric == PHOTOMETRIC_RGB and not jfif:  # Aperio: RGB-coded JPEG without markers
+        return PHOTOMETRIC_RGB, PHOTOMETRIC_RGB, True
+    return None, PHOTOMETRIC_RGB, False
+
+
+def _pil_decode_scaled(data: bytes, tables: bytes | None, r: int, raw_rgb: bool) -> np.ndarray:
+    """Decode a (possibly abbreviated) JPEG stream at 1/r scale in the DCT (libjpeg-turbo via Pillow)."""
+    from PIL import Image
+
+    if tables:
+        data = tables[:-2] + data[2:]  # tables' SOI..(EOI dropped) + tile's stream after its SOI
+    im = Image.open(io.BytesIO(data))
+    w, h = im.size
+    if raw_rgb and not _has_adobe_rgb(data):
+        im.draft("YCbCr", (w // r, h // r))  # no colour conversion: the components are R, G, B already
+    else:
+        im.draft("RGB", (w // r, h // r))
+    arr = np.asarray(im)
+    if im.size != (w // r, h // r):
+        raise ValueError(f"DCT scaling gave {im.size}, expected {(w // r, h // r)}")
+    return arr
+
+
+def _has_adobe_rgb(data: bytes) -> bool:
+    """True if the stream carries an Adobe APP14 marker with transform 0 (libjpeg then decodes it as RGB)."""
+    i = data.find(b"\xff\xeeAdobe", 0, 4096)
+    return i >= 0 and len(data) > i + 15 and data[i + 15] == 0
+
+
+def level_geometry(slide: Any, spec: ReadSpec) -> _LevelGeometry:
+    """The level ``Slide.read_region_at_mpp`` reads for ``spec`` and the region size there."""
+    level = slide.best_level_for_mpp(spec.target_mpp)
+    scale = spec.target_mpp / slide.level_mpp(level)
+    region = max(1, round(spec.tile_size * scale))
+    w, h = slide.level_dimensions[level]
+    return _LevelGeometry(level, float(slide.level_downsamples[level]), scale, int(w), int(h), int(region))
+
+
+def _find_jpeg_page(tif: Any, width: int, height: int) -> Any:
+    """The tiled, 8-bit RGB, JPEG-compressed page of the given size (top-level pages and SubIFDs)."""
+    pages = list(tif.pages)
+    for p in list(pages):
+        pages.extend(getattr(p, "pages", None) or [])  # SubIFD levels (OME/generic pyramids)
+    for p in pages:
+        try:
+            if int(p.imagewidth) != width or int(p.imagelength) != height:
+                continue
+            if (p.is_tiled and int(p.compression) == JPEG and int(p.samplesperpixel) == 3
+                    and int(p.bitspersample) == 8 and int(p.planarconfig) == 1 and not p.extrasamples
+                    and int(p.imagedepth) == 1):
+                return p
+        except (AttributeError, TypeError, ValueError):
+            continue
+    return None
+
+
+def open_tile_reader(path: str | Path, spec: ReadSpec, fast: bool = True, cache_tiles: int = 256,
+                     reduced_decode: bool = True) -> TileReader:
+    """The fastest reader that can read ``path`` exactly (see module doc)."""
+    from wsi_pipeline.slide import open_slide
+
+    slide = open_slide(path, mpp=spec.slide_mpp)
+    if not fast or getattr(slide, "backend", "") != "openslide" or slide.vendor not in FAST_VENDORS:
+        return SlideTileReader(path, spec, slide=slide)
+    import tifffile
+
+    geo = level_geometry(slide, spec)
+    try:
+        with tifffile.TiffFile(str(path)) as tif:
+            page = _find_jpeg_page(tif, geo.width, geo.height)
+            if page is not None:
+                # materialise what the reader needs before the file closes
+                _ = (page.dataoffsets, page.databytecounts, page.jpegtables)
+                reader = JpegTiffReader(path, spec, slide, page, geo, cache_tiles, reduced_decode)
+                log.debug("%s: fast JPEG reader on level %d (decode 1/%d)", path, geo.level, reader._reduce)
+                return reader
+    except (tifffile.TiffFileError, OSError, ValueError) as e:
+        log.debug("%s: tifffile cannot parse it (%s); using the slide reader", path, e)
+    return SlideTileReader(path, spec, slide=slide)

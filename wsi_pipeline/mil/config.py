@@ -1,0 +1,103 @@
+"""Configuration dataclasses of the MIL stage (``wsi train``, ``wsi predict``, ``wsi subgroups``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from wsi_pipeline.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``wsi train`` needs; saved (resolved) as ``DIR/config.yaml``.
+
+    ``targets`` is the CLI string (``response:binary,...``) or a YAML list/mapping (see mil.targets).
+    ``context_rings``: spatial context blocks appended to every tile embedding (0 = none; see mil.data).
+    ``max_tiles``: random tiles per bag per training step (0 = all); prediction always uses every tile.
+    ``baseline``: also train the mean-pool baseline (raw embeddings, no context) and report it beside.
+    """
+
+    run: str = ""
+    labels: str = ""
+    targets: Any = ""
+    model_out: str = ""
+    head: str = "abmil"
+    folds: int = 5
+    seed: int = 0
+    encoder: str | None = None
+    covariates: list[str] = field(default_factory=list)
+    epochs: int = 40
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    hidden: int = 256
+    dropout: float = 0.25
+    context_rings: int = 1
+    max_tiles: int = 4096
+    batch_bags: int = 4
+    patience: int = 10
+    val_fraction: float = 0.2
+    baseline: bool = True
+    n_bootstrap: int = 1000
+    head_kwargs: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+    threads: int = 0
+    cache_mb: int = 2048
+
+    def validate(self) -> TrainConfig:
+        if not self.run:
+            raise ConfigError("train: RUN folder missing")
+        if not self.labels:
+            raise ConfigError("train: --labels CSV is required")
+        if not self.targets:
+            raise ConfigError("train: --targets is required, e.g. --targets response:binary")
+        if not self.model_out:
+            raise ConfigError("train: --model-out DIR is required")
+        checks = [
+            (self.folds >= 2, f"--folds must be >= 2 (got {self.folds})"),
+            (self.epochs >= 1, f"--epochs must be >= 1 (got {self.epochs})"),
+            (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1) (got {self.dropout})"),
+            (self.context_rings >= 0, f"--context-rings must be >= 0 (got {self.context_rings})"),
+            (self.max_tiles >= 0, f"--max-tiles must be >= 0 (got {self.max_tiles})"),
+            (self.batch_bags >= 1, f"--batch-bags must be >= 1 (got {self.batch_bags})"),
+            (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1) (got {self.val_fraction})"),
+            (self.n_bootstrap >= 1, f"--n-bootstrap must be >= 1 (got {self.n_bootstrap})"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        return self
+
+
+@dataclass
+class PredictConfig:
+    run: str = ""
+    model: str = ""
+    encoder: str | None = None
+    labels: str | None = None  # optional: patient_id (and covariates when the model uses them)
+    variant: str | None = None  # which trained model of DIR (default: the main one)
+    write_scores: bool = True
+    device: str = "auto"
+
+
+@dataclass
+class SubgroupsConfig:
+    run: str = ""
+    model: str = ""
+    labels: str = ""
+    target: str | None = None  # binary response target (default: the model's subgroup target)
+    phenotype: str | None = None  # multiclass target crossed with the subgroups (default: first multiclass)
+    survival: str | None = None  # survival target for KM curves (default: first survival target)
+    source: str = "auto"  # auto | oof | predictions
+    n_bootstrap: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class EvaluateConfig:
+    run: str = ""
+    model: str = ""
+    labels: str = ""
+    n_bootstrap: int = 1000
+    seed: int = 0

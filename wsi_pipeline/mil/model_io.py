@@ -1,0 +1,169 @@
+"""The model directory written by ``wsi train`` and read by ``wsi predict`` / ``wsi subgroups``.
+
+```
+DIR/
+  config.yaml                      resolved TrainConfig
+  model.json                       model card: targets + class names, encoder (name, dim, µm/px), variants,
+                                   per-fold scalers / covariate encoders, subgroup cut-offs, patient folds
+  weights/<variant>/fold<k>.safetensors
+  metrics.json · metrics.md        pooled out-of-fold metrics with patient-level bootstrap CIs
+  oof_predictions.csv              one row per (model, patient): out-of-fold predictions and truth
+  history.json                     per model and fold: training loss and validation losses per epoch
+```
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from wsi_pipeline.errors import FormatError, WeightsError
+from wsi_pipeline.formats import write_text_atomic
+from wsi_pipeline.mil.data import EncoderInfo
+from wsi_pipeline.mil.targets import TargetSpec
+
+MODEL_CARD_VERSION = 1
+
+
+@dataclass
+class FoldCard:
+    fold: int
+    weights: str  # relative to DIR
+    regression_scalers: dict[str, list[float]] = field(default_factory=dict)  # target → [mean, std]
+    covariates: dict[str, Any] | None = None  # CovariateEncoder.to_dict()
+    best_epoch: int = 0
+    val_loss: float = float("nan")
+    n_train: int = 0
+    n_val: int = 0
+
+
+@dataclass
+class VariantCard:
+    name: str
+    head: str  # registered head name, or "covariates"
+    head_kwargs: dict[str, Any]
+    in_dim: int  # tile feature width the head takes (embed_dim · (1 + context rings used))
+    image: bool = True
+    covariates: bool = False
+    context_rings: int = 0
+    folds: list[FoldCard] = field(default_factory=list)
+
+
+@dataclass
+class ModelCard:
+    name: str
+    main_variant: str
+    targets: list[dict[str, Any]]
+    encoder: dict[str, Any]
+    variants: dict[str, VariantCard]
+    covariate_columns: list[str] = field(default_factory=list)
+    subgroups: dict[str, Any] = field(default_factory=dict)
+    patient_folds: dict[str, int] = field(default_factory=dict)
+    train_run: str = ""
+    labels: str = ""
+    seed: int = 0
+    version: int = MODEL_CARD_VERSION
+
+    @property
+    def target_specs(self) -> list[TargetSpec]:
+        return [TargetSpec.from_dict(t) for t in self.targets]
+
+    @property
+    def encoder_info(self) -> EncoderInfo:
+        return EncoderInfo.from_dict(self.encoder)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=_json_default)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelCard:
+        variants = {}
+        for k, v in d["variants"].items():
+            folds = [FoldCard(**f) for f in v.pop("folds", [])]
+            variants[k] = VariantCard(**v, folds=folds)
+        rest = {k: v for k, v in d.items() if k != "variants"}
+        return cls(**rest, variants=variants)
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class ModelDir:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def config_yaml(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def model_json(self) -> Path:
+        return self.root / "model.json"
+
+    @property
+    def metrics_json(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def metrics_md(self) -> Path:
+        return self.root / "metrics.md"
+
+    @property
+    def oof_csv(self) -> Path:
+        return self.root / "oof_predictions.csv"
+
+    def weights_rel(self, variant: str, fold: int) -> str:
+        from wsi_pipeline.run.layout import safe_name
+
+        return f"weights/{safe_name(variant)}/fold{fold}.safetensors"
+
+    def write_card(self, card: ModelCard) -> None:
+        write_text_atomic(self.model_json, card.to_json())
+
+    def read_card(self) -> ModelCard:
+        if not self.model_json.exists():
+            raise FormatError(self.model_json, "no model card; is this a model directory written by `wsi train`?")
+        try:
+            d = json.loads(self.model_json.read_text())
+            card = ModelCard.from_dict(d)
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise FormatError(self.model_json, f"unreadable model card ({e}); re-run `wsi train`") from e
+        if card.version > MODEL_CARD_VERSION:
+            raise FormatError(self.model_json, f"model card version {card.version} is newer than supported; upgrade")
+        return card
+
+
+def save_weights(path: str | Path, module: nn.Module) -> None:
+    from safetensors.torch import save_file
+
+    from wsi_pipeline.formats import atomic_path
+
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+
+
+def load_weights(path: str | Path, module: nn.Module) -> nn.Module:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"{path}: weights file missing; re-run `wsi train`")
+    try:
+        state = load_file(str(path))
+        module.load_state_dict(state)
+    except (SafetensorError, RuntimeError) as e:
+        raise WeightsError(f"{path}: cannot load weights ({e}); the file may be corrupt — re-run `wsi train`") from e
+    return module

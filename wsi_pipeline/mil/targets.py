@@ -1,0 +1,326 @@
+"""Prediction targets and the labels CSV.
+
+A target is ``name:kind`` with kind binary | multiclass | regression | survival; the label column defaults
+to the target name, ``name:kind(column)`` names another column, and a survival target names its time and
+event columns: ``os:survival(os_months,os_event)``. The same list can come from YAML::
+
+    targets:
+      - {name: response, kind: binary}
+      - {name: immune_phenotype, kind: multiclass}
+      - {name: os, kind: survival, time: os_months, event: os_event}
+
+Class names of binary and multiclass targets come from the data (sorted; for binary the positive class is
+the second: 0/1, false/true, no/yes, or the later of two sorted strings) and are stored with the model.
+A missing label (empty cell) masks that target's loss only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_pipeline.errors import LabelsError
+
+log = logging.getLogger(__name__)
+
+BINARY = "binary"
+MULTICLASS = "multiclass"
+REGRESSION = "regression"
+SURVIVAL = "survival"
+TARGET_KINDS = (BINARY, MULTICLASS, REGRESSION, SURVIVAL)
+
+SLIDE_ID = "slide_id"
+PATIENT_ID = "patient_id"
+
+_SPEC_RE = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*:\s*([A-Za-z]+)\s*(?:\(([^)]*)\))?\s*$")
+_TRUE = {"1", "1.0", "true", "yes", "y", "t", "positive", "pos"}
+_FALSE = {"0", "0.0", "false", "no", "n", "f", "negative", "neg"}
+
+
+@dataclass
+class TargetSpec:
+    """One prediction target. ``classes`` is filled from the labels (binary: [negative, positive])."""
+
+    name: str
+    kind: str
+    column: str = ""  # label column (binary/multiclass/regression); defaults to name
+    time: str = ""  # survival time column
+    event: str = ""  # survival event column (1 = event, 0 = censored)
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kind not in TARGET_KINDS:
+            raise LabelsError(f"target {self.name!r}: unknown kind {self.kind!r}; use one of {', '.join(TARGET_KINDS)}")
+        if self.kind == SURVIVAL:
+            if not (self.time and self.event):
+                raise LabelsError(
+                    f"survival target {self.name!r} needs its time and event columns: "
+                    f"{self.name}:survival(TIME_COLUMN,EVENT_COLUMN)"
+                )
+        elif not self.column:
+            self.column = self.name
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of the head's output for this target."""
+        if self.kind == MULTICLASS:
+            if len(self.classes) < 2:
+                raise LabelsError(f"multiclass target {self.name!r} has fewer than 2 classes in the labels")
+            return len(self.classes)
+        return 1
+
+    @property
+    def is_classification(self) -> bool:
+        return self.kind in (BINARY, MULTICLASS)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "kind": self.kind}
+        if self.kind == SURVIVAL:
+            d.update(time=self.time, event=self.event)
+        else:
+            d["column"] = self.column
+        if self.classes:
+            d["classes"] = list(self.classes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TargetSpec:
+        known = {"name", "kind", "column", "time", "event", "classes"}
+        unknown = set(d) - known
+        if unknown or "name" not in d or "kind" not in d:
+            raise LabelsError(f"target entry {dict(d)!r}: needs name and kind; allowed keys {sorted(known)}")
+        return cls(
+            name=str(d["name"]), kind=str(d["kind"]), column=str(d.get("column", "") or ""),
+            time=str(d.get("time", "") or ""), event=str(d.get("event", "") or ""),
+            classes=[str(c) for c in d.get("classes", [])],
+        )
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p for p in (s.strip() for s in parts) if p]
+
+
+def parse_targets(text: str) -> list[TargetSpec]:
+    """Parse ``response:binary,immune_phenotype:multiclass,os:survival(os_months,os_event)``."""
+    specs: list[TargetSpec] = []
+    for part in _split_top_level(text):
+        m = _SPEC_RE.match(part)
+        if not m:
+            raise LabelsError(
+                f"--targets: cannot parse {part!r}; expected NAME:KIND, NAME:KIND(COLUMN) or "
+                "NAME:survival(TIME,EVENT), e.g. response:binary,os:survival(os_months,os_event)"
+            )
+        name, kind, args = m.group(1), m.group(2).lower(), [a.strip() for a in (m.group(3) or "").split(",") if a.strip()]
+        if kind == SURVIVAL:
+            if len(args) != 2:
+                raise LabelsError(f"--targets: {part!r}: survival needs (TIME_COLUMN,EVENT_COLUMN)")
+            specs.append(TargetSpec(name, kind, time=args[0], event=args[1]))
+        else:
+            if len(args) > 1:
+                raise LabelsError(f"--targets: {part!r}: {kind} takes at most one column name")
+            specs.append(TargetSpec(name, kind, column=args[0] if args else name))
+    _check_unique(specs)
+    return specs
+
+
+def targets_from_config(data: Any) -> list[TargetSpec]:
+    """Targets from a YAML value: a list of mappings, a ``{name: kind}`` mapping or a CLI-style string."""
+    if isinstance(data, str):
+        return parse_targets(data)
+    if isinstance(data, Mapping):
+        specs = []
+        for name, v in data.items():
+            if isinstance(v, str):
+                specs.extend(parse_targets(f"{name}:{v}"))
+            elif isinstance(v, Mapping):
+                specs.append(TargetSpec.from_dict({"name": name, **v}))
+            else:
+                raise LabelsError(f"targets.{name}: expected a kind string or a mapping, got {v!r}")
+        _check_unique(specs)
+        return specs
+    if isinstance(data, Sequence):
+        specs = [TargetSpec.from_dict(d) if isinstance(d, Mapping) else parse_targets(str(d))[0] for d in data]
+        _check_unique(specs)
+        return specs
+    raise LabelsError(f"targets: expected a list, mapping or string, got {type(data).__name__}")
+
+
+def _check_unique(specs: Sequence[TargetSpec]) -> None:
+    names = [s.name for s in specs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise LabelsError(f"--targets: duplicate target name(s) {sorted(dup)}")
+    if not specs:
+        raise LabelsError("--targets: no target given")
+
+
+# ---------------------------------------------------------------- labels
+@dataclass
+class Labels:
+    """Encoded labels, one row per slide (aligned with ``slide_ids``).
+
+    ``values[name]``: binary → float 0/1, multiclass → float class index, regression → float; NaN = missing.
+    Survival: ``values[name]`` is the time and ``events[name]`` the event indicator (NaN = missing).
+    """
+
+    slide_ids: list[str]
+    patient_ids: list[str]
+    targets: list[TargetSpec]
+    values: dict[str, np.ndarray]
+    events: dict[str, np.ndarray] = field(default_factory=dict)
+    extra: Any = None  # the raw pandas DataFrame (covariates are read from it), indexed by slide_id
+
+    def subset(self, slide_ids: Sequence[str]) -> Labels:
+        idx = {s: i for i, s in enumerate(self.slide_ids)}
+        sel = np.array([idx[s] for s in slide_ids], dtype=int)
+        return Labels(
+            slide_ids=[self.slide_ids[i] for i in sel], patient_ids=[self.patient_ids[i] for i in sel],
+            targets=self.targets, values={k: v[sel] for k, v in self.values.items()},
+            events={k: v[sel] for k, v in self.events.items()},
+            extra=None if self.extra is None else self.extra.loc[list(slide_ids)],
+        )
+
+
+def read_labels_table(path: str | Path) -> Any:
+    """The labels CSV as a DataFrame indexed by slide_id (strings), with a patient_id column."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise LabelsError(f"{path}: labels CSV not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=["", "NA", "NaN", "nan", "null", "None"])
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise LabelsError(f"{path}: cannot parse CSV ({e})") from e
+    if SLIDE_ID not in df.columns:
+        raise LabelsError(f"{path}: no '{SLIDE_ID}' column (columns: {list(df.columns)}); add one")
+    df[SLIDE_ID] = df[SLIDE_ID].astype(str).str.strip()
+    if df[SLIDE_ID].duplicated().any():
+        dup = df.loc[df[SLIDE_ID].duplicated(), SLIDE_ID].tolist()[:5]
+        raise LabelsError(f"{path}: duplicate slide_id(s) {dup}; one row per slide")
+    if PATIENT_ID not in df.columns:
+        log.info("%s: no patient_id column; every slide is its own patient", path)
+        df[PATIENT_ID] = df[SLIDE_ID]
+    df[PATIENT_ID] = df[PATIENT_ID].fillna(df[SLIDE_ID]).astype(str).str.strip()
+    df.attrs["path"] = str(path)
+    return df.set_index(SLIDE_ID, drop=False)
+
+
+def _is_boolean_vocab(values: Sequence[str]) -> bool:
+    return {v.strip().lower() for v in values} <= (_TRUE | _FALSE)
+
+
+def _binary_classes(raw: Sequence[str], name: str, path: str) -> list[str]:
+    """[negative, positive] class names of a binary target."""
+    uniq = sorted(set(raw))
+    if _is_boolean_vocab(uniq):
+        neg = sorted(u for u in uniq if u.lower() in _FALSE)
+        pos = sorted(u for u in uniq if u.lower() in _TRUE)
+        return [neg[0] if neg else "0", pos[0] if pos else "1"]
+    if len(uniq) != 2:
+        raise LabelsError(
+            f"{path}: binary target {name!r} has values {uniq[:6]}; use 0/1 (or two labels), or declare it multiclass"
+        )
+    log.warning("%s: binary target %r: positive class is %r (the later of the sorted labels)", path, name, uniq[1])
+    return uniq
+
+
+def _encode_binary(raw: Sequence[Any], classes: list[str]) -> np.ndarray:
+    out = np.full(len(raw), np.nan)
+    boolean = _is_boolean_vocab(classes)
+    for i, v in enumerate(raw):
+        if not isinstance(v, str):
+            continue
+        s = v.strip()
+        if boolean and s.lower() in _TRUE:
+            out[i] = 1.0
+        elif boolean and s.lower() in _FALSE:
+            out[i] = 0.0
+        elif s in classes:
+            out[i] = float(classes.index(s))
+        else:
+            raise LabelsError(f"binary label {s!r} is not one of the model's classes {classes}")
+    return out
+
+
+def _to_float(raw: Any, col: str, path: str) -> np.ndarray:
+    import pandas as pd
+
+    num = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
+    bad = raw.notna().to_numpy() & np.isnan(num)
+    if bad.any():
+        vals = raw[bad].tolist()[:5]
+        raise LabelsError(f"{path}: column {col!r} must be numeric; found {vals}")
+    return num
+
+
+def encode_labels(df: Any, targets: list[TargetSpec], fit_classes: bool = True) -> Labels:
+    """Encode the target columns of a labels DataFrame. ``fit_classes`` fills ``TargetSpec.classes`` from the
+    data (training); otherwise the stored classes are used and unknown labels are an error."""
+    path = str(df.attrs.get("path", "labels CSV"))
+    values: dict[str, np.ndarray] = {}
+    events: dict[str, np.ndarray] = {}
+    for t in targets:
+        cols = [t.time, t.event] if t.kind == SURVIVAL else [t.column]
+        for c in cols:
+            if c not in df.columns:
+                raise LabelsError(f"{path}: target {t.name!r} needs column {c!r}; columns are {list(df.columns)}")
+        if t.kind == SURVIVAL:
+            values[t.name] = _to_float(df[t.time], t.time, path)
+            ev = _to_float(df[t.event], t.event, path)
+            if np.any((ev != 0) & (ev != 1) & ~np.isnan(ev)):
+                raise LabelsError(f"{path}: event column {t.event!r} must be 0/1 (1 = event observed)")
+            events[t.name] = ev
+            values[t.name] = np.where(np.isnan(ev), np.nan, values[t.name])
+            events[t.name] = np.where(np.isnan(values[t.name]), np.nan, ev)
+        elif t.kind == REGRESSION:
+            values[t.name] = _to_float(df[t.column], t.column, path)
+        else:
+            raw = df[t.column]
+            present = [v.strip() for v in raw.dropna().tolist()]
+            if fit_classes:
+                if not present:
+                    raise LabelsError(f"{path}: target {t.name!r} has no labels")
+                t.classes = _binary_classes(present, t.name, path) if t.kind == BINARY else sorted(set(present))
+            if t.kind == BINARY:
+                values[t.name] = _encode_binary(raw.tolist(), t.classes)
+            else:
+                unknown = sorted(set(present) - set(t.classes))
+                if unknown:
+                    raise LabelsError(
+                        f"{path}: target {t.name!r} has labels {unknown} the model was not trained on ({t.classes})"
+                    )
+                values[t.name] = np.array(
+                    [float(t.classes.index(v.strip())) if isinstance(v, str) else np.nan for v in raw.tolist()]
+                )
+    return Labels(
+        slide_ids=df.index.astype(str).tolist(), patient_ids=df[PATIENT_ID].astype(str).tolist(),
+        targets=targets, values=values, events=events, extra=df,
+    )
+
+
+def load_labels(path: str | Path, targets: list[TargetSpec], fit_classes: bool = True) -> Labels:
+    return encode_labels(read_labels_table(path), targets, fit_classes=fit_classes)
+
+
+def stratify_target(targets: Sequence[TargetSpec]) -> TargetSpec | None:
+    """The first binary or multiclass target: the one folds are stratified on."""
+    return next((t for t in targets if t.is_classification), None)

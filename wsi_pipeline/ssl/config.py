@@ -1,0 +1,106 @@
+"""Configuration dataclasses of ``wsi ssl-train`` and ``wsi eval-encoder``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.ssl.augment import AugmentConfig
+
+
+@dataclass
+class SSLConfig:
+    """DINO pretraining. Learning rate is given per 256 images (scaled by the global batch / 256)."""
+
+    data: str
+    out: str
+    arch: str = "resnet10t"
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    name: str = ""  # encoder name written to encoder.json (default: the --out folder name)
+    steps: int = 1000
+    batch_size: int = 64  # per rank
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    data_mpp: float = 0.5  # µm/px of image-folder tiles (RUN tiles carry their own)
+    subset: str = "all"  # all | train | test of the source split of a labelled folder
+    split_seed: int = 0
+    test_fraction: float = 0.3
+    max_tiles_per_slide: int = 0  # RUN sources: 0 = all
+    input_size: int = 224  # nominal tile size written to encoder.json
+    # optimisation
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = -1  # -1: 10% of steps
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    freeze_last_layer_steps: int = -1  # -1: 2% of steps
+    drop_path: float = 0.1  # student ViTs only
+    # DINO
+    out_dim: int = 4096
+    hidden_dim: int = 1024
+    bottleneck_dim: int = 256
+    momentum_teacher: float = 0.996
+    momentum_teacher_end: float = 1.0
+    student_temp: float = 0.1
+    teacher_temp_start: float = 0.04
+    teacher_temp: float = 0.07
+    teacher_temp_warmup_steps: int = -1  # -1: 30% of steps
+    center_momentum: float = 0.9
+    koleo: float = 0.0  # weight of the KoLeo regulariser on the student's first global view
+    # run
+    precision: str = "bf16"  # bf16 | fp32 (autocast)
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 0
+    threads: int = 0  # torch intra-op threads per rank (0: torch's default)
+    checkpoint_every: int = 100
+    checkpoint_dir: str = ""  # default: <out>/checkpoints
+    resume: bool = False
+    stop_at_step: int = 0  # stop (after a checkpoint) at this step, to resume later; 0 = run to the end
+    log_every: int = 10
+    licence: str = "see the training data's licence"
+    description: str = ""
+
+    def resolved(self) -> SSLConfig:
+        """Fill the -1 defaults that depend on ``steps`` and check ranges."""
+        import dataclasses
+
+        if self.steps <= 0:
+            raise ConfigError(f"--steps must be positive, got {self.steps}")
+        if self.batch_size < 2:
+            raise ConfigError(f"--batch-size must be ≥ 2 (DINO centring), got {self.batch_size}")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"--precision {self.precision!r}: use bf16 or fp32")
+        a = self.augment
+        if a.global_size < 16 or a.local_size < 8 or a.n_local < 0:
+            raise ConfigError(f"crop sizes too small: global {a.global_size}, local {a.local_size}, n_local {a.n_local}")
+        c = dataclasses.replace(self)
+        if c.warmup_steps < 0:
+            c.warmup_steps = max(1, c.steps // 10)
+        if c.freeze_last_layer_steps < 0:
+            c.freeze_last_layer_steps = c.steps // 50
+        if c.teacher_temp_warmup_steps < 0:
+            c.teacher_temp_warmup_steps = max(1, (c.steps * 3) // 10)
+        return c
+
+
+@dataclass
+class EvalConfig:
+    """``wsi eval-encoder``: k-NN and linear probe on a labelled tile folder, split by source image."""
+
+    encoder: str | None
+    data: str
+    weights: str | None = None
+    data_mpp: float = 0.5
+    seed: int = 0
+    test_fraction: float = 0.3
+    min_sources: int = 8  # classes with fewer distinct sources are split by tile
+    k: int = 20
+    batch_size: int = 64
+    precision: str = "bf16"
+    device: str = "auto"
+    random_init: bool = True  # also evaluate the same architecture at random initialisation
+    colour_baseline: bool = True
+    max_per_class: int = 0  # 0 = all tiles
+    json_path: str = ""

@@ -1,0 +1,312 @@
+"""``wsi eval-encoder``: how well an encoder's features separate tissue classes on a labelled tile folder.
+
+Protocol (documented in the report it returns):
+
+* split: :func:`wsi_pipeline.ssl.data.source_split` — by source image parsed from file names (classes with
+  fewer than ``min_sources`` sources, or names without a source, by tile), seeded;
+* scale: a tile at folder MPP ``m`` is resized by ``m / e`` to the encoder's MPP ``e`` and fed **at that
+  size** to encoders that accept any size (CNNs with global pooling, ViTs built with
+  ``dynamic_img_size``); encoders with a fixed input are fed a centre crop (tile larger than
+  ``input_size``) or a white-padded tile (smaller) of ``input_size`` px — never a rescaled one, so the
+  physical scale is always the encoder's;
+* k-NN: k = 20 nearest training tiles by cosine similarity, **weighted** vote with weights
+  exp(cos / 0.07) (the DINO protocol); linear probe: multinomial logistic regression (L2, C = 1) on
+  features standardised with the training mean/std;
+* the same architecture at random initialisation (seeded) and a colour-histogram baseline
+  (per-channel RGB + HSV histograms, 16 bins each) go through the same k-NN / linear protocol;
+* metric: balanced accuracy (mean per-class recall) on the held-out tiles.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.ssl.config import EvalConfig
+from wsi_pipeline.ssl.data import LabelledTiles, load_labelled_folder, read_rgb, source_split
+
+if TYPE_CHECKING:
+    from wsi_pipeline.encoders.base import Encoder
+
+log = logging.getLogger(__name__)
+
+KNN_TEMPERATURE = 0.07
+HIST_BINS = 16
+
+
+# ---------------------------------------------------------------- scale
+def accepts_any_size(encoder: Encoder) -> bool:
+    """CNN trunks, and ViTs built with ``dynamic_img_size=True``, take inputs of any size."""
+    trunk = encoder.trunk
+    pe = getattr(trunk, "patch_embed", None)
+    if pe is not None:
+        return bool(getattr(trunk, "dynamic_img_size", False) or getattr(pe, "dynamic_img_size", False))
+    return encoder.is_cnn
+
+
+def rescale_tile(img: np.ndarray, data_mpp: float, encoder_mpp: float) -> np.ndarray:
+    """Resize by ``data_mpp / encoder_mpp`` (e.g. 150 px @0.495 → 148 px @0.5)."""
+    from wsi_pipeline.slide.base import resize_rgb
+
+    f = data_mpp / encoder_mpp
+    h, w = img.shape[:2]
+    nw, nh = max(1, round(w * f)), max(1, round(h * f))
+    return resize_rgb(img, (nw, nh))
+
+
+def fit_to_size(img: np.ndarray, size: int) -> np.ndarray:
+    """Centre crop to ``size`` where larger, pad with white where smaller (scale unchanged)."""
+    h, w = img.shape[:2]
+    y0, x0 = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    img = img[y0 : y0 + size, x0 : x0 + size]
+    h, w = img.shape[:2]
+    if (h, w) == (size, size):
+        return img
+    out = np.full((size, size, 3), 255, np.uint8)
+    py, px = (size - h) // 2, (size - w) // 2
+    out[py : py + h, px : px + w] = img
+    return out
+
+
+def prepare_tiles(images: Sequence[np.ndarray], data_mpp: float, encoder: Encoder) -> list[np.ndarray]:
+    out = [rescale_tile(im, data_mpp, encoder.meta.mpp) for im in images]
+    if not accepts_any_size(encoder):
+        out = [fit_to_size(im, encoder.meta.input_size) for im in out]
+    return out
+
+
+def embed_at_scale(encoder: Encoder, tiles: Sequence[np.ndarray], batch_size: int = 64, precision: str = "bf16",
+                   device: str = "cpu") -> np.ndarray:
+    """Embed uint8 HWC tiles *at their own size* (grouped by size; normalised with the encoder's mean/std)."""
+    import torch
+
+    from wsi_pipeline.encoders.base import autocast, prepare_for_inference, resolve_device
+
+    dev = resolve_device(device)
+    enc = prepare_for_inference(encoder, dev)
+    mean = torch.tensor(enc.meta.mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(enc.meta.std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    out = np.empty((len(tiles), enc.embed_dim), np.float32)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(tiles):
+        by_shape.setdefault(t.shape, []).append(i)
+    with torch.inference_mode():
+        for idx in by_shape.values():
+            for s in range(0, len(idx), batch_size):
+                chunk = idx[s : s + batch_size]
+                x = torch.from_numpy(np.stack([tiles[i] for i in chunk])).to(dev)
+                x = (x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+                if enc.is_cnn:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(dev, precision):
+                    y = enc(x)
+                out[chunk] = y.float().cpu().numpy()
+    return out
+
+
+# ---------------------------------------------------------------- probes
+def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, k: int = 20,
+                n_classes: int | None = None, temperature: float = KNN_TEMPERATURE) -> np.ndarray:
+    """Weighted k-NN on cosine similarity (vote weight exp(cos / T)); returns predicted labels."""
+    n_classes = int(n_classes or train_y.max() + 1)
+    a = train_x / np.maximum(np.linalg.norm(train_x, axis=1, keepdims=True), 1e-12)
+    b = test_x / np.maximum(np.linalg.norm(test_x, axis=1, keepdims=True), 1e-12)
+    k = min(k, len(a))
+    preds = np.empty(len(b), np.int64)
+    for s in range(0, len(b), 1024):
+        sim = b[s : s + 1024] @ a.T
+        nn_idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        nn_sim = np.take_along_axis(sim, nn_idx, axis=1)
+        w = np.exp(nn_sim / temperature)
+        votes = np.zeros((len(nn_idx), n_classes))
+        np.add.at(votes, (np.arange(len(nn_idx))[:, None], train_y[nn_idx]), w)
+        preds[s : s + 1024] = votes.argmax(1)
+    return preds
+
+
+def linear_probe_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int = 0,
+                         c: float = 1.0) -> np.ndarray:
+    """Logistic regression (L2, multinomial) on standardised features; returns predicted labels."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_x)
+    clf = LogisticRegression(C=c, max_iter=2000, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(scaler.transform(train_x), train_y)
+    return clf.predict(scaler.transform(test_x))
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    from sklearn.metrics import balanced_accuracy_score
+
+    return float(balanced_accuracy_score(y_true, y_pred))
+
+
+def per_class_recall(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    return {c: float(np.mean(y_pred[y_true == i] == i)) if np.any(y_true == i) else float("nan")
+            for i, c in enumerate(class_names)}
+
+
+def probe_scores(feats: np.ndarray, labels: np.ndarray, is_test: np.ndarray, class_names: Sequence[str], k: int,
+                 seed: int) -> dict[str, Any]:
+    tr, te = ~is_test, is_test
+    knn = knn_predict(feats[tr], labels[tr], feats[te], k, len(class_names))
+    lin = linear_probe_predict(feats[tr], labels[tr], feats[te], seed)
+    return {
+        "knn_balanced_accuracy": balanced_accuracy(labels[te], knn),
+        "linear_balanced_accuracy": balanced_accuracy(labels[te], lin),
+        "knn_per_class_recall": per_class_recall(labels[te], knn, class_names),
+    }
+
+
+def colour_histograms(images: Sequence[np.ndarray], bins: int = HIST_BINS) -> np.ndarray:
+    """Per-channel RGB and HSV histograms (``bins`` each, normalised) → (N, 6·bins)."""
+    from skimage.color import rgb2hsv
+
+    out = np.empty((len(images), 6 * bins), np.float32)
+    for i, im in enumerate(images):
+        hsv = (rgb2hsv(im) * 255.0).astype(np.uint8)
+        chans = [im[..., c] for c in range(3)] + [hsv[..., c] for c in range(3)]
+        h = [np.bincount((ch.ravel().astype(np.int64) * bins) >> 8, minlength=bins) for ch in chans]
+        v = np.concatenate(h).astype(np.float32)
+        out[i] = v / max(ch.size for ch in chans)
+    return out
+
+
+# ---------------------------------------------------------------- orchestration
+def random_init_like(name: str, encoder: Encoder, seed: int = 0) -> Encoder:
+    """The same architecture as ``encoder`` at (seeded) random initialisation."""
+    import torch
+
+    from wsi_pipeline.encoders import TIMM_PREFIX, get_entry
+    from wsi_pipeline.encoders.base import Encoder
+    from wsi_pipeline.encoders.project import build_backbone
+
+    torch.manual_seed(seed)
+    meta = replace(encoder.meta, weights_source="random-init", name=f"{encoder.meta.name} (random init)")
+    if "timm_kwargs" in encoder.meta.extra or name.startswith(TIMM_PREFIX):
+        trunk = build_backbone(encoder.meta.arch, encoder.meta.extra.get("timm_kwargs", {}))
+    else:
+        trunk = get_entry(name).build()
+    return Encoder(trunk, meta)
+
+
+def _load_images(tiles: LabelledTiles) -> list[np.ndarray]:
+    return [read_rgb(p) for p in tiles.paths]
+
+
+def _subsample(tiles: LabelledTiles, max_per_class: int, seed: int) -> LabelledTiles:
+    if max_per_class <= 0:
+        return tiles
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(len(tiles), bool)
+    for c in range(len(tiles.class_names)):
+        idx = np.flatnonzero(tiles.labels == c)
+        keep[rng.permutation(idx)[:max_per_class]] = True
+    return tiles.subset(keep)
+
+
+def evaluate_encoder(cfg: EvalConfig) -> dict[str, Any]:
+    """Run the protocol of this module; returns the report (also written to ``cfg.json_path`` if set)."""
+    from wsi_pipeline.encoders import create_encoder
+    from wsi_pipeline.formats import write_text_atomic
+
+    t0 = time.time()
+    if cfg.k < 1:
+        raise ConfigError(f"-k must be ≥ 1, got {cfg.k}")
+    tiles = _subsample(load_labelled_folder(cfg.data), cfg.max_per_class, cfg.seed)
+    is_test, split = source_split(tiles, cfg.test_fraction, cfg.seed, cfg.min_sources)
+    if is_test.all() or not is_test.any():
+        raise ConfigError(f"{cfg.data}: the split left no training or no test tiles; add tiles or change --seed")
+    missing = [c for i, c in enumerate(tiles.class_names) if not np.any(tiles.labels[~is_test] == i)]
+    if missing:
+        raise ConfigError(f"{cfg.data}: classes {missing} have no training tiles after the split; add tiles")
+    encoder = create_encoder(cfg.encoder, cfg.weights, device="cpu")
+    name = cfg.encoder or encoder.meta.name
+    images = _load_images(tiles)
+    tiles_in = prepare_tiles(images, cfg.data_mpp, encoder)
+    log.info("eval-encoder: %d tiles (%d train / %d test), %s at %.3g µm/px, tiles %s px", len(tiles),
+             (~is_test).sum(), is_test.sum(), encoder.meta.name, encoder.meta.mpp,
+             sorted({t.shape[0] for t in tiles_in})[:3])
+    labels = tiles.labels
+    feats = embed_at_scale(encoder, tiles_in, cfg.batch_size, cfg.precision, cfg.device)
+    report: dict[str, Any] = {
+        "encoder": encoder.meta.name,
+        "arch": encoder.meta.arch,
+        "encoder_mpp": encoder.meta.mpp,
+        "data": str(cfg.data),
+        "data_mpp": cfg.data_mpp,
+        "tile_px_fed": sorted({int(t.shape[0]) for t in tiles_in}),
+        "fed_at": "rescaled tile size" if accepts_any_size(encoder) else f"centre crop/pad to {encoder.meta.input_size}",
+        "classes": list(tiles.class_names),
+        "n_train": int((~is_test).sum()),
+        "n_test": int(is_test.sum()),
+        "split": {"seed": cfg.seed, "test_fraction": cfg.test_fraction, "min_sources": cfg.min_sources,
+                  "mode_per_class": split.mode, "sources_per_class": split.n_sources,
+                  "n_test_sources": len(split.test_sources)},
+        "knn": {"k": cfg.k, "similarity": "cosine", "vote": f"weighted exp(cos/{KNN_TEMPERATURE})"},
+        "linear": "logistic regression (L2, C=1) on standardised features",
+    }
+    report.update(probe_scores(feats, labels, is_test, tiles.class_names, cfg.k, cfg.seed))
+    if cfg.random_init:
+        rnd = random_init_like(name, encoder, cfg.seed)
+        rfeats = embed_at_scale(rnd, tiles_in, cfg.batch_size, cfg.precision, cfg.device)
+        r = probe_scores(rfeats, labels, is_test, tiles.class_names, cfg.k, cfg.seed)
+        report["random_init_knn_balanced_accuracy"] = r["knn_balanced_accuracy"]
+        report["random_init_linear_balanced_accuracy"] = r["linear_balanced_accuracy"]
+    if cfg.colour_baseline:
+        c = probe_scores(colour_histograms(images), labels, is_test, tiles.class_names, cfg.k, cfg.seed)
+        report["colour_histogram_knn_balanced_accuracy"] = c["knn_balanced_accuracy"]
+        report["colour_histogram_linear_balanced_accuracy"] = c["linear_balanced_accuracy"]
+    report["seconds"] = round(time.time() - t0, 1)
+    if cfg.json_path:
+        write_text_atomic(cfg.json_path, json.dumps(report, indent=2) + "\n")
+        log.info("wrote %s", cfg.json_path)
+    return report
+
+
+def table_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(features, k-NN, linear) rows of the report, for printing."""
+    def fmt(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else "—"
+
+    rows = [(report["encoder"], fmt(report.get("knn_balanced_accuracy")), fmt(report.get("linear_balanced_accuracy")))]
+    if "random_init_knn_balanced_accuracy" in report:
+        rows.append((f"{report['arch']} random init", fmt(report["random_init_knn_balanced_accuracy"]),
+                     fmt(report["random_init_linear_balanced_accuracy"])))
+    if "colour_histogram_knn_balanced_accuracy" in report:
+        rows.append(("colour histogram", fmt(report["colour_histogram_knn_balanced_accuracy"]),
+                     fmt(report["colour_histogram_linear_balanced_accuracy"])))
+    return rows
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A plain-text (Markdown) table of the balanced accuracies."""
+    lines = [
+        f"held-out balanced accuracy — {report['n_train']} train / {report['n_test']} test tiles, "
+        f"{len(report['classes'])} classes, k-NN k={report['knn']['k']} cosine weighted",
+        "",
+        "| features | k-NN | linear |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in table_rows(report)]
+    return "\n".join(lines)
+
+
+def write_report(path: str | Path, report: dict[str, Any]) -> None:
+    from wsi_pipeline.formats import write_text_atomic
+
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,223 @@
+"""Configuration of the TME stage: class roles, spatial parameters, phenotype rules, classifier training."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from wsi_pipeline.errors import ConfigError
+
+# ---- class roles
+# The spatial metrics only need to know which classifier classes play which part. A class name is matched
+# first exactly against the lists below, then by keyword (case-insensitive), so "01_TUMOR", "tumour" and
+# "Tumor epithelium" are all tumour.
+ROLE_TUMOUR = "tumour"
+ROLE_STROMA = "stroma"
+ROLE_LYMPHOCYTES = "lymphocytes"
+ROLE_NON_TISSUE = "non_tissue"
+ROLE_OTHER = "other"
+
+ROLE_KEYWORDS: dict[str, tuple[str, ...]] = {
+    ROLE_TUMOUR: ("tumor", "tumour", "tum"),
+    ROLE_STROMA: ("stroma", "complex", "str"),
+    ROLE_LYMPHOCYTES: ("lympho", "lym", "immune", "til"),
+    ROLE_NON_TISSUE: ("empty", "background", "back", "glass"),
+}
+
+
+@dataclass
+class ClassRoles:
+    """Which classes are tumour, stroma, lymphocytes and not tissue (exact names; keywords as fallback).
+
+    Tissue tiles are all tiles whose class is not ``non_tissue`` (kather16: everything but 08_EMPTY; debris,
+    mucosa and adipose are tissue). Stroma (the TILs-WG denominator) is simple and complex stroma.
+    """
+
+    tumour: tuple[str, ...] = ("01_TUMOR",)
+    stroma: tuple[str, ...] = ("02_STROMA", "03_COMPLEX")
+    lymphocytes: tuple[str, ...] = ("04_LYMPHO",)
+    non_tissue: tuple[str, ...] = ("08_EMPTY",)
+
+    def role_of(self, class_name: str) -> str:
+        for role in (ROLE_TUMOUR, ROLE_STROMA, ROLE_LYMPHOCYTES, ROLE_NON_TISSUE):
+            if class_name in getattr(self, role):
+                return role
+        words = [w for w in re.split(r"[^a-z]+", class_name.lower()) if w]
+        for role, keys in ROLE_KEYWORDS.items():
+            if any(w == k or (len(k) > 3 and w.startswith(k)) for w in words for k in keys):
+                return role
+        return ROLE_OTHER
+
+    def resolve(self, class_names: Sequence[str]) -> dict[str, list[int]]:
+        """role → class indices; raises when tumour or lymphocytes are missing (no phenotype without them)."""
+        all_roles = (ROLE_TUMOUR, ROLE_STROMA, ROLE_LYMPHOCYTES, ROLE_NON_TISSUE, ROLE_OTHER)
+        out: dict[str, list[int]] = {r: [] for r in all_roles}
+        for i, name in enumerate(class_names):
+            out[self.role_of(name)].append(i)
+        for role in (ROLE_TUMOUR, ROLE_LYMPHOCYTES):
+            if not out[role]:
+                raise ConfigError(
+                    f"no classifier class plays the {role} role among {list(class_names)}; "
+                    f"name it in the TME config (roles.{role})"
+                )
+        return out
+
+
+# ---- phenotype rules
+PHENOTYPE_INFLAMED = "inflamed"
+PHENOTYPE_EXCLUDED = "excluded"
+PHENOTYPE_DESERT = "desert"
+PHENOTYPE_NOT_EVALUABLE = "not_evaluable"
+PHENOTYPES = (PHENOTYPE_INFLAMED, PHENOTYPE_EXCLUDED, PHENOTYPE_DESERT)
+
+
+@dataclass
+class PhenotypeRules:
+    """The immune-phenotype rule table, applied in this order (first match wins):
+
+    1. fewer than ``min_tumour_tiles`` tumour tiles             → ``not_evaluable``
+    2. ``lymph_density_tumour`` ≥ ``inflamed_min_tumour_density`` → ``inflamed``
+       (lymphocytes inside the tumour region)
+    3. ``lymph_density_margin`` ≥ ``excluded_min_margin_density`` → ``excluded``
+       (lymphocytes held in the peri-tumoural stroma band, not inside)
+    4. otherwise                                                  → ``desert``
+
+    Densities are area fractions (lymphocyte tiles / compartment tiles; see :mod:`wsi_pipeline.tme.spatial`).
+    In the spirit of the international TILs working group: lymphocytes are scored against the stromal
+    compartment at the invasive margin (stroma denominator, a band of ``band_um`` µm around the tumour).
+
+    The default thresholds were chosen on class maps drawn by the project's synthetic layout generator
+    (:func:`wsi_pipeline.synth.layout.make_class_map`, its own seed, with 0–10 % of tiles relabelled at
+    random to mimic classifier errors; band 200 µm, closing of one tile): there they call the generator's
+    phenotype for 99–100 % of maps. They are not clinically validated; recalibrate them for real cohorts.
+    """
+
+    min_tumour_tiles: int = 3
+    inflamed_min_tumour_density: float = 0.10
+    excluded_min_margin_density: float = 0.07
+
+    def validate(self) -> PhenotypeRules:
+        if self.min_tumour_tiles < 1:
+            raise ConfigError(f"rules.min_tumour_tiles must be >= 1 (got {self.min_tumour_tiles})")
+        for name in ("inflamed_min_tumour_density", "excluded_min_margin_density"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"rules.{name} must be in [0, 1] (got {v})")
+        return self
+
+
+@dataclass
+class SpatialConfig:
+    """Geometry of the compartments, in µm (converted to the tile grid at the tile stride).
+
+    ``band_um``: width of the peri-tumoural (invasive-margin) band: non-tumour tissue tiles whose centre lies
+    within this distance of the tumour region's edge. ``tumour_closing_um``: radius of the morphological
+    closing that turns tumour tiles into the tumour region; None = one tile stride (a 4-neighbour cross:
+    fills one-tile-wide cracks between tumour tiles, e.g. a streak of lymphocyte tiles through a nest),
+    0 = no closing. ``fill_holes``: tissue enclosed by the tumour region joins it (lymphocytes inside a nest are
+    intratumoural).
+    """
+
+    band_um: float = 200.0
+    tumour_closing_um: float | None = None
+    fill_holes: bool = True
+
+    def validate(self) -> SpatialConfig:
+        if self.band_um <= 0:
+            raise ConfigError(f"--band-um must be > 0 (got {self.band_um})")
+        if self.tumour_closing_um is not None and self.tumour_closing_um < 0:
+            raise ConfigError(f"--tumour-closing-um must be >= 0 (got {self.tumour_closing_um})")
+        return self
+
+
+@dataclass
+class TMEConfig:
+    """``wsi tme RUN``: the classifier, where its features come from, and the metrics and rules."""
+
+    classifier: str = ""  # folder (or name under models/); '' → the shipped default
+    encoder_weights: str | None = None  # local weights for the classifier's encoder, if not shipped
+    spatial: SpatialConfig = field(default_factory=SpatialConfig)
+    rules: PhenotypeRules = field(default_factory=PhenotypeRules)
+    roles: ClassRoles = field(default_factory=ClassRoles)
+    mpp_tolerance: float = 0.05  # relative µm/px difference accepted between classifier and features
+    reuse_features: bool = True  # use RUN/features/<encoder>/ when encoder and µm/px match
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 64
+    num_workers: int = 0
+    overwrite: bool = False
+    write_png: bool = True
+    write_geojson: bool = True
+    thumbnail_max: int = 1024
+
+    def validate(self) -> TMEConfig:
+        self.spatial.validate()
+        self.rules.validate()
+        if not 0 <= self.mpp_tolerance < 0.5:
+            raise ConfigError(f"--mpp-tolerance must be in [0, 0.5) (got {self.mpp_tolerance})")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        return self
+
+    def params(self) -> dict[str, Any]:
+        """What changes the per-slide probabilities besides the classifier file and the tiles (the resume
+        key). The encoder's weights are pinned by the classifier (checksum), so they are not part of it."""
+        return {"precision": self.precision}
+
+
+@dataclass
+class TissueTrainConfig:
+    """``wsi tissue-train``: a linear / MLP head on frozen encoder features of a labelled tile folder."""
+
+    encoder: str = ""  # '' → the default encoder
+    data: str = ""
+    out: str = ""
+    weights: str | None = None
+    mpp: float = 0.495  # µm/px of the tiles in ``data`` (kather16: 0.495)
+    head: str = "linear"  # linear | mlp
+    test_fraction: float = 0.3
+    seed: int = 0
+    min_sources: int = 8  # classes with fewer source images are split by tile
+    epochs: int = 300
+    lr: float = 1e-2
+    weight_decay: float = 1e-3
+    hidden: int = 256
+    batch_size: int = 64
+    device: str = "auto"
+    precision: str = "fp32"
+    max_per_class: int = 0  # 0 = all tiles; else subsample (seeded) for a quick run
+    final_fit_all: bool = False  # refit on train+test after the held-out evaluation
+    feature_cache: str = ""  # folder for embedded tiles (keyed by encoder weights, scale and files); '' = none
+
+    def validate(self) -> TissueTrainConfig:
+        if self.head not in ("linear", "mlp"):
+            raise ConfigError(f"--head must be linear or mlp (got {self.head!r})")
+        if self.mpp <= 0:
+            raise ConfigError(f"--mpp must be > 0 (got {self.mpp})")
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"--test-fraction must be in (0, 1) (got {self.test_fraction})")
+        if not self.data:
+            raise ConfigError("--data is required: a folder with one sub-folder of tiles per class")
+        if not self.out:
+            raise ConfigError("--out is required: the folder to write the classifier to")
+        return self
+
+
+def tme_config_from_dict(data: dict[str, Any]) -> TMEConfig:
+    """A :class:`TMEConfig` from a (YAML) mapping with nested ``spatial``, ``rules`` and ``roles``."""
+    from wsi_pipeline.config import from_dict
+
+    data = dict(data)
+    nested = {"spatial": SpatialConfig, "rules": PhenotypeRules, "roles": ClassRoles}
+    kwargs: dict[str, Any] = {}
+    for key, cls in nested.items():
+        if key in data:
+            sub = dict(data.pop(key) or {})
+            if cls is ClassRoles:
+                sub = {k: tuple(v) for k, v in sub.items()}
+            kwargs[key] = from_dict(cls, sub)
+    cfg = from_dict(TMEConfig, data)
+    return dataclasses.replace(cfg, **kwargs)

@@ -1,0 +1,379 @@
+"""``wsi tme RUN``: per-tile tissue classes, class maps, QuPath GeoJSON and the per-slide TME table.
+
+Per slide (tiles from ``RUN/tiles/<slide_id>.h5``):
+
+1. **features** at the classifier's µm/px: ``RUN/features/<encoder>/<slide_id>.h5`` when it was made by the
+   classifier's encoder (same weights checksum) at the same µm/px (``target_mpp × tile_size / input_size``
+   within ``mpp_tolerance``); otherwise each tile's own level-0 extent is read from the slide at the
+   classifier's µm/px and embedded exactly as the training tiles were (:mod:`wsi_pipeline.tme.embed`).
+2. **probabilities** → ``RUN/tme/<slide_id>.h5`` (``coords`` + ``probs`` N×C, aligned with the tiles file;
+   resumable: kept while classifier, encoder and tiles are unchanged).
+3. **metrics** on the tile grid (:mod:`wsi_pipeline.tme.spatial`) and the **immune phenotype**
+   (:mod:`wsi_pipeline.tme.rules`); a class-map PNG and a QuPath GeoJSON next to the h5.
+
+``RUN/tme.csv`` (one row per slide, first column ``slide_id``) is rewritten from the stored probabilities
+on every run, so changing the band or the rules never re-embeds. Join it to labels or predictions on
+``slide_id`` (``labels.merge(tme, on="slide_id")``) to use its columns in ``wsi report`` or as targets /
+covariates in ``wsi train``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from wsi_pipeline import formats as F
+from wsi_pipeline.errors import ScaleMismatchError, TilesNotFoundError
+from wsi_pipeline.run.layout import RunLayout
+from wsi_pipeline.tme.classifier import TissueClassifier
+from wsi_pipeline.tme.config import TMEConfig
+
+if TYPE_CHECKING:
+    from wsi_pipeline.encoders.base import Encoder
+
+log = logging.getLogger(__name__)
+
+STAGE = "tme"
+SOURCE_RUN_FEATURES = "run-features"
+SOURCE_SLIDE = "slide"
+A_CLASSIFIER_MPP = "classifier_mpp"
+A_FEATURE_SOURCE = "feature_source"
+A_CLASSIFIER_SHA256 = "classifier_sha256"
+FIRST_COLUMNS = (
+    "slide_id", "immune_phenotype", "til_fraction", "til_fraction_soft", "lymph_density_tumour",
+    "lymph_density_margin", "stromal_til_fraction", "tumour_stroma_ratio",
+)
+
+
+# ---------------------------------------------------------------- features
+def features_mpp(attrs: dict[str, Any]) -> float | None:
+    """µm/px of the pixels the encoder saw for a features file: target_mpp × tile_size / input_size
+    (the extractor resizes each tile to the encoder input). None when the attributes are missing."""
+    try:
+        return float(attrs[F.A_TARGET_MPP]) * float(attrs[F.A_TILE_SIZE]) / float(attrs[F.A_INPUT_SIZE])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def check_features(fs: F.FeatureSet, tiles: F.TileSet, clf: TissueClassifier, tolerance: float) -> None:
+    """Raise :class:`ScaleMismatchError` (or ValueError) when RUN features cannot feed ``clf``."""
+    enc = str(fs.attrs.get(F.A_ENCODER, ""))
+    if enc != clf.encoder:
+        raise ValueError(f"made by encoder {enc!r}, the classifier needs {clf.encoder!r}")
+    sha = str(fs.attrs.get(F.A_WEIGHTS_SHA256, ""))
+    if not sha or not clf.encoder_weights_sha256 or sha != clf.encoder_weights_sha256:
+        raise ValueError("encoder weights differ from (or cannot be matched to) the classifier's")
+    attrs = {**tiles.attrs, **fs.attrs}
+    clf.check_scale(features_mpp(attrs), tolerance, what="RUN features")
+    if fs.features.shape[1] != clf.embed_dim:
+        raise ValueError(f"{fs.features.shape[1]}-d features, the classifier expects {clf.embed_dim}")
+    if fs.l0_xy.shape != tiles.l0_xy.shape or not np.array_equal(fs.l0_xy, tiles.l0_xy):
+        raise ValueError("coordinates differ from the tiles file (re-run `wsi extract`)")
+
+
+def embed_slide_tiles(
+    tiles: F.TileSet,
+    encoder: Encoder,
+    fit: str,
+    batch_size: int = 64,
+    precision: str = "fp32",
+    device: str = "cpu",
+) -> np.ndarray:
+    """Read each tile's level-0 extent from its slide at the encoder's µm/px (the extraction reader,
+    :func:`wsi_pipeline.features.reader.open_tile_reader`) and embed it as the classifier's training tiles
+    were (resize by scale only, then :func:`~wsi_pipeline.tme.embed.fit_tile`)."""
+    from wsi_pipeline.features.reader import ReadSpec, open_tile_reader
+    from wsi_pipeline.tme.embed import embed_fitted, fit_tile, scaled_size
+
+    path = tiles.attrs.get(F.A_SLIDE_PATH)
+    if not path or not Path(path).exists():
+        raise TilesNotFoundError(
+            f"slide file {path!r} recorded in the tiles file is missing — re-run `wsi tile` with the slides "
+            "where they are now"
+        )
+    mpp = encoder.meta.mpp
+    spec = ReadSpec(target_mpp=mpp, tile_size=scaled_size(tiles.tile_size_l0, tiles.slide_mpp, mpp),
+                    slide_mpp=tiles.slide_mpp)
+    out = np.empty((len(tiles), encoder.embed_dim), np.float32)
+    with open_tile_reader(path, spec) as reader:
+        for s in range(0, len(tiles), batch_size):
+            batch = reader.read_many(tiles.l0_xy[s : s + batch_size])
+            imgs = [fit_tile(im, encoder.meta.input_size, fit) for im in batch]
+            out[s : s + len(imgs)] = embed_fitted(encoder, imgs, batch_size, precision, device)
+    return out
+
+
+# ---------------------------------------------------------------- per slide
+@dataclass
+class TMEContext:
+    """What every slide needs: the layout, classifier, config and a lazily created encoder."""
+
+    layout: RunLayout
+    clf: TissueClassifier
+    cfg: TMEConfig
+    classifier_sha256: str
+    device: str = "cpu"
+    _encoder: Any = field(default=None, repr=False)
+
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            self._encoder = create_classifier_encoder(self.clf, self.cfg.encoder_weights, self.device)
+        return self._encoder
+
+    def resume_key(self, tiles_key: str) -> str:
+        return F.params_hash({**self.cfg.params(), "classifier_sha256": self.classifier_sha256,
+                              "tiles": tiles_key})
+
+
+def create_classifier_encoder(clf: TissueClassifier, weights: str | None, device: str) -> Encoder:
+    """The classifier's encoder; its weights must be the ones it was trained on (checksum)."""
+    import torch
+
+    from wsi_pipeline.encoders import create_encoder
+    from wsi_pipeline.errors import UnknownNameError, WeightsError
+
+    if not clf.encoder_weights_sha256 and weights is None:
+        # a random-init encoder (plumbing tests): same seed as at training → same weights
+        torch.manual_seed(0)
+    # by name (as the features files record it), else by what was passed to `wsi tissue-train` (a folder)
+    refs = list(dict.fromkeys(r for r in (clf.encoder, clf.training.get("config", {}).get("encoder")) if r))
+    for i, ref in enumerate(refs):
+        try:
+            enc = create_encoder(str(ref), weights, device=device)
+            break
+        except UnknownNameError:
+            if i == len(refs) - 1:
+                raise
+    if clf.encoder_weights_sha256 and enc.weights_sha256 != clf.encoder_weights_sha256:
+        raise WeightsError(
+            f"encoder {clf.encoder}: weights checksum {enc.weights_sha256[:12] or 'none'} differs from the "
+            f"one the tissue classifier {clf.path} was trained on ({clf.encoder_weights_sha256[:12]}) — pass "
+            "--encoder-weights with the right file or retrain the classifier"
+        )
+    clf.check_scale(enc.meta.mpp, 1e-6, what=f"encoder {clf.encoder}")
+    return enc
+
+
+def slide_probs(ctx: TMEContext, slide_id: str, tiles: F.TileSet) -> tuple[np.ndarray, str]:
+    """Per-tile class probabilities (from the stored file when still valid); returns (probs, source)."""
+    layout, clf, cfg = ctx.layout, ctx.clf, ctx.cfg
+    key = ctx.resume_key(str(tiles.attrs.get(F.A_PARAMS_HASH, "")))
+    out = layout.tme_h5(slide_id)
+    if out.exists() and not cfg.overwrite:
+        attrs = F.read_h5_attrs(out)
+        if attrs.get(F.A_PARAMS_HASH) == key:
+            xy, probs, attrs = F.read_tme_h5(out)
+            if np.array_equal(xy, tiles.l0_xy) and probs.shape[1] == clf.n_classes:
+                return probs, str(attrs.get(A_FEATURE_SOURCE, ""))
+    feats = None
+    source = SOURCE_SLIDE
+    fpath = layout.features_h5(clf.encoder, slide_id)
+    if cfg.reuse_features and fpath.exists() and len(tiles):
+        fs = F.read_features_h5(fpath)
+        try:
+            check_features(fs, tiles, clf, cfg.mpp_tolerance)
+            feats, source = fs.features.astype(np.float32), SOURCE_RUN_FEATURES
+        except (ValueError, ScaleMismatchError) as e:
+            log.info("%s: not using %s (%s); embedding tiles from the slide at %.3g µm/px",
+                     slide_id, fpath, e, clf.mpp)
+    if len(tiles) == 0:
+        probs = np.zeros((0, clf.n_classes), np.float32)
+    else:
+        if feats is None:
+            enc = ctx.encoder()
+            feats = embed_slide_tiles(tiles, enc, clf.fit or "pad", cfg.batch_size, cfg.precision, ctx.device)
+        probs = clf.predict_proba(feats)
+    F.write_tme_h5(out, tiles.l0_xy, probs, {
+        F.A_SLIDE_ID: slide_id,
+        F.A_MODEL: clf.path,
+        F.A_CLASS_NAMES: list(clf.class_names),
+        F.A_ENCODER: clf.encoder,
+        F.A_TARGET_MPP: tiles.target_mpp,
+        F.A_SLIDE_MPP: tiles.slide_mpp,
+        F.A_TILE_SIZE: tiles.tile_size,
+        F.A_PATCH_SIZE_L0: tiles.tile_size_l0,
+        A_CLASSIFIER_MPP: clf.mpp,
+        A_CLASSIFIER_SHA256: ctx.classifier_sha256,
+        A_FEATURE_SOURCE: source,
+        F.A_PARAMS_HASH: key,
+    })
+    return probs, source
+
+
+def tile_stride_l0(tiles: F.TileSet) -> float:
+    """Level-0 pixels between neighbouring tile corners: (tile_size - overlap) × target_mpp / slide_mpp."""
+    overlap = float(tiles.attrs.get(F.A_OVERLAP, 0) or 0)
+    try:
+        return (tiles.tile_size - overlap) * tiles.target_mpp / tiles.slide_mpp
+    except (KeyError, ZeroDivisionError):
+        from wsi_pipeline.tme.spatial import infer_stride_l0
+
+        return infer_stride_l0(tiles.l0_xy) or float(tiles.tile_size_l0)
+
+
+def slide_row(ctx: TMEContext, slide_id: str) -> dict[str, Any]:
+    """Everything for one slide: probabilities, metrics, phenotype, PNG and GeoJSON; returns the CSV row."""
+    from wsi_pipeline.tme.rules import immune_phenotype
+    from wsi_pipeline.tme.spatial import compartments, grid_metrics, rasterise
+
+    layout, clf, cfg = ctx.layout, ctx.clf, ctx.cfg
+    tiles_path = layout.tiles_h5(slide_id)
+    if not tiles_path.exists():
+        raise TilesNotFoundError(f"{tiles_path}: no tiles for {slide_id}; run `wsi tile` first")
+    tiles = F.read_tiles_h5(tiles_path)
+    probs, source = slide_probs(ctx, slide_id, tiles)
+    labels = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
+    roles = cfg.roles.resolve(clf.class_names)
+    stride_l0 = tile_stride_l0(tiles)
+    grid = rasterise(tiles.l0_xy, labels, stride_l0, tiles.slide_mpp)
+    prob_grid = np.zeros((*grid.labels.shape, clf.n_classes), np.float32)
+    prob_grid[grid.rows, grid.cols] = probs
+    metrics = grid_metrics(grid.labels, clf.class_names, roles, grid.stride_um, cfg.spatial, prob_grid)
+    phenotype, reason = immune_phenotype(metrics, cfg.rules)
+    row: dict[str, Any] = {"slide_id": slide_id, "immune_phenotype": phenotype, "phenotype_reason": reason}
+    row.update(metrics)
+    row.update({"classifier": Path(clf.path).name, "classifier_mpp": clf.mpp, "feature_source": source,
+                "tiles_target_mpp": tiles.target_mpp})
+    if len(tiles) and (cfg.write_png or cfg.write_geojson):
+        comp = compartments(grid.labels, roles, grid.stride_um, cfg.spatial)
+        per_tile = {
+            "tumour_region": comp.tumour_region[grid.rows, grid.cols].astype(np.float64),
+            "margin_band": comp.band[grid.rows, grid.cols].astype(np.float64),
+            "distance_to_tumour_um": comp.distance_um[grid.rows, grid.cols].astype(np.float64),
+        }
+        if cfg.write_png:
+            thumb, scale = _thumbnail(layout, slide_id, tiles, cfg.thumbnail_max)
+            from wsi_pipeline.tme.render import class_map_png
+
+            class_map_png(layout.tme_map_png(slide_id), thumb, scale, tiles.l0_xy, tiles.tile_size_l0, labels,
+                          clf.class_names, title=f"{slide_id}: {phenotype}",
+                          outlines={k: per_tile[k] > 0 for k in ("tumour_region", "margin_band")})
+        if cfg.write_geojson:
+            from wsi_pipeline.tme.render import classified_tiles_geojson
+
+            classified_tiles_geojson(layout.tme_geojson(slide_id), tiles.l0_xy, tiles.tile_size_l0, probs,
+                                     clf.class_names, per_tile)
+    return row
+
+
+def _thumbnail(layout: RunLayout, slide_id: str, tiles: F.TileSet, max_size: int) -> tuple[np.ndarray, float]:
+    """RUN/thumbnails/<slide_id>.png (written by `wsi tile`) with its level-0 px per thumbnail px, or a
+    fresh thumbnail from the slide."""
+    from PIL import Image
+
+    p = layout.thumbnail_png(slide_id)
+    w0 = tiles.attrs.get(F.A_LEVEL0_W)
+    if p.exists() and w0:
+        with Image.open(p) as im:
+            thumb = np.asarray(im.convert("RGB"))
+        return thumb, float(w0) / thumb.shape[1]
+    from wsi_pipeline.slide import open_slide
+
+    with open_slide(tiles.attrs[F.A_SLIDE_PATH], mpp=tiles.slide_mpp) as slide:
+        return slide.thumbnail(max_size)
+
+
+# ---------------------------------------------------------------- the run
+@dataclass
+class TMESummary:
+    rows: list[dict[str, Any]]
+    failed: list[tuple[str, str]]
+    csv_path: Path
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def write_tme_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """``tme.csv``: one row per slide; ``slide_id`` and the headline read-outs first."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    if len(df):
+        first = [c for c in FIRST_COLUMNS if c in df.columns]
+        cols = first + [c for c in df.columns if c not in FIRST_COLUMNS]
+        df = df[cols].sort_values("slide_id")
+    F.write_text_atomic(path, df.to_csv(index=False, float_format="%.6g"))
+    return Path(path)
+
+
+def run_tme(
+    run_root: str | Path,
+    cfg: TMEConfig,
+    slide_ids: list[str] | None = None,
+    on_result: Callable[[str, bool, str], None] | None = None,
+) -> TMESummary:
+    """TME read-out for every tiled slide of ``run_root`` (or ``slide_ids``); failures are recorded in
+    RUN/slides.csv (stage ``tme``) and the others go on. Writes RUN/tme.csv and RUN/configs/tme.yaml."""
+    from wsi_pipeline.config import save_resolved
+    from wsi_pipeline.encoders.base import resolve_device
+    from wsi_pipeline.errors import WSIPipelineError
+    from wsi_pipeline.run.status import STATUS_DONE, STATUS_FAILED, SlideStatus, update_status
+    from wsi_pipeline.tme.classifier import WEIGHTS_FILE, load_classifier
+
+    cfg.validate()
+    layout = RunLayout(run_root)
+    ids = slide_ids if slide_ids is not None else layout.slide_ids_with_tiles()
+    if not ids:
+        raise TilesNotFoundError(f"{layout.tiles_dir}: no tiles/*.h5 — run `wsi tile` on this RUN first")
+    clf = load_classifier(cfg.classifier or None)
+    cfg.roles.resolve(clf.class_names)  # fail early on a classifier without tumour/lymphocyte classes
+    clf_sha = F.file_sha256(Path(clf.path) / WEIGHTS_FILE)
+    ctx = TMEContext(layout, clf, cfg, clf_sha, str(resolve_device(cfg.device)))
+    save_resolved(run_root, STAGE, {"tme": cfg, "classifier_path": clf.path, "classifier_mpp": clf.mpp})
+    rows: list[dict[str, Any]] = []
+    failed: list[tuple[str, str]] = []
+    for sid in ids:
+        t0 = time.perf_counter()
+        try:
+            row = slide_row(ctx, sid)
+        except (WSIPipelineError, OSError, ValueError, KeyError) as e:  # one bad slide: record, go on
+            log.warning("%s: TME failed: %s", sid, e)
+            failed.append((sid, str(e)))
+            update_status(layout.slides_csv, SlideStatus(sid, STAGE, status=STATUS_FAILED, error=str(e),
+                                                         error_type=type(e).__name__,
+                                                         seconds=round(time.perf_counter() - t0, 2)))
+            if on_result:
+                on_result(sid, False, str(e))
+            continue
+        rows.append(row)
+        update_status(layout.slides_csv, SlideStatus(sid, STAGE, status=STATUS_DONE, n_tiles=row["n_tiles"],
+                                                     seconds=round(time.perf_counter() - t0, 2)))
+        if on_result:
+            on_result(sid, True, "")
+    if slide_ids is not None and layout.tme_csv.exists():  # keep the other slides' rows
+        import pandas as pd
+
+        old = pd.read_csv(layout.tme_csv)
+        done = {r["slide_id"] for r in rows}
+        rows = [r for r in old.to_dict("records") if r["slide_id"] not in done] + rows
+    write_tme_csv(layout.tme_csv, rows)
+    return TMESummary(rows, failed, layout.tme_csv)
+
+
+# ---------------------------------------------------------------- joining the read-out to labels
+def join_tme_to_labels(
+    labels_csv: str | Path, tme_csv: str | Path, out_csv: str | Path, prefix: str = "tme_"
+) -> Path:
+    """Write ``labels ⟕ tme`` on ``slide_id`` (left join: every label row kept, slides without a TME
+    read-out get empty cells); TME columns are prefixed (``tme_til_fraction``, ``tme_immune_phenotype``, …)
+    so they never overwrite a label. The result is a labels CSV for `wsi train` (TME columns as targets or
+    as ``--covariates``)."""
+    from wsi_pipeline.analysis.tables import SLIDE_ID, read_labels, read_slide_table
+    from wsi_pipeline.errors import FormatError
+
+    labels = read_labels(labels_csv)
+    tme = read_slide_table(tme_csv)
+    if tme is None:
+        raise FormatError(tme_csv, "no TME table; run `wsi tme RUN` first")
+    tme = tme.rename(columns={c: f"{prefix}{c}" for c in tme.columns if c != SLIDE_ID})
+    joined = labels.merge(tme, on=SLIDE_ID, how="left")
+    F.write_text_atomic(out_csv, joined.to_csv(index=False, float_format="%.6g"))
+    return Path(out_csv)
