@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--head", default="abmil")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--prepare-only", action="store_true", help="generate and tile the cohort, then stop")
     args = ap.parse_args()
 
     from wsi_pipeline.config import TilingConfig
@@ -80,6 +81,8 @@ def main() -> None:
     print(f"tiling {len(paths)} slides ...", flush=True)
     s = tile_slides(paths, RunLayout(run), TilingConfig(), workers=args.workers)
     assert s.ok, s.failed
+    if args.prepare_only:
+        return
     print(f"extracting with {encoder} ...", flush=True)
     e = extract_run(run, ExtractConfig(encoder=encoder))
     assert e.ok, e.failed

@@ -90,6 +90,16 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_text_if_changed(path: str | Path, text: str) -> bool:
+    """Write ``text`` atomically unless the file already holds exactly it (keeps mtimes of unchanged
+    outputs, so resumable stages downstream see nothing new). Returns whether it wrote."""
+    p = Path(path)
+    if p.exists() and p.read_text() == text:
+        return False
+    write_text_atomic(p, text)
+    return True
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

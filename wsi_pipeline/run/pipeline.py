@@ -235,6 +235,7 @@ def _stage_tme(cfg: RunConfig, hook: ProgressHook) -> StageResult:
     tcfg = tme_config_from_dict(dict(cfg.tme_options))
     layout = RunLayout(cfg.out)
     ids = layout.slide_ids_with_tiles()
+    before = {sid: _mtime(layout.tme_h5(sid)) for sid in ids}
     hook("tme", "start", len(ids))
     try:
         s = run_tme(cfg.out, tcfg, on_result=lambda *_: hook("tme", "advance", None))
@@ -243,9 +244,13 @@ def _stage_tme(cfg: RunConfig, hook: ProgressHook) -> StageResult:
         log.warning("TME read-out skipped: %s", e)
         return StageResult("tme", note=f"skipped: {e}", seconds=time.perf_counter() - t)
     hook("tme", "end", None)
-    done = len(s.rows) - getattr(s, "n_skipped", 0)
-    return StageResult("tme", done=max(done, 0), skipped=getattr(s, "n_skipped", 0), failed=list(s.failed),
+    redone = sum(1 for row in s.rows if _mtime(layout.tme_h5(row["slide_id"])) != before.get(row["slide_id"]))
+    return StageResult("tme", done=redone, skipped=len(s.rows) - redone, failed=list(s.failed),
                        seconds=time.perf_counter() - t)
+
+
+def _mtime(p: Path) -> int | None:
+    return p.stat().st_mtime_ns if p.exists() else None
 
 
 def _stage_heatmaps(cfg: RunConfig, model_dir: Path, hook: ProgressHook) -> StageResult:

@@ -300,7 +300,7 @@ def write_tme_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
         first = [c for c in FIRST_COLUMNS if c in df.columns]
         cols = first + [c for c in df.columns if c not in FIRST_COLUMNS]
         df = df[cols].sort_values("slide_id")
-    F.write_text_atomic(path, df.to_csv(index=False, float_format="%.6g"))
+    F.write_text_if_changed(path, df.to_csv(index=False, float_format="%.6g"))
     return Path(path)
 
 
