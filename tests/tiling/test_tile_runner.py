@@ -118,7 +118,7 @@ def test_shards_partition_the_batch(small_svs: Path, cmu_svs: Path, generic_tiff
 
 
 def test_kill_and_rerun_leaves_no_half_file(tmp_path: Path) -> None:
-    from conftest import _blob_image
+    from blob_images import blob_image as _blob_image
 
     from wsi_pipeline.synth.pyramid import array_painter, write_pyramid_tiff
 
