@@ -235,7 +235,8 @@ def write_features_h5(
     import h5py
 
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset(DS_FEATURES, data=features, chunks=(min(len(features), 4096) or 1, features.shape[1]))
+        chunks = (min(len(features), 4096), features.shape[1]) if len(features) else None  # empty: contiguous
+        f.create_dataset(DS_FEATURES, data=features, chunks=chunks)
         f.create_dataset(DS_COORDS, data=np.asarray(l0_xy, dtype=np.int64).reshape(-1, 2))
         _write_attrs(f, {**base_attrs(), **attrs})
 

@@ -121,8 +121,10 @@ def test_a_bad_slide_is_recorded_and_the_others_go_on(tmp_path: Path, small_svs:
     bottom = xy + np.array([0, attrs[F.A_LEVEL0_H] - 2 * attrs[F.A_PATCH_SIZE_L0]])  # tile data past the truncation
     F.write_tiles_h5(layout.tiles_h5("broken"), bottom, {**attrs, F.A_SLIDE_PATH: str(broken)})
     F.write_tiles_h5(layout.tiles_h5("gone"), xy, {**attrs, F.A_SLIDE_PATH: str(tmp_path / "gone.svs")})
+    F.write_tiles_h5(layout.tiles_h5("no-tissue"), np.zeros((0, 2), np.int64), attrs)
     summary = extract_run(layout.root, _cfg(weights))
-    assert summary.done == ["good"]
+    assert sorted(summary.done) == ["good", "no-tissue"]
+    assert F.read_features_h5(layout.features_h5(ENCODER, "no-tissue")).features.shape == (0, 512)
     assert sorted(sid for sid, _ in summary.failed) == ["broken", "gone"]
     rows = {r.slide_id: r for r in read_status(layout.slides_csv) if r.stage == "extract"}
     assert rows["good"].status == "done" and rows["broken"].status == "failed" and rows["gone"].status == "failed"

@@ -106,3 +106,14 @@ def test_read_order_is_a_blocked_permutation() -> None:
 
     items = plan_batches([SlideSource("x", coords, ReadSpec(0.5, 224, 0.5), 224)], 32)
     assert sum(len(p) for _, p in items) == len(coords) and all(len(p) <= 32 for _, p in items)
+
+
+@pytest.mark.parametrize("target_mpp", [0.5, 1.0])
+def test_threaded_batch_reading_gives_the_same_pixels(generic_tiff: Path, fine_svs: Path, target_mpp: float) -> None:
+    for path in (generic_tiff, fine_svs):
+        with open_slide(path) as s:
+            spec = ReadSpec(target_mpp, 224, s.mpp)
+            coords = _coords(s.dimensions, round(224 * target_mpp / s.mpp), 24, seed=7)
+        with open_tile_reader(path, spec, threads=1) as one, open_tile_reader(path, spec, threads=3) as many:
+            np.testing.assert_array_equal(many.read_many(coords), one.read_many(coords))
+            np.testing.assert_array_equal(many.read_many(coords[::-1]), one.read_many(coords[::-1]))

@@ -19,8 +19,11 @@ def register(app: typer.Typer) -> None:
                                     help="Local weights file (.safetensors/.pth/.bin) or hf-hub:org/name."),
         batch_size: int = typer.Option(32, "--batch-size", "-b", help="Tiles per batch."),
         num_workers: int = typer.Option(None, "--num-workers",
-                                        help="Reader processes (default: 1 on CPU, cores-1 up to 16 with a GPU; "
-                                             "0 = read in this process)."),
+                                        help="Reader processes (default: cores-1 up to 16 with a GPU; 0 on "
+                                             "CPU = read between batches in this process)."),
+        reader_threads: int = typer.Option(None, "--reader-threads",
+                                           help="Decoding threads when reading in this process "
+                                                "(default: torch's thread count)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         precision: str = typer.Option("bf16", "--precision", help="bf16, fp16 or fp32 (autocast)."),
         compile_model: bool = typer.Option(False, "--compile", help="torch.compile the encoder."),
@@ -43,7 +46,8 @@ def register(app: typer.Typer) -> None:
         from wsi_pipeline.features.extract import extract_run
 
         cfg = ExtractConfig(
-            encoder=encoder, weights=weights, batch_size=batch_size, num_workers=num_workers, device=device,
+            encoder=encoder, weights=weights, batch_size=batch_size, num_workers=num_workers,
+            reader_threads=reader_threads, device=device,
             precision=precision, compile=compile_model, dtype=dtype, shard=shard,
             coords_dir=str(coords_dir) if coords_dir else None, slides_dir=str(slides_dir) if slides_dir else None,
             slide_mpp=slide_mpp, allow_mpp_mismatch=allow_mpp_mismatch, fast_reader=not no_fast_reader,

@@ -15,7 +15,8 @@ class ExtractConfig:
     encoder: str | None = None  # registry name, timm:<arch>, project folder; None = the shipped default
     weights: str | None = None  # local weights file or hf-hub:org/name
     batch_size: int = 32
-    num_workers: int | None = None  # reader processes; None = 1 on CPU, cores - 1 (max 16) with CUDA
+    num_workers: int | None = None  # reader processes; None = 0 on CPU (read in-process), cores - 1 with CUDA
+    reader_threads: int | None = None  # decoding threads when reading in-process; None = torch's threads
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "bf16"  # bf16 | fp16 | fp32 (autocast)
     compile: bool = False  # torch.compile the encoder
@@ -38,6 +39,8 @@ class ExtractConfig:
             raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"--num-workers must be >= 0 (got {self.num_workers})")
+        if self.reader_threads is not None and self.reader_threads < 1:
+            raise ConfigError(f"--reader-threads must be >= 1 (got {self.reader_threads})")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.dtype not in FEATURE_DTYPES:

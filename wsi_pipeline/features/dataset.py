@@ -42,6 +42,7 @@ class ReaderOptions:
     fast: bool = True
     reduced_decode: bool = True
     cache_tiles: int = 256
+    threads: int = 1  # decoding threads per reader (for reading in the main process)
 
 
 def read_order(l0_xy: np.ndarray, step_l0: int) -> np.ndarray:
@@ -93,7 +94,7 @@ class SlideBatchDataset(Dataset):
             src = self.sources[si]
             o = self.options
             self._reader = open_tile_reader(src.slide_path, src.spec, fast=o.fast, cache_tiles=o.cache_tiles,
-                                            reduced_decode=o.reduced_decode)
+                                            reduced_decode=o.reduced_decode, threads=o.threads)
             self._reader_source = si
         assert self._reader is not None
         return self._reader

@@ -58,6 +58,8 @@ class ExtractSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     tiles: int = 0
     seconds: float = 0.0  # wall time of the extraction loop (model built, loader started included)
+    wait_seconds: float = 0.0  # of which waiting for tiles (reading, or blocked on reader processes)
+    compute_seconds: float = 0.0  # of which preprocess + forward (CPU device; launches only on CUDA)
     features_dir: str = ""
 
     @property
@@ -309,11 +311,14 @@ def extract_run(
     if on_start:
         on_start(len(todo), sum(j.n_tiles for j in todo))
     t0 = time.perf_counter()
-    for job, feats, err in run_jobs(todo, encoder, cfg, device, on_progress):
+    stats: dict[str, float] = {}
+    for job, feats, err in run_jobs(todo, encoder, cfg, device, on_progress, stats):
         _record(layout, job, feats, err, encoder, cfg, summary)
         if on_slide:
             on_slide(job.slide_id, "done" if not err else STATUS_FAILED, err)
     summary.seconds = time.perf_counter() - t0
+    summary.wait_seconds = stats.get("wait_s", 0.0)
+    summary.compute_seconds = stats.get("compute_s", 0.0)
     finish_distributed(dist_info, summary, device)
     return summary
 
@@ -337,8 +342,16 @@ def _record(layout: RunLayout, job: SlideJob, feats: np.ndarray | None, err: str
         status.status, status.error, status.error_type = STATUS_FAILED, err, err.split(":", 1)[0]
         summary.failed.append((job.slide_id, err))
         log.warning("%s: extraction failed: %s", job.slide_id, err)
-    else:
+        update_status(layout.slides_csv, status)
+        return
+    try:
         write_slide_features(job, feats, encoder, cfg)
+    except (WSIPipelineError, OSError, ValueError) as e:  # this slide's output only; the run goes on
+        err = f"{type(e).__name__}: cannot write {job.out_path} ({e})"
+        status.status, status.error, status.error_type = STATUS_FAILED, err, type(e).__name__
+        summary.failed.append((job.slide_id, err))
+        log.warning("%s: %s", job.slide_id, err)
+    else:
         status.status = STATUS_DONE
         summary.done.append(job.slide_id)
         summary.tiles += job.n_tiles
@@ -377,10 +390,13 @@ def write_slide_features(job: SlideJob, feats: np.ndarray, encoder: Any, cfg: Ex
 
 # ---------------------------------------------------------------- the loop
 def default_num_workers(device_type: str) -> int:
+    """GPU: reader processes on all but one core, prefetching while the GPU computes. CPU: none — the
+    model's threads use every core, so the next batch is read between forward passes, by the same number
+    of threads (a reader process would preempt one compute thread and stall the other at each barrier)."""
     from wsi_pipeline.run.batch import default_workers
 
     cores = default_workers()
-    return max(1, min(16, cores - 1)) if device_type == "cuda" else 1
+    return max(1, min(16, cores - 1)) if device_type == "cuda" else 0
 
 
 def run_jobs(
@@ -389,8 +405,13 @@ def run_jobs(
     cfg: ExtractConfig,
     device: Any,
     on_progress: Callable[[int], None] | None = None,
+    stats: dict[str, float] | None = None,
 ) -> Iterator[tuple[SlideJob, np.ndarray | None, str]]:
     """Yield ``(job, features in tiles-file order, '')`` per slide, or ``(job, None, error)``.
+
+    ``stats`` (if given) receives ``wait_s``: seconds spent waiting for tiles (reading in this process, or
+    blocked on the reader processes), ``compute_s``: seconds in preprocess + forward (CPU; on CUDA only the
+    launches), and ``loop_s``: seconds of the whole loop.
 
     Empty slides yield a (0, D) array. A reader-process crash fails the slide being read and the loader
     restarts with the remaining slides.
@@ -418,7 +439,8 @@ def run_jobs(
     started: dict[int, float] = {}
     failed: set[int] = set()
     num_workers = default_num_workers(device.type) if cfg.num_workers is None else cfg.num_workers
-    options = ReaderOptions(cfg.fast_reader, cfg.reduced_decode, cfg.cache_tiles)
+    threads = cfg.reader_threads or (torch.get_num_threads() if num_workers == 0 else 1)
+    options = ReaderOptions(cfg.fast_reader, cfg.reduced_decode, cfg.cache_tiles, threads)
     pending: tuple[int, Any, Any] | None = None  # (source, positions, device output) awaiting copy-back
 
     def finish(si: int, positions: Any, y: Any) -> Iterator[tuple[SlideJob, np.ndarray | None, str]]:
@@ -445,6 +467,7 @@ def run_jobs(
         yield jobs[si], None, err
 
     todo = list(items)
+    waited, computed, t_loop = 0.0, 0.0, time.perf_counter()
     careful = 0  # after a reader crash: this many items are read one at a time, to find the culprit
     while todo:
         if careful:
@@ -458,7 +481,14 @@ def run_jobs(
         pos = 0
         try:
             with torch.inference_mode():
-                for si, positions, tiles, err in loader:
+                it = iter(loader)
+                while True:
+                    t_wait = time.perf_counter()
+                    try:
+                        si, positions, tiles, err = next(it)
+                    except StopIteration:
+                        break
+                    waited += time.perf_counter() - t_wait
                     pos += 1
                     si = int(si)
                     if err:
@@ -467,6 +497,7 @@ def run_jobs(
                     if si in failed:
                         continue
                     started.setdefault(si, time.perf_counter())
+                    t_compute = time.perf_counter()
                     x = tiles.to(device, non_blocking=True)
                     n = x.shape[0]
                     if cfg.compile and n < cfg.batch_size:  # keep one static shape for the compiled graph
@@ -476,6 +507,7 @@ def run_jobs(
                         x = x.contiguous(memory_format=torch.channels_last)
                     with autocast(device, cfg.precision):
                         y = fwd(x)
+                    computed += time.perf_counter() - t_compute  # on CUDA: launch time only (asynchronous)
                     if pending is not None:  # copy back the previous batch while this one runs
                         yield from finish(*pending)
                     pending = (si, positions, y)
@@ -502,6 +534,11 @@ def run_jobs(
                 todo = left
         finally:
             ds.close()
+    if stats is not None:
+        stats.update(wait_s=waited, compute_s=computed, loop_s=time.perf_counter() - t_loop)
+    if items and waited > 0.1 * (time.perf_counter() - t_loop):
+        log.info("waited for tiles %.0f%% of the time: reading is a bottleneck (try more --num-workers)",
+                 100 * waited / (time.perf_counter() - t_loop))
 
 
 def _make_loader(ds: Any, num_workers: int, prefetch_factor: int, pin: bool) -> Any:

@@ -22,6 +22,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,9 +51,12 @@ class ReadSpec:
 
 
 class TileReader:
-    """Reads output tiles of one slide. Not thread-safe; one per worker process."""
+    """Reads output tiles of one slide. ``read`` is for one thread; ``read_many`` may use the reader's own
+    thread pool (``threads`` > 1: decoding releases the GIL). One reader per process."""
 
     kind = "abstract"
+    spec: ReadSpec
+    _pool: ThreadPoolExecutor | None = None
 
     def read(self, l0_xy: Sequence[int]) -> np.ndarray:
         """One tile: uint8 (tile_size, tile_size, 3)."""
@@ -64,14 +68,26 @@ class TileReader:
         t = self.spec.tile_size
         if out is None:
             out = np.empty((n, t, t, 3), np.uint8)
-        for i in range(n):
+        if self._pool is None or n < 2:
+            for i in range(n):
+                out[i] = self.read(l0_xy[i])
+            return out
+
+        def one(i: int) -> None:
             out[i] = self.read(l0_xy[i])
+
+        for _ in self._pool.map(one, range(n)):
+            pass
         return out
 
-    spec: ReadSpec
+    def _start_pool(self, threads: int) -> None:
+        if threads > 1:
+            self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tile-reader")
 
     def close(self) -> None:
-        pass
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def __enter__(self) -> TileReader:
         return self
@@ -85,17 +101,20 @@ class SlideTileReader(TileReader):
 
     kind = "slide"
 
-    def __init__(self, path: str | Path, spec: ReadSpec, slide: Any = None) -> None:
+    def __init__(self, path: str | Path, spec: ReadSpec, slide: Any = None, threads: int = 1) -> None:
         from wsi_pipeline.slide import open_slide
 
         self.spec = spec
         self.slide = slide if slide is not None else open_slide(path, mpp=spec.slide_mpp)
+        # OpenSlide handles are thread-safe; the tifffile/Pillow backends are read one tile at a time
+        self._start_pool(threads if getattr(self.slide, "backend", "") == "openslide" else 1)
 
     def read(self, l0_xy: Sequence[int]) -> np.ndarray:
         return self.slide.read_region_at_mpp((int(l0_xy[0]), int(l0_xy[1])), self.spec.target_mpp,
                                              self.spec.tile_size)
 
     def close(self) -> None:
+        super().close()
         self.slide.close()
 
 
@@ -115,7 +134,7 @@ class JpegTiffReader(TileReader):
     kind = "tiff-jpeg"
 
     def __init__(self, path: str | Path, spec: ReadSpec, slide: Any, page: Any, geometry: _LevelGeometry,
-                 cache_tiles: int = 256, reduced_decode: bool = True) -> None:
+                 cache_tiles: int = 256, reduced_decode: bool = True, threads: int = 1) -> None:
         self.path = Path(path)
         self.spec = spec
         self.slide = slide  # kept open for the geometry; pixels come from the TIFF
@@ -137,31 +156,43 @@ class JpegTiffReader(TileReader):
                 r *= 2
         self._reduce = r
         self.decoded_tiles = 0
+        self._frozen = False  # True while pool threads cut tiles from the cache (no LRU bookkeeping then)
+        self._start_pool(threads)
 
     # ---- stored tiles
     def _stored(self, tx: int, ty: int, r: int) -> np.ndarray:
         key = (tx, ty, r)
         hit = self._cache.get(key)
         if hit is not None:
-            self._cache.move_to_end(key)
+            if not self._frozen:
+                self._cache.move_to_end(key)
             return hit
+        arr = self._load(key)
+        if not self._frozen:
+            self._put(key, arr)
+        return arr
+
+    def _put(self, key: tuple[int, int, int], arr: np.ndarray) -> None:
+        self._cache[key] = arr
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._cache_tiles:
+            self._cache.popitem(last=False)
+
+    def _load(self, key: tuple[int, int, int]) -> np.ndarray:
+        """Read and decode one stored tile (thread-safe: ``os.pread`` and a GIL-free decoder)."""
+        tx, ty, r = key
         idx = ty * self._ntx + tx
         nbytes = int(self._counts[idx])
-        if nbytes == 0:  # sparse tile: OpenSlide shows it as transparent → white
-            arr = np.full((self._th // r, self._tw // r, 3), WHITE, np.uint8)
-        else:
-            data = os.pread(self._fd, nbytes, int(self._offsets[idx]))
-            if len(data) < nbytes:
-                raise CorruptSlideError(
-                    self.path, f"tile ({tx}, {ty}) of level {self.geo.level} lies beyond the end of the file",
-                    "the file is truncated; copy it again",
-                )
-            arr = self._decode(data, r, tx, ty)
         self.decoded_tiles += 1
-        self._cache[key] = arr
-        if len(self._cache) > self._cache_tiles:
-            self._cache.popitem(last=False)
-        return arr
+        if nbytes == 0:  # sparse tile: OpenSlide shows it as transparent → white
+            return np.full((self._th // r, self._tw // r, 3), WHITE, np.uint8)
+        data = os.pread(self._fd, nbytes, int(self._offsets[idx]))
+        if len(data) < nbytes:
+            raise CorruptSlideError(
+                self.path, f"tile ({tx}, {ty}) of level {self.geo.level} lies beyond the end of the file",
+                "the file is truncated; copy it again",
+            )
+        return self._decode(data, r, tx, ty)
 
     def _decode(self, data: bytes, r: int, tx: int, ty: int) -> np.ndarray:
         import imagecodecs
@@ -188,27 +219,60 @@ class JpegTiffReader(TileReader):
         return arr[..., :3]
 
     # ---- output tiles
-    def read(self, l0_xy: Sequence[int]) -> np.ndarray:
-        from wsi_pipeline.slide.base import resize_rgb
-
+    def _plan(self, l0_xy: Sequence[int]) -> tuple[int, int, int, int, float, float]:
+        """(lx, ly, size, r, ax, ay): the level region [lx, lx+size)² read at 1/r scale, and the fractional
+        level position (OpenSlide places regions at l0 / downsample with bilinear filtering)."""
         g = self.geo
         fx, fy = int(l0_xy[0]) / g.downsample, int(l0_xy[1]) / g.downsample
         lx, ly = int(np.floor(fx + 1e-9)), int(np.floor(fy + 1e-9))
         ax, ay = fx - lx, fy - ly
         ax, ay = (0.0 if ax < 1e-6 else ax), (0.0 if ay < 1e-6 else ay)
         size = g.region
-        t = self.spec.tile_size
         if ax or ay:
-            # OpenSlide places a level region at a fractional level position with bilinear filtering
-            region = _bilinear_shift(self._region(lx, ly, size + 1, 1), ax, ay, size)
-        else:
-            r = self._reduce
-            if r > 1 and (lx % r or ly % r or size % r):
-                r = 1  # sub-pixel misalignment at reduced scale: decode at full scale for this tile
-            region = self._region(lx, ly, size, r)
+            return lx, ly, size + 1, 1, ax, ay
+        r = self._reduce
+        if r > 1 and (lx % r or ly % r or size % r):
+            r = 1  # sub-pixel misalignment at reduced scale: decode at full scale for this tile
+        return lx, ly, size, r, 0.0, 0.0
+
+    def read(self, l0_xy: Sequence[int]) -> np.ndarray:
+        from wsi_pipeline.slide.base import resize_rgb
+
+        lx, ly, size, r, ax, ay = self._plan(l0_xy)
+        region = self._region(lx, ly, size, r)
+        if ax or ay:
+            region = _bilinear_shift(region, ax, ay, size - 1)
+        t = self.spec.tile_size
         if region.shape[0] != t:
             region = resize_rgb(region, (t, t))
         return region
+
+    def _stored_keys(self, lx: int, ly: int, size: int, r: int) -> list[tuple[int, int, int]]:
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + size, self.geo.width), min(ly + size, self.geo.height)
+        if x1 <= x0 or y1 <= y0:
+            return []
+        return [(tx, ty, r) for ty in range(y0 // self._th, (y1 - 1) // self._th + 1)
+                for tx in range(x0 // self._tw, (x1 - 1) // self._tw + 1)]
+
+    def read_many(self, l0_xy: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Decode the batch's stored tiles in parallel, then cut the output tiles in parallel from them."""
+        if self._pool is None or len(l0_xy) < 2:
+            return super().read_many(l0_xy, out)
+        keys = list(dict.fromkeys(k for xy in l0_xy for k in self._stored_keys(*self._plan(xy)[:4])))
+        if len(keys) > self._cache_tiles:  # more than the cache holds: no batch-wide prefetch
+            return super().read_many(l0_xy, out)
+        for k in keys:  # keep the ones already decoded at the young end of the LRU
+            if k in self._cache:
+                self._cache.move_to_end(k)
+        missing = [k for k in keys if k not in self._cache]
+        for k, arr in zip(missing, self._pool.map(self._load, missing), strict=True):
+            self._put(k, arr)
+        self._frozen = True
+        try:
+            return super().read_many(l0_xy, out)
+        finally:
+            self._frozen = False
 
     def _region(self, lx: int, ly: int, size: int, r: int) -> np.ndarray:
         """Level pixels [lx, lx+size)² at 1/r scale; white outside the level."""
@@ -230,6 +294,7 @@ class JpegTiffReader(TileReader):
         return out
 
     def close(self) -> None:
+        super().close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -310,13 +375,14 @@ def _find_jpeg_page(tif: Any, width: int, height: int) -> Any:
 
 
 def open_tile_reader(path: str | Path, spec: ReadSpec, fast: bool = True, cache_tiles: int = 256,
-                     reduced_decode: bool = True) -> TileReader:
-    """The fastest reader that can read ``path`` exactly (see module doc)."""
+                     reduced_decode: bool = True, threads: int = 1) -> TileReader:
+    """The fastest reader that can read ``path`` exactly (see module doc). ``threads`` > 1 decodes the tiles
+    of one :meth:`~TileReader.read_many` call in parallel."""
     from wsi_pipeline.slide import open_slide
 
     slide = open_slide(path, mpp=spec.slide_mpp)
     if not fast or getattr(slide, "backend", "") != "openslide" or slide.vendor not in FAST_VENDORS:
-        return SlideTileReader(path, spec, slide=slide)
+        return SlideTileReader(path, spec, slide=slide, threads=threads)
     import tifffile
 
     geo = level_geometry(slide, spec)
@@ -326,9 +392,9 @@ def open_tile_reader(path: str | Path, spec: ReadSpec, fast: bool = True, cache_
             if page is not None:
                 # materialise what the reader needs before the file closes
                 _ = (page.dataoffsets, page.databytecounts, page.jpegtables)
-                reader = JpegTiffReader(path, spec, slide, page, geo, cache_tiles, reduced_decode)
+                reader = JpegTiffReader(path, spec, slide, page, geo, cache_tiles, reduced_decode, threads)
                 log.debug("%s: fast JPEG reader on level %d (decode 1/%d)", path, geo.level, reader._reduce)
                 return reader
     except (tifffile.TiffFileError, OSError, ValueError) as e:
         log.debug("%s: tifffile cannot parse it (%s); using the slide reader", path, e)
-    return SlideTileReader(path, spec, slide=slide)
+    return SlideTileReader(path, spec, slide=slide, threads=threads)
