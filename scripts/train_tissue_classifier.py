@@ -71,6 +71,9 @@ Confusion matrix (rows = truth, columns = predicted):
 ## Recipe
 `nice python scripts/train_tissue_classifier.py` ({head} head, class-balanced cross-entropy, full-batch
 AdamW, {epochs} steps, lr {lr}, weight decay {wd}; features standardised). CPU, {seconds:.0f} s.
+Then `nice python scripts/eval_tme.py --json models/{name}/eval_tme.json --card models/{name}/README.md`
+adds the held-out mosaic evaluation below. A retrained demo encoder (new weights checksum) needs both
+steps again: `wsi tme` refuses a classifier whose encoder weights changed.
 
 ## Files
 `classifier.json` (class names, encoder, embed dim, µm/px, fit, metrics, split, training summary) and
