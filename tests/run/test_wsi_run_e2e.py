@@ -33,7 +33,7 @@ def test_wsi_run_end_to_end_with_a_corrupt_slide(tmp_path: Path) -> None:
     for sid in ("P002_1", "P003_1"):
         shutil.copy(REPO / "data_samples" / f"{sid}.svs", slides / f"{sid}.svs")
     good = (REPO / "data_samples" / "P004_1.svs").read_bytes()
-    (slides / "broken.svs").write_bytes(good[: len(good) // 3])  # truncated copy
+    (slides / "broken.svs").write_bytes(good[:8] + bytes(200_000))  # TIFF header, then nothing readable
     run = tmp_path / "run"
 
     r = _run(slides, run)

@@ -68,14 +68,14 @@ class TiffSlide(Slide):
             self._tif = tifffile.TiffFile(str(path))
             series = self._tif.series[0]
             self._levels = list(series.levels)
-        except (tifffile.TiffFileError, ValueError, IndexError, OSError) as e:
+            dims = []
+            for lvl in self._levels:
+                shape = dict(zip(lvl.axes, lvl.shape, strict=False))
+                dims.append((int(shape["X"]), int(shape["Y"])))
+        except (tifffile.TiffFileError, ValueError, IndexError, KeyError, OSError) as e:
             raise CorruptSlideError(path, f"not a readable TIFF ({e})",
                                     "the file may be truncated or damaged; copy or export it again") from e
         self._axes = series.axes
-        dims = []
-        for lvl in self._levels:
-            shape = dict(zip(lvl.axes, lvl.shape, strict=False))
-            dims.append((int(shape["X"]), int(shape["Y"])))
         self._dims = tuple(dims)
         self._arrays: dict[int, Any] = {}
         page = self._levels[0].pages[0]

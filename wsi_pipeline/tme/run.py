@@ -240,7 +240,14 @@ def slide_row(ctx: TMEContext, slide_id: str) -> dict[str, Any]:
     row.update(metrics)
     row.update({"classifier": Path(clf.path).name, "classifier_mpp": clf.mpp, "feature_source": source,
                 "tiles_target_mpp": tiles.target_mpp})
-    if len(tiles) and (cfg.write_png or cfg.write_geojson):
+    render_key = F.params_hash({"probs": F.read_h5_attrs(layout.tme_h5(slide_id)).get(F.A_PARAMS_HASH),
+                                "spatial": cfg.spatial, "rules": cfg.rules, "png": cfg.write_png,
+                                "geojson": cfg.write_geojson, "thumb": cfg.thumbnail_max})
+    key_file = layout.tme_dir / f".{slide_id}.render_key"
+    rendered = (key_file.exists() and key_file.read_text() == render_key
+                and (not cfg.write_png or layout.tme_map_png(slide_id).exists())
+                and (not cfg.write_geojson or layout.tme_geojson(slide_id).exists()))
+    if len(tiles) and (cfg.write_png or cfg.write_geojson) and not rendered:
         comp = compartments(grid.labels, roles, grid.stride_um, cfg.spatial)
         per_tile = {
             "tumour_region": comp.tumour_region[grid.rows, grid.cols].astype(np.float64),
@@ -259,6 +266,7 @@ def slide_row(ctx: TMEContext, slide_id: str) -> dict[str, Any]:
 
             classified_tiles_geojson(layout.tme_geojson(slide_id), tiles.l0_xy, tiles.tile_size_l0, probs,
                                      clf.class_names, per_tile)
+        F.write_text_atomic(key_file, render_key)  # outputs up to date: a re-run leaves them alone
     return row
 
 
