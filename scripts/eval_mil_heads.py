@@ -22,8 +22,9 @@ the train cohort.
     nice python scripts/eval_mil_heads.py --work /tmp/mil-eval-quick --n-train 12 --n-test 8 --epochs 3 \\
         --folds 2 --models abmil meanpool@0           # smoke test
 
-Models are given as HEAD or HEAD@RINGS (spatial-context rings appended to each tile embedding; the
-default pipeline uses 1). Prints a markdown table per cohort and writes ``<work>/results.json`` and
+Models are given as HEAD[@RINGS][:key=value,...]: RINGS = spatial-context rings appended to each tile
+embedding (default 1, as in the pipeline); key=value overrides TrainConfig fields (``epochs=80``) or head
+arguments (``head.att_dim=64``). Prints a markdown table per cohort and writes ``<work>/results.json`` and
 ``<work>/results.md``.
 """
 
@@ -100,14 +101,21 @@ def tile_and_extract(slides_dir: Path, run: Path, encoder: str | None, workers: 
 
 
 # ---------------------------------------------------------------- models
-def parse_model(spec: str) -> tuple[str, int]:
-    head, _, rings = spec.partition("@")
-    return head, int(rings) if rings else 1
+def parse_model(spec: str) -> tuple[str, int, dict[str, Any]]:
+    """``HEAD[@RINGS][:key=value,...]`` → head, context rings, TrainConfig overrides (``head.X`` → head kwargs)."""
+    main, _, opts = spec.partition(":")
+    head, _, rings = main.partition("@")
+    over: dict[str, Any] = {}
+    for kv in filter(None, opts.split(",")):
+        k, _, v = kv.partition("=")
+        over[k] = json.loads(v) if v[:1].isdigit() or v[:1] in "-[{" or v in ("true", "false") else v
+    return head, int(rings) if rings else 1, over
 
 
 def model_label(spec: str) -> str:
-    head, rings = parse_model(spec)
-    return f"{head}+ctx{rings}" if rings else head
+    head, rings, over = parse_model(spec)
+    label = f"{head}+ctx{rings}" if rings else head
+    return label + "".join(f"_{k}{v}" for k, v in over.items())
 
 
 def train_and_predict(spec: str, cohort_dir: Path, encoder: str, a: argparse.Namespace) -> Any:
@@ -117,14 +125,17 @@ def train_and_predict(spec: str, cohort_dir: Path, encoder: str, a: argparse.Nam
     from wsi_pipeline.mil.predict import predict_run
     from wsi_pipeline.mil.train import train_cv
 
-    head, rings = parse_model(spec)
+    head, rings, over = parse_model(spec)
+    head_kwargs = {k.split(".", 1)[1]: v for k, v in over.items() if k.startswith("head.")}
+    over = {k: v for k, v in over.items() if not k.startswith("head.")}
     mdir = cohort_dir / "models" / model_label(spec)
     if not (mdir / "model.json").exists():
         t0 = time.perf_counter()
-        train_cv(TrainConfig(run=str(cohort_dir / "train"), labels=str(cohort_dir / "train_slides" / "labels.csv"),
-                             targets=TARGETS, model_out=str(mdir), head=head, folds=a.folds, epochs=a.epochs,
-                             context_rings=rings, baseline=False, seed=a.seed, encoder=encoder,
-                             threads=a.threads, n_bootstrap=200))
+        cfg = {"run": str(cohort_dir / "train"), "labels": str(cohort_dir / "train_slides" / "labels.csv"),
+               "targets": TARGETS, "model_out": str(mdir), "head": head, "folds": a.folds, "epochs": a.epochs,
+               "context_rings": rings, "baseline": False, "seed": a.seed, "encoder": encoder,
+               "threads": a.threads, "n_bootstrap": 200, "head_kwargs": head_kwargs, **over}
+        train_cv(TrainConfig(**cfg))
         log(f"trained {model_label(spec)} in {time.perf_counter() - t0:.0f}s")
     predict_run(PredictConfig(run=str(cohort_dir / "test"), model=str(mdir), encoder=encoder,
                               labels=str(cohort_dir / "test_slides" / "labels.csv"), write_scores=False))

@@ -209,3 +209,16 @@ def test_100k_bag_forward_within_2gb():
     assert set(extra_mb) == {"meanpool", "chowder", "abmil", "transmil"}
     for name, mb in extra_mb.items():
         assert mb < 2048, f"{name}: {mb:.0f} MB above the input for a 100k × 384 bag"
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_context_interaction_encoder(name):
+    torch.manual_seed(0)
+    head = create_head(name, 48, TASKS, hidden=32, encoder="interact", context_dim=32)
+    x, coords = _bag(25, 48)
+    out = head(x, coords=coords)
+    assert out.instance_scores["phen"].shape == (25, 3)
+    sum(v.sum() for v in out.logits.values()).backward()
+    assert head.encoder.context.weight.grad is not None
+    with pytest.raises(ValueError, match="context_dim"):
+        create_head(name, 48, TASKS, encoder="interact", context_dim=0)

@@ -107,7 +107,7 @@ def test_run_folder_source_reads_tiles_from_slides(cmu_svs: Path, tmp_path: Path
     src = open_tile_source(layout.root, subset="all", max_tiles_per_slide=20)
     assert isinstance(src, RunTiles) and src.mpp == 1.0 and len(src) == 20
     with open_slide(cmu_svs) as s:
-        k, x, y = src.entries[3]
+        _, x, y = src.entries[3]
         np.testing.assert_array_equal(src.read(3), s.read_region_at_mpp((int(x), int(y)), 1.0, 64))
     from wsi_pipeline.ssl.config import SSLConfig
     from wsi_pipeline.ssl.trainer import ssl_train

@@ -95,6 +95,7 @@ def register(app: typer.Typer) -> None:
         mpp: float = typer.Option(0.5, "--mpp", help="µm/px of the tiles (kather16: 0.495); tiles are rescaled to the encoder's MPP."),
         seed: int = typer.Option(0, "--seed", help="Seed of the source split and the random-init baseline."),
         test_fraction: float = typer.Option(0.3, "--test-fraction"),
+        min_sources: int = typer.Option(8, "--min-sources", help="Classes with fewer source images are split by tile (a huge value: split every class by tile)."),
         k: int = typer.Option(20, "-k", "--k", help="Neighbours of the k-NN probe."),
         batch_size: int = typer.Option(64, "--batch-size"),
         precision: str = typer.Option("bf16", "--precision", help="bf16 | fp16 | fp32."),
@@ -112,7 +113,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = EvalConfig(
             encoder=encoder, data=str(data), weights=weights, data_mpp=mpp, seed=seed, test_fraction=test_fraction,
-            k=k, batch_size=batch_size, precision=precision, device=device, random_init=not no_random_init,
+            min_sources=min_sources, k=k, batch_size=batch_size, precision=precision, device=device, random_init=not no_random_init,
             max_per_class=max_per_class, json_path=str(json_path) if json_path else "",
         )
         report = evaluate_encoder(cfg)

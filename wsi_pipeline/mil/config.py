@@ -33,6 +33,7 @@ class TrainConfig:
     hidden: int = 256
     dropout: float = 0.25
     context_rings: int = 1
+    instance_encoder: str = "mlp"  # mlp | interact (tile × neighbourhood interaction; needs context_rings > 0)
     max_tiles: int = 4096
     batch_bags: int = 4
     patience: int = 10
@@ -59,6 +60,8 @@ class TrainConfig:
             (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1) (got {self.dropout})"),
             (self.context_rings >= 0, f"--context-rings must be >= 0 (got {self.context_rings})"),
+            (self.instance_encoder in ("mlp", "interact"),
+             f"instance_encoder must be mlp or interact (got {self.instance_encoder!r})"),
             (self.max_tiles >= 0, f"--max-tiles must be >= 0 (got {self.max_tiles})"),
             (self.batch_bags >= 1, f"--batch-bags must be >= 1 (got {self.batch_bags})"),
             (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1) (got {self.val_fraction})"),

@@ -101,17 +101,47 @@ class TaskClassifier(nn.Module):
         return out
 
 
+class ContextInteractionEncoder(nn.Module):
+    """Instance encoder for tiles with spatial-context columns ``[x, c]`` (see mil.data): encodes the tile
+    (``ReLU(A x)``) and its neighbourhood (``ReLU(B c)``) separately and mixes them together with their
+    elementwise product, so "a lymphocyte tile among tumour tiles" is one feature, not a sum of two."""
+
+    def __init__(self, in_dim: int, context_dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        if not 0 < context_dim < in_dim:
+            raise ValueError(f"context_dim must be in (0, {in_dim}), got {context_dim}")
+        self.tile_dim = in_dim - context_dim
+        self.tile = nn.Linear(self.tile_dim, hidden)
+        self.context = nn.Linear(context_dim, hidden)
+        self.mix = nn.Sequential(nn.Linear(3 * hidden, hidden), nn.ReLU(), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        ht = torch.relu(self.tile(x[:, : self.tile_dim]))
+        hc = torch.relu(self.context(x[:, self.tile_dim :]))
+        return self.mix(torch.cat([ht, hc, ht * hc], dim=1))
+
+
 class MILHead(nn.Module):
-    """Base of all heads: shared instance encoder and one classifier per target."""
+    """Base of all heads: shared instance encoder and one classifier per target.
+
+    ``encoder``: ``"mlp"`` (Linear → ReLU → Dropout over all input columns) or ``"interact"``
+    (:class:`ContextInteractionEncoder`; needs ``context_dim``, the number of trailing context columns).
+    """
 
     registry_name = ""
 
     def __init__(
-        self, in_dim: int, tasks: Mapping[str, int], hidden: int = 256, dropout: float = 0.25, cov_dim: int = 0
+        self, in_dim: int, tasks: Mapping[str, int], hidden: int = 256, dropout: float = 0.25, cov_dim: int = 0,
+        encoder: str = "mlp", context_dim: int = 0,
     ) -> None:
         super().__init__()
         self.in_dim, self.tasks, self.hidden, self.cov_dim = in_dim, dict(tasks), hidden, cov_dim
-        self.encoder = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        if encoder == "mlp":
+            self.encoder: nn.Module = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        elif encoder == "interact":
+            self.encoder = ContextInteractionEncoder(in_dim, context_dim, hidden, dropout)
+        else:
+            raise ValueError(f"unknown instance encoder {encoder!r}; use 'mlp' or 'interact'")
         self.classifiers = nn.ModuleDict({t: TaskClassifier(hidden, n, cov_dim) for t, n in self.tasks.items()})
 
     def forward(self, x: Tensor, coords: Tensor | None = None, covariates: Tensor | None = None) -> MILOutput:
@@ -121,8 +151,8 @@ class MILHead(nn.Module):
 @register_head("abmil")
 class ABMIL(MILHead):
     def __init__(self, in_dim: int, tasks: Mapping[str, int], hidden: int = 256, dropout: float = 0.25,
-                 cov_dim: int = 0, att_dim: int = 128) -> None:
-        super().__init__(in_dim, tasks, hidden, dropout, cov_dim)
+                 cov_dim: int = 0, att_dim: int = 128, **base_kw: Any) -> None:
+        super().__init__(in_dim, tasks, hidden, dropout, cov_dim, **base_kw)
         self.att_v = nn.Linear(hidden, att_dim)
         self.att_u = nn.Linear(hidden, att_dim)
         self.att_w = nn.Linear(att_dim, len(self.tasks))  # one attention branch per target
@@ -159,8 +189,8 @@ class Chowder(MILHead):
     one target). Bags with fewer than k tiles repeat their sorted scores to fill the k slots."""
 
     def __init__(self, in_dim: int, tasks: Mapping[str, int], hidden: int = 256, dropout: float = 0.25,
-                 cov_dim: int = 0, k: int = 5, mlp_dim: int = 32) -> None:
-        super().__init__(in_dim, tasks, hidden, dropout, cov_dim)
+                 cov_dim: int = 0, k: int = 5, mlp_dim: int = 32, **base_kw: Any) -> None:
+        super().__init__(in_dim, tasks, hidden, dropout, cov_dim, **base_kw)
         self.k = k
         self.scorers = nn.ModuleDict({t: nn.Linear(hidden, n) for t, n in self.tasks.items()})
         self.mlps = nn.ModuleDict({
@@ -329,8 +359,8 @@ class PPEG(nn.Module):
 @register_head("transmil")
 class TransMIL(MILHead):
     def __init__(self, in_dim: int, tasks: Mapping[str, int], hidden: int = 256, dropout: float = 0.25,
-                 cov_dim: int = 0, heads: int = 4, landmarks: int = 128) -> None:
-        super().__init__(in_dim, tasks, hidden, dropout, cov_dim)
+                 cov_dim: int = 0, heads: int = 4, landmarks: int = 128, **base_kw: Any) -> None:
+        super().__init__(in_dim, tasks, hidden, dropout, cov_dim, **base_kw)
         self.cls_token = nn.Parameter(torch.randn(1, hidden) * 0.02)
         self.layer1 = TransLayer(hidden, heads, landmarks, 0.1)
         self.ppeg = PPEG(hidden)

@@ -92,9 +92,12 @@ class TrainResult:
     seconds: float
 
 
-def plan_variants(cfg: TrainConfig) -> list[Variant]:
+def plan_variants(cfg: TrainConfig, embed_dim: int) -> list[Variant]:
     """The models trained by one ``wsi train`` call; the first is the main model."""
-    kw = {"hidden": cfg.hidden, "dropout": cfg.dropout, **cfg.head_kwargs}
+    kw: dict[str, Any] = {"hidden": cfg.hidden, "dropout": cfg.dropout}
+    if cfg.instance_encoder != "mlp" and cfg.context_rings > 0:
+        kw.update(encoder=cfg.instance_encoder, context_dim=embed_dim * cfg.context_rings)
+    kw.update(cfg.head_kwargs)
     base_kw = {"hidden": cfg.hidden, "dropout": cfg.dropout}
     out: list[Variant] = []
     if cfg.covariates:
@@ -372,7 +375,7 @@ def train_cv(cfg: TrainConfig, progress: Callable[[str], None] | None = None) ->
         cohort.embed_dim = info.embed_dim
         mdir = ModelDir(cfg.model_out)
         mdir.root.mkdir(parents=True, exist_ok=True)
-        variants = plan_variants(cfg)
+        variants = plan_variants(cfg, info.embed_dim)
         tasks = [FoldTask(v, k) for v in variants for k in range(cfg.folds)]
         mine = [t for i, t in enumerate(tasks) if i % world == rank]
         results = []

@@ -397,7 +397,8 @@ def _train(cfg: SSLConfig, info: DistInfo) -> SSLResult:
         kol = koleo_loss(s_feat[: cfg.batch_size]) if cfg.koleo > 0 else torch.zeros((), device=dino.device)
         loss = dino + cfg.koleo * kol
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"ssl-train: loss is {loss.item()} at step {step}; lower --lr or use fp32")
+            raise ConfigError(f"ssl-train: the loss diverged ({loss.item()}) at step {step}; lower --lr or "
+                              "--clip-grad, or use --precision fp32, and restart")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad > 0:
