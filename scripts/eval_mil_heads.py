@@ -128,7 +128,7 @@ def train_and_predict(spec: str, cohort_dir: Path, encoder: str, a: argparse.Nam
     head, rings, over = parse_model(spec)
     head_kwargs = {k.split(".", 1)[1]: v for k, v in over.items() if k.startswith("head.")}
     over = {k: v for k, v in over.items() if not k.startswith("head.")}
-    mdir = cohort_dir / "models" / model_label(spec)
+    mdir = models_dir(cohort_dir, encoder) / model_label(spec)
     if not (mdir / "model.json").exists():
         t0 = time.perf_counter()
         cfg = {"run": str(cohort_dir / "train"), "labels": str(cohort_dir / "train_slides" / "labels.csv"),
@@ -142,6 +142,12 @@ def train_and_predict(spec: str, cohort_dir: Path, encoder: str, a: argparse.Nam
     pred = pd.read_csv(cohort_dir / "test" / "predictions.csv", dtype={"slide_id": str, "patient_id": str})
     oof = json.loads((mdir / "metrics.json").read_text())["models"][model_label_variant(mdir)]
     return pred, oof
+
+
+def models_dir(cohort_dir: Path, encoder: str) -> Path:
+    from wsi_pipeline.run.layout import safe_name
+
+    return cohort_dir / "models" / safe_name(encoder)
 
 
 def model_label_variant(mdir: Path) -> str:
@@ -221,13 +227,14 @@ def run_cohort(kind: str, a: argparse.Namespace) -> dict[str, Any]:
         pred, oof_m = train_and_predict(spec, cdir, encoder, a)
         frames[model_label(spec)] = pred
         oof[model_label(spec)] = oof_m
-        specs = ModelDir(cdir / "models" / model_label(spec)).read_card().target_specs
+        specs = ModelDir(models_dir(cdir, encoder) / model_label(spec)).read_card().target_specs
     assert specs is not None
     frames[REFERENCE] = reference_predictions(cdir, encoder, specs)
     pairs = [(m, REFERENCE) for m in frames if m != REFERENCE]
     labels = read_labels_table(cdir / "test_slides" / "labels.csv")
     metrics = evaluate_heldout(frames, labels, specs, n_boot=1000, seed=a.seed, pairs=pairs)
-    title = f"{kind} cohort: held-out test metrics (trained on {a.n_train} train patients, encoder {encoder})"
+    title = (f"{kind} cohort: held-out test metrics ({len(labels)} test slides; trained on the train cohort, "
+             f"encoder {encoder})")
     md = metrics_markdown(title, metrics, specs)
     print(md, flush=True)
     return {"metrics": metrics, "markdown": md, "oof": oof, "encoder": encoder}
@@ -249,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1, help="parallel slides when tiling")
     ap.add_argument("--retrain", action="store_true", help="delete trained models of --work first")
+    ap.add_argument("--tag", default="", help="name of the results files (default: results)")
     ap.add_argument("--build-only", action="store_true", help="only write the cohorts' slides and labels")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -269,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for kind in a.cohorts:
         results[kind] = run_cohort(kind, a)
-    (a.work / "results.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "markdown"}
+    tag = a.tag or "results"
+    (a.work / f"{tag}.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "markdown"}
                                                      for k, v in results.items()}, indent=2))
-    (a.work / "results.md").write_text("\n\n".join(v["markdown"] for v in results.values()))
-    log(f"wrote {a.work / 'results.md'}")
+    (a.work / f"{tag}.md").write_text("\n\n".join(v["markdown"] for v in results.values()))
+    log(f"wrote {a.work / f'{tag}.md'}")
     return 0
 
 
