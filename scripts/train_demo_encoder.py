@@ -57,7 +57,7 @@ CARD = """# {name}
 A small **demo / test** tile encoder for wsi-pipeline: timm `{arch}` ({params:.1f} M parameters,
 {embed_dim}-d pooled features, {size_mb:.1f} MB fp16 safetensors) trained **from scratch** with DINO
 self-distillation (`wsi ssl-train`) on H&E tiles of colorectal cancer. It is the default `--encoder` of
-`wsi extract` so that an out-of-the-box run gives meaningful features on a laptop CPU.
+`wsi extract` so that an out-of-the-box run works on a laptop CPU without downloading gated weights.
 
 **Intended use:** demos, tutorials, tests and CI of wsi-pipeline. **Not for clinical use**, not a
 substitute for a foundation model (UNI, Virchow, Phikon ...): it saw {n_train} small tiles of one
@@ -94,14 +94,19 @@ wsi ssl-train --data ../shared/data/kather16 --subset train --split-seed 0 --tes
 wsi eval-encoder --encoder models/{name} --data ../shared/data/kather16 --mpp 0.495 --json eval.json
 ```
 
-DINO (student/teacher EMA {mom} → 1, centring, teacher temperature 0.04 → {ttemp}), multi-crop
+DINO (student/teacher EMA {mom} → 1, centring, teacher temperature {ttemp_text}), multi-crop
 2 × {global_size} px + {n_local} × {local_size} px at {mpp} µm/px (zoom jitter 0.8–1.25), dihedral flips/rotations,
 HED stain jitter, colour jitter, hue, grayscale, blur, solarisation; KoLeo {koleo}; AdamW, lr {lr} per 256
 images (cosine, warm-up 10 %), weight decay 0.04 → 0.4, gradient clipping 3, bf16 autocast.
 
 ## Compute
 {steps} steps × {batch} images ({epochs:.1f} epochs of the training tiles) in **{minutes:.0f} min** wall time on one
-thread of a shared 2-core Intel Xeon (AMX bf16), niced, next to ~6 other jobs. No GPU.
+thread of a shared 2-core Intel Xeon (AMX bf16), niced, next to ~6 other jobs. No GPU. Before it, about
+1 h of the same machine went into three aborted pilots (mild / strong colour augmentation, 4096
+prototypes, 112 / 96 / 80-px crops: k-NN stalled near random init). A later run with stronger stain
+augmentation (`--hed-sigma 0.2 --hed-bias 0.03 --color-jitter 0.3 --hue 0.05 --gray-p 0.3
+--teacher-temp 0.04`, 1000 steps, 34 min) scored k-NN 0.742 / linear 0.760 — within noise of this one; it
+was not shipped because the demo tissue classifier and MIL model were already trained on these weights.
 
 ## Evaluation (`wsi eval-encoder`, held-out source images)
 {n_eval_train} train / {n_eval_test} test tiles, 8 classes, balanced accuracy; k-NN: k = 20, cosine similarity,
@@ -111,11 +116,13 @@ weighted vote exp(cos/0.07); linear: logistic regression on standardised feature
 {table}
 
 k-NN recall per class: {per_class}
-
+{tile_split}
 The source split is hard: a few held-out source images look unlike any training source (e.g. a
 lymphocyte-rich source predicted as tumour), and the colour histogram alone reaches similar figures.
-With a split **by tile** instead (same sources on both sides — optimistic) the same encoder scores
-higher; the source split is the honest figure.
+The target of issue 6 (k-NN ≥ 0.85 on held-out sources, clear gain over random init) is **not met**
+with this CPU budget: the gain over random init is small for k-NN and absent for the linear probe. A
+longer run (e.g. `torchrun --nproc_per_node=8 -m wsi_pipeline ssl-train ... --steps 20000` on GPUs, or on
+your own slides via a RUN folder) is the way to a useful encoder.
 """
 
 
@@ -131,6 +138,21 @@ def write_model_card(out: Path, report: dict) -> None:
     size_mb = (out / "model.safetensors").stat().st_size / 1e6
     n_train = int(tr["data"].split(",")[-1].split()[0])
     table = "\n".join(format_table(report).splitlines()[2:])
+    tile_split = ""
+    ts_path = out / "eval_kather16_tile_split.json"
+    if ts_path.exists():
+        ts = json.loads(ts_path.read_text())
+        tile_split = (
+            f"\nWith a split **by tile** instead (`--min-sources 100000`: tiles of one source on both sides, and "
+            f"some test tiles were seen, unlabelled, in pretraining — optimistic): k-NN {ts['knn_balanced_accuracy']:.3f} vs random init "
+            f"{ts['random_init_knn_balanced_accuracy']:.3f}, linear {ts['linear_balanced_accuracy']:.3f} vs "
+            f"{ts['random_init_linear_balanced_accuracy']:.3f}, colour histogram "
+            f"{ts['colour_histogram_knn_balanced_accuracy']:.3f} / {ts['colour_histogram_linear_balanced_accuracy']:.3f}"
+            " — the encoder learned tissue texture, but much of it does not transfer to unseen source images "
+            "(stain, scanner, patient).\n"
+        )
+    ttemp_text = (f"{cfg['teacher_temp']} (constant)" if cfg["teacher_temp_start"] == cfg["teacher_temp"]
+                  else f"{cfg['teacher_temp_start']} → {cfg['teacher_temp']}")
     text = CARD.format(
         name=meta["name"], arch=meta["arch"], params=size_mb / 2.0, embed_dim=meta["embed_dim"], size_mb=size_mb,
         n_train=n_train, mpp=meta["mpp"], mean=meta["mean"], std=meta["std"], input_size=meta["input_size"],
@@ -141,6 +163,7 @@ def write_model_card(out: Path, report: dict) -> None:
         epochs=cfg["steps"] * cfg["batch_size"] / n_train, minutes=tr["seconds"] / 60,
         n_eval_train=report["n_train"], n_eval_test=report["n_test"], table=table,
         per_class=", ".join(f"{k} {v:.2f}" for k, v in report["knn_per_class_recall"].items()),
+        tile_split=tile_split, ttemp_text=ttemp_text,
     )
     (out / "README.md").write_text(text)
 

@@ -117,8 +117,12 @@ def register(app: typer.Typer) -> None:
             max_per_class=max_per_class, json_path=str(json_path) if json_path else "",
         )
         report = evaluate_encoder(cfg)
+        modes = list(report["split"]["mode_per_class"].values())
+        n_tile = modes.count("tile")
+        how = ("split by tile" if n_tile == len(modes) else "split by source image" if n_tile == 0
+               else f"split by source image ({n_tile} classes with few sources by tile)")
         table = Table(title=(f"held-out balanced accuracy: {report['n_train']} train / {report['n_test']} test tiles, "
-                             f"{len(report['classes'])} classes, split by source (seed {seed})"))
+                             f"{len(report['classes'])} classes, {how}, seed {seed}"))
         table.add_column("features")
         table.add_column(f"k-NN (k={k}, cosine, weighted)", justify="right")
         table.add_column("linear probe", justify="right")

@@ -160,6 +160,8 @@ def save_project_encoder(
     with atomic_path(out / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"arch": str(full["arch"]), "name": str(full["name"])})
     write_text_atomic(out / ENCODER_JSON, json.dumps(full, indent=2, sort_keys=False) + "\n")
+    for f in (out / WEIGHTS_FILE, out / ENCODER_JSON):  # temporary files are created 0600
+        f.chmod(0o644)
     log.info("saved encoder %s (%s, %d-d) to %s", full["name"], full["arch"], full["embed_dim"], out)
     return out
 
