@@ -161,3 +161,20 @@ def test_torchrun_two_ranks_gloo(tiny_tiles: Path, tmp_path: Path) -> None:
     assert enc.meta.name == "ddp"
     log = (out / "train_log.csv").read_text()
     assert "img_per_s" in log and log.count("\n") == 4
+
+
+def test_device_augmentation_path_gives_the_same_views(tiny_tiles: Path, tmp_path: Path) -> None:
+    """Workers that only read tiles + augmentation on the training device (the GPU path, here run with the
+    CPU as the device) give exactly the views of the all-in-worker path: the random stream is the same."""
+    from wsi_pipeline.ssl.data import open_tile_source
+    from wsi_pipeline.ssl.trainer import MultiCropBatches, iterate_views
+
+    cfg = tiny_config(tiny_tiles, tmp_path / "o", steps=3)
+    source = open_tile_source(cfg.data, cfg.data_mpp, "all", 0, 0.3, None)
+    batches = MultiCropBatches(source, cfg.augment, 4, seed=1)
+    plain = list(iterate_views(batches, 0, 3, workers=0))
+    on_device = list(iterate_views(batches, 0, 3, workers=2, augment_device=torch.device("cpu")))
+    assert [s for s, _ in on_device] == [0, 1, 2]
+    for (_, a), (_, b) in zip(plain, on_device, strict=True):
+        assert len(a) == len(b) == 2 + cfg.augment.n_local
+        assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a, b, strict=True))

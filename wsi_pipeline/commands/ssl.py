@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         workers: int = typer.Option(0, "--workers", help="DataLoader worker processes per rank."),
         threads: int = typer.Option(0, "--threads", help="torch threads per rank (0: default)."),
+        augment_on_device: bool = typer.Option(True, "--augment-on-device/--augment-on-cpu",
+                                               help="On a GPU, run the augmentations there (workers only read tiles)."),
         checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Checkpoint (and export) every N steps."),
         checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="Default: OUT/checkpoints."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint, exactly."),
@@ -75,7 +77,7 @@ def register(app: typer.Typer) -> None:
             max_tiles_per_slide=max_tiles_per_slide, lr=lr, weight_decay=weight_decay,
             weight_decay_end=weight_decay_end, momentum_teacher=momentum_teacher, teacher_temp=teacher_temp,
             out_dim=out_dim, koleo=koleo, clip_grad=clip_grad, precision=precision, device=device, seed=seed,
-            workers=workers, threads=threads, checkpoint_every=checkpoint_every,
+            workers=workers, threads=threads, augment_on_device=augment_on_device, checkpoint_every=checkpoint_every,
             checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else "", resume=resume, stop_at_step=stop_at_step,
             licence=licence, description=description,
         )

@@ -61,18 +61,26 @@ def _rand(g: torch.Generator, n: int, lo: float = 0.0, hi: float = 1.0) -> torch
     return torch.rand(n, generator=g) * (hi - lo) + lo
 
 
+def _draw(g: torch.Generator, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """U(0, 1) numbers drawn on the CPU generator (the same stream on every device), placed on ``device``."""
+    return torch.rand(shape, generator=g).to(device, non_blocking=True)
+
+
 # ---------------------------------------------------------------- crops
-def stack_padded(images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 HWC images of any sizes → float (B, 3, Hmax, Wmax) in [0, 1] (zero-padded) and sizes (B, 2) = (h, w)."""
+def stack_padded(
+    images: Sequence[np.ndarray], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 HWC images of any sizes → float (B, 3, Hmax, Wmax) in [0, 1] on ``device`` (zero-padded) and
+    sizes (B, 2) = (h, w) on the CPU. The uint8 stack is built on the CPU and converted on the device."""
     hmax = max(im.shape[0] for im in images)
     wmax = max(im.shape[1] for im in images)
-    out = torch.zeros(len(images), 3, hmax, wmax)
+    out = np.zeros((len(images), hmax, wmax, 3), dtype=np.uint8)
     sizes = torch.zeros(len(images), 2)
     for i, im in enumerate(images):
-        t = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
-        out[i, :, : im.shape[0], : im.shape[1]] = t
+        out[i, : im.shape[0], : im.shape[1]] = im
         sizes[i, 0], sizes[i, 1] = im.shape[0], im.shape[1]
-    return out, sizes
+    t = torch.from_numpy(out).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    return t.contiguous(), sizes
 
 
 def crop_boxes(
@@ -98,7 +106,7 @@ def roi_crop(images: torch.Tensor, boxes: torch.Tensor, out_px: int) -> torch.Te
     """Crop-and-resize ``boxes`` of ``images`` (B, 3, H, W) to (K, 3, out_px, out_px), antialiased."""
     from torchvision.ops import roi_align
 
-    return roi_align(images, boxes, output_size=(out_px, out_px), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return roi_align(images, boxes.to(images.device), output_size=(out_px, out_px), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
 # ---------------------------------------------------------------- photometric / geometric
@@ -106,25 +114,26 @@ def flip_rot90(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Random element of the dihedral group D4 per image (square images)."""
     k = torch.randint(0, 4, (x.shape[0],), generator=g)
     flip = torch.rand(x.shape[0], generator=g) < 0.5
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
     out = x.clone()
     for r in (1, 2, 3):
-        m = k == r
-        if m.any():
-            out[m] = torch.rot90(x[m], r, dims=(-2, -1))
+        idx = torch.nonzero(k == r).flatten()
+        if idx.numel():
+            idx = idx.to(x.device)
+            out[idx] = torch.rot90(x[idx], r, dims=(-2, -1))
     return out
 
 
 def rgb_to_hed(x: torch.Tensor) -> torch.Tensor:
     """(K, 3, H, W) RGB in [0, 1] → HED stain concentrations (skimage.color.rgb2hed maths)."""
-    hed_from_rgb = torch.linalg.inv(torch.tensor(RGB_FROM_HED, dtype=torch.float64)).to(x.dtype)
+    hed_from_rgb = torch.linalg.inv(torch.tensor(RGB_FROM_HED, dtype=torch.float64)).to(x.device, x.dtype)
     od = torch.log(x.clamp_min(1e-6)) / _LOG_ADJUST
     return torch.einsum("kchw,cd->kdhw", od, hed_from_rgb).clamp_min(0.0)
 
 
 def hed_to_rgb(s: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`rgb_to_hed` (skimage.color.hed2rgb maths), clipped to [0, 1]."""
-    rgb_from_hed = torch.tensor(RGB_FROM_HED, dtype=s.dtype)
+    rgb_from_hed = torch.tensor(RGB_FROM_HED, dtype=s.dtype, device=s.device)
     log_rgb = torch.einsum("kdhw,dc->kchw", s * _LOG_ADJUST, rgb_from_hed)
     return torch.exp(log_rgb).clamp(0.0, 1.0)
 
@@ -134,8 +143,8 @@ def hed_jitter(x: torch.Tensor, g: torch.Generator, sigma: float, bias: float) -
     if sigma <= 0 and bias <= 0:
         return x
     k = x.shape[0]
-    alpha = (1.0 + (torch.rand(k, 3, generator=g) * 2 - 1) * sigma).view(k, 3, 1, 1)
-    beta = ((torch.rand(k, 3, generator=g) * 2 - 1) * bias).view(k, 3, 1, 1)
+    alpha = (1.0 + (_draw(g, (k, 3), x.device) * 2 - 1) * sigma).view(k, 3, 1, 1)
+    beta = ((_draw(g, (k, 3), x.device) * 2 - 1) * bias).view(k, 3, 1, 1)
     s = rgb_to_hed(x)
     return hed_to_rgb((s * alpha + beta).clamp_min(0.0))
 
@@ -146,19 +155,19 @@ _RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0
 def hue_rotate(x: torch.Tensor, g: torch.Generator, hue: float, on: torch.Tensor) -> torch.Tensor:
     """Rotate the chroma (I, Q) plane of YIQ by U(−hue, hue) turns, per image where ``on``."""
     k = x.shape[0]
-    theta = (torch.rand(k, generator=g) * 2 - 1) * hue * 2 * math.pi * on.view(-1)
-    t = torch.tensor(_RGB_TO_YIQ, dtype=x.dtype)
+    theta = (torch.rand(k, generator=g) * 2 - 1) * hue * 2 * math.pi * on.view(-1).cpu()
+    t = torch.tensor(_RGB_TO_YIQ, dtype=torch.float32)
     t_inv = torch.linalg.inv(t)
-    rot = torch.zeros(k, 3, 3, dtype=x.dtype)
+    rot = torch.zeros(k, 3, 3, dtype=torch.float32)
     rot[:, 0, 0] = 1.0
     rot[:, 1, 1], rot[:, 1, 2] = torch.cos(theta), -torch.sin(theta)
     rot[:, 2, 1], rot[:, 2, 2] = torch.sin(theta), torch.cos(theta)
-    m = t_inv @ rot @ t  # (k, 3, 3) acting on RGB
+    m = (t_inv @ rot @ t).to(x.device, x.dtype)  # (k, 3, 3) acting on RGB
     return torch.einsum("kij,kjhw->kihw", m, x).clamp(0.0, 1.0)
 
 
 def random_grayscale(x: torch.Tensor, g: torch.Generator, p: float) -> torch.Tensor:
-    on = (torch.rand(x.shape[0], generator=g) < p).view(-1, 1, 1, 1)
+    on = (_draw(g, (x.shape[0],), x.device) < p).view(-1, 1, 1, 1)
     gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1).expand_as(x)
     return torch.where(on, gray, x)
 
@@ -170,10 +179,10 @@ def color_jitter(
     """Brightness / contrast / saturation jitter (factors U(1−a, 1+a)) and hue rotation on a fraction ``p``
     of images."""
     k = x.shape[0]
-    on = (torch.rand(k, generator=g) < p).float().view(k, 1, 1, 1)
+    on = (_draw(g, (k,), x.device) < p).float().view(k, 1, 1, 1)
 
     def factor(a: float) -> torch.Tensor:
-        f = 1.0 + (torch.rand(k, generator=g) * 2 - 1) * a
+        f = 1.0 + (_draw(g, (k,), x.device) * 2 - 1) * a
         return (1.0 + (f.view(k, 1, 1, 1) - 1.0) * on)
 
     fb, fc, fs = factor(brightness), factor(contrast), factor(saturation)
@@ -198,11 +207,11 @@ def gaussian_blur(
     if not on.any():
         return x
     radius = max(1, min(math.ceil(2.5 * sigma_max), (min(h, w) - 1) // 2))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
-    ker = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1).to(x.dtype)) ** 2)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    ker = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1).to(x.device, x.dtype)) ** 2)
     ker = ker / ker.sum(dim=1, keepdim=True)
     delta = (t == 0).to(x.dtype).expand(k, -1)
-    ker = torch.where(on.view(-1, 1), ker, delta)  # (k, 2r+1)
+    ker = torch.where(on.to(x.device).view(-1, 1), ker, delta)  # (k, 2r+1)
     ker = ker.repeat_interleave(c, dim=0)  # (k*c, 2r+1)
     y = x.reshape(1, k * c, h, w)
     y = F.pad(y, (radius, radius, radius, radius), mode="reflect")
@@ -212,13 +221,13 @@ def gaussian_blur(
 
 
 def solarize(x: torch.Tensor, g: torch.Generator, p: float, threshold: float = 0.5) -> torch.Tensor:
-    on = (torch.rand(x.shape[0], generator=g) < p).view(-1, 1, 1, 1)
+    on = (_draw(g, (x.shape[0],), x.device) < p).view(-1, 1, 1, 1)
     return torch.where(on & (x >= threshold), 1.0 - x, x)
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
 
 
@@ -237,11 +246,13 @@ def augment_view(
 
 
 def multi_crop(
-    images: Sequence[np.ndarray], src_mpp: float | Sequence[float], cfg: AugmentConfig, g: torch.Generator
+    images: Sequence[np.ndarray], src_mpp: float | Sequence[float], cfg: AugmentConfig, g: torch.Generator,
+    device: torch.device | str = "cpu",
 ) -> list[torch.Tensor]:
     """DINO multi-crop views of ``images`` (uint8 HWC at ``src_mpp`` µm/px): [global1, global2, local1..n],
-    each a normalised float tensor (B, 3, S, S)."""
-    batch, sizes = stack_padded(images)
+    each a normalised float tensor (B, 3, S, S) on ``device``. Random draws come from ``g`` on the CPU, so a
+    batch is the same (up to float rounding) whether it is augmented on the CPU or on a GPU."""
+    batch, sizes = stack_padded(images, device)
     ratio = torch.as_tensor(cfg.mpp, dtype=torch.float32) / torch.as_tensor(src_mpp, dtype=torch.float32)
     zoom = (cfg.zoom_min, cfg.zoom_max)
     views = []

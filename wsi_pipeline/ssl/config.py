@@ -53,6 +53,7 @@ class SSLConfig:
     device: str = "auto"
     seed: int = 0
     workers: int = 0
+    augment_on_device: bool = True  # on a GPU, run the augmentations there (workers only read tiles)
     threads: int = 0  # torch intra-op threads per rank (0: torch's default)
     checkpoint_every: int = 100
     checkpoint_dir: str = ""  # default: <out>/checkpoints

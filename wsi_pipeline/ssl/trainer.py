@@ -121,35 +121,46 @@ class MultiCropBatches:
             out.append(int(self._permutation(p // n)[p % n]))
         return out
 
-    def views(self, step: int) -> list[torch.Tensor]:
-        images = [self.source.read(i) for i in self.indices(step)]
+    def images(self, step: int) -> list[np.ndarray]:
+        return [self.source.read(i) for i in self.indices(step)]
+
+    def augment(self, step: int, images: list[np.ndarray], device: torch.device | str = "cpu") -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(_seed_of(self.seed, "augment", step, self.rank))
-        return multi_crop(images, self.source.mpp, self.aug, g)
+        return multi_crop(images, self.source.mpp, self.aug, g, device)
+
+    def views(self, step: int) -> list[torch.Tensor]:
+        return self.augment(step, self.images(step))
 
 
 class _StepDataset(torch.utils.data.IterableDataset):
     """Steps [start, end) for DataLoader workers: worker w makes steps ≡ w (mod n), read in order."""
 
-    def __init__(self, batches: MultiCropBatches, start: int, end: int) -> None:
-        self.batches, self.start, self.end = batches, start, end
+    def __init__(self, batches: MultiCropBatches, start: int, end: int, raw: bool = False) -> None:
+        self.batches, self.start, self.end, self.raw = batches, start, end, raw
 
-    def __iter__(self) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
         wi = torch.utils.data.get_worker_info()
         wid, nw = (wi.id, wi.num_workers) if wi is not None else (0, 1)
         for s in range(self.start + wid, self.end, nw):
-            yield s, self.batches.views(s)
+            yield s, (self.batches.images(s) if self.raw else self.batches.views(s))
 
 
-def iterate_views(batches: MultiCropBatches, start: int, end: int, workers: int) -> Iterator[tuple[int, list[torch.Tensor]]]:
+def iterate_views(
+    batches: MultiCropBatches, start: int, end: int, workers: int, augment_device: torch.device | None = None
+) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """Multi-crop views of steps [start, end). With ``augment_device`` the workers only read the tiles and the
+    augmentations run on that device (a GPU augments far faster than the CPU workers can)."""
+    raw = augment_device is not None
     if workers <= 0:
         for s in range(start, end):
-            yield s, batches.views(s)
+            yield s, (batches.augment(s, batches.images(s), augment_device) if raw else batches.views(s))
         return
     loader = torch.utils.data.DataLoader(
-        _StepDataset(batches, start, end), batch_size=None, num_workers=workers, persistent_workers=False,
-        prefetch_factor=2,
+        _StepDataset(batches, start, end, raw), batch_size=None, num_workers=workers, persistent_workers=False,
+        prefetch_factor=4 if raw else 2, collate_fn=(lambda b: b) if raw else None,
     )
-    yield from loader
+    for s, item in loader:
+        yield s, (batches.augment(s, item, augment_device) if raw else item)
 
 
 # ---------------------------------------------------------------- models
@@ -378,7 +389,8 @@ def _train(cfg: SSLConfig, info: DistInfo) -> SSLResult:
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     t_last = time.time()
     last_loss: float | None = None
-    for step, views in iterate_views(batches, start, end, cfg.workers):
+    aug_device = info.device if cfg.augment_on_device and info.device.type != "cpu" else None
+    for step, views in iterate_views(batches, start, end, cfg.workers, aug_device):
         lr = cosine_value(step, cfg.steps, base_lr, cfg.min_lr, cfg.warmup_steps)
         wd = cosine_value(step, cfg.steps, cfg.weight_decay, cfg.weight_decay_end)
         mom = cosine_value(step, cfg.steps, cfg.momentum_teacher, cfg.momentum_teacher_end)
