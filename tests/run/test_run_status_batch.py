@@ -27,6 +27,21 @@ def test_status_upsert_and_no_churn(tmp_path: Path) -> None:
     assert not failed(p)
 
 
+def test_status_rows_per_component(tmp_path: Path) -> None:
+    """Two encoders extracting the same slide keep one row each (keyed by slide, stage and component)."""
+    p = tmp_path / "slides.csv"
+    update_status(p, SlideStatus("a", "extract", component="phikon", n_tiles=3))
+    update_status(p, SlideStatus("a", "extract", component="uni", status="failed", error="WeightsError: x"))
+    rows = {r.component: r for r in read_status(p) if r.stage == "extract"}
+    assert set(rows) == {"phikon", "uni"} and rows["phikon"].status == "done" and rows["uni"].status == "failed"
+    assert p.read_text().splitlines()[0].startswith("slide_id,stage,component,")
+    legacy = tmp_path / "legacy.csv"  # a slides.csv written before the component column existed still reads
+    legacy.write_text("slide_id,stage,path,status,error,error_type,n_tiles,slide_mpp,seconds,updated\n"
+                      "a,tile,/x.svs,done,,,3,0.5,1.0,2026-01-01T00:00:00\n")
+    update_status(legacy, SlideStatus("a", "tile", n_tiles=4))
+    assert [(r.stage, r.component, r.n_tiles) for r in read_status(legacy)] == [("tile", "", "4")]
+
+
 def _work(x: int) -> int:
     if x == 2:
         raise ValueError("bad input 2")

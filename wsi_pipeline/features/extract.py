@@ -294,7 +294,7 @@ def extract_run(
     for sid, err in bad:
         summary.failed.append((sid, err))
         update_status(layout.slides_csv, SlideStatus(slide_id=sid, stage=STAGE, status=STATUS_FAILED, error=err,
-                                                     error_type=err.split(":", 1)[0]))
+                                                     error_type=err.split(":", 1)[0], component=encoder.meta.name))
         if on_slide:
             on_slide(sid, STATUS_FAILED, err)
     check_mpp(jobs, encoder, cfg.allow_mpp_mismatch)  # every rank decides the same
@@ -337,7 +337,8 @@ def _record(layout: RunLayout, job: SlideJob, feats: np.ndarray | None, err: str
     from wsi_pipeline.run.status import STATUS_DONE, STATUS_FAILED, SlideStatus, update_status
 
     status = SlideStatus(slide_id=job.slide_id, stage=STAGE, path=job.slide_path, n_tiles=job.n_tiles,
-                         slide_mpp=round(job.tiles.slide_mpp, 6), seconds=round(job.seconds, 3))
+                         slide_mpp=round(job.tiles.slide_mpp, 6), seconds=round(job.seconds, 3),
+                         component=encoder.meta.name)
     if err or feats is None:
         status.status, status.error, status.error_type = STATUS_FAILED, err, err.split(":", 1)[0]
         summary.failed.append((job.slide_id, err))

@@ -247,7 +247,7 @@ def run_heatmaps(
         except (WSIPipelineError, OSError, ValueError) as e:
             log.error("%s: heatmap failed: %s", sid, e)
             summary.failed.append((sid, str(e)))
-            update_status(layout.slides_csv, SlideStatus(sid, STAGE, path=paths.get(sid, ""), status=STATUS_FAILED,
+            update_status(layout.slides_csv, SlideStatus(sid, STAGE, path=paths.get(sid, ""), component=model, status=STATUS_FAILED,
                                                          error=str(e), error_type=type(e).__name__,
                                                          seconds=round(time.perf_counter() - t0, 2)))
             if on_slide:
@@ -255,17 +255,18 @@ def run_heatmaps(
             continue
         (summary.skipped if res.skipped else summary.done).append(sid)
         if not res.skipped:
-            update_status(layout.slides_csv, SlideStatus(sid, STAGE, path=paths.get(sid, ""), status=STATUS_DONE,
+            update_status(layout.slides_csv, SlideStatus(sid, STAGE, path=paths.get(sid, ""), component=model, status=STATUS_DONE,
                                                          n_tiles=res.n_tiles, seconds=round(res.seconds, 2)))
-        elif not _has_status(layout, sid):
-            update_status(layout.slides_csv, SlideStatus(sid, STAGE, path=paths.get(sid, ""),
+        elif not _has_status(layout, sid, model):
+            update_status(layout.slides_csv, SlideStatus(sid, STAGE, path=paths.get(sid, ""), component=model,
                                                          status=STATUS_SKIPPED, n_tiles=res.n_tiles))
         if on_slide:
             on_slide(res, sid, None)
     return summary
 
 
-def _has_status(layout: RunLayout, slide_id: str) -> bool:
+def _has_status(layout: RunLayout, slide_id: str, model: str) -> bool:
     from wsi_pipeline.run.status import read_status
 
-    return any(r.slide_id == slide_id and r.stage == STAGE for r in read_status(layout.slides_csv))
+    return any(r.slide_id == slide_id and r.stage == STAGE and r.component == model
+               for r in read_status(layout.slides_csv))

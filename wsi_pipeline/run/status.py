@@ -31,9 +31,15 @@ class SlideStatus:
     slide_mpp: float | str = ""
     seconds: float | str = ""
     updated: str = ""
+    component: str = ""  # what the row is about within its stage: the encoder of "extract", the model of "heatmap"
 
 
-COLUMNS = [f.name for f in fields(SlideStatus)]
+_FIELDS = [f.name for f in fields(SlideStatus)]
+COLUMNS = ["slide_id", "stage", "component"] + [c for c in _FIELDS if c not in ("slide_id", "stage", "component")]
+
+
+def _key(r: SlideStatus) -> tuple[str, str, str]:
+    return (r.slide_id, r.stage, r.component)
 
 
 @contextlib.contextmanager
@@ -59,18 +65,19 @@ def read_status(path: str | Path) -> list[SlideStatus]:
 
 
 def update_status(path: str | Path, *records: SlideStatus) -> None:
-    """Insert or replace the rows of ``records`` (keyed by slide_id + stage), atomically and under a lock."""
+    """Insert or replace the rows of ``records`` (keyed by slide_id + stage + component), atomically and under a
+    lock."""
     path = Path(path)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     with _locked(path):
-        table = {(r.slide_id, r.stage): r for r in read_status(path)}
+        table = {_key(r): r for r in read_status(path)}
         changed = False
         for rec in records:
-            old = table.get((rec.slide_id, rec.stage))
+            old = table.get(_key(rec))
             if old is not None and _same(old, rec):
                 continue  # e.g. a slide failing again with the same error: no churn, the file stays as it is
             rec.updated = rec.updated or stamp
-            table[(rec.slide_id, rec.stage)] = rec
+            table[_key(rec)] = rec
             changed = True
         if not changed:
             return
