@@ -78,6 +78,24 @@ def test_calibration_matches_statsmodels(rng):
     assert s_w[0] == pytest.approx(fit_w.params[1], rel=1e-6)
 
 
+
+def test_calibration_with_saturated_probabilities():
+    """Near-0/1 probabilities (an over-confident model): plain Newton diverged here (intercepts of ±1e11)."""
+    import statsmodels.api as sm
+    from scipy.special import expit
+
+    g = np.random.default_rng(0)
+    y = g.integers(0, 2, 60)
+    prob = np.where(g.random(60) < 0.8, y, 1 - y).astype(float)  # 0/1 "probabilities", 20% wrong
+    slope, intercept = M.calibration_slope_intercept(y, prob)
+    x = M._logit(prob)
+    fit = sm.GLM(y, sm.add_constant(x), family=sm.families.Binomial()).fit()
+    assert slope[0] == pytest.approx(fit.params[1], rel=1e-6)
+    assert np.isfinite(intercept[0]) and abs(intercept[0]) < 40
+    assert (y - expit(intercept[0] + x)).sum() == pytest.approx(0, abs=1e-6)  # the intercept's score equation
+    sep = (prob > 0.5).astype(int)  # perfectly separated: no slope estimate
+    assert np.isnan(M.calibration_slope_intercept(sep, np.clip(prob, 0.1, 0.9))[0][0])
+
 def test_spearman_mae_match_scipy(rng):
     from scipy.stats import spearmanr
 

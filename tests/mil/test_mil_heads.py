@@ -222,3 +222,41 @@ def test_context_interaction_encoder(name):
     assert head.encoder.context.weight.grad is not None
     with pytest.raises(ValueError, match="context_dim"):
         create_head(name, 48, TASKS, encoder="interact", context_dim=0)
+
+
+def test_feature_standardisation_per_block():
+    head = create_head("meanpool", 6, {"r": 1}, hidden=8, norm_dim=3)
+    head.set_feature_stats(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 2.0, 2.0]))
+    x = torch.tensor([[1.0, 2.0, 5.0, 3.0, 2.0, 3.0], [3.0, 0.0, 3.0, 0.0, 0.0, 0.0]])
+    z = head.normalize(x)
+    torch.testing.assert_close(z[0], torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.0]))
+    torch.testing.assert_close(z[1], torch.tensor([1.0, -1.0, 0.0, 0.0, 0.0, 0.0]))  # empty context stays 0
+    state = head.state_dict()
+    assert "feat_mean" in state and "feat_std" in state  # saved with the weights
+    with pytest.raises(ValueError, match="multiple"):
+        create_head("meanpool", 7, {"r": 1}, norm_dim=3)
+
+
+def test_weights_without_standardisation_buffers_load_as_identity(tmp_path):
+    """Models saved before feat_mean/feat_std existed (e.g. models/wsip-demo-mil) still load and predict."""
+    from safetensors.torch import save_file
+
+    from wsi_pipeline.errors import WeightsError
+    from wsi_pipeline.mil.model_io import load_weights
+
+    torch.manual_seed(0)
+    old = create_head("abmil", 12, TASKS, hidden=8)
+    state = {k: v.clone() for k, v in old.state_dict().items() if k not in ("feat_mean", "feat_std")}
+    save_file(state, str(tmp_path / "old.safetensors"))
+    new = create_head("abmil", 12, TASKS, hidden=8)
+    load_weights(tmp_path / "old.safetensors", new)
+    torch.testing.assert_close(new.feat_mean, torch.zeros(12))
+    torch.testing.assert_close(new.feat_std, torch.ones(12))
+    x, _ = _bag(7, 12)
+    old.eval()
+    new.eval()
+    torch.testing.assert_close(new(x).logits["response"], old(x).logits["response"])
+    del state["att_w.weight"]  # a missing learned weight is still an error
+    save_file(state, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(WeightsError, match=r"broken\.safetensors"):
+        load_weights(tmp_path / "broken.safetensors", create_head("abmil", 12, TASKS, hidden=8))

@@ -55,16 +55,28 @@ def test_training_outputs_and_learned_signal(trained, cohort):
     card = json.loads((trained / "model.json").read_text())
     assert card["main_variant"] == "abmil" and set(card["variants"]) == {"abmil", "meanpool-baseline"}
     assert card["encoder"] == {"name": "sim", "embed_dim": 16, "target_mpp": 0.5}
+    from safetensors.torch import load_file
+
+    run, _ = cohort
+    lab = pd.read_csv(labels, dtype={"slide_id": str, "patient_id": str})
+    tiles = {s: read_features_h5(run / "features" / "sim" / f"{s}.h5").features.astype(np.float64)
+             for s in lab["slide_id"]}
     for v in card["variants"].values():
         assert [f["fold"] for f in v["folds"]] == [0, 1, 2]
         for f in v["folds"]:
             assert (trained / f["weights"]).is_file() and f["weights"].endswith(".safetensors")
+            assert f["lr"] == pytest.approx(1e-3)  # the heads' default learning rate
+            # embeddings are standardised with statistics of the fold's training patients' tiles only
+            state = load_file(trained / f["weights"])
+            train = np.concatenate([tiles[s] for s, p in zip(lab["slide_id"], lab["patient_id"], strict=True)
+                                    if card["patient_folds"][p] != f["fold"]])
+            np.testing.assert_allclose(state["feat_mean"].numpy(), train.mean(0), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(state["feat_std"].numpy(), train.std(0), rtol=1e-4, atol=1e-5)
     assert len(card["subgroups"]["cutoffs"]) == 2
     classes = {t["name"]: t.get("classes") for t in card["targets"]}
     assert classes["immune_phenotype"] == ["desert", "excluded", "inflamed"]
 
     # no patient in two folds; OOF covers every labelled patient once per model
-    lab = pd.read_csv(labels)
     folds = card["patient_folds"]
     assert set(folds) == set(lab["patient_id"])
     oof = pd.read_csv(trained / "oof_predictions.csv")

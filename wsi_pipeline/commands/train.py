@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
                                        help="Comma-separated label columns fused late (e.g. age,stage); also "
                                             "trains covariates-only and image-only models for comparison."),
         epochs: int = typer.Option(None, "--epochs", help="Maximum epochs per fold (default 40)."),
-        lr: float = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-3)."),
+        lr: float = typer.Option(None, "--lr", help="AdamW learning rate (default: the head's, 1e-3; TransMIL 2e-4)."),
         context_rings: int = typer.Option(None, "--context-rings",
                                           help="Spatial context: neighbour-mean rings appended to each tile "
                                                "embedding (default 1; 0 = none)."),

@@ -103,51 +103,74 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
+def _loglik(y: np.ndarray, w: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Weighted Bernoulli log-likelihood of linear predictors ``z`` (B×n), per resample."""
+    return (w * (y * z - np.logaddexp(0.0, z))).sum(1)
+
+
 def calibration_slope_intercept(
-    y: np.ndarray, prob: np.ndarray, w: np.ndarray | None = None, iters: int = 50
+    y: np.ndarray, prob: np.ndarray, w: np.ndarray | None = None, iters: int = 100
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logistic recalibration of a binary probability: (slope, calibration-in-the-large intercept).
 
-    Weighted Newton-Raphson, vectorised over resamples. Resamples where the fit separates perfectly or
-    lacks a class give NaN.
+    Vectorised over resamples. Slope: weighted Newton-Raphson for ``y ~ a + b·logit(p)`` from the
+    intercept-only fit (b = 0), with step halving whenever the likelihood would drop (saturated
+    probabilities make plain Newton overshoot without end). Intercept (slope fixed at 1, offset
+    logit(p)): the root of its monotone score, by bisection. Slope: NaN for resamples that lack a class,
+    are separated by logit(p) or do not converge; intercept: NaN for resamples that lack a class.
     """
     from scipy.special import expit
 
     y = np.asarray(y, dtype=np.float64)
     x = _logit(prob)
     w = _as_weights(w, len(y))
-    nb = w.shape[0]
+    npos = (w * y).sum(1)
+    nneg = (w * (1 - y)).sum(1)
+    no_class = (npos == 0) | (nneg == 0)
     # -- slope: two-parameter fit  y ~ a + b x
-    a = np.zeros(nb)
-    b = np.ones(nb)
+    a = _logit(np.where(no_class, 0.5, npos / np.maximum(npos + nneg, 1e-300)))
+    b = np.zeros(w.shape[0])
+    ll = _loglik(y, w, a[:, None] + b[:, None] * x)
+    step = np.full(w.shape[0], np.inf)
     for _ in range(iters):
         mu = expit(a[:, None] + b[:, None] * x)
         r = w * (y - mu)
         v = w * mu * (1 - mu)
         g0, g1 = r.sum(1), (r * x).sum(1)
         h00, h01, h11 = v.sum(1), (v * x).sum(1), (v * x * x).sum(1)
-        det = h00 * h11 - h01**2
-        ok = det > 1e-12
+        ridge = 1e-12 * (h00 + h11) + 1e-300
+        det = (h00 + ridge) * (h11 + ridge) - h01**2
+        ok = det > 0
         det = np.where(ok, det, 1.0)
-        da = np.where(ok, (h11 * g0 - h01 * g1) / det, 0.0)
-        db = np.where(ok, (h00 * g1 - h01 * g0) / det, 0.0)
-        a, b = a + da, b + db
-        if np.nanmax(np.abs(np.r_[da, db])) < 1e-10:
+        da = np.where(ok, ((h11 + ridge) * g0 - h01 * g1) / det, 0.0)
+        db = np.where(ok, ((h00 + ridge) * g1 - h01 * g0) / det, 0.0)
+        t = np.ones_like(a)
+        for _ in range(40):  # halve the step where the likelihood would drop
+            new_ll = _loglik(y, w, (a + t * da)[:, None] + (b + t * db)[:, None] * x)
+            worse = ~(new_ll >= ll - 1e-12 * np.abs(ll))
+            if not worse.any():
+                break
+            t = np.where(worse, t / 2, t)
+        t = np.where(worse, 0.0, t)
+        a, b, ll = a + t * da, b + t * db, np.where(worse, ll, new_ll)
+        step = np.maximum(np.abs(t * da), np.abs(t * db))
+        if np.nanmax(step) < 1e-10:
             break
-    # -- intercept with the slope fixed at 1 (offset x)
-    c = np.zeros(nb)
-    for _ in range(iters):
-        mu = expit(c[:, None] + x)
-        g = (w * (y - mu)).sum(1)
-        h = (w * mu * (1 - mu)).sum(1)
-        dc = np.where(h > 1e-12, g / np.where(h > 1e-12, h, 1.0), 0.0)
-        c = c + dc
-        if np.nanmax(np.abs(dc)) < 1e-10:
-            break
-    npos = (w * y).sum(1)
-    nneg = (w * (1 - y)).sum(1)
-    bad = (npos == 0) | (nneg == 0) | ~np.isfinite(b) | (np.abs(b) > 1e3)
-    return np.where(bad, np.nan, b), np.where((npos == 0) | (nneg == 0), np.nan, c)
+    # -- intercept with the slope fixed at 1 (offset x): the score sum w (y - expit(c + x)) falls with c
+    lo = np.full(w.shape[0], -2 * np.log(1 / _EPS) - 1)  # score > 0 here whenever there is a positive
+    hi = -lo
+    for _ in range(80):
+        c = (lo + hi) / 2
+        up = (w * (y - expit(c[:, None] + x))).sum(1) > 0
+        lo, hi = np.where(up, c, lo), np.where(up, hi, c)
+    c = (lo + hi) / 2
+    # (quasi-)complete separation by logit(p): the slope's likelihood has no maximum
+    seen = w > 0
+    pos, neg = seen & (y[None, :] == 1), seen & (y[None, :] == 0)
+    separated = (np.where(neg, x, -np.inf).max(1) <= np.where(pos, x, np.inf).min(1)) | \
+        (np.where(pos, x, -np.inf).max(1) <= np.where(neg, x, np.inf).min(1))
+    bad = no_class | separated | ~np.isfinite(b) | (np.abs(b) > 1e3) | (step > 1e-6)
+    return np.where(bad, np.nan, b), np.where(no_class, np.nan, c)
 
 
 # ---------------------------------------------------------------- regression

@@ -28,7 +28,7 @@ class TrainConfig:
     encoder: str | None = None
     covariates: list[str] = field(default_factory=list)
     epochs: int = 40
-    lr: float = 1e-3
+    lr: float | None = None  # None: the head's default (1e-3; TransMIL 2e-4; covariates-only 1e-2)
     weight_decay: float = 1e-4
     hidden: int = 256
     dropout: float = 0.25
@@ -57,7 +57,7 @@ class TrainConfig:
         checks = [
             (self.folds >= 2, f"--folds must be >= 2 (got {self.folds})"),
             (self.epochs >= 1, f"--epochs must be >= 1 (got {self.epochs})"),
-            (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
+            (self.lr is None or self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1) (got {self.dropout})"),
             (self.context_rings >= 0, f"--context-rings must be >= 0 (got {self.context_rings})"),
             (self.instance_encoder in ("mlp", "interact"),

@@ -106,6 +106,7 @@ class CovariatesOnly(nn.Module):
     Cox-linear, depending on the loss it is trained with). Same interface as a MIL head."""
 
     registry_name = "covariates"
+    default_lr = 1e-2  # a linear model on a handful of standardised columns
 
     def __init__(self, tasks: dict[str, int], cov_dim: int) -> None:
         super().__init__()

@@ -70,12 +70,16 @@ def list_heads() -> list[str]:
     return sorted(_HEADS)
 
 
+def head_class(name: str) -> type[MILHead]:
+    if name not in _HEADS:
+        raise UnknownNameError(f"unknown MIL head {name!r}; available: {', '.join(list_heads())}")
+    return _HEADS[name]
+
+
 def create_head(name: str, in_dim: int, tasks: Mapping[str, int] | Sequence[Any], **kwargs: Any) -> MILHead:
     """Build head ``name`` for ``in_dim``-dimensional tiles and ``tasks`` (name → number of outputs, or
     a sequence of :class:`~wsi_pipeline.mil.targets.TargetSpec`)."""
-    if name not in _HEADS:
-        raise UnknownNameError(f"unknown MIL head {name!r}; available: {', '.join(list_heads())}")
-    return _HEADS[name](in_dim, _task_dims(tasks), **kwargs)
+    return head_class(name)(in_dim, _task_dims(tasks), **kwargs)
 
 
 def _task_dims(tasks: Mapping[str, int] | Sequence[Any]) -> dict[str, int]:
@@ -126,13 +130,19 @@ class MILHead(nn.Module):
 
     ``encoder``: ``"mlp"`` (Linear → ReLU → Dropout over all input columns) or ``"interact"``
     (:class:`ContextInteractionEncoder`; needs ``context_dim``, the number of trailing context columns).
+    ``norm_dim``: width of one embedding block (the encoder's embed_dim; default in_dim). The input is
+    standardised per dimension with buffers ``feat_mean``/``feat_std`` (set by the trainer from the training
+    tiles, saved with the weights), so heads do not depend on the scale of an encoder's features.
     """
 
     registry_name = ""
+    default_lr = 1e-3  # AdamW learning rate used when TrainConfig.lr is not set
+    # state keys that weights saved before they existed may lack; loading keeps their defaults (identity)
+    optional_state_keys: tuple[str, ...] = ("feat_mean", "feat_std")
 
     def __init__(
         self, in_dim: int, tasks: Mapping[str, int], hidden: int = 256, dropout: float = 0.25, cov_dim: int = 0,
-        encoder: str = "mlp", context_dim: int = 0,
+        encoder: str = "mlp", context_dim: int = 0, norm_dim: int = 0,
     ) -> None:
         super().__init__()
         self.in_dim, self.tasks, self.hidden, self.cov_dim = in_dim, dict(tasks), hidden, cov_dim
@@ -143,6 +153,30 @@ class MILHead(nn.Module):
         else:
             raise ValueError(f"unknown instance encoder {encoder!r}; use 'mlp' or 'interact'")
         self.classifiers = nn.ModuleDict({t: TaskClassifier(hidden, n, cov_dim) for t, n in self.tasks.items()})
+        # per-dimension standardisation of the embeddings (statistics of the training tiles; identity until set)
+        self.norm_dim = int(norm_dim) or in_dim
+        if in_dim % self.norm_dim:
+            raise ValueError(f"in_dim {in_dim} is not a multiple of norm_dim {self.norm_dim}")
+        self.register_buffer("feat_mean", torch.zeros(self.norm_dim))
+        self.register_buffer("feat_std", torch.ones(self.norm_dim))
+
+    def set_feature_stats(self, mean: Tensor, std: Tensor) -> None:
+        """Standardise every embedding block (tile and context rings) with these statistics."""
+        self.feat_mean.copy_(torch.as_tensor(mean, dtype=self.feat_mean.dtype))
+        self.feat_std.copy_(torch.as_tensor(std, dtype=self.feat_std.dtype).clamp_min(1e-6))
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """(x − mean) / std per embedding block; all-zero context blocks (no neighbours) stay zero."""
+        n, d = x.shape
+        blocks = x.reshape(n, d // self.norm_dim, self.norm_dim)
+        z = (blocks - self.feat_mean) / self.feat_std
+        if blocks.shape[1] > 1:
+            empty = (blocks[:, 1:] == 0).all(dim=2, keepdim=True)
+            z = torch.cat([z[:, :1], z[:, 1:].masked_fill(empty, 0.0)], dim=1)
+        return z.reshape(n, d)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder(self.normalize(x))
 
     def forward(self, x: Tensor, coords: Tensor | None = None, covariates: Tensor | None = None) -> MILOutput:
         raise NotImplementedError
@@ -158,7 +192,7 @@ class ABMIL(MILHead):
         self.att_w = nn.Linear(att_dim, len(self.tasks))  # one attention branch per target
 
     def forward(self, x: Tensor, coords: Tensor | None = None, covariates: Tensor | None = None) -> MILOutput:
-        h = self.encoder(x)  # N×H
+        h = self.encode(x)  # N×H
         a = self.att_w(torch.tanh(self.att_v(h)) * torch.sigmoid(self.att_u(h)))  # N×T
         a = torch.softmax(a, dim=0)
         logits, inst, att, embs = {}, {}, {}, []
@@ -174,7 +208,7 @@ class ABMIL(MILHead):
 @register_head("meanpool")
 class MeanPool(MILHead):
     def forward(self, x: Tensor, coords: Tensor | None = None, covariates: Tensor | None = None) -> MILOutput:
-        h = self.encoder(x)
+        h = self.encode(x)
         z = h.mean(0)
         logits, inst = {}, {}
         for t, clf in self.classifiers.items():
@@ -212,7 +246,7 @@ class Chowder(MILHead):
         return torch.cat([top, bottom], dim=0).T  # C×2k
 
     def forward(self, x: Tensor, coords: Tensor | None = None, covariates: Tensor | None = None) -> MILOutput:
-        h = self.encoder(x)
+        h = self.encode(x)
         logits, inst = {}, {}
         for t, scorer in self.scorers.items():
             s = scorer(h)  # N×C
@@ -358,6 +392,8 @@ class PPEG(nn.Module):
 
 @register_head("transmil")
 class TransMIL(MILHead):
+    default_lr = 2e-4  # transformers need a smaller step than the pooling heads (tested on kather mosaics)
+
     def __init__(self, in_dim: int, tasks: Mapping[str, int], hidden: int = 256, dropout: float = 0.25,
                  cov_dim: int = 0, heads: int = 4, landmarks: int = 128, **base_kw: Any) -> None:
         super().__init__(in_dim, tasks, hidden, dropout, cov_dim, **base_kw)
@@ -368,7 +404,7 @@ class TransMIL(MILHead):
         self.norm = nn.LayerNorm(hidden)
 
     def forward(self, x: Tensor, coords: Tensor | None = None, covariates: Tensor | None = None) -> MILOutput:
-        h = self.encoder(x)
+        h = self.encode(x)
         grid = None
         if coords is not None:
             rc, gh, gw = grid_positions(coords.detach().cpu().numpy())

@@ -39,6 +39,7 @@ class FoldCard:
     val_loss: float = float("nan")
     n_train: int = 0
     n_val: int = 0
+    lr: float = 0.0
 
 
 @dataclass
@@ -163,7 +164,20 @@ def load_weights(path: str | Path, module: nn.Module) -> nn.Module:
         raise WeightsError(f"{path}: weights file missing; re-run `wsi train`")
     try:
         state = load_file(str(path))
+        missing = [k for k in _optional_keys(module) if k not in state]
+        if missing:  # weights written before these buffers existed: keep the module's defaults
+            state.update({k: v for k, v in module.state_dict().items() if k in missing})
         module.load_state_dict(state)
     except (SafetensorError, RuntimeError) as e:
         raise WeightsError(f"{path}: cannot load weights ({e}); the file may be corrupt — re-run `wsi train`") from e
     return module
+
+
+def _optional_keys(module: nn.Module) -> list[str]:
+    """State keys (with their submodule prefix) that older weight files may lack: each submodule's
+    ``optional_state_keys`` (e.g. the MIL heads' feature-standardisation buffers, identity by default)."""
+    out = []
+    for prefix, m in module.named_modules():
+        for k in getattr(m, "optional_state_keys", ()):
+            out.append(f"{prefix}.{k}" if prefix else k)
+    return out

@@ -94,11 +94,11 @@ class TrainResult:
 
 def plan_variants(cfg: TrainConfig, embed_dim: int) -> list[Variant]:
     """The models trained by one ``wsi train`` call; the first is the main model."""
-    kw: dict[str, Any] = {"hidden": cfg.hidden, "dropout": cfg.dropout}
+    kw: dict[str, Any] = {"hidden": cfg.hidden, "dropout": cfg.dropout, "norm_dim": embed_dim}
     if cfg.instance_encoder != "mlp" and cfg.context_rings > 0:
         kw.update(encoder=cfg.instance_encoder, context_dim=embed_dim * cfg.context_rings)
     kw.update(cfg.head_kwargs)
-    base_kw = {"hidden": cfg.hidden, "dropout": cfg.dropout}
+    base_kw = {"hidden": cfg.hidden, "dropout": cfg.dropout, "norm_dim": embed_dim}
     out: list[Variant] = []
     if cfg.covariates:
         out.append(Variant(f"{cfg.head}+cov", cfg.head, kw, True, True, cfg.context_rings))
@@ -127,9 +127,30 @@ class Cohort:
     folds: dict[str, int]  # patient → fold
     strata: dict[str, Any]
     embed_dim: int = 0
+    _stats: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def slides_of(self, patients: set[str]) -> list[str]:
         return [s for s in self.labels.slide_ids if self.patient_of[s] in patients]
+
+    def feature_stats(self, slides: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-dimension mean and std of the raw embeddings of every tile of ``slides`` (a fold's training
+        slides; cached, as every variant of a fold asks for the same ones). Dimensions (nearly) constant on
+        these tiles get std 1, not ~0, so a test tile that differs there is not blown up."""
+        key = tuple(sorted(slides))
+        if key not in self._stats:
+            d = self.embed_dim
+            s1, s2, n = np.zeros(d), np.zeros(d), 0
+            for sid in slides:
+                f = self.store.get(sid).features[:, :d].astype(np.float64)
+                s1 += f.sum(0)
+                s2 += (f * f).sum(0)
+                n += len(f)
+            mean = s1 / max(n, 1)
+            std = np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0.0))
+            floor = 1e-3 * float(np.median(std[std > 0])) if np.any(std > 0) else 0.0
+            std = np.where(std > max(floor, 1e-8), std, 1.0)
+            self._stats[key] = (mean.astype(np.float32), std.astype(np.float32))
+        return self._stats[key]
 
 
 def build_cohort(cfg: TrainConfig) -> Cohort:
@@ -224,6 +245,10 @@ class _FoldRunner:
                          self.v.covariates, self.v.context_rings)
         self.vc = vc
         self.model = build_model(vc, cohort.specs, self.cov_enc.dim if self.cov_enc else 0).to(self.device)
+        self.lr = float(cfg.lr) if cfg.lr else float(getattr(self.model, "default_lr", 1e-3))
+        if self.v.image and hasattr(self.model, "set_feature_stats"):  # statistics of the training folds only
+            mean, std = cohort.feature_stats(pool_slides)
+            self.model.set_feature_stats(torch.from_numpy(mean), torch.from_numpy(std))
 
     def _bag(self, slide: str, train: bool, rng: np.random.Generator | None = None) -> Bag | None:
         if not self.v.image:
@@ -265,7 +290,7 @@ class _FoldRunner:
 
         from wsi_pipeline.mil.losses import multitask_loss
 
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.cfg.weight_decay)
         ref = self._val_losses()
         best = (float("inf"), 0, copy.deepcopy(self.model.state_dict()))
         history: list[dict[str, float]] = []
@@ -324,7 +349,7 @@ class _FoldRunner:
         rel = self.dir.weights_rel(self.v.name, self.fold)
         save_weights(self.dir.root / rel, self.model)
         card = FoldCard(self.fold, rel, self.scalers, self.cov_enc.to_dict() if self.cov_enc else None,
-                        best_epoch, best_val, len(self.train_slides), len(self.val_slides))
+                        best_epoch, best_val, len(self.train_slides), len(self.val_slides), self.lr)
         log.info("%s fold %d: best epoch %d (val loss %.4f), %d/%d/%d slides, %.1fs", self.v.name, self.fold,
                  best_epoch, best_val, len(self.train_slides), len(self.val_slides), len(self.test_slides),
                  time.perf_counter() - t0)
