@@ -246,3 +246,19 @@ def test_train_config_errors(cohort, tmp_path):
         train_cv(TrainConfig(**{**base, "labels": str(other)}))
     with pytest.raises(LabelsError, match="needs column"):
         train_cv(TrainConfig(**{**base, "targets": "nothere:binary"}))
+
+
+def test_encoder_weights_checksum_is_recorded_and_checked():
+    """Features of the same encoder name but other weights (e.g. a re-trained demo encoder) are refused; an
+    older card without a checksum still accepts them."""
+    from wsi_pipeline.mil.data import EncoderInfo
+    from wsi_pipeline.mil.predict import check_encoder
+
+    trained = EncoderInfo("wsip-dino-r10", 512, 0.5, "a" * 64)
+    assert EncoderInfo.from_dict(trained.to_dict()) == trained
+    check_encoder(trained, EncoderInfo("wsip-dino-r10", 512, 0.5, "a" * 64), Path("run/features"))
+    with pytest.raises(ConfigError, match="other weights"):
+        check_encoder(trained, EncoderInfo("wsip-dino-r10", 512, 0.5, "b" * 64), Path("run/features"))
+    legacy = EncoderInfo.from_dict({"name": "wsip-dino-r10", "embed_dim": 512, "target_mpp": 0.5})
+    assert legacy.weights_sha256 == "" and "weights_sha256" not in legacy.to_dict()
+    check_encoder(legacy, EncoderInfo("wsip-dino-r10", 512, 0.5, "b" * 64), Path("run/features"))

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from wsi_pipeline.errors import ConfigError, FormatError
-from wsi_pipeline.formats import A_ENCODER, A_TARGET_MPP, read_features_h5, read_h5_attrs
+from wsi_pipeline.formats import A_ENCODER, A_TARGET_MPP, A_WEIGHTS_SHA256, read_features_h5, read_h5_attrs
 from wsi_pipeline.mil.grid import grid_rc, ring_offsets
 from wsi_pipeline.run.layout import RunLayout
 
@@ -32,14 +32,19 @@ class EncoderInfo:
     name: str
     embed_dim: int
     target_mpp: float | None
+    weights_sha256: str = ""  # checksum of the encoder's weights ("random-init"; "" when unknown)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "embed_dim": self.embed_dim, "target_mpp": self.target_mpp}
+        d: dict[str, Any] = {"name": self.name, "embed_dim": self.embed_dim, "target_mpp": self.target_mpp}
+        if self.weights_sha256:
+            d["weights_sha256"] = self.weights_sha256
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncoderInfo:
         mpp = d.get("target_mpp")
-        return cls(str(d["name"]), int(d["embed_dim"]), None if mpp in (None, "") else float(mpp))
+        return cls(str(d["name"]), int(d["embed_dim"]), None if mpp in (None, "") else float(mpp),
+                   str(d.get("weights_sha256") or ""))
 
 
 @dataclass
@@ -130,7 +135,7 @@ class BagStore:
         ids = slide_ids or self.slide_ids()
         if not ids:
             raise ConfigError(f"{self._dir}: no feature files")
-        seen: dict[tuple[str, int, float | None], str] = {}
+        seen: dict[tuple[str, int, float | None, str], str] = {}
         for sid in ids:
             fs = read_features_h5(self.path(sid), load_features=False)
             name = str(fs.attrs.get(A_ENCODER) or self.encoder)
@@ -139,12 +144,14 @@ class BagStore:
             if mpp in (None, ""):
                 mpp = read_h5_attrs(self.layout.tiles_h5(sid)).get(A_TARGET_MPP)
             mpp_f = None if mpp in (None, "") else round(float(mpp), 4)
-            seen.setdefault((name, dim, mpp_f), sid)
+            sha = str(fs.attrs.get(A_WEIGHTS_SHA256) or "")
+            seen.setdefault((name, dim, mpp_f, sha), sid)
         if len(seen) > 1:
-            desc = "; ".join(f"{k[0]} dim {k[1]} at {k[2]} µm/px (e.g. {v})" for k, v in seen.items())
+            desc = "; ".join(f"{k[0]} dim {k[1]} at {k[2]} µm/px, weights {k[3][:12] or '?'} (e.g. {v})"
+                             for k, v in seen.items())
             raise FormatError(self._dir, f"feature files disagree: {desc}; re-extract them with one encoder")
-        (name, dim, mpp_f), = seen
-        return EncoderInfo(name, dim, mpp_f)
+        (name, dim, mpp_f, sha), = seen
+        return EncoderInfo(name, dim, mpp_f, sha)
 
     def get(self, slide_id: str) -> Bag:
         if slide_id in self._cache:

@@ -57,6 +57,9 @@ def check_encoder(trained: EncoderInfo, found: EncoderInfo, where: Path) -> None
     if trained.target_mpp and found.target_mpp and \
             abs(found.target_mpp - trained.target_mpp) > MPP_TOLERANCE * trained.target_mpp:
         problems.append(f"tiles at {found.target_mpp:g} µm/px (model trained at {trained.target_mpp:g} µm/px)")
+    if trained.weights_sha256 and found.weights_sha256 and trained.weights_sha256 != found.weights_sha256:
+        problems.append(f"encoder weights {found.weights_sha256[:12]} (model trained on features of weights "
+                        f"{trained.weights_sha256[:12]}: same name, other weights)")
     if problems:
         err = ScaleMismatchError if len(problems) == 1 and "µm/px" in problems[0] else ConfigError
         raise err(
