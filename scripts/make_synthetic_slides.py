@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="level-0 size in pixels")
     ap.add_argument("--mpp", type=float, default=0.5, help="µm per level-0 pixel")
     ap.add_argument("--two-arms", action="store_true", help="randomise patients to control / treatment")
+    ap.add_argument("--arm-assignment", choices=("random", "blocks"), default="random",
+                    help="with --two-arms: independent coin flips, or 1:1 permuted blocks of two (balanced)")
     ap.add_argument("--timepoints", action="store_true",
                     help="every patient also gets an on_treatment slide with a shifted TME")
     ap.add_argument("--timepoint-fraction", type=float, default=None,
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tp_fraction = a.timepoint_fraction if a.timepoint_fraction is not None else float(a.timepoints)
     params = CohortParams(n_patients=a.n, seed=a.seed, size_l0=tuple(a.size), mpp=a.mpp, two_arms=a.two_arms,
-                          timepoint_fraction=tp_fraction, multi_slide_fraction=a.multi_slide_fraction)
+                          arm_assignment=a.arm_assignment, timepoint_fraction=tp_fraction,
+                          multi_slide_fraction=a.multi_slide_fraction)
     if a.dry_run:
         from wsi_pipeline.synth.cohort import labels_frame
 

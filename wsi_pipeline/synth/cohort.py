@@ -4,7 +4,12 @@ Generative model (all draws from one ``numpy`` generator seeded by ``seed``; pat
 
 1. **Patient covariates.** ``age`` ~ Normal(63, 10) clipped to [30, 90] (integer years);
    ``stage`` ∈ {1, 2, 3, 4} with probabilities (0.15, 0.35, 0.35, 0.15); ``arm`` ∈ {control, treatment}
-   with probability 1/2 each when ``two_arms``, else ``treatment`` for everyone.
+   with probability 1/2 each when ``two_arms``, else ``treatment`` for everyone. With
+   ``arm_assignment="blocks"`` the arms are randomised 1:1 in permuted blocks of two (patients 1–2, 3–4,
+   ...: one of each, order drawn from a second generator seeded by ``[seed, 3]``), so every even-sized
+   cohort — and every even-sized prefix of one — is balanced. The main generator is consumed as with
+   ``"random"``, so covariates and baseline slides are the same and a patient whose arm is unchanged
+   keeps every label.
 2. **Tumour microenvironment.** ``immune_phenotype`` ~ Categorical(``phenotype_probs``) over
    (inflamed, excluded, desert). Each baseline slide gets its own class map with that phenotype
    (``layout.make_class_map``: the phenotype is the *geometry* of lymphocyte cells relative to tumour
@@ -46,6 +51,7 @@ import numpy as np
 from wsi_pipeline.synth.layout import PHENOTYPES, LayoutParams
 from wsi_pipeline.synth.slides import DEFAULT_CELL_UM, SlideSpec, make_slide_spec
 
+ARM_ASSIGNMENTS = ("random", "blocks")
 LABEL_COLUMNS = (
     "slide_id", "patient_id", "response", "immune_phenotype", "til_fraction", "os_months", "os_event",
     "arm", "timepoint", "age", "stage",
@@ -93,6 +99,7 @@ class CohortParams:
     mpp: float = 0.5
     cell_um: float = DEFAULT_CELL_UM
     two_arms: bool = False
+    arm_assignment: str = "random"  # or "blocks": 1:1 in permuted blocks of two (see the module docstring)
     timepoint_fraction: float = 0.0  # share of patients who also have an on_treatment slide
     multi_slide_fraction: float = 0.2
     phenotype_probs: tuple[float, float, float] = (0.35, 0.35, 0.30)
@@ -127,7 +134,13 @@ def plan_cohort(params: CohortParams) -> list[PlannedSlide]:
     """Draw every patient, slide class map and label (no pixels yet). Deterministic in ``params``."""
     from wsi_pipeline.synth.tissue import stable_seed
 
+    if params.arm_assignment not in ARM_ASSIGNMENTS:
+        from wsi_pipeline.errors import ConfigError
+
+        raise ConfigError(f"arm_assignment {params.arm_assignment!r}: use one of {', '.join(ARM_ASSIGNMENTS)}")
     rng = np.random.default_rng(params.seed)
+    arm_rng = np.random.default_rng([params.seed, 3])  # permuted blocks; independent of the patient draws
+    block_first_treated = False
     om = params.outcome
     probs = np.asarray(params.phenotype_probs, float)
     probs /= probs.sum()
@@ -138,6 +151,10 @@ def plan_cohort(params: CohortParams) -> list[PlannedSlide]:
         age = int(np.clip(round(rng.normal(63, 10)), 30, 90))
         stage = int(rng.choice([1, 2, 3, 4], p=[0.15, 0.35, 0.35, 0.15]))
         treated = bool(rng.random() < 0.5) if params.two_arms else True
+        if params.two_arms and params.arm_assignment == "blocks":
+            if i % 2 == 0:
+                block_first_treated = bool(arm_rng.random() < 0.5)
+            treated = block_first_treated if i % 2 == 0 else not block_first_treated
         phenotype = str(rng.choice(PHENOTYPES, p=probs))
         n_base = 2 if rng.random() < params.multi_slide_fraction else 1
         base = [_slide(params, f"{pid}_{k + 1}", stable_seed(params.seed, pid, k), phenotype, params.layout)
