@@ -52,6 +52,26 @@ def test_split_is_deterministic_and_seeded(kather_dir: Path, split: pd.DataFrame
     assert (other.split.to_numpy() != split.split.to_numpy()).any()
 
 
+def test_split_is_the_one_source_split_of_the_project(kather_dir: Path, split: pd.DataFrame) -> None:
+    """The mosaic split is ``ssl.data.source_split``: the split the demo encoder and the shipped tissue
+    classifier were trained with, so a ``test`` mosaic holds no tile either model saw."""
+    import json
+
+    from wsi_pipeline.ssl.data import load_labelled_folder, source_split
+
+    tiles = load_labelled_folder(kather_dir)
+    is_test, _ = source_split(tiles, 0.3, seed=0)
+    side = {p.name: bool(t) for p, t in zip(tiles.paths, is_test, strict=True)}
+    assert (split.split == "test").tolist() == [side[f] for f in split.file]
+    card = Path(__file__).resolve().parents[2] / "models" / "wsip-tissue-kather16" / "classifier.json"
+    recorded = json.loads(card.read_text())["training"]["split"]
+    test = split[split.split == "test"]
+    assert not set(test[test.split_unit == "source"].source) & set(recorded["train_sources"])
+    assert not set(test.file) & set(recorded["train_files_split_by_tile"])
+    train_by_tile = split[(split.split == "train") & (split.split_unit == "tile")]
+    assert set(train_by_tile.file) == set(recorded["train_files_split_by_tile"])
+
+
 def test_missing_class_folder_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "01_TUMOR").mkdir()
     with pytest.raises(KatherDataError, match="missing class folder"):

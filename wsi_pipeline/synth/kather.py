@@ -16,7 +16,6 @@ flipped. Mosaics are written at run time into a folder you choose; never copy th
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ KATHER_TILE_PX = 150
 KATHER_CLASSES: tuple[str, ...] = (
     "01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA", "07_ADIPOSE", "08_EMPTY",
 )
+# classes split tile by tile: what source_split's min_sources=8 gives on kather16 (7 and 2 source images)
 SPLIT_BY_TILE_CLASSES: tuple[str, ...] = ("07_ADIPOSE", "08_EMPTY")
 # kather folder of every class-map code (index = TissueClass)
 CLASS_FOLDERS: tuple[str, ...] = (
@@ -49,16 +49,16 @@ KATHER_LAYOUT = LayoutParams(
     patch_cells=(8, 30),
 )
 
-_NAME_RE = re.compile(r"^[^_]+_(?P<source>.+?)\.tif_Row_(?P<row>\d+)_Col_(?P<col>\d+)\.jpe?g$", re.IGNORECASE)
-
-
 class KatherDataError(WSIPipelineError):
     """The kather16 folder is missing, incomplete or has unexpected file names."""
 
 
 def parse_source(file_name: str) -> str:
-    """Source-image id of a kather16 tile name, e.g. ``CRC-Prim-HE-07_022``."""
-    m = _NAME_RE.match(Path(file_name).name)
+    """Source-image id of a kather16 tile name, e.g. ``CRC-Prim-HE-07_022`` (the name pattern of
+    :data:`wsi_pipeline.ssl.data.KATHER_NAME`, which the source split uses too)."""
+    from wsi_pipeline.ssl.data import KATHER_NAME
+
+    m = KATHER_NAME.match(Path(file_name).name)
     if not m:
         raise KatherDataError(
             f"{file_name}: not a kather16 tile name (<n>_<SOURCE>.tif_Row_<r>_Col_<c>.jpg); "
@@ -88,37 +88,26 @@ def list_kather_tiles(kather_dir: str | Path) -> Any:
     return df
 
 
-def split_kather_by_source(kather_dir: str | Path, test_fraction: float = 0.3, seed: int = 0) -> Any:
-    """Assign every tile to ``train`` or ``test`` (column ``split``), about ``test_fraction`` of each
-    class's tiles in test.
+def split_kather_by_source(kather_dir: str | Path, test_fraction: float = 0.3, seed: int = 0,
+                           min_sources: int = 8) -> Any:
+    """Every tile with its side of the kather16 train/test split (column ``split``: ``train``/``test``).
 
-    Classes other than :data:`SPLIT_BY_TILE_CLASSES` are split by source image, and a source image is
-    in one split for *all* those classes. Adipose and empty tiles are split tile by tile (column
-    ``split_unit`` says which rule applied).
+    This is :func:`wsi_pipeline.ssl.data.source_split` — the one split of the project, used to pretrain
+    the demo encoder and to fit the shipped tissue classifier (seed 0, test fraction 0.3) — presented as
+    a table. Classes with ≥ ``min_sources`` source images are split by source image (a source is on one
+    side for all of them); the others (on kather16: :data:`SPLIT_BY_TILE_CLASSES`) tile by tile. Column
+    ``split_unit`` says which rule applied (``source`` or ``tile``).
     """
+    from wsi_pipeline.ssl.data import LabelledTiles, source_split
+
     tiles = list_kather_tiles(kather_dir)
-    rng = np.random.default_rng(seed)
-    split = np.empty(len(tiles), dtype=object)
-    unit = np.where(tiles.class_name.isin(SPLIT_BY_TILE_CLASSES), "tile", "source")
-    assigned: dict[str, str] = {}
-    for c in KATHER_CLASSES:
-        idx = np.flatnonzero(tiles.class_name.to_numpy() == c)
-        if c in SPLIT_BY_TILE_CLASSES:
-            perm = rng.permutation(idx)
-            n_test = round(test_fraction * len(idx))
-            split[perm[:n_test]] = "test"
-            split[perm[n_test:]] = "train"
-            continue
-        sources = tiles.source.to_numpy()[idx]
-        names, counts = np.unique(sources, return_counts=True)
-        goal = test_fraction * len(idx)
-        n_test = sum(int(n) for s, n in zip(names, counts, strict=True) if assigned.get(s) == "test")
-        for i in rng.permutation(len(names)):
-            if names[i] not in assigned:
-                assigned[names[i]] = "test" if n_test < goal else "train"
-                n_test += int(counts[i]) if assigned[names[i]] == "test" else 0
-        split[idx] = [assigned[s] for s in sources]
-    return tiles.assign(split=split, split_unit=unit)
+    class_index = {c: i for i, c in enumerate(KATHER_CLASSES)}
+    labelled = LabelledTiles(Path(kather_dir), [Path(x) for x in tiles.path],
+                             np.asarray([class_index[c] for c in tiles.class_name], np.int64),
+                             list(KATHER_CLASSES), tiles.source.tolist())
+    is_test, info = source_split(labelled, test_fraction, seed, min_sources)
+    unit = tiles.class_name.map(info.mode).to_numpy()
+    return tiles.assign(split=np.where(is_test, "test", "train"), split_unit=unit)
 
 
 @dataclass(frozen=True)

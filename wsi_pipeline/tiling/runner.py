@@ -17,7 +17,7 @@ from wsi_pipeline.config import TilingConfig
 from wsi_pipeline.run.layout import RunLayout
 from wsi_pipeline.slide.base import Slide
 from wsi_pipeline.tiling.grid import TileSpec, select_tiles
-from wsi_pipeline.tiling.tissue import TissueParams, detect_tissue
+from wsi_pipeline.tiling.tissue import DETECTOR_VERSION, TissueParams, detect_tissue
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,12 @@ def tile_attrs(slide: Slide, cfg: TilingConfig, resume_key: str) -> dict[str, An
 
 
 def resume_key(path: str | Path, cfg: TilingConfig, slide_mpp: float) -> str:
-    """Same slide file (size + mtime), same effective µm/px and same tiling parameters → same key."""
+    """Same slide file (size + mtime), same effective µm/px, same tiling parameters and same tissue
+    detector version → same key (a changed detector re-tiles, and stages keyed on the tiles follow)."""
     st = Path(path).stat()
     params = {k: v for k, v in cfg.params().items() if k not in ("slide_mpp", "force_slide_mpp")}
     return F.params_hash({**params, "resolved_slide_mpp": slide_mpp, "file_size": st.st_size,
-                          "file_mtime_ns": st.st_mtime_ns})
+                          "file_mtime_ns": st.st_mtime_ns, "tissue_detector": DETECTOR_VERSION})
 
 
 def is_done(layout: RunLayout, slide_id: str, key: str) -> bool:
