@@ -205,6 +205,16 @@ class BatchSummary:
         return not self.failed
 
 
+def preload_tiling_modules() -> None:
+    """Import what tiling one slide needs (scipy.ndimage, skimage.measure, Pillow, the slide backends) in
+    the parent process, so forked per-slide workers inherit them instead of importing them again (~1–4 s each)."""
+    import importlib
+
+    for name in ("scipy.ndimage", "skimage.measure", "PIL.Image", "wsi_pipeline.slide", "wsi_pipeline.qupath",
+                 "wsi_pipeline.tiling.contours", "wsi_pipeline.tiling.overlay"):
+        importlib.import_module(name)
+
+
 def tile_slides(
     paths: Sequence[Path],
     layout: RunLayout,
@@ -228,6 +238,8 @@ def tile_slides(
         sid, p = item
         return tile_slide(p, layout, cfg, slide_id=sid, force=force)
 
+    if workers > 0 and len(items) > 1:
+        preload_tiling_modules()  # each slide runs in a fresh fork: import once here, not once per slide
     for out in map_isolated(work, items, workers=workers):
         sid, p = out.item
         if out.ok:
