@@ -270,3 +270,18 @@ def test_a_reader_process_crash_fails_only_its_slide(tmp_path: Path, slides: dic
     summary = extract_run(layout.root, _cfg(weights, prefetch_factor=2))
     assert [sid for sid, _ in summary.failed] == ["generic"] and "WorkerCrash" in summary.failed[0][1]
     assert sorted(summary.done) == ["blob-a", "blob-b", "cmu"]
+
+
+def test_sigchld_suppression_is_scoped_to_our_loaders() -> None:
+    """Extraction keeps torch's SIGCHLD handler off only while its own workers start; other DataLoaders of
+    the process get torch's usual behaviour afterwards."""
+    from torch.utils.data._utils import signal_handling
+
+    from wsi_pipeline.features.extract import _no_async_worker_errors
+
+    if not hasattr(signal_handling, "_SIGCHLD_handler_set"):
+        pytest.skip("this torch has no _SIGCHLD_handler_set flag")
+    before = signal_handling._SIGCHLD_handler_set
+    with _no_async_worker_errors():
+        assert signal_handling._SIGCHLD_handler_set is True
+    assert signal_handling._SIGCHLD_handler_set == before

@@ -8,6 +8,7 @@ cannot be read is recorded as failed in ``RUN/slides.csv`` and the others go on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -482,7 +483,8 @@ def run_jobs(
         pos = 0
         try:
             with torch.inference_mode():
-                it = iter(loader)
+                with _no_async_worker_errors():
+                    it = iter(loader)  # workers start here
                 while True:
                     t_wait = time.perf_counter()
                     try:
@@ -547,8 +549,6 @@ def _make_loader(ds: Any, num_workers: int, prefetch_factor: int, pin: bool) -> 
 
     from wsi_pipeline.features.dataset import worker_init
 
-    if num_workers > 0:
-        _no_async_worker_errors()
     kwargs: dict[str, Any] = {"batch_size": None, "shuffle": False, "num_workers": num_workers, "pin_memory": pin}
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, worker_init_fn=worker_init, persistent_workers=False,
@@ -556,15 +556,24 @@ def _make_loader(ds: Any, num_workers: int, prefetch_factor: int, pin: bool) -> 
     return DataLoader(ds, **kwargs)
 
 
-def _no_async_worker_errors() -> None:
-    """Keep PyTorch from installing its SIGCHLD handler, which raises "DataLoader worker exited" at an
-    arbitrary point of the main thread (even while a features file is being written). Without it the
-    loader still reports a dead worker, synchronously, from ``next()`` (within ~5 s), where the engine
-    can attribute it to a slide and go on."""
+@contextlib.contextmanager
+def _no_async_worker_errors() -> Iterator[None]:
+    """While our loader's workers start, keep PyTorch from installing its SIGCHLD handler, which raises
+    "DataLoader worker exited" at an arbitrary point of the main thread (even while a features file is being
+    written). Without it the loader still reports a dead worker, synchronously, from ``next()`` (within
+    ~5 s), where the engine can attribute it to a slide and go on. The flag (private to torch, hence the
+    ``hasattr`` guard) is restored afterwards, so other DataLoaders of the process behave as usual."""
     from torch.utils.data._utils import signal_handling
 
-    if hasattr(signal_handling, "_SIGCHLD_handler_set"):
-        signal_handling._SIGCHLD_handler_set = True
+    if not hasattr(signal_handling, "_SIGCHLD_handler_set"):
+        yield
+        return
+    before = signal_handling._SIGCHLD_handler_set
+    signal_handling._SIGCHLD_handler_set = True
+    try:
+        yield
+    finally:
+        signal_handling._SIGCHLD_handler_set = before
 
 
 # ---------------------------------------------------------------- single slide, in memory
