@@ -32,8 +32,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_config(variant: str, data: str, out: Path, steps: int, batch: int, workers: int, lr: float,
-                stop_at: int = 0) -> Any:
+def make_config(variant: str, data: str, data_mpp: float, out: Path, steps: int, batch: int, workers: int,
+                lr: float, stop_at: int = 0) -> Any:
     from wsi_pipeline.ssl.augment import AugmentConfig
     from wsi_pipeline.ssl.config import SSLConfig
 
@@ -44,24 +44,27 @@ def make_config(variant: str, data: str, out: Path, steps: int, batch: int, work
                         hue=a["hue"], gray_p=a["gray_p"])
     return SSLConfig(
         data=data, out=str(out), name=f"wsip-dino-{variant}", arch=v["arch"], steps=steps, batch_size=batch,
-        augment=aug, data_mpp=0.495, lr=lr, momentum_teacher=0.996, teacher_temp=0.05, koleo=0.1,
+        augment=aug, data_mpp=data_mpp, lr=lr, momentum_teacher=0.996, teacher_temp=0.05, koleo=0.1,
         out_dim=2048, workers=workers, checkpoint_every=max(steps // 4, 1), checkpoint_dir=str(out / "ckpt"),
         stop_at_step=stop_at, seed=0, log_every=50,
         licence="CC-BY-4.0 (weights derived from Kather et al. 2016 data; cite it)",
     )
 
 
-def images_per_second(log_csv: Path, skip: int) -> float:
+def images_per_second(log_csv: Path, batch: int, skip: int) -> float:
+    """Images per second over the logged steps after the first ``skip`` (start-up and warm-up excluded)."""
     with open(log_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    rows = rows[skip:]
-    return float(sum(float(r["img_per_s"]) for r in rows) / max(len(rows), 1)) if rows else 0.0
+        rows = list(csv.DictReader(f))[skip:]
+    if len(rows) < 2:
+        raise SystemExit(f"{log_csv}: too few calibration steps logged; raise --calibration-steps")
+    return batch * (len(rows) - 1) / max(float(rows[-1]["seconds"]) - float(rows[0]["seconds"]), 1e-6)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", choices=sorted(VARIANTS), required=True)
     ap.add_argument("--data", required=True, help="labelled tile folder of the training sources")
+    ap.add_argument("--mpp", type=float, default=0.495, help="µm/px of the tiles (kather16: 0.495)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget-s", type=float, default=300.0, help="wall-clock seconds for the real run")
     ap.add_argument("--batch-size", type=int, default=256)
@@ -78,20 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     cal = root / "calibration"
     shutil.rmtree(cal, ignore_errors=True)
     t0 = time.perf_counter()
-    ssl_train(make_config(a.variant, a.data, cal, 100_000, a.batch_size, a.workers, a.lr, a.calibration_steps))
-    rate = images_per_second(cal / "train_log.csv", skip=10)
+    ssl_train(make_config(a.variant, a.data, a.mpp, cal, 100_000, a.batch_size, a.workers, a.lr,
+                          a.calibration_steps))
+    rate = images_per_second(cal / "train_log.csv", a.batch_size, skip=10)
     steps = max(50, int(a.budget_s * rate / a.batch_size))
     print(f"[{a.variant}] calibration: {rate:.0f} img/s ({time.perf_counter() - t0:.0f} s) -> {steps} steps "
-          f"({steps * a.batch_size / 2379:.0f} epochs of 2379 tiles)", flush=True)
+          f"of {a.batch_size} images", flush=True)
     shutil.rmtree(cal, ignore_errors=True)
     enc = root / "encoder"
     t1 = time.perf_counter()
-    res = ssl_train(make_config(a.variant, a.data, enc, steps, a.batch_size, a.workers, a.lr))
+    res = ssl_train(make_config(a.variant, a.data, a.mpp, enc, steps, a.batch_size, a.workers, a.lr))
     train_s = time.perf_counter() - t1
     print(f"[{a.variant}] trained {res.steps_done} steps in {train_s:.0f} s; last loss {res.losses[-1]:.4f}",
           flush=True)
     shutil.rmtree(enc / "ckpt", ignore_errors=True)
-    rep = evaluate_encoder(EvalConfig(encoder=str(enc), data=a.data, data_mpp=0.495, seed=0))
+    rep = evaluate_encoder(EvalConfig(encoder=str(enc), data=a.data, data_mpp=a.mpp, seed=0))
     rep["sweep"] = {"variant": a.variant, "steps": res.steps_done, "train_seconds": round(train_s, 1),
                     "img_per_s_calibration": round(rate, 1), "validation": "source split of the training sources"}
     write_report(root / "validation.json", rep)

@@ -247,16 +247,17 @@ def run_heatmaps(
         except (WSIPipelineError, OSError, ValueError) as e:
             log.error("%s: heatmap failed: %s", sid, e)
             summary.failed.append((sid, str(e)))
-            update_status(layout.slides_csv, SlideStatus(sid, STAGE, path=paths.get(sid, ""), component=model, status=STATUS_FAILED,
-                                                         error=str(e), error_type=type(e).__name__,
-                                                         seconds=round(time.perf_counter() - t0, 2)))
+            update_status(layout.slides_csv, SlideStatus(
+                sid, STAGE, path=paths.get(sid, ""), component=model, status=STATUS_FAILED, error=str(e),
+                error_type=type(e).__name__, seconds=round(time.perf_counter() - t0, 2)))
             if on_slide:
                 on_slide(None, sid, str(e))
             continue
         (summary.skipped if res.skipped else summary.done).append(sid)
         if not res.skipped:
-            update_status(layout.slides_csv, SlideStatus(sid, STAGE, path=paths.get(sid, ""), component=model, status=STATUS_DONE,
-                                                         n_tiles=res.n_tiles, seconds=round(res.seconds, 2)))
+            update_status(layout.slides_csv, SlideStatus(
+                sid, STAGE, path=paths.get(sid, ""), component=model, status=STATUS_DONE, n_tiles=res.n_tiles,
+                seconds=round(res.seconds, 2)))
         elif not _has_status(layout, sid, model):
             update_status(layout.slides_csv, SlideStatus(sid, STAGE, path=paths.get(sid, ""), component=model,
                                                          status=STATUS_SKIPPED, n_tiles=res.n_tiles))
