@@ -71,9 +71,13 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
+        if _is_click_exception(e):
+            e.show()  # type: ignore[attr-defined]
+            sys.exit(e.exit_code)  # type: ignore[attr-defined]
         raise
+
+
+def _is_click_exception(e: BaseException) -> bool:
+    """A usage error of click — or of the click copy that recent typer versions vendor (``typer._click``),
+    which is not a subclass of ``click.ClickException``."""
+    return any(c.__name__ == "ClickException" for c in type(e).__mro__) and hasattr(e, "show")

@@ -178,3 +178,44 @@ def test_device_augmentation_path_gives_the_same_views(tiny_tiles: Path, tmp_pat
     for (_, a), (_, b) in zip(plain, on_device, strict=True):
         assert len(a) == len(b) == 2 + cfg.augment.n_local
         assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a, b, strict=True))
+
+
+def test_stain_norm_and_init_from_are_trained_exported_and_resumed(tiny_tiles: Path, tmp_path: Path) -> None:
+    """--stain-norm fits its target on the training tiles (the same after a resume), runs in front of the
+    student and teacher, and is exported with the encoder; --init-from starts from an encoder's weights."""
+    import json
+
+    from wsi_pipeline.encoders import create_encoder
+    from wsi_pipeline.encoders.project import build_backbone, save_project_encoder
+    from wsi_pipeline.errors import WeightsError
+    from wsi_pipeline.ssl.trainer import build_models, init_backbone_weights, ssl_train
+
+    torch.manual_seed(123)
+    start = build_backbone("vit_tiny_patch16_224", {**TINY_VIT, "dynamic_img_size": True})
+    init = save_project_encoder(tmp_path / "init", start, {
+        "name": "init", "arch": "vit_tiny_patch16_224", "timm_kwargs": {**TINY_VIT, "dynamic_img_size": True},
+        "embed_dim": 64, "input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "mpp": 0.5}, fp16=False)
+    cfg = tiny_config(tiny_tiles, tmp_path / "a", 4, checkpoint_every=2, stain_norm="reinhard-lab",
+                      stain_fit_tiles=8, init_from=str(init))
+    student, teacher = build_models(cfg.resolved())
+    for k, v in start.state_dict().items():
+        assert torch.equal(student.backbone.state_dict()[k], v) and torch.equal(teacher.backbone.state_dict()[k], v)
+    with pytest.raises(WeightsError, match="--arch"):
+        init_backbone_weights(build_backbone("resnet10t"), str(init), "resnet10t")
+
+    straight = ssl_train(cfg)
+    part1 = ssl_train(tiny_config(tiny_tiles, tmp_path / "b", 4, checkpoint_every=2, stain_norm="reinhard-lab",
+                                  stain_fit_tiles=8, init_from=str(init), stop_at_step=2))
+    part2 = ssl_train(tiny_config(tiny_tiles, tmp_path / "b", 4, checkpoint_every=2, stain_norm="reinhard-lab",
+                                  stain_fit_tiles=8, init_from=str(init), resume=True))
+    assert part1.losses + part2.losses == straight.losses
+    meta = json.loads((tmp_path / "a" / "encoder.json").read_text())
+    assert meta["stain_norm"]["method"] == "reinhard-lab" and meta["stain_norm"]["fitted_on_tiles"] == 8
+    assert meta["training"]["init_from"] == str(init)
+    assert meta["stain_norm"] == json.loads((tmp_path / "b" / "encoder.json").read_text())["stain_norm"]
+    enc = create_encoder(str(tmp_path / "a"))
+    assert enc.stain is not None
+    from wsi_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="stain-norm"):
+        tiny_config(tiny_tiles, tmp_path / "c", 2, stain_norm="macenko").resolved()

@@ -41,6 +41,9 @@ def register(app: typer.Typer) -> None:
         out_dim: int = typer.Option(4096, "--out-dim", help="DINO head prototypes."),
         koleo: float = typer.Option(0.0, "--koleo", help="KoLeo regulariser weight (0: off)."),
         clip_grad: float = typer.Option(3.0, "--clip-grad"),
+        stain_norm: str = typer.Option("none", "--stain-norm", help="Per-tile stain standardisation built into the encoder: none | reinhard-lab (L*a*b* mean/std of each tile mapped to the training tiles' average)."),
+        stain_fit_tiles: int = typer.Option(1024, "--stain-fit-tiles", help="Training tiles sampled (seeded) to fit the --stain-norm target."),
+        init_from: str = typer.Option("", "--init-from", help="Start from these backbone weights: an encoder name/folder of the same --arch, a .safetensors/.pth file or hf-hub:org/name (default: random init)."),
         precision: str = typer.Option("bf16", "--precision", help="bf16 (autocast) or fp32."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
         seed: int = typer.Option(0, "--seed"),
@@ -79,7 +82,8 @@ def register(app: typer.Typer) -> None:
             out_dim=out_dim, koleo=koleo, clip_grad=clip_grad, precision=precision, device=device, seed=seed,
             workers=workers, threads=threads, augment_on_device=augment_on_device, checkpoint_every=checkpoint_every,
             checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else "", resume=resume, stop_at_step=stop_at_step,
-            licence=licence, description=description,
+            licence=licence, description=description, stain_norm=stain_norm, stain_fit_tiles=stain_fit_tiles,
+            init_from=init_from,
         )
         res = ssl_train(cfg)
         import os

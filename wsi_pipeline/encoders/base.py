@@ -61,7 +61,8 @@ class EncoderMeta:
 class Encoder(nn.Module):
     """A trunk (timm / torchvision / project backbone) plus pooling, with its :class:`EncoderMeta`.
 
-    ``forward(x)`` takes a normalised float NCHW batch and returns (N, embed_dim).
+    ``forward(x)`` takes a normalised float NCHW batch and returns (N, embed_dim); encoders trained with a
+    per-tile stain standardisation (``meta.extra["stain_norm"]``) apply it first.
     ``weights_sha256`` is the checksum of the weights file loaded ('' for random initialisation) and
     ``weights_path`` where it came from.
     """
@@ -82,6 +83,10 @@ class Encoder(nn.Module):
         self.weights_path = weights_path
         self.register_buffer("_mean", torch.tensor(meta.mean, dtype=torch.float32).view(1, 3, 1, 1), False)
         self.register_buffer("_std", torch.tensor(meta.std, dtype=torch.float32).view(1, 3, 1, 1), False)
+        from wsi_pipeline.encoders.stain import build_stain_norm
+
+        # per-tile stain standardisation the encoder was trained with (encoder.json "stain_norm"), or None
+        self.stain = build_stain_norm(meta.extra.get("stain_norm"), meta.mean, meta.std)
 
     # ---- properties
     @property
@@ -105,6 +110,8 @@ class Encoder(nn.Module):
 
     # ---- compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stain is not None:
+            x = self.stain(x)
         out = self.trunk(x)
         pool = self.meta.pool
         if pool == POOL_MODEL:

@@ -273,7 +273,8 @@ def _project_meta(cfg: dict[str, Any], folder: str) -> EncoderMeta:
         licence=str(cfg.get("licence", "unknown")),
         weights_source="project",
         description=str(cfg.get("description", "")),
-        extra={"folder": folder, "timm_kwargs": cfg.get("timm_kwargs", {})},
+        extra={"folder": folder, "timm_kwargs": cfg.get("timm_kwargs", {}),
+               **({"stain_norm": cfg["stain_norm"]} if cfg.get("stain_norm") else {})},
     )
 
 

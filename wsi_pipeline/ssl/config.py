@@ -27,6 +27,9 @@ class SSLConfig:
     test_fraction: float = 0.3
     max_tiles_per_slide: int = 0  # RUN sources: 0 = all
     input_size: int = 224  # nominal tile size written to encoder.json
+    stain_norm: str = "none"  # none | reinhard-lab: per-tile stain standardisation, part of the exported encoder
+    stain_fit_tiles: int = 1024  # tiles sampled (seeded) to fit the stain-standardisation target
+    init_from: str = ""  # start from these backbone weights (encoder name/folder or weights file); '' = random
     # optimisation
     lr: float = 5e-4
     min_lr: float = 1e-6
@@ -76,6 +79,10 @@ class SSLConfig:
         a = self.augment
         if a.global_size < 16 or a.local_size < 8 or a.n_local < 0:
             raise ConfigError(f"crop sizes too small: global {a.global_size}, local {a.local_size}, n_local {a.n_local}")
+        from wsi_pipeline.encoders.stain import STAIN_NORMS
+
+        if self.stain_norm not in ("none", *STAIN_NORMS):
+            raise ConfigError(f"--stain-norm {self.stain_norm!r}: use none or one of {', '.join(STAIN_NORMS)}")
         c = dataclasses.replace(self)
         if c.warmup_steps < 0:
             c.warmup_steps = max(1, c.steps // 10)

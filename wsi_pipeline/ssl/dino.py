@@ -40,15 +40,16 @@ class DINOHead(nn.Module):
 
 
 class MultiCropWrapper(nn.Module):
-    """Runs the backbone once per crop resolution and the head on all pooled features.
+    """Runs ``pre`` (if any) and the backbone once per crop resolution, and the head on all pooled features.
 
     ``forward(views)`` returns (head logits for all views concatenated, backbone features of the same rows).
     """
 
-    def __init__(self, backbone: nn.Module, head: DINOHead) -> None:
+    def __init__(self, backbone: nn.Module, head: DINOHead, pre: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.pre = pre  # parameter-free input standardisation (e.g. stain), part of the exported encoder
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         feats = []
@@ -58,7 +59,8 @@ class MultiCropWrapper(nn.Module):
             end = start
             while end < len(views) and sizes[end] == sizes[start]:
                 end += 1
-            feats.append(self.backbone(torch.cat(views[start:end])))
+            x = torch.cat(views[start:end])
+            feats.append(self.backbone(self.pre(x) if self.pre is not None else x))
             start = end
         f = torch.cat(feats).float()
         return self.head(f).float(), f

@@ -12,7 +12,8 @@ Protocol (documented in the report it returns):
 * k-NN: k = 20 nearest training tiles by cosine similarity, **weighted** vote with weights
   exp(cos / 0.07) (the DINO protocol); linear probe: multinomial logistic regression (L2, C = 1) on
   features standardised with the training mean/std;
-* the same architecture at random initialisation (seeded) and a colour-histogram baseline
+* the same architecture at random initialisation (seeded; with the encoder's own per-tile stain
+  standardisation, if it has one) and a colour-histogram baseline
   (per-channel RGB + HSV histograms, 16 bins each) go through the same k-NN / linear protocol;
 * metric: balanced accuracy (mean per-class recall) on the held-out tiles.
 """
@@ -251,6 +252,7 @@ def evaluate_encoder(cfg: EvalConfig) -> dict[str, Any]:
         "data_mpp": cfg.data_mpp,
         "tile_px_fed": sorted({int(t.shape[0]) for t in tiles_in}),
         "fed_at": "rescaled tile size" if accepts_any_size(encoder) else f"centre crop/pad to {encoder.meta.input_size}",
+        "stain_norm": encoder.meta.extra.get("stain_norm"),  # part of the encoder: the random-init baseline has it too
         "classes": list(tiles.class_names),
         "n_train": int((~is_test).sum()),
         "n_test": int(is_test.sum()),

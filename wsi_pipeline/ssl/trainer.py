@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from wsi_pipeline.errors import ConfigError, FormatError
+from wsi_pipeline.errors import ConfigError, FormatError, WeightsError
 from wsi_pipeline.ssl.augment import AugmentConfig, multi_crop
 from wsi_pipeline.ssl.config import SSLConfig
 from wsi_pipeline.ssl.data import TileSource, open_tile_source
@@ -180,15 +180,56 @@ def export_kwargs(cfg: SSLConfig) -> dict[str, Any]:
     return kw
 
 
-def build_models(cfg: SSLConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+def fit_stain_target(cfg: SSLConfig, source: TileSource) -> dict[str, Any] | None:
+    """The ``stain_norm`` entry of the encoder: its target fitted on a seeded sample of the training tiles
+    (the same on every rank and on resume), or None without ``--stain-norm``."""
+    if cfg.stain_norm == "none":
+        return None
+    from wsi_pipeline.encoders.stain import fit_reinhard_target
+
+    rng = np.random.default_rng(_seed_of(cfg.seed, "stain"))
+    n = min(len(source), max(cfg.stain_fit_tiles, 1))
+    idx = np.sort(rng.choice(len(source), n, replace=False))
+    spec = fit_reinhard_target([source.read(int(i)) for i in idx])
+    log.info("stain standardisation %s: target L*a*b* mean %s, std %s (%d tiles)", spec["method"],
+             spec["target_mean"], spec["target_std"], n)
+    return spec
+
+
+def init_backbone_weights(backbone: nn.Module, init_from: str, arch: str) -> str:
+    """Load ``init_from`` (an encoder folder/name under models/ with the same arch, or a weights file or
+    ``hf-hub:`` id) into ``backbone``; returns the checksum of the weights."""
+    from wsi_pipeline.encoders.project import load_project_encoder, resolve_project_encoder
+    from wsi_pipeline.encoders.weights import load_weights
+    from wsi_pipeline.formats import file_sha256
+
+    folder = resolve_project_encoder(init_from)
+    if folder is None:
+        return load_weights(init_from, backbone).sha256
+    trunk, meta = load_project_encoder(folder)
+    if meta["arch"] != arch:
+        raise WeightsError(f"--init-from {init_from}: an encoder of arch {meta['arch']!r}, not --arch {arch!r}; "
+                           f"pass --arch {meta['arch']}")
+    backbone.load_state_dict(trunk.state_dict())
+    return file_sha256(meta["weights_source"])
+
+
+def build_models(cfg: SSLConfig, stain: dict[str, Any] | None = None) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     from wsi_pipeline.encoders.project import build_backbone
+    from wsi_pipeline.encoders.stain import build_stain_norm
 
     torch.manual_seed(_seed_of(cfg.seed, "init"))
     s_backbone = build_backbone(cfg.arch, backbone_kwargs(cfg, student=True))
+    if cfg.init_from:
+        sha = init_backbone_weights(s_backbone, cfg.init_from, cfg.arch)
+        log.info("ssl-train: backbone initialised from %s (sha256 %s…)", cfg.init_from, sha[:12])
     embed_dim = int(s_backbone.num_features)
-    student = MultiCropWrapper(s_backbone, DINOHead(embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim))
+    a = cfg.augment
+    student = MultiCropWrapper(s_backbone, DINOHead(embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim),
+                               build_stain_norm(stain, a.mean, a.std))
     t_backbone = build_backbone(cfg.arch, backbone_kwargs(cfg, student=False))
-    teacher = MultiCropWrapper(t_backbone, DINOHead(embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim))
+    teacher = MultiCropWrapper(t_backbone, DINOHead(embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim),
+                               build_stain_norm(stain, a.mean, a.std))
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -274,7 +315,7 @@ def _append_log(path: Path, rows: list[dict[str, Any]], start_step: int) -> None
 
 # ---------------------------------------------------------------- export
 def export_teacher(cfg: SSLConfig, teacher: MultiCropWrapper, step: int, source: TileSource, seconds: float,
-                   world: int, last_loss: float | None) -> Path:
+                   world: int, last_loss: float | None, stain: dict[str, Any] | None = None) -> Path:
     from wsi_pipeline.encoders.project import save_project_encoder
 
     a = cfg.augment
@@ -304,9 +345,12 @@ def export_teacher(cfg: SSLConfig, teacher: MultiCropWrapper, step: int, source:
             "koleo": cfg.koleo,
             "seconds": round(seconds, 1),
             "final_loss": None if last_loss is None else round(float(last_loss), 5),
+            "init_from": cfg.init_from or None,
             "config": _config_dict(cfg),
         },
     }
+    if stain:
+        meta["stain_norm"] = stain
     return save_project_encoder(cfg.out, teacher.backbone, meta)
 
 
@@ -352,7 +396,8 @@ def _train(cfg: SSLConfig, info: DistInfo) -> SSLResult:
     if info.is_main:
         log.info("ssl-train: %s; %s, %d steps × %d × %d ranks", source.description, cfg.arch, cfg.steps,
                  cfg.batch_size, info.world)
-    student, teacher = build_models(cfg)
+    stain = fit_stain_target(cfg, source)
+    student, teacher = build_models(cfg, stain)
     if info.world > 1 and info.device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
@@ -441,7 +486,7 @@ def _train(cfg: SSLConfig, info: DistInfo) -> SSLResult:
         if (cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0) or done == end:
             if info.is_main:
                 save_checkpoint(ckpt, done, student, teacher, optimizer, loss_fn, cfg)
-                export_teacher(cfg, teacher, done, source, time.time() - t0, info.world, last_loss)
+                export_teacher(cfg, teacher, done, source, time.time() - t0, info.world, last_loss, stain)
                 _append_log(log_path, rows, start)
             _barrier(info)
     if start >= end and info.is_main:

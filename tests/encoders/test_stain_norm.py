@@ -1,0 +1,120 @@
+"""Per-tile Reinhard stain standardisation: colour maths against scikit-image, the moments it sets, the
+invariance it buys an encoder, and its round trip through encoder.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_pipeline.encoders.stain import (
+    REINHARD,
+    ReinhardStandardize,
+    build_stain_norm,
+    fit_reinhard_target,
+    lab_moments,
+    lab_to_rgb,
+    rgb_to_lab,
+)
+from wsi_pipeline.errors import ConfigError
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def kather_tiles(kather_dir: Path, n_per_class: int = 2) -> list[np.ndarray]:
+    from wsi_pipeline.ssl.data import read_rgb
+
+    out = []
+    for cdir in sorted(p for p in kather_dir.iterdir() if p.is_dir()):
+        out += [read_rgb(f) for f in sorted(cdir.iterdir())[:n_per_class]]
+    return out
+
+
+def to_normalised(images: list[np.ndarray]) -> torch.Tensor:
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def restain(img: np.ndarray, gain: tuple[float, float, float], shift: tuple[float, float, float]) -> np.ndarray:
+    """Another lab's version of a tile: L*a*b* channels scaled and shifted (a global stain/scanner change)."""
+    x = torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+    lab = rgb_to_lab(x)
+    m = lab.mean(dim=(2, 3), keepdim=True)
+    lab = (lab - m) * torch.tensor(gain).view(1, 3, 1, 1) + m + torch.tensor(shift).view(1, 3, 1, 1)
+    return (lab_to_rgb(lab)[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def test_lab_conversion_matches_skimage_and_round_trips(kather_dir: Path) -> None:
+    from skimage.color import rgb2lab
+
+    imgs = kather_tiles(kather_dir, 1)
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0
+    lab = rgb_to_lab(x)
+    assert np.abs(lab.permute(0, 2, 3, 1).numpy() - rgb2lab(np.stack(imgs))).max() < 1e-3
+    assert (lab_to_rgb(lab) - x).abs().max() < 1e-4
+
+
+def test_standardise_sets_target_moments(kather_dir: Path) -> None:
+    imgs = [im for im in kather_tiles(kather_dir, 2) if im.std() > 20][:6]  # textured tissue, gain not capped
+    target_mean, target_std = (60.0, 20.0, -10.0), (14.0, 8.0, 6.0)
+    mod = ReinhardStandardize(target_mean, target_std, MEAN, STD, max_gain=100.0)
+    out = mod(to_normalised(imgs))
+    rgb = out * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    m, s = lab_moments(rgb)
+    assert torch.allclose(m, torch.tensor(target_mean).expand_as(m), atol=3.0)  # gamut clipping moves it a little
+    assert torch.allclose(s, torch.tensor(target_std).expand_as(s), rtol=0.25)
+
+
+def test_gain_cap_keeps_blank_tiles_finite() -> None:
+    blank = [np.full((32, 32, 3), 244, np.uint8), np.zeros((32, 32, 3), np.uint8)]
+    out = ReinhardStandardize((60.0, 20.0, -10.0), (14.0, 8.0, 6.0), MEAN, STD)(to_normalised(blank))
+    assert torch.isfinite(out).all()
+
+
+def test_restained_tile_gives_nearly_the_same_features(kather_dir: Path) -> None:
+    """The point of it: an encoder with stain_norm sees a re-stained tile (another lab's colours) almost
+    as the original; the same encoder without it does not."""
+    from wsi_pipeline.encoders.base import Encoder, EncoderMeta, embed_images
+    from wsi_pipeline.encoders.project import build_backbone
+
+    imgs = [im for im in kather_tiles(kather_dir, 1) if im.std() > 20][:4]
+    shifted = [restain(im, (0.8, 1.3, 1.2), (8.0, -6.0, 5.0)) for im in imgs]
+    spec = fit_reinhard_target(kather_tiles(kather_dir, 2))
+    assert spec["method"] == REINHARD and spec["fitted_on_tiles"] == 16
+    torch.manual_seed(0)
+    trunk = build_backbone("resnet10t")
+    plain = Encoder(trunk, EncoderMeta("plain", "resnet10t", 512))
+    normed = Encoder(trunk, EncoderMeta("normed", "resnet10t", 512, extra={"stain_norm": spec}))
+    assert plain.stain is None and normed.stain is not None
+
+    def cos(enc: Encoder) -> float:
+        a = embed_images(enc, imgs, precision="fp32")
+        b = embed_images(enc, shifted, precision="fp32")
+        return float(np.mean(np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
+
+    assert cos(normed) > 0.99
+    assert 1 - cos(normed) < 0.5 * (1 - cos(plain))
+
+
+def test_stain_norm_round_trips_through_encoder_json(tmp_path: Path, kather_dir: Path) -> None:
+    from wsi_pipeline.encoders import create_encoder
+    from wsi_pipeline.encoders.project import build_backbone, save_project_encoder
+
+    spec = fit_reinhard_target(kather_tiles(kather_dir, 1))
+    folder = save_project_encoder(tmp_path / "enc", build_backbone("resnet10t"), {
+        "name": "enc", "arch": "resnet10t", "embed_dim": 512, "input_size": 224, "mean": MEAN, "std": STD,
+        "mpp": 0.5, "stain_norm": spec})
+    enc = create_encoder(str(folder))
+    assert enc.stain is not None
+    assert enc.stain.target_mean.flatten().tolist() == pytest.approx(spec["target_mean"])
+    assert "stain" not in "".join(enc.state_dict())  # targets live in encoder.json, not in the weights
+
+
+def test_unknown_or_incomplete_spec_is_a_config_error() -> None:
+    assert build_stain_norm(None, MEAN, STD) is None
+    with pytest.raises(ConfigError, match="not known"):
+        build_stain_norm({"method": "macenko"}, MEAN, STD)
+    with pytest.raises(ConfigError, match="lacks"):
+        build_stain_norm({"method": REINHARD, "target_mean": [1, 2, 3]}, MEAN, STD)

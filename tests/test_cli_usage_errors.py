@@ -1,0 +1,15 @@
+"""Usage errors (unknown option, missing value) print click's short usage message and exit 2, never a
+traceback — also with the click copy that recent typer versions vendor."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_unknown_option_is_a_usage_error_not_a_traceback() -> None:
+    r = subprocess.run([sys.executable, "-m", "wsi_pipeline", "eval-encoder", "--data", "x", "--no-such-flag"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "No such option: --no-such-flag" in r.stderr
+    assert "Traceback" not in r.stderr
