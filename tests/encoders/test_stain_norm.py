@@ -118,3 +118,21 @@ def test_unknown_or_incomplete_spec_is_a_config_error() -> None:
         build_stain_norm({"method": "macenko"}, MEAN, STD)
     with pytest.raises(ConfigError, match="lacks"):
         build_stain_norm({"method": REINHARD, "target_mean": [1, 2, 3]}, MEAN, STD)
+
+
+def test_folded_forward_equals_the_reference_colour_transfer(kather_dir: Path) -> None:
+    """The fast forward (affine map folded into f-space) equals the plain L*a*b* recipe, gain cap included."""
+    imgs = kather_tiles(kather_dir, 1) + [np.full((150, 150, 3), 240, np.uint8)]  # a blank tile: gain capped
+    x = to_normalised(imgs).contiguous(memory_format=torch.channels_last)
+    target_mean, target_std = (56.0, 22.0, -7.5), (14.0, 6.9, 5.2)
+    mod = ReinhardStandardize(target_mean, target_std, MEAN, STD, max_gain=4.0)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    lab = rgb_to_lab(x * std + mean)
+    m, s = lab.mean(dim=(2, 3), keepdim=True), lab.std(dim=(2, 3), keepdim=True)
+    gain = (torch.tensor(target_std).view(1, 3, 1, 1) / s.clamp_min(1e-6)).clamp(max=4.0)
+    ref = (lab_to_rgb((lab - m) * gain + torch.tensor(target_mean).view(1, 3, 1, 1)) - mean) / std
+    out = mod(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert (out - ref).abs().max() < 1e-3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mod(x.to(torch.bfloat16)).dtype == torch.bfloat16

@@ -14,7 +14,7 @@ are not blown up into noise.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,8 +30,24 @@ DEFAULT_MAX_GAIN = 4.0
 # sRGB (D65) ↔ XYZ, as in scikit-image
 _RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
 _WHITE = (0.95047, 1.0, 1.08883)
+# L*a*b* = _F_TO_LAB · f + (−16, 0, 0) with f = (f_x, f_y, f_z), the companded XYZ / white
+_F_TO_LAB = ((0.0, 116.0, 0.0), (500.0, -500.0, 0.0), (0.0, 200.0, -200.0))
 _EPS = 0.008856
 _KAPPA = 7.787
+
+
+def _pow(x: torch.Tensor, p: float) -> torch.Tensor:
+    """x ** p for x > 0 as exp(p · log x): about twice as fast as ``pow`` on CPU."""
+    return torch.log(x).mul_(p).exp_()
+
+
+def _piecewise(x: torch.Tensor, knee: float, above: Callable[[torch.Tensor], torch.Tensor],
+               below: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``above(x)`` where x > knee, else ``below(x)``. The linear toe segments of sRGB and L*a*b* only concern
+    near-black pixels, rare in H&E: one min() over the batch skips the two-branch ``where`` when none are there."""
+    if x.numel() and float(x.amin()) > knee:
+        return above(x)
+    return torch.where(x > knee, above(x.clamp_min(knee)), below(x))
 
 
 def _mix(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -93,19 +109,46 @@ class ReinhardStandardize(nn.Module):
                                  persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Equal (to float rounding) to ``lab_to_rgb((lab − m) · gain + target_mean)`` with ``lab = rgb_to_lab(rgb)``
+        and per-image moments ``m``, ``s`` (``gain = min(target_std / s, max_gain)``), in fewer passes: L*a*b* is
+        linear in f = (XYZ / white)^(1/3), so the per-image affine map folds into one 3×3 matrix and offset on f
+        (a batched matmul over channel planes), and powers are exp/log."""
         dtype = x.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
-            rgb = x.float() * self.in_std + self.in_mean
-            lab = rgb_to_lab(rgb)
-            m = lab.mean(dim=(2, 3), keepdim=True)
-            s = lab.std(dim=(2, 3), keepdim=True)
-            gain = (self.target_std / s.clamp_min(1e-6)).clamp(max=self.max_gain)
-            out = lab_to_rgb((lab - m) * gain + self.target_mean)
-            out = (out - self.in_mean) / self.in_std
+            out = self._standardise(x.float().contiguous())
         out = out.to(dtype)
-        if x.is_contiguous(memory_format=torch.channels_last):
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
+        return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
+            memory_format=torch.channels_last) and not x.is_contiguous() else out
+
+    def _standardise(self, xn: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = xn.shape
+        dev = xn.device
+        to_xyz_w = torch.tensor(_RGB_TO_XYZ, dtype=torch.float64) / torch.tensor(_WHITE, dtype=torch.float64)[:, None]
+        from_xyz_w = torch.linalg.inv(to_xyz_w)
+        a64 = torch.tensor(_F_TO_LAB, dtype=torch.float64)
+        a_mat, a_inv = a64.float().to(dev), torch.linalg.inv(a64).float().to(dev)
+        c = torch.tensor((-16.0, 0.0, 0.0), dtype=torch.float32, device=dev)
+
+        rgb = (xn * self.in_std + self.in_mean).clamp_(0.0, 1.0)
+        lin = _piecewise(rgb, 0.04045, lambda v: _pow(v.add(0.055).div_(1.055), 2.4), lambda v: v / 12.92)
+        t = torch.matmul(to_xyz_w.float().to(dev), lin.reshape(n, 3, -1))  # XYZ / white, (N, 3, HW)
+        f = _piecewise(t, _EPS, lambda v: _pow(v, 1.0 / 3.0), lambda v: v * _KAPPA + 16.0 / 116.0)
+        # L*a*b* = A f + c: its per-image moments from those of f
+        f_mean = f.mean(dim=2)  # (N, 3)
+        fc = f - f_mean[:, :, None]
+        cov = fc @ fc.transpose(1, 2) / max(f.shape[2] - 1, 1)  # (N, 3, 3), unbiased like Tensor.std
+        lab_mean = f_mean @ a_mat.T + c
+        lab_std = torch.einsum("ij,njk,ik->ni", a_mat, cov, a_mat).clamp_min(0.0).sqrt()
+        gain = (self.target_std.view(1, 3) / lab_std.clamp_min(1e-6)).clamp(max=self.max_gain)
+        # f' = A⁻¹ (diag(g) (A f + c − m) + target − c) = B f + d
+        b = a_inv @ (gain[:, :, None] * a_mat)  # (N, 3, 3)
+        d = (gain * (c - lab_mean) + self.target_mean.view(1, 3) - c) @ a_inv.T  # (N, 3)
+        f2 = torch.baddbmm(d[:, :, None], b, f)
+        f3 = f2 * f2 * f2
+        t2 = torch.where(f3 > _EPS, f3, (f2 - 16.0 / 116.0) / _KAPPA) if float(f3.amin()) <= _EPS else f3
+        lin2 = torch.matmul(from_xyz_w.float().to(dev), t2).clamp_(min=0.0)
+        out = _piecewise(lin2, 0.0031308, lambda v: _pow(v, 1.0 / 2.4).mul_(1.055).sub_(0.055), lambda v: v * 12.92)
+        return ((out.clamp_(0.0, 1.0).reshape(n, 3, h, w)) - self.in_mean) / self.in_std
 
     def extra_repr(self) -> str:
         return (f"target_mean={self.target_mean.flatten().tolist()}, target_std={self.target_std.flatten().tolist()}, "
