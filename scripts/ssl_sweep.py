@@ -33,7 +33,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def make_config(variant: str, data: str, data_mpp: float, out: Path, steps: int, batch: int, workers: int,
-                lr: float, stop_at: int = 0) -> Any:
+                lr: float, stop_at: int = 0, stain_norm: str = "reinhard-lab") -> Any:
     from wsi_pipeline.ssl.augment import AugmentConfig
     from wsi_pipeline.ssl.config import SSLConfig
 
@@ -46,7 +46,7 @@ def make_config(variant: str, data: str, data_mpp: float, out: Path, steps: int,
         data=data, out=str(out), name=f"wsip-dino-{variant}", arch=v["arch"], steps=steps, batch_size=batch,
         augment=aug, data_mpp=data_mpp, lr=lr, momentum_teacher=0.996, teacher_temp=0.05, koleo=0.1,
         out_dim=2048, workers=workers, checkpoint_every=max(steps // 4, 1), checkpoint_dir=str(out / "ckpt"),
-        stop_at_step=stop_at, seed=0, log_every=50,
+        stop_at_step=stop_at, seed=0, log_every=50, stain_norm=stain_norm,
         licence="CC-BY-4.0 (weights derived from Kather et al. 2016 data; cite it)",
     )
 
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3, help="peak AdamW lr per 256 images")
     ap.add_argument("--calibration-steps", type=int, default=30)
+    ap.add_argument("--stain-norm", default="reinhard-lab", choices=("none", "reinhard-lab"),
+                    help="per-tile stain standardisation built into the encoder (the demo encoder's recipe)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from wsi_pipeline.ssl.config import EvalConfig
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(cal, ignore_errors=True)
     t0 = time.perf_counter()
     ssl_train(make_config(a.variant, a.data, a.mpp, cal, 100_000, a.batch_size, a.workers, a.lr,
-                          a.calibration_steps))
+                          a.calibration_steps, a.stain_norm))
     rate = images_per_second(cal / "train_log.csv", a.batch_size, skip=10)
     steps = max(50, int(a.budget_s * rate / a.batch_size))
     print(f"[{a.variant}] calibration: {rate:.0f} img/s ({time.perf_counter() - t0:.0f} s) -> {steps} steps "
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(cal, ignore_errors=True)
     enc = root / "encoder"
     t1 = time.perf_counter()
-    res = ssl_train(make_config(a.variant, a.data, a.mpp, enc, steps, a.batch_size, a.workers, a.lr))
+    res = ssl_train(make_config(a.variant, a.data, a.mpp, enc, steps, a.batch_size, a.workers, a.lr,
+                                stain_norm=a.stain_norm))
     train_s = time.perf_counter() - t1
     print(f"[{a.variant}] trained {res.steps_done} steps in {train_s:.0f} s; last loss {res.losses[-1]:.4f}",
           flush=True)

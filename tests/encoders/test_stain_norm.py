@@ -122,7 +122,7 @@ def test_unknown_or_incomplete_spec_is_a_config_error() -> None:
 
 def test_folded_forward_equals_the_reference_colour_transfer(kather_dir: Path) -> None:
     """The fast forward (affine map folded into f-space) equals the plain L*a*b* recipe, gain cap included."""
-    imgs = kather_tiles(kather_dir, 1) + [np.full((150, 150, 3), 240, np.uint8)]  # a blank tile: gain capped
+    imgs = [*kather_tiles(kather_dir, 1), np.full((150, 150, 3), 240, np.uint8)]  # a blank tile: gain capped
     x = to_normalised(imgs).contiguous(memory_format=torch.channels_last)
     target_mean, target_std = (56.0, 22.0, -7.5), (14.0, 6.9, 5.2)
     mod = ReinhardStandardize(target_mean, target_std, MEAN, STD, max_gain=4.0)
