@@ -262,9 +262,10 @@ def card_section(results: dict[str, Any], n: int, grid: tuple[int, int]) -> str:
     for name, r in results.items():
         lines.append(f"- {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["area_fraction_mae"].items()))
     lines += ["", "`aligned`: 150-px tiles at 0.495 µm/px, one per mosaic cell (the classifier reads them at "
-              "0.5 µm/px from the slide); `default`: 224-px tiles at 0.5 µm/px with `wsi extract` features, each "
-              "tile straddling up to four unrelated mosaic cells (an artefact of mosaics that dilutes isolated "
-              "lymphocyte cells).", CARD_END]
+              "0.5 µm/px from the slide); `default`: 224-px tiles at 0.5 µm/px (112 µm), each straddling up to four "
+              "unrelated mosaic cells (an artefact of mosaics that dilutes isolated lymphocyte cells); `wsi tme` "
+              "(`--footprint auto`) then classifies each tile's centre over the classifier's 74-µm field of view, "
+              "read from the slide (`features:` in the results says which source was used).", CARD_END]
     return "\n".join(lines) + "\n"
 
 

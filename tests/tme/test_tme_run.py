@@ -164,3 +164,34 @@ def test_tme_reuses_run_features_at_the_classifier_scale(setup: dict[str, Path])
     assert attrs["feature_source"] == "slide"
     # same pixels at the same scale through either route
     np.testing.assert_allclose(from_features, from_slide, atol=2e-3)
+
+
+def test_footprint_classifies_tile_centres_at_the_training_field_of_view(setup: dict[str, Path]) -> None:
+    """Tiles much wider than the classifier's training tiles straddle several tissue cells: `--footprint
+    classifier` (and `auto` for tiles > 1.25× wider) classifies each tile's centre over the training field of
+    view, read from the slide, instead of reusing whole-tile features."""
+    from wsi_pipeline.tme.classifier import load_classifier
+    from wsi_pipeline.tme.config import TMEConfig
+    from wsi_pipeline.tme.run import centre_footprint_um
+
+    run = setup["root"] / "run_default"  # 176 px at 0.5 µm/px = 88 µm: 1.19× the classifier's 74.25 µm
+    layout = RunLayout(run)
+    tiles = F.read_tiles_h5(layout.tiles_h5("mosaic"))
+    clf = load_classifier(str(setup["clf"]))
+    assert clf.tile_um == pytest.approx(74.25)
+    assert centre_footprint_um(TMEConfig(), clf, tiles) == 0.0  # auto: not wide enough
+    assert centre_footprint_um(TMEConfig(footprint="classifier"), clf, tiles) == pytest.approx(74.25)
+    assert centre_footprint_um(TMEConfig(footprint="tile"), clf, tiles) == 0.0
+    wide = F.TileSet(tiles.l0_xy, {**tiles.attrs, F.A_PATCH_SIZE_L0: 227})  # 112 µm: 1.5×
+    assert centre_footprint_um(TMEConfig(), clf, wide) == pytest.approx(74.25)
+    args = ["tme", str(run), "--classifier", str(setup["clf"]), "--encoder-weights", str(setup["weights"]),
+            "--device", "cpu", "--overwrite"]
+    _invoke(args)
+    _, whole, _ = F.read_tme_h5(layout.tme_h5("mosaic"))
+    _invoke([*args, "--footprint", "classifier"])
+    _, centre, attrs = F.read_tme_h5(layout.tme_h5("mosaic"))
+    assert attrs["feature_source"] == "slide-centre"
+    assert centre.shape == whole.shape and np.allclose(centre.sum(1), 1.0, atol=1e-4)
+    assert not np.allclose(centre, whole, atol=1e-3)
+    with pytest.raises(Exception, match="footprint"):
+        TMEConfig(footprint="centre").validate()

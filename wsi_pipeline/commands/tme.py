@@ -79,6 +79,10 @@ def register(app: typer.Typer) -> None:
                                     help="YAML with a `tme:` section (options given here override it)."),
         encoder_weights: str = typer.Option(None, "--encoder-weights",
                                             help="Weights of the classifier's encoder."),
+        footprint: str = typer.Option(None, "--footprint",
+                                      help="What each tile is classified on: auto (default) | tile | classifier "
+                                           "(the tile's centre over the classifier's training field of view, "
+                                           "read from the slide; auto picks it for tiles > 1.25× wider)."),
         no_reuse_features: bool = typer.Option(False, "--no-reuse-features",
                                                help="Always embed from the slides (ignore RUN/features)."),
         batch_size: int = typer.Option(64, "--batch-size"),
@@ -120,7 +124,7 @@ def register(app: typer.Typer) -> None:
                 inflamed_min_tumour_density=pick(inflamed_min, base.rules.inflamed_min_tumour_density),
                 excluded_min_margin_density=pick(excluded_min, base.rules.excluded_min_margin_density)),
             reuse_features=not no_reuse_features and base.reuse_features,
-            batch_size=batch_size, device=device, precision=precision, overwrite=overwrite,
+            footprint=pick(footprint, base.footprint), batch_size=batch_size, device=device, precision=precision, overwrite=overwrite,
         ).validate()
         n = len(RunLayout(run).slide_ids_with_tiles())
         with Progress(TextColumn("[bold]tme"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

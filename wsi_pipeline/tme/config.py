@@ -133,6 +133,10 @@ class SpatialConfig:
         return self
 
 
+FOOTPRINTS = ("auto", "tile", "classifier")
+FOOTPRINT_AUTO_RATIO = 1.25  # "auto": classify tile centres when tiles are this much wider than training tiles
+
+
 @dataclass
 class TMEConfig:
     """``wsi tme RUN``: the classifier, where its features come from, and the metrics and rules."""
@@ -144,6 +148,10 @@ class TMEConfig:
     roles: ClassRoles = field(default_factory=ClassRoles)
     mpp_tolerance: float = 0.05  # relative µm/px difference accepted between classifier and features
     reuse_features: bool = True  # use RUN/features/<encoder>/ when encoder and µm/px match
+    # what each RUN tile is classified on: "tile" (the whole tile; reuses RUN features), "classifier" (the
+    # tile's centre over the classifier's training field of view, read from the slide), "auto" ("classifier"
+    # when RUN tiles are over FOOTPRINT_AUTO_RATIO × wider than the classifier's training tiles)
+    footprint: str = "auto"
     device: str = "auto"
     precision: str = "fp32"
     batch_size: int = 64
@@ -160,12 +168,14 @@ class TMEConfig:
             raise ConfigError(f"--mpp-tolerance must be in [0, 0.5) (got {self.mpp_tolerance})")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        if self.footprint not in FOOTPRINTS:
+            raise ConfigError(f"--footprint must be one of {', '.join(FOOTPRINTS)} (got {self.footprint!r})")
         return self
 
     def params(self) -> dict[str, Any]:
         """What changes the per-slide probabilities besides the classifier file and the tiles (the resume
         key). The encoder's weights are pinned by the classifier (checksum), so they are not part of it."""
-        return {"precision": self.precision}
+        return {"precision": self.precision, "footprint": self.footprint}
 
 
 @dataclass

@@ -32,7 +32,7 @@ from wsi_pipeline import formats as F
 from wsi_pipeline.errors import ScaleMismatchError, TilesNotFoundError
 from wsi_pipeline.run.layout import RunLayout
 from wsi_pipeline.tme.classifier import TissueClassifier
-from wsi_pipeline.tme.config import TMEConfig
+from wsi_pipeline.tme.config import FOOTPRINT_AUTO_RATIO, TMEConfig
 
 if TYPE_CHECKING:
     from wsi_pipeline.encoders.base import Encoder
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 STAGE = "tme"
 SOURCE_RUN_FEATURES = "run-features"
 SOURCE_SLIDE = "slide"
+SOURCE_SLIDE_CENTRE = "slide-centre"  # the tile's centre, over the classifier's training field of view
 A_CLASSIFIER_MPP = "classifier_mpp"
 A_FEATURE_SOURCE = "feature_source"
 A_CLASSIFIER_SHA256 = "classifier_sha256"
@@ -84,10 +85,12 @@ def embed_slide_tiles(
     batch_size: int = 64,
     precision: str = "fp32",
     device: str = "cpu",
+    centre_um: float = 0.0,
 ) -> np.ndarray:
     """Read each tile's level-0 extent from its slide at the encoder's µm/px (the extraction reader,
     :func:`wsi_pipeline.features.reader.open_tile_reader`) and embed it as the classifier's training tiles
-    were (resize by scale only, then :func:`~wsi_pipeline.tme.embed.fit_tile`)."""
+    were (resize by scale only, then :func:`~wsi_pipeline.tme.embed.fit_tile`). With ``centre_um`` > 0 only
+    the tile's centre square of that many µm is embedded (the classifier's field of view)."""
     from wsi_pipeline.features.reader import ReadSpec, open_tile_reader
     from wsi_pipeline.tme.embed import embed_fitted, fit_tile, scaled_size
 
@@ -104,9 +107,28 @@ def embed_slide_tiles(
     with open_tile_reader(path, spec) as reader:
         for s in range(0, len(tiles), batch_size):
             batch = reader.read_many(tiles.l0_xy[s : s + batch_size])
+            if centre_um > 0:
+                batch = [centre_crop(im, round(centre_um / mpp)) for im in batch]
             imgs = [fit_tile(im, encoder.meta.input_size, fit) for im in batch]
             out[s : s + len(imgs)] = embed_fitted(encoder, imgs, batch_size, precision, device)
     return out
+
+
+def centre_crop(img: np.ndarray, size: int) -> np.ndarray:
+    """The centre ``size``×``size`` px of ``img`` (the whole image where it is not larger)."""
+    h, w = img.shape[:2]
+    y0, x0 = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return np.ascontiguousarray(img[y0 : y0 + size, x0 : x0 + size])
+
+
+def centre_footprint_um(cfg: TMEConfig, clf: TissueClassifier, tiles: F.TileSet) -> float:
+    """µm of the tile centre to classify (0: the whole tile), from ``cfg.footprint`` (see TMEConfig)."""
+    if cfg.footprint == "tile" or clf.tile_um <= 0 or not len(tiles):
+        return 0.0
+    tile_um = tiles.tile_size_l0 * tiles.slide_mpp
+    if cfg.footprint == "auto" and tile_um <= FOOTPRINT_AUTO_RATIO * clf.tile_um:
+        return 0.0
+    return float(clf.tile_um) if tile_um > clf.tile_um else 0.0
 
 
 # ---------------------------------------------------------------- per slide
@@ -172,9 +194,10 @@ def slide_probs(ctx: TMEContext, slide_id: str, tiles: F.TileSet) -> tuple[np.nd
             if np.array_equal(xy, tiles.l0_xy) and probs.shape[1] == clf.n_classes:
                 return probs, str(attrs.get(A_FEATURE_SOURCE, ""))
     feats = None
-    source = SOURCE_SLIDE
+    centre_um = centre_footprint_um(cfg, clf, tiles)
+    source = SOURCE_SLIDE_CENTRE if centre_um else SOURCE_SLIDE
     fpath = layout.features_h5(clf.encoder, slide_id)
-    if cfg.reuse_features and fpath.exists() and len(tiles):
+    if cfg.reuse_features and not centre_um and fpath.exists() and len(tiles):
         fs = F.read_features_h5(fpath)
         try:
             check_features(fs, tiles, clf, cfg.mpp_tolerance)
@@ -187,7 +210,8 @@ def slide_probs(ctx: TMEContext, slide_id: str, tiles: F.TileSet) -> tuple[np.nd
     else:
         if feats is None:
             enc = ctx.encoder()
-            feats = embed_slide_tiles(tiles, enc, clf.fit or "pad", cfg.batch_size, cfg.precision, ctx.device)
+            feats = embed_slide_tiles(tiles, enc, clf.fit or "pad", cfg.batch_size, cfg.precision, ctx.device,
+                                      centre_um)
         probs = clf.predict_proba(feats)
     F.write_tme_h5(out, tiles.l0_xy, probs, {
         F.A_SLIDE_ID: slide_id,
