@@ -45,7 +45,7 @@ STAGE1 = dict(steps=1000, global_size=80, local_size=40, lr=6e-3, koleo=0.1)
 STAGE2 = dict(steps=500, global_size=128, local_size=48, lr=3e-3, koleo=0.1)
 
 
-def stage_config(stage: int, stop_at_step: int = 0):
+def stage_config(stage: int):
     from wsi_pipeline.ssl.augment import AugmentConfig
     from wsi_pipeline.ssl.config import SSLConfig
 
@@ -60,7 +60,7 @@ def stage_config(stage: int, stop_at_step: int = 0):
         lr=p["lr"], momentum_teacher=0.99, teacher_temp=0.05, koleo=p["koleo"], out_dim=1024,
         stain_norm="reinhard-lab", init_from=str(CKPT / "stage1") if stage == 2 else "",
         threads=1, checkpoint_every=100, checkpoint_dir=str(CKPT / f"stage{stage}-ckpt"), resume=True, seed=0,
-        stop_at_step=stop_at_step, licence=LICENCE, description=DESCRIPTION,
+        licence=LICENCE, description=DESCRIPTION,
     )
 
 

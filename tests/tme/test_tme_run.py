@@ -147,12 +147,19 @@ def test_tme_on_aligned_tiles_embeds_from_the_slide(setup: dict[str, Path]) -> N
     assert pd.isna(joined.loc[1, "tme_til_fraction"])
 
 
-def test_tme_reuses_run_features_at_the_classifier_scale(setup: dict[str, Path]) -> None:
-    run = setup["root"] / "run_default"  # tiles at the encoder input (resnet10t: 176 px) and µm/px
+@pytest.fixture(scope="module")
+def default_run(setup: dict[str, Path]) -> Path:
+    """The mosaic tiled at the encoder input (resnet10t: 176 px) and µm/px, with extracted features."""
+    run = setup["root"] / "run_default"
     _invoke(["tile", str(setup["slide"]), "--out", str(run), "--target-mpp", "0.5", "--tile-size", "176",
              "--min-tissue", "0", "--workers", "0"])
     _invoke(["extract", str(run), "--encoder", ENCODER, "--weights", str(setup["weights"]), "--device", "cpu",
              "--num-workers", "0", "--precision", "fp32", "--dtype", "float32"])
+    return run
+
+
+def test_tme_reuses_run_features_at_the_classifier_scale(setup: dict[str, Path], default_run: Path) -> None:
+    run = default_run
     layout = RunLayout(run)
     args = ["tme", str(run), "--classifier", str(setup["clf"]), "--encoder-weights", str(setup["weights"]),
             "--device", "cpu"]
@@ -166,7 +173,8 @@ def test_tme_reuses_run_features_at_the_classifier_scale(setup: dict[str, Path])
     np.testing.assert_allclose(from_features, from_slide, atol=2e-3)
 
 
-def test_footprint_classifies_tile_centres_at_the_training_field_of_view(setup: dict[str, Path]) -> None:
+def test_footprint_classifies_tile_centres_at_the_training_field_of_view(setup: dict[str, Path],
+                                                                         default_run: Path) -> None:
     """Tiles much wider than the classifier's training tiles straddle several tissue cells: `--footprint
     classifier` (and `auto` for tiles > 1.25× wider) classifies each tile's centre over the training field of
     view, read from the slide, instead of reusing whole-tile features."""
@@ -174,7 +182,7 @@ def test_footprint_classifies_tile_centres_at_the_training_field_of_view(setup: 
     from wsi_pipeline.tme.config import TMEConfig
     from wsi_pipeline.tme.run import centre_footprint_um
 
-    run = setup["root"] / "run_default"  # 176 px at 0.5 µm/px = 88 µm: 1.19× the classifier's 74.25 µm
+    run = default_run  # 176 px at 0.5 µm/px = 88 µm: 1.19× the classifier's 74.25 µm
     layout = RunLayout(run)
     tiles = F.read_tiles_h5(layout.tiles_h5("mosaic"))
     clf = load_classifier(str(setup["clf"]))
@@ -195,3 +203,25 @@ def test_footprint_classifies_tile_centres_at_the_training_field_of_view(setup: 
     assert not np.allclose(centre, whole, atol=1e-3)
     with pytest.raises(Exception, match="footprint"):
         TMEConfig(footprint="centre").validate()
+
+
+def test_centre_footprint_reads_the_centre_of_each_tile(setup: dict[str, Path], default_run: Path) -> None:
+    """Reading only the centre square equals reading the whole tile and cropping its centre."""
+    from wsi_pipeline.features.reader import ReadSpec, open_tile_reader
+    from wsi_pipeline.tme.classifier import load_classifier
+    from wsi_pipeline.tme.embed import embed_fitted, fit_tile
+    from wsi_pipeline.tme.run import create_classifier_encoder, embed_slide_tiles
+
+    tiles = F.read_tiles_h5(RunLayout(default_run).tiles_h5("mosaic"))  # 176 px @ 0.5
+    clf = load_classifier(str(setup["clf"]))
+    enc = create_classifier_encoder(clf, str(setup["weights"]), "cpu")
+    got = embed_slide_tiles(tiles, enc, clf.fit, precision="fp32", centre_um=clf.tile_um)
+    side = round(clf.tile_um / enc.meta.mpp)  # 148 px
+    with open_tile_reader(tiles.attrs[F.A_SLIDE_PATH], ReadSpec(0.5, 176, tiles.slide_mpp)) as reader:
+        whole = reader.read_many(tiles.l0_xy)
+    o = (176 - side) // 2
+    ref = embed_fitted(enc, [fit_tile(im[o : o + side, o : o + side], enc.meta.input_size, clf.fit) for im in whole],
+                       64, "fp32", "cpu")
+    cos = np.sum(got * ref, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    # same pixels up to resampling (a read 14 level-0 px off-centre gives cos 0.997 and 8× the deviation)
+    assert got.shape == ref.shape and cos.min() > 0.9995, cos.min()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsi_pipeline.encoders.stain import build_stain_norm
 from wsi_pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,6 @@ class Encoder(nn.Module):
         self.weights_path = weights_path
         self.register_buffer("_mean", torch.tensor(meta.mean, dtype=torch.float32).view(1, 3, 1, 1), False)
         self.register_buffer("_std", torch.tensor(meta.std, dtype=torch.float32).view(1, 3, 1, 1), False)
-        from wsi_pipeline.encoders.stain import build_stain_norm
-
         # per-tile stain standardisation the encoder was trained with (encoder.json "stain_norm"), or None
         self.stain = build_stain_norm(meta.extra.get("stain_norm"), meta.mean, meta.std)
 

@@ -32,6 +32,7 @@ _RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (
 _WHITE = (0.95047, 1.0, 1.08883)
 # L*a*b* = _F_TO_LAB · f + (−16, 0, 0) with f = (f_x, f_y, f_z), the companded XYZ / white
 _F_TO_LAB = ((0.0, 116.0, 0.0), (500.0, -500.0, 0.0), (0.0, 200.0, -200.0))
+_LAB_OFFSET = (-16.0, 0.0, 0.0)
 _EPS = 0.008856
 _KAPPA = 7.787
 
@@ -50,49 +51,54 @@ def _piecewise(x: torch.Tensor, knee: float, above: Callable[[torch.Tensor], tor
     return torch.where(x > knee, above(x.clamp_min(knee)), below(x))
 
 
-def _mix(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Apply a 3×3 matrix to the channel axis of (N, 3, H, W)."""
-    return torch.einsum("ij,njhw->nihw", m, x)
+def colour_matrices() -> dict[str, torch.Tensor]:
+    """The colour-space matrices (float32): sRGB-linear → XYZ/white and back, f → L*a*b* and back."""
+    to_xyz_w = torch.tensor(_RGB_TO_XYZ, dtype=torch.float64) / torch.tensor(_WHITE, dtype=torch.float64)[:, None]
+    f_to_lab = torch.tensor(_F_TO_LAB, dtype=torch.float64)
+    return {"to_xyz_w": to_xyz_w.float(), "from_xyz_w": torch.linalg.inv(to_xyz_w).float(),
+            "f_to_lab": f_to_lab.float(), "lab_to_f": torch.linalg.inv(f_to_lab).float()}
 
 
-def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
-    """sRGB in [0, 1], (N, 3, H, W) float → CIE L*a*b* (D65), same shape."""
-    rgb = rgb.clamp(0.0, 1.0)
-    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    m = torch.tensor(_RGB_TO_XYZ, dtype=rgb.dtype, device=rgb.device)
-    white = torch.tensor(_WHITE, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
-    xyz = _mix(lin, m) / white
-    f = torch.where(xyz > _EPS, xyz.clamp_min(1e-12) ** (1.0 / 3.0), _KAPPA * xyz + 16.0 / 116.0)
-    fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
-    return torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=1)
+def rgb_to_f(rgb: torch.Tensor, to_xyz_w: torch.Tensor) -> torch.Tensor:
+    """sRGB in [0, 1], (N, 3, H, W) → f = companded XYZ / white, (N, 3, H·W); L*a*b* is linear in f."""
+    lin = _piecewise(rgb, 0.04045, lambda v: _pow(v.add(0.055).div_(1.055), 2.4), lambda v: v / 12.92)
+    t = torch.matmul(to_xyz_w, lin.reshape(rgb.shape[0], 3, -1))
+    return _piecewise(t, _EPS, lambda v: _pow(v, 1.0 / 3.0), lambda v: v * _KAPPA + 16.0 / 116.0)
 
 
-def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
-    """CIE L*a*b* (D65), (N, 3, H, W) → sRGB in [0, 1] (out-of-gamut values clipped)."""
-    fy = (lab[:, 0] + 16.0) / 116.0
-    fx = lab[:, 1] / 500.0 + fy
-    fz = fy - lab[:, 2] / 200.0
-    f = torch.stack([fx, fy, fz], dim=1)
-    f3 = f**3
-    t = torch.where(f3 > _EPS, f3, (f - 16.0 / 116.0) / _KAPPA)
-    white = torch.tensor(_WHITE, dtype=lab.dtype, device=lab.device).view(1, 3, 1, 1)
-    m_inv = torch.linalg.inv(torch.tensor(_RGB_TO_XYZ, dtype=torch.float64)).to(lab.dtype).to(lab.device)
-    lin = _mix(t * white, m_inv).clamp_min(0.0)
-    rgb = torch.where(lin > 0.0031308, 1.055 * lin.clamp_min(1e-12) ** (1.0 / 2.4) - 0.055, 12.92 * lin)
-    return rgb.clamp(0.0, 1.0)
+def f_to_rgb(f: torch.Tensor, from_xyz_w: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_f` (N, 3, H·W) → sRGB in [0, 1] (out-of-gamut values clipped), same shape."""
+    f3 = f * f * f
+    t = torch.where(f3 > _EPS, f3, (f - 16.0 / 116.0) / _KAPPA) if float(f3.amin()) <= _EPS else f3
+    lin = torch.matmul(from_xyz_w, t).clamp_(min=0.0)
+    rgb = _piecewise(lin, 0.0031308, lambda v: _pow(v, 1.0 / 2.4).mul_(1.055).sub_(0.055), lambda v: v * 12.92)
+    return rgb.clamp_(0.0, 1.0)
+
+
+def lab_moments_of_f(f: torch.Tensor, f_to_lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image L*a*b* mean and (unbiased) standard deviation, (N, 3) each, from f (N, 3, H·W): L*a*b* =
+    A f + (−16, 0, 0), so they follow from the mean and covariance of f without converting every pixel."""
+    f_mean = f.mean(dim=2)
+    fc = f - f_mean[:, :, None]
+    cov = fc @ fc.transpose(1, 2) / max(f.shape[2] - 1, 1)
+    lab_mean = f_mean @ f_to_lab.T + torch.tensor(_LAB_OFFSET, dtype=f.dtype, device=f.device)
+    lab_std = torch.einsum("ij,njk,ik->ni", f_to_lab, cov, f_to_lab).clamp_min(0.0).sqrt()
+    return lab_mean, lab_std
 
 
 def lab_moments(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image, per-channel L*a*b* mean and standard deviation of (N, 3, H, W) sRGB in [0, 1] → (N, 3) each."""
-    lab = rgb_to_lab(rgb.float())
-    return lab.mean(dim=(2, 3)), lab.std(dim=(2, 3))
+    m = colour_matrices()
+    return lab_moments_of_f(rgb_to_f(rgb.float().clamp(0.0, 1.0), m["to_xyz_w"]), m["f_to_lab"])
 
 
 class ReinhardStandardize(nn.Module):
     """Map each image's L*a*b* mean/std onto ``target_mean``/``target_std``.
 
     Input and output are *normalised* batches (``(rgb − mean) / std`` with the encoder's ``mean``/``std``),
-    so the module sits in front of any trunk. Computed in float32 whatever the autocast dtype.
+    so the module sits in front of any trunk. Computed in float32 whatever the autocast dtype. L*a*b* is
+    linear in f (:func:`rgb_to_f`), so the per-image affine map folds into one 3×3 matrix and offset on f
+    (a batched matmul over channel planes).
     """
 
     def __init__(self, target_mean: Sequence[float], target_std: Sequence[float],
@@ -105,74 +111,48 @@ class ReinhardStandardize(nn.Module):
             raise ConfigError(f"stain_norm: max_gain must be > 0, got {max_gain}")
         self.max_gain = float(max_gain)
         for name, v in (("target_mean", target_mean), ("target_std", target_std), ("in_mean", mean), ("in_std", std)):
-            self.register_buffer(name, torch.tensor([float(a) for a in v], dtype=torch.float32).view(1, 3, 1, 1),
-                                 persistent=False)
+            self.register_buffer(name, torch.tensor([float(a) for a in v], dtype=torch.float32), persistent=False)
+        for name, m in colour_matrices().items():
+            self.register_buffer(name, m, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Equal (to float rounding) to ``lab_to_rgb((lab − m) · gain + target_mean)`` with ``lab = rgb_to_lab(rgb)``
-        and per-image moments ``m``, ``s`` (``gain = min(target_std / s, max_gain)``), in fewer passes: L*a*b* is
-        linear in f = (XYZ / white)^(1/3), so the per-image affine map folds into one 3×3 matrix and offset on f
-        (a batched matmul over channel planes), and powers are exp/log."""
-        dtype = x.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
             out = self._standardise(x.float().contiguous())
-        out = out.to(dtype)
-        return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
-            memory_format=torch.channels_last) and not x.is_contiguous() else out
+        out = out.to(x.dtype)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
 
     def _standardise(self, xn: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = xn.shape
-        dev = xn.device
-        to_xyz_w = torch.tensor(_RGB_TO_XYZ, dtype=torch.float64) / torch.tensor(_WHITE, dtype=torch.float64)[:, None]
-        from_xyz_w = torch.linalg.inv(to_xyz_w)
-        a64 = torch.tensor(_F_TO_LAB, dtype=torch.float64)
-        a_mat, a_inv = a64.float().to(dev), torch.linalg.inv(a64).float().to(dev)
-        c = torch.tensor((-16.0, 0.0, 0.0), dtype=torch.float32, device=dev)
-
-        rgb = (xn * self.in_std + self.in_mean).clamp_(0.0, 1.0)
-        lin = _piecewise(rgb, 0.04045, lambda v: _pow(v.add(0.055).div_(1.055), 2.4), lambda v: v / 12.92)
-        t = torch.matmul(to_xyz_w.float().to(dev), lin.reshape(n, 3, -1))  # XYZ / white, (N, 3, HW)
-        f = _piecewise(t, _EPS, lambda v: _pow(v, 1.0 / 3.0), lambda v: v * _KAPPA + 16.0 / 116.0)
-        # L*a*b* = A f + c: its per-image moments from those of f
-        f_mean = f.mean(dim=2)  # (N, 3)
-        fc = f - f_mean[:, :, None]
-        cov = fc @ fc.transpose(1, 2) / max(f.shape[2] - 1, 1)  # (N, 3, 3), unbiased like Tensor.std
-        lab_mean = f_mean @ a_mat.T + c
-        lab_std = torch.einsum("ij,njk,ik->ni", a_mat, cov, a_mat).clamp_min(0.0).sqrt()
-        gain = (self.target_std.view(1, 3) / lab_std.clamp_min(1e-6)).clamp(max=self.max_gain)
+        in_mean, in_std = self.in_mean.view(1, 3, 1, 1), self.in_std.view(1, 3, 1, 1)
+        f = rgb_to_f((xn * in_std + in_mean).clamp_(0.0, 1.0), self.to_xyz_w)
+        lab_mean, lab_std = lab_moments_of_f(f, self.f_to_lab)
+        gain = (self.target_std / lab_std.clamp_min(1e-6)).clamp(max=self.max_gain)  # (N, 3)
         # f' = A⁻¹ (diag(g) (A f + c − m) + target − c) = B f + d
-        b = a_inv @ (gain[:, :, None] * a_mat)  # (N, 3, 3)
-        d = (gain * (c - lab_mean) + self.target_mean.view(1, 3) - c) @ a_inv.T  # (N, 3)
-        f2 = torch.baddbmm(d[:, :, None], b, f)
-        f3 = f2 * f2 * f2
-        t2 = torch.where(f3 > _EPS, f3, (f2 - 16.0 / 116.0) / _KAPPA) if float(f3.amin()) <= _EPS else f3
-        lin2 = torch.matmul(from_xyz_w.float().to(dev), t2).clamp_(min=0.0)
-        out = _piecewise(lin2, 0.0031308, lambda v: _pow(v, 1.0 / 2.4).mul_(1.055).sub_(0.055), lambda v: v * 12.92)
-        return ((out.clamp_(0.0, 1.0).reshape(n, 3, h, w)) - self.in_mean) / self.in_std
+        c = torch.tensor(_LAB_OFFSET, dtype=f.dtype, device=f.device)
+        b = self.lab_to_f @ (gain[:, :, None] * self.f_to_lab)  # (N, 3, 3)
+        d = (gain * (c - lab_mean) + self.target_mean - c) @ self.lab_to_f.T  # (N, 3)
+        rgb = f_to_rgb(torch.baddbmm(d[:, :, None], b, f), self.from_xyz_w)
+        return (rgb.reshape(xn.shape) - in_mean) / in_std
 
     def extra_repr(self) -> str:
-        return (f"target_mean={self.target_mean.flatten().tolist()}, target_std={self.target_std.flatten().tolist()}, "
-                f"max_gain={self.max_gain}")
+        return f"target_mean={self.target_mean.tolist()}, target_std={self.target_std.tolist()}, max_gain={self.max_gain}"
 
 
-def fit_reinhard_target(images: Sequence[np.ndarray], batch_size: int = 256) -> dict[str, Any]:
+def fit_reinhard_target(images: Sequence[np.ndarray]) -> dict[str, Any]:
     """The target of :class:`ReinhardStandardize`: the average per-tile L*a*b* mean and std of uint8 RGB
-    tiles (e.g. a sample of the encoder's training tiles). Returns the ``stain_norm`` dict for encoder.json."""
+    tiles (e.g. a sample of the encoder's training tiles; sizes may differ). Returns the ``stain_norm`` dict
+    for encoder.json."""
     if len(images) == 0:
         raise ConfigError("stain_norm: no tiles to fit the Reinhard target on")
-    means, stds = [], []
-    for s in range(0, len(images), batch_size):
-        for im in images[s : s + batch_size]:
-            x = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).unsqueeze(0).float() / 255.0
-            m, sd = lab_moments(x)
-            means.append(m[0])
-            stds.append(sd[0])
+    moments = [lab_moments(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None].float() / 255.0)
+               for im in images]
     return {
         "method": REINHARD,
-        "target_mean": [round(float(v), 4) for v in torch.stack(means).mean(0)],
-        "target_std": [round(float(v), 4) for v in torch.stack(stds).mean(0)],
+        "target_mean": [round(float(v), 4) for v in torch.cat([m for m, _ in moments]).mean(0)],
+        "target_std": [round(float(v), 4) for v in torch.cat([s for _, s in moments]).mean(0)],
         "max_gain": DEFAULT_MAX_GAIN,
-        "fitted_on_tiles": len(means),
+        "fitted_on_tiles": len(moments),
     }
 
 

@@ -101,24 +101,18 @@ def embed_slide_tiles(
             "where they are now"
         )
     mpp = encoder.meta.mpp
-    spec = ReadSpec(target_mpp=mpp, tile_size=scaled_size(tiles.tile_size_l0, tiles.slide_mpp, mpp),
-                    slide_mpp=tiles.slide_mpp)
+    size_l0, l0_xy = tiles.tile_size_l0, tiles.l0_xy
+    if centre_um > 0:  # read only the centre square: its level-0 size and corners
+        size_l0 = min(size_l0, round(centre_um / tiles.slide_mpp))
+        l0_xy = l0_xy + (tiles.tile_size_l0 - size_l0) // 2
+    spec = ReadSpec(target_mpp=mpp, tile_size=scaled_size(size_l0, tiles.slide_mpp, mpp), slide_mpp=tiles.slide_mpp)
     out = np.empty((len(tiles), encoder.embed_dim), np.float32)
     with open_tile_reader(path, spec) as reader:
         for s in range(0, len(tiles), batch_size):
-            batch = reader.read_many(tiles.l0_xy[s : s + batch_size])
-            if centre_um > 0:
-                batch = [centre_crop(im, round(centre_um / mpp)) for im in batch]
+            batch = reader.read_many(l0_xy[s : s + batch_size])
             imgs = [fit_tile(im, encoder.meta.input_size, fit) for im in batch]
             out[s : s + len(imgs)] = embed_fitted(encoder, imgs, batch_size, precision, device)
     return out
-
-
-def centre_crop(img: np.ndarray, size: int) -> np.ndarray:
-    """The centre ``size``×``size`` px of ``img`` (the whole image where it is not larger)."""
-    h, w = img.shape[:2]
-    y0, x0 = max(0, (h - size) // 2), max(0, (w - size) // 2)
-    return np.ascontiguousarray(img[y0 : y0 + size, x0 : x0 + size])
 
 
 def centre_footprint_um(cfg: TMEConfig, clf: TissueClassifier, tiles: F.TileSet) -> float:
