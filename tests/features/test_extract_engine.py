@@ -285,3 +285,29 @@ def test_sigchld_suppression_is_scoped_to_our_loaders() -> None:
     with _no_async_worker_errors():
         assert signal_handling._SIGCHLD_handler_set is True
     assert signal_handling._SIGCHLD_handler_set == before
+
+
+def test_changed_stain_spec_with_same_weights_re_extracts(tmp_path: Path, small_svs: Path) -> None:
+    """The resume key holds what the encoder does besides its weights: editing the stain standardisation
+    in encoder.json (same model.safetensors) must not reuse the old features."""
+    import json
+
+    import torch
+
+    from wsi_pipeline.encoders.project import build_backbone, save_project_encoder
+
+    torch.manual_seed(0)
+    meta = {"name": "tiny", "arch": "resnet10t", "embed_dim": 512, "input_size": 224,
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "mpp": 0.5}
+    folder = save_project_encoder(tmp_path / "tiny", build_backbone("resnet10t"), meta)
+    layout = _make_run(tmp_path / "RUN", {"blob": (small_svs, 6)})
+    cfg = ExtractConfig(encoder=str(folder), batch_size=8, num_workers=1, device="cpu", precision="bf16")
+    first = extract_run(layout.root, cfg)
+    assert first.done == ["blob"]
+    assert extract_run(layout.root, cfg).skipped == ["blob"]  # nothing changed: resumed
+    spec = {"method": "reinhard-lab", "target_mean": [56.0, 22.0, -7.5], "target_std": [14.0, 6.9, 5.2],
+            "max_gain": 4.0}
+    path = folder / "encoder.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "stain_norm": spec}))
+    again = extract_run(layout.root, cfg)
+    assert again.done == ["blob"] and not again.skipped

@@ -107,6 +107,14 @@ class Encoder(nn.Module):
     def random_init(self) -> bool:
         return not self.weights_sha256
 
+    @property
+    def forward_spec(self) -> dict[str, Any]:
+        """What besides the weights changes this encoder's features: input normalisation, pooling and the
+        stain standardisation. Part of every cache / resume key next to ``weights_sha256``."""
+        m = self.meta
+        return {"mean": [round(float(v), 6) for v in m.mean], "std": [round(float(v), 6) for v in m.std],
+                "pool": m.pool, "stain_norm": m.extra.get("stain_norm") or "none"}
+
     # ---- compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stain is not None:

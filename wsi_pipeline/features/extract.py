@@ -187,6 +187,7 @@ def job_params(job: SlideJob, encoder: Any, cfg: ExtractConfig) -> dict[str, Any
         "features_format": FEATURES_FORMAT,
         "encoder": encoder.meta.name,
         "weights_sha256": encoder.weights_sha256 or "random-init",
+        "encoder_forward": encoder.forward_spec,
         "coords_sha1": hashlib.sha1(np.ascontiguousarray(job.tiles.l0_xy).tobytes()).hexdigest(),
         "target_mpp": round(job.tiles.target_mpp, 6),
         "slide_mpp": round(job.tiles.slide_mpp, 6),

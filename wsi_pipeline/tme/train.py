@@ -72,6 +72,7 @@ def _cache_path(cfg: TissueTrainConfig, encoder: Any, fit: str, paths: list[Any]
     from wsi_pipeline.formats import params_hash
 
     key = params_hash({"weights": encoder.weights_sha256, "name": encoder.meta.name, "mpp": encoder.meta.mpp,
+                       "forward": encoder.forward_spec,
                        "data_mpp": cfg.mpp, "fit": fit, "precision": cfg.precision,
                        "files": [str(p) for p in paths]})
     return Path(cfg.feature_cache) / f"tiles-{key}.npz"
