@@ -239,6 +239,7 @@ def run_heatmaps(
     layout = RunLayout(run_root)
     model = resolve_model_name(layout, cfg.model)
     paths = slide_paths_from_status(layout)
+    recorded = _recorded_slides(layout, model)  # read once: slides.csv grows with the batch
     summary = HeatmapSummary()
     for sid in slide_ids or scored_slide_ids(layout, model):
         t0 = time.perf_counter()
@@ -258,7 +259,7 @@ def run_heatmaps(
             update_status(layout.slides_csv, SlideStatus(
                 sid, STAGE, path=paths.get(sid, ""), component=model, status=STATUS_DONE, n_tiles=res.n_tiles,
                 seconds=round(res.seconds, 2)))
-        elif not _has_status(layout, sid, model):
+        elif sid not in recorded:
             update_status(layout.slides_csv, SlideStatus(sid, STAGE, path=paths.get(sid, ""), component=model,
                                                          status=STATUS_SKIPPED, n_tiles=res.n_tiles))
         if on_slide:
@@ -266,8 +267,8 @@ def run_heatmaps(
     return summary
 
 
-def _has_status(layout: RunLayout, slide_id: str, model: str) -> bool:
+def _recorded_slides(layout: RunLayout, model: str) -> set[str]:
+    """Slides that already have a heatmap row for ``model`` in RUN/slides.csv."""
     from wsi_pipeline.run.status import read_status
 
-    return any(r.slide_id == slide_id and r.stage == STAGE and r.component == model
-               for r in read_status(layout.slides_csv))
+    return {r.slide_id for r in read_status(layout.slides_csv) if r.stage == STAGE and r.component == model}
