@@ -40,25 +40,37 @@ DESCRIPTION = (
     "0.5 µm/px. For demos and tests; not for clinical use."
 )
 LICENCE = "CC-BY-4.0 (weights derived from Kather et al. 2016 data; cite it)"
-# stage 1: from scratch; stage 2: continued from stage 1 (keys override STAGE1's)
-STAGE1 = dict(steps=1000, global_size=80, local_size=40, lr=6e-3, koleo=0.1)
-STAGE2 = dict(steps=500, global_size=128, local_size=48, lr=3e-3, koleo=0.1)
+# stage 1 from scratch; each later stage continues from the previous one's teacher (keys override STAGE1's)
+STAGE1 = dict(steps=1000, global_size=80, local_size=40, n_local=4, zoom_min=0.8, zoom_max=1.25, lr=6e-3,
+              warmup_steps=-1, momentum_teacher=0.99, teacher_temp_start=0.04, out_dim=1024, koleo=0.1)
+STAGES = (
+    STAGE1,
+    {**STAGE1, "steps": 500, "global_size": 128, "local_size": 48, "lr": 3e-3},
+    {**STAGE1, "steps": 1500, "global_size": 96, "local_size": 48, "n_local": 6, "zoom_min": 0.7, "zoom_max": 1.4,
+     "lr": 2e-3, "warmup_steps": 100, "momentum_teacher": 0.996, "teacher_temp_start": 0.05, "out_dim": 4096},
+)
+
+
+def stage_out(stage: int) -> Path:
+    """Where stage ``stage`` (1-based) exports its teacher: the last one is the shipped encoder."""
+    return OUT if stage == len(STAGES) else CKPT / f"stage{stage}"
 
 
 def stage_config(stage: int):
     from wsi_pipeline.ssl.augment import AugmentConfig
     from wsi_pipeline.ssl.config import SSLConfig
 
-    p = dict(STAGE1) if stage == 1 else {**STAGE1, **STAGE2}
+    p = STAGES[stage - 1]
     return SSLConfig(
-        data=str(DATA), out=str(OUT if stage == 2 else CKPT / "stage1"), name="wsip-dino-r10", arch="resnet10t",
+        data=str(DATA), out=str(stage_out(stage)), name="wsip-dino-r10", arch="resnet10t",
         steps=p["steps"], batch_size=32,
-        augment=AugmentConfig(global_size=p["global_size"], local_size=p["local_size"], n_local=4, mpp=0.5,
-                              hed_sigma=0.1, hed_bias=0.02, brightness=0.25, contrast=0.25, saturation=0.25,
-                              hue=0.04, gray_p=0.1),
+        augment=AugmentConfig(global_size=p["global_size"], local_size=p["local_size"], n_local=p["n_local"],
+                              mpp=0.5, zoom_min=p["zoom_min"], zoom_max=p["zoom_max"], hed_sigma=0.1,
+                              hed_bias=0.02, brightness=0.25, contrast=0.25, saturation=0.25, hue=0.04, gray_p=0.1),
         data_mpp=0.495, subset="train", split_seed=0, test_fraction=0.3,
-        lr=p["lr"], momentum_teacher=0.99, teacher_temp=0.05, koleo=p["koleo"], out_dim=1024,
-        stain_norm="reinhard-lab", init_from=str(CKPT / "stage1") if stage == 2 else "",
+        lr=p["lr"], warmup_steps=p["warmup_steps"], momentum_teacher=p["momentum_teacher"],
+        teacher_temp_start=p["teacher_temp_start"], teacher_temp=0.05, koleo=p["koleo"], out_dim=p["out_dim"],
+        stain_norm="reinhard-lab", init_from=str(stage_out(stage - 1)) if stage > 1 else "",
         threads=1, checkpoint_every=100, checkpoint_dir=str(CKPT / f"stage{stage}-ckpt"), resume=True, seed=0,
         licence=LICENCE, description=DESCRIPTION,
     )
@@ -101,30 +113,27 @@ used: {n_train} of 3,627 tiles (150 px at 0.495 µm/px). Labels were not used fo
 tiles are the evaluation set below.
 
 ## Recipe
-`scripts/train_demo_encoder.py` (resumable; evaluates and writes this card at the end): two `wsi ssl-train`
-stages, the second continuing from the first's teacher (`--init-from`).
+`scripts/train_demo_encoder.py` (resumable; evaluates and writes this card at the end): {n_stages} `wsi ssl-train`
+stages, each after the first continuing from the previous one's teacher (`--init-from`).
 
 ```
 wsi ssl-train --data ../shared/data/kather16 --subset train --split-seed 0 --test-fraction 0.3 --mpp 0.495 \\
-    --out runs/ssl-demo-v2/stage1 --name {name} --arch {arch} --steps {s1_steps} --batch-size {batch} \\
-    --global-size {s1_global} --local-size {s1_local} --n-local {n_local} --hed-sigma {hed_sigma} --hed-bias {hed_bias} \\
-    --color-jitter {cj} --hue {hue} --gray-p {gray_p} --lr {s1_lr} --momentum-teacher {mom} --teacher-temp {ttemp} \\
-    --out-dim {out_dim} --koleo {s1_koleo} --stain-norm reinhard-lab --threads 1 --checkpoint-every 100 --resume
-wsi ssl-train <same data and augmentation options> --out models/{name} --init-from runs/ssl-demo-v2/stage1 \\
-    --steps {s2_steps} --global-size {s2_global} --local-size {s2_local} --lr {s2_lr} --koleo {s2_koleo} --stain-norm reinhard-lab
+    --name {name} --arch {arch} --batch-size {batch} --hed-sigma {hed_sigma} --hed-bias {hed_bias} \\
+    --color-jitter {cj} --hue {hue} --gray-p {gray_p} --teacher-temp {ttemp} --stain-norm reinhard-lab \\
+    --threads 1 --checkpoint-every 100 --resume  <+ the stage's options below>
+{stage_lines}
 wsi eval-encoder --encoder models/{name} --data ../shared/data/kather16 --mpp 0.495 --json eval.json
 ```
 
-DINO (student/teacher EMA {mom} → 1, centring, teacher temperature {ttemp_text}, {out_dim} prototypes),
-multi-crop 2 global + {n_local} local crops at {mpp} µm/px (zoom jitter 0.8–1.25), dihedral flips/rotations,
-HED stain jitter, colour jitter, hue, grayscale, blur, solarisation — all *before* the stain standardisation,
-which the student and the teacher both apply; KoLeo; AdamW, lr per 256 images (cosine, warm-up 10 %),
-weight decay 0.04 → 0.4, gradient clipping 3, bf16 autocast. The stain target was fitted on 1,024 training
-tiles (seeded sample).
+DINO (student/teacher EMA → 1, centring, teacher temperature → {ttemp}), multi-crop 2 global + several local
+crops at {mpp} µm/px with a zoom jitter, dihedral flips/rotations, HED stain jitter, colour jitter, hue,
+grayscale, blur, solarisation — all *before* the stain standardisation, which the student and the teacher
+both apply; KoLeo {koleo}; AdamW, lr per 256 images (cosine after the warm-up), weight decay 0.04 → 0.4,
+gradient clipping 3, bf16 autocast. The stain target was fitted on 1,024 training tiles (seeded sample),
+identically in every stage.
 
 ## Compute
-Stage 1: {s1_steps} steps × {batch} images ({s1_epochs:.1f} epochs) in {s1_min:.0f} min; stage 2: {s2_steps} steps in
-{s2_min:.0f} min — one thread each of a 2-core Intel Xeon (AMX bf16), niced, next to another training run. No GPU.
+{compute} — one thread each of a 2-core Intel Xeon (AMX bf16), niced, next to other jobs. No GPU.
 
 ## Evaluation (`wsi eval-encoder`, held-out source images)
 {n_eval_train} train / {n_eval_test} test tiles, 8 classes, balanced accuracy; k-NN: k = 20, cosine similarity,
@@ -160,11 +169,28 @@ each tile's colour inside the encoder, during training and use alike, is what mo
 """
 
 
-def _stage1_meta() -> dict:
+def _stage_training(stage: int) -> dict:
+    """The ``training`` block of a stage's exported encoder.json ({} when that stage has not run)."""
     import json
 
-    path = CKPT / "stage1" / "encoder.json"
+    path = stage_out(stage) / "encoder.json"
     return json.loads(path.read_text())["training"] if path.exists() else {}
+
+
+def _stage_line(stage: int, tr: dict, n_train: int) -> tuple[str, str]:
+    """(command-line options, compute sentence) of one stage from what it recorded."""
+    cfg = tr.get("config", {})
+    aug = cfg.get("augment", {})
+    out = "models/wsip-dino-r10" if stage == len(STAGES) else f"runs/ssl-demo-v2/stage{stage}"
+    init = f" --init-from runs/ssl-demo-v2/stage{stage - 1}" if stage > 1 else ""
+    opts = (f"# stage {stage}: --out {out}{init} --steps {cfg.get('steps')} --global-size {aug.get('global_size')} "
+            f"--local-size {aug.get('local_size')} --n-local {aug.get('n_local')} --zoom-min {aug.get('zoom_min')} "
+            f"--zoom-max {aug.get('zoom_max')} --lr {cfg.get('lr')} --warmup-steps {cfg.get('warmup_steps')} "
+            f"--momentum-teacher {cfg.get('momentum_teacher')} --teacher-temp-start {cfg.get('teacher_temp_start')} "
+            f"--out-dim {cfg.get('out_dim')} --koleo {cfg.get('koleo')}")
+    epochs = cfg.get("steps", 0) * cfg.get("batch_size", 0) / max(n_train, 1)
+    compute = f"stage {stage}: {cfg.get('steps')} steps ({epochs:.1f} epochs) in {tr.get('seconds', 0) / 60:.0f} min"
+    return opts, compute
 
 
 def write_model_card(out: Path, report: dict) -> None:
@@ -176,11 +202,11 @@ def write_model_card(out: Path, report: dict) -> None:
     tr = meta["training"]
     cfg = tr["config"]
     aug = cfg["augment"]
-    s1 = _stage1_meta()
-    s1cfg = s1.get("config", {})
-    s1aug = s1cfg.get("augment", {})
     size_mb = (out / "model.safetensors").stat().st_size / 1e6
     n_train = int(tr["data"].split(",")[-1].split()[0])
+    stages = [_stage_line(i, _stage_training(i), n_train) for i in range(1, len(STAGES) + 1)]
+    crops = {v for i in range(1, len(STAGES) + 1) for k, v in
+             _stage_training(i).get("config", {}).get("augment", {}).items() if k in ("global_size", "local_size")}
     table = "\n".join(format_table(report).splitlines()[2:])
     tile_split = ""
     ts_path = out / "eval_kather16_tile_split.json"
@@ -202,26 +228,18 @@ def write_model_card(out: Path, report: dict) -> None:
                   f"(+{knn - rnd:.3f} over random init). Most remaining errors are stroma / complex stroma / debris "
                   "confusions and a few lymphocyte-rich sources read as complex stroma; a longer run on more varied "
                   "tissue (`wsi ssl-train RUN ...` on your own slides, several GPUs) is the way further.")
-    ttemp_text = (f"{cfg['teacher_temp']} (constant)" if cfg["teacher_temp_start"] == cfg["teacher_temp"]
-                  else f"{cfg['teacher_temp_start']} → {cfg['teacher_temp']}")
     st = meta["stain_norm"]
     text = CARD.format(
         name=meta["name"], arch=meta["arch"], params=size_mb / 2.0, embed_dim=meta["embed_dim"], size_mb=size_mb,
         n_train=n_train, mpp=meta["mpp"], mean=meta["mean"], std=meta["std"], input_size=meta["input_size"],
         st_mean=st["target_mean"], st_std=st["target_std"], st_gain=st["max_gain"],
-        crop_sizes=", ".join(str(v) for v in sorted({s1aug.get("global_size"), s1aug.get("local_size"),
-                                                     aug["global_size"], aug["local_size"]} - {None})),
-        n_local=aug["n_local"], hed_sigma=aug["hed_sigma"], hed_bias=aug["hed_bias"], cj=aug["brightness"],
-        hue=aug["hue"], gray_p=aug["gray_p"], mom=cfg["momentum_teacher"], ttemp=cfg["teacher_temp"],
-        out_dim=cfg["out_dim"], batch=cfg["batch_size"],
-        s1_steps=s1cfg.get("steps", "?"), s1_global=s1aug.get("global_size", "?"), s1_local=s1aug.get("local_size", "?"),
-        s1_lr=s1cfg.get("lr", "?"), s1_koleo=s1cfg.get("koleo", "?"),
-        s1_epochs=s1cfg.get("steps", 0) * cfg["batch_size"] / n_train, s1_min=s1.get("seconds", 0) / 60,
-        s2_steps=cfg["steps"], s2_global=aug["global_size"], s2_local=aug["local_size"], s2_lr=cfg["lr"],
-        s2_koleo=cfg["koleo"], s2_min=tr["seconds"] / 60,
+        crop_sizes=", ".join(str(v) for v in sorted(crops)), n_stages=len(STAGES),
+        hed_sigma=aug["hed_sigma"], hed_bias=aug["hed_bias"], cj=aug["brightness"], hue=aug["hue"],
+        gray_p=aug["gray_p"], ttemp=cfg["teacher_temp"], koleo=cfg["koleo"], batch=cfg["batch_size"],
+        stage_lines="\n".join(o for o, _ in stages), compute="; ".join(c for _, c in stages),
         n_eval_train=report["n_train"], n_eval_test=report["n_test"], table=table,
         per_class=", ".join(f"{k} {v:.2f}" for k, v in report["knn_per_class_recall"].items()),
-        tile_split=tile_split, ttemp_text=ttemp_text, target=target,
+        tile_split=tile_split, target=target,
     )
     (out / "README.md").write_text(text)
 
@@ -249,7 +267,7 @@ def main() -> int:
         write_model_card(OUT, json.loads((OUT / "eval_kather16.json").read_text()))
         return 0
     if not args.eval_only:
-        for stage in (1, 2):
+        for stage in range(1, len(STAGES) + 1):
             res = ssl_train(stage_config(stage))
             print(f"stage {stage}: {res.steps_done} steps in {res.seconds / 60:.1f} min; encoder in {res.out_dir}")
     report = evaluate(8, "eval_kather16.json")

@@ -3,6 +3,7 @@ registry, the CLI, and a 2-rank torchrun (gloo) run."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -121,10 +122,14 @@ def test_ssl_train_cli_and_eval_encoder(tiny_tiles: Path, tmp_path: Path) -> Non
         "ssl-train", "--data", str(tiny_tiles), "--out", str(out), "--arch", "resnet10t", "--steps", "2",
         "--batch-size", "4", "--global-size", "48", "--local-size", "24", "--n-local", "2", "--mpp", "0.495",
         "--subset", "train", "--out-dim", "64", "--threads", "1", "--checkpoint-every", "1",
+        "--zoom-min", "0.7", "--zoom-max", "1.4", "--warmup-steps", "1", "--teacher-temp-start", "0.05",
     ])
     assert r.exit_code == 0, r.output
     meta = json.loads((out / "encoder.json").read_text())
     assert meta["arch"] == "resnet10t" and meta["mpp"] == 0.5 and meta["training"]["steps_done"] == 2
+    cfg = meta["training"]["config"]
+    assert (cfg["augment"]["zoom_min"], cfg["augment"]["zoom_max"]) == (0.7, 1.4)
+    assert cfg["warmup_steps"] == 1 and cfg["teacher_temp_start"] == 0.05
     assert "train split" in meta["training"]["data"]
 
     js = tmp_path / "eval.json"
@@ -219,3 +224,5 @@ def test_stain_norm_and_init_from_are_trained_exported_and_resumed(tiny_tiles: P
 
     with pytest.raises(ConfigError, match="stain-norm"):
         tiny_config(tiny_tiles, tmp_path / "c", 2, stain_norm="macenko").resolved()
+    with pytest.raises(ConfigError, match="zoom-min"):
+        dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, zoom_min=1.5)).resolved()

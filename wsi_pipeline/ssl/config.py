@@ -79,6 +79,9 @@ class SSLConfig:
         a = self.augment
         if a.global_size < 16 or a.local_size < 8 or a.n_local < 0:
             raise ConfigError(f"crop sizes too small: global {a.global_size}, local {a.local_size}, n_local {a.n_local}")
+        if not 0 < a.zoom_min <= a.zoom_max:
+            raise ConfigError(f"--zoom-min {a.zoom_min} / --zoom-max {a.zoom_max}: need 0 < zoom-min <= zoom-max "
+                              "(1.0 / 1.0 turns the scale jitter off)")
         from wsi_pipeline.encoders.stain import STAIN_NORMS
 
         if self.stain_norm not in ("none", *STAIN_NORMS):
