@@ -142,6 +142,9 @@ def test_ssl_train_cli_and_eval_encoder(tiny_tiles: Path, tmp_path: Path) -> Non
         assert 0.0 <= rep[key] <= 1.0
     assert rep["tile_px_fed"] == [148]  # 150 px at 0.495 µm/px → 148 px at the encoder's 0.5 µm/px
     assert "random init" in r.output and "colour histogram" in r.output
+    ci = rep["ci95_by_source_bootstrap"]
+    assert ci["knn_balanced_accuracy"][0] <= rep["knn_balanced_accuracy"] <= ci["knn_balanced_accuracy"][1]
+    assert len(ci["knn_gain_over_random_init"]) == 2 and "bootstrap over test source images" in r.output
 
 
 @pytest.mark.slow

@@ -120,7 +120,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from wsi_pipeline.ssl.config import EvalConfig
-        from wsi_pipeline.ssl.evaluate import evaluate_encoder, table_rows
+        from wsi_pipeline.ssl.evaluate import evaluate_encoder, interval_lines, table_rows
 
         cfg = EvalConfig(
             encoder=encoder, data=str(data), weights=weights, data_mpp=mpp, seed=seed, test_fraction=test_fraction,
@@ -140,6 +140,8 @@ def register(app: typer.Typer) -> None:
         for row in table_rows(report):
             table.add_row(*row)
         Console().print(table)
+        for line in interval_lines(report):
+            typer.echo(line)
         if json_path:
             typer.echo(f"wrote {json_path}")
         else:

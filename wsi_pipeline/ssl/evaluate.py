@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 KNN_TEMPERATURE = 0.07
 HIST_BINS = 16
+BOOTSTRAP_ROUNDS = 1000  # source-bootstrap rounds for the 95 % intervals
 
 
 # ---------------------------------------------------------------- scale
@@ -161,15 +162,57 @@ def per_class_recall(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequen
             for i, c in enumerate(class_names)}
 
 
+def _balanced_accuracy_fast(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    hits = np.bincount(y_true[y_pred == y_true], minlength=n_classes)
+    counts = np.bincount(y_true, minlength=n_classes)
+    present = counts > 0
+    return float(np.mean(hits[present] / counts[present]))
+
+
+def source_bootstrap_ci(
+    y_true: np.ndarray, sources: np.ndarray, preds: np.ndarray, baseline: np.ndarray | None = None,
+    n_boot: int = BOOTSTRAP_ROUNDS, seed: int = 0,
+) -> dict[str, list[float]]:
+    """95 % intervals of the balanced accuracy of ``preds`` (and of its gain over ``baseline``), resampling
+    the *test source images* with replacement within each class (a source counts for its majority class), so
+    the interval reflects how few independent sources the figure rests on, not the number of tiles."""
+    n_classes = int(y_true.max()) + 1
+    src_ids, src_of_tile = np.unique(sources, return_inverse=True)
+    majority = np.array([np.bincount(y_true[src_of_tile == i], minlength=n_classes).argmax()
+                         for i in range(len(src_ids))])
+    tiles_of = [np.flatnonzero(src_of_tile == i) for i in range(len(src_ids))]
+    by_class = [np.flatnonzero(majority == c) for c in range(n_classes) if np.any(majority == c)]
+    rng = np.random.default_rng(seed)
+    acc, gain = [], []
+    for _ in range(n_boot):
+        picked = np.concatenate([rng.choice(srcs, len(srcs)) for srcs in by_class])
+        idx = np.concatenate([tiles_of[i] for i in picked])
+        a = _balanced_accuracy_fast(y_true[idx], preds[idx], n_classes)
+        acc.append(a)
+        if baseline is not None:
+            gain.append(a - _balanced_accuracy_fast(y_true[idx], baseline[idx], n_classes))
+    out = {"balanced_accuracy": [float(v) for v in np.percentile(acc, [2.5, 97.5])]}
+    if baseline is not None:
+        out["gain"] = [float(v) for v in np.percentile(gain, [2.5, 97.5])]
+    return out
+
+
+def probe_predictions(feats: np.ndarray, labels: np.ndarray, is_test: np.ndarray, n_classes: int, k: int,
+                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(k-NN, linear-probe) predictions for the test tiles."""
+    tr, te = ~is_test, is_test
+    return (knn_predict(feats[tr], labels[tr], feats[te], k, n_classes),
+            linear_probe_predict(feats[tr], labels[tr], feats[te], seed))
+
+
 def probe_scores(feats: np.ndarray, labels: np.ndarray, is_test: np.ndarray, class_names: Sequence[str], k: int,
                  seed: int) -> dict[str, Any]:
-    tr, te = ~is_test, is_test
-    knn = knn_predict(feats[tr], labels[tr], feats[te], k, len(class_names))
-    lin = linear_probe_predict(feats[tr], labels[tr], feats[te], seed)
+    knn, lin = probe_predictions(feats, labels, is_test, len(class_names), k, seed)
+    te = labels[is_test]
     return {
-        "knn_balanced_accuracy": balanced_accuracy(labels[te], knn),
-        "linear_balanced_accuracy": balanced_accuracy(labels[te], lin),
-        "knn_per_class_recall": per_class_recall(labels[te], knn, class_names),
+        "knn_balanced_accuracy": balanced_accuracy(te, knn),
+        "linear_balanced_accuracy": balanced_accuracy(te, lin),
+        "knn_per_class_recall": per_class_recall(te, knn, class_names),
     }
 
 
@@ -262,13 +305,26 @@ def evaluate_encoder(cfg: EvalConfig) -> dict[str, Any]:
         "knn": {"k": cfg.k, "similarity": "cosine", "vote": f"weighted exp(cos/{KNN_TEMPERATURE})"},
         "linear": "logistic regression (L2, C=1) on standardised features",
     }
-    report.update(probe_scores(feats, labels, is_test, tiles.class_names, cfg.k, cfg.seed))
+    n_classes, y_te, src_te = len(tiles.class_names), labels[is_test], np.asarray(tiles.sources)[is_test]
+    knn, lin = probe_predictions(feats, labels, is_test, n_classes, cfg.k, cfg.seed)
+    report.update({"knn_balanced_accuracy": balanced_accuracy(y_te, knn),
+                   "linear_balanced_accuracy": balanced_accuracy(y_te, lin),
+                   "knn_per_class_recall": per_class_recall(y_te, knn, tiles.class_names)})
+    rknn = rlin = None
     if cfg.random_init:
         rnd = random_init_like(name, encoder, cfg.seed)
         rfeats = embed_at_scale(rnd, tiles_in, cfg.batch_size, cfg.precision, cfg.device)
-        r = probe_scores(rfeats, labels, is_test, tiles.class_names, cfg.k, cfg.seed)
-        report["random_init_knn_balanced_accuracy"] = r["knn_balanced_accuracy"]
-        report["random_init_linear_balanced_accuracy"] = r["linear_balanced_accuracy"]
+        rknn, rlin = probe_predictions(rfeats, labels, is_test, n_classes, cfg.k, cfg.seed)
+        report["random_init_knn_balanced_accuracy"] = balanced_accuracy(y_te, rknn)
+        report["random_init_linear_balanced_accuracy"] = balanced_accuracy(y_te, rlin)
+    knn_ci = source_bootstrap_ci(y_te, src_te, knn, rknn, seed=cfg.seed)
+    lin_ci = source_bootstrap_ci(y_te, src_te, lin, rlin, seed=cfg.seed)
+    report["ci95_by_source_bootstrap"] = {
+        "rounds": BOOTSTRAP_ROUNDS, "knn_balanced_accuracy": knn_ci["balanced_accuracy"],
+        "linear_balanced_accuracy": lin_ci["balanced_accuracy"],
+        **({"knn_gain_over_random_init": knn_ci["gain"], "linear_gain_over_random_init": lin_ci["gain"]}
+           if cfg.random_init else {}),
+    }
     if cfg.colour_baseline:
         c = probe_scores(colour_histograms(images), labels, is_test, tiles.class_names, cfg.k, cfg.seed)
         report["colour_histogram_knn_balanced_accuracy"] = c["knn_balanced_accuracy"]
@@ -295,8 +351,26 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def interval_lines(report: dict[str, Any]) -> list[str]:
+    """The report's source-bootstrap 95 % intervals as sentences ([] when it has none)."""
+    ci = report.get("ci95_by_source_bootstrap")
+    if not ci:
+        return []
+
+    def span(key: str) -> str:
+        lo, hi = ci[key]
+        return f"{lo:+.3f}…{hi:+.3f}" if "gain" in key else f"{lo:.3f}–{hi:.3f}"
+
+    lines = [f"95 % interval (bootstrap over test source images): k-NN {span('knn_balanced_accuracy')}, "
+             f"linear {span('linear_balanced_accuracy')}"]
+    if "knn_gain_over_random_init" in ci:
+        lines.append(f"gain over random init: k-NN {span('knn_gain_over_random_init')}, "
+                     f"linear {span('linear_gain_over_random_init')}")
+    return lines
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """A plain-text (Markdown) table of the balanced accuracies."""
+    """A plain-text (Markdown) table of the balanced accuracies (and their source-bootstrap 95 % intervals)."""
     lines = [
         f"held-out balanced accuracy — {report['n_train']} train / {report['n_test']} test tiles, "
         f"{len(report['classes'])} classes, k-NN k={report['knn']['k']} cosine weighted",
@@ -305,6 +379,7 @@ def format_table(report: dict[str, Any]) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in table_rows(report)]
+    lines += ["", *interval_lines(report)] if "ci95_by_source_bootstrap" in report else []
     return "\n".join(lines)
 
 
