@@ -240,6 +240,10 @@ def test_train_config_errors(cohort, tmp_path):
         train_cv(TrainConfig(**base, head="nope"))
     with pytest.raises(ConfigError, match="--folds"):
         train_cv(TrainConfig(**base, folds=1))
+    # the flag the message names exists on the CLI and reaches the config
+    res = CliRunner().invoke(build_app(), ["train", str(run), "--labels", str(labels), "--targets", "response:binary",
+                                           "--model-out", str(tmp_path / "m"), "--batch-bags", "0"])
+    assert res.exit_code != 0 and "--batch-bags must be >= 1" in str(res.exception or res.output)
     other = tmp_path / "other.csv"
     other.write_text("slide_id,response\nX1,1\nX2,0\n")
     with pytest.raises(LabelsError, match="no slide_id matches"):

@@ -33,6 +33,9 @@ def register(app: typer.Typer) -> None:
                                                "embedding (default 1; 0 = none)."),
         max_tiles: int = typer.Option(None, "--max-tiles",
                                       help="Random tiles per bag per training step (default 4096; 0 = all)."),
+        batch_bags: int = typer.Option(None, "--batch-bags",
+                                       help="Slides per optimisation step (default 4); also the Cox risk set of a "
+                                            "survival target."),
         no_baseline: bool = typer.Option(False, "--no-baseline", help="Skip the mean-pool baseline."),
         n_bootstrap: int = typer.Option(None, "--n-bootstrap", help="Bootstrap resamples for CIs (default 1000)."),
         device: str = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
@@ -51,6 +54,7 @@ def register(app: typer.Typer) -> None:
             "model_out": str(model_out) if model_out else None, "head": head, "folds": folds, "seed": seed,
             "encoder": encoder, "covariates": parse_covariates(covariates) if covariates else None,
             "epochs": epochs, "lr": lr, "context_rings": context_rings, "max_tiles": max_tiles,
+            "batch_bags": batch_bags,
             "n_bootstrap": n_bootstrap, "device": device, "threads": threads,
         }
         data = {**base, **{k: v for k, v in overrides.items() if v is not None}, "run": str(run)}
