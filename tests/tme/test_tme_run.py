@@ -225,3 +225,59 @@ def test_centre_footprint_reads_the_centre_of_each_tile(setup: dict[str, Path], 
     cos = np.sum(got * ref, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     # same pixels up to resampling (a read 14 level-0 px off-centre gives cos 0.997 and 8× the deviation)
     assert got.shape == ref.shape and cos.min() > 0.9995, cos.min()
+
+
+def test_fov_grid_covers_the_run_tiles_at_the_classifier_field_of_view() -> None:
+    from wsi_pipeline.tme.run import fov_grid
+
+    # 3×2 RUN tiles of 224 px at 0.5 µm/px on a 0.25 µm/px slide (448 level-0 px), the middle top one missing
+    xy = np.array([[1000 + 448 * c, 2000 + 448 * r] for r in range(2) for c in range(3) if (r, c) != (0, 1)])
+    attrs = {F.A_TARGET_MPP: 0.5, F.A_SLIDE_MPP: 0.25, F.A_TILE_SIZE: 224, F.A_PATCH_SIZE_L0: 448, F.A_OVERLAP: 0}
+    grid = fov_grid(F.TileSet(xy, attrs), 74.25, 0.5)
+    assert grid.tile_size_l0 == 297 and grid.tile_size == 148 and grid.target_mpp == 0.5
+    assert grid.attrs[F.A_OVERLAP] == 0 and grid.slide_mpp == 0.25
+    centres = grid.l0_xy + 297 / 2
+    inside = [(xy <= c).all(1) & (c < xy + 448).all(1) for c in centres]
+    assert all(m.sum() == 1 for m in inside)  # every cell centre lies in exactly one RUN tile ...
+    assert not any(((1448 <= c[0] < 1896) and (2000 <= c[1] < 2448)) for c in centres)  # ... never in the gap
+    # ... and every RUN tile is covered: 5 × 3 cells over the full 1344 × 896 box, minus those in the gap
+    full = fov_grid(F.TileSet(np.array([[1000 + 448 * c, 2000 + 448 * r] for r in range(2) for c in range(3)]),
+                              attrs), 74.25, 0.5)
+    assert len(full) == 15 and len(grid) < len(full)
+    assert np.all((full.l0_xy - [1000, 2000]) % 297 == 0)  # anchored at the RUN tiles' corner
+    empty = fov_grid(F.TileSet(np.zeros((0, 2), np.int64), attrs), 74.25, 0.5)
+    assert len(empty) == 0 and empty.tile_size_l0 == 297
+
+
+def test_grid_footprint_classifies_the_area_at_the_field_of_view(setup: dict[str, Path], default_run: Path) -> None:
+    """`--footprint grid`: the TME's own cells, one classifier field of view wide, over the area the RUN's
+    88-µm tiles cover. On this mosaic they coincide with the 74-µm mosaic cells, so each cell's probabilities
+    equal those of a RUN tiled at exactly the classifier's field of view."""
+    from wsi_pipeline.tme.classifier import load_classifier
+    from wsi_pipeline.tme.run import fov_grid
+
+    clf = load_classifier(str(setup["clf"]))
+    layout = RunLayout(default_run)
+    common = ["--classifier", str(setup["clf"]), "--encoder-weights", str(setup["weights"]), "--device", "cpu",
+              "--overwrite"]
+    _invoke(["tme", str(default_run), *common, "--footprint", "grid"])
+    xy, probs, attrs = F.read_tme_h5(layout.tme_h5("mosaic"))
+    tiles = F.read_tiles_h5(layout.tiles_h5("mosaic"))
+    expected = fov_grid(tiles, clf.tile_um, clf.mpp)
+    np.testing.assert_array_equal(xy, expected.l0_xy)
+    assert attrs["feature_source"] == "slide-grid" and len(xy) > len(tiles)
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-4)
+    row = pd.read_csv(layout.tme_csv).iloc[0]
+    assert row["n_tiles"] == len(xy) and row["tile_stride_um"] == pytest.approx(74.25, rel=0.01)
+    assert len(read_geojson(layout.tme_geojson("mosaic"))["features"]) == len(xy)
+
+    aligned = setup["root"] / "run_fov"
+    _invoke(["tile", str(setup["slide"]), "--out", str(aligned), "--target-mpp", "0.495", "--tile-size", "150",
+             "--min-tissue", "0", "--workers", "0"])
+    _invoke(["tme", str(aligned), *common, "--footprint", "tile", "--no-reuse-features"])
+    axy, aprobs, _ = F.read_tme_h5(RunLayout(aligned).tme_h5("mosaic"))
+    where = {tuple(p): i for i, p in enumerate(axy)}
+    shared = [(i, where[tuple(p)]) for i, p in enumerate(xy) if tuple(p) in where]
+    assert len(shared) >= 0.8 * len(xy)
+    a, b = zip(*shared, strict=True)
+    np.testing.assert_allclose(probs[list(a)], aprobs[list(b)], atol=2e-3)

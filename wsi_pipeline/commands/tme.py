@@ -82,7 +82,9 @@ def register(app: typer.Typer) -> None:
         footprint: str = typer.Option(None, "--footprint",
                                       help="What each tile is classified on: auto (default) | tile | classifier "
                                            "(the tile's centre over the classifier's training field of view, "
-                                           "read from the slide; auto picks it for tiles > 1.25× wider)."),
+                                           "read from the slide; auto picks it for tiles > 1.25× wider) | grid "
+                                           "(the TME's own grid of cells one field of view wide over the area the "
+                                           "RUN tiles cover: all of it classified at the classifier's resolution)."),
         no_reuse_features: bool = typer.Option(False, "--no-reuse-features",
                                                help="Always embed from the slides (ignore RUN/features)."),
         batch_size: int = typer.Option(64, "--batch-size"),

@@ -133,7 +133,7 @@ class SpatialConfig:
         return self
 
 
-FOOTPRINTS = ("auto", "tile", "classifier")
+FOOTPRINTS = ("auto", "tile", "classifier", "grid")
 FOOTPRINT_AUTO_RATIO = 1.25  # "auto": classify tile centres when tiles are this much wider than training tiles
 
 
@@ -150,7 +150,9 @@ class TMEConfig:
     reuse_features: bool = True  # use RUN/features/<encoder>/ when encoder and µm/px match
     # what each RUN tile is classified on: "tile" (the whole tile; reuses RUN features), "classifier" (the
     # tile's centre over the classifier's training field of view, read from the slide), "auto" ("classifier"
-    # when RUN tiles are over FOOTPRINT_AUTO_RATIO × wider than the classifier's training tiles)
+    # when RUN tiles are over FOOTPRINT_AUTO_RATIO × wider than the classifier's training tiles), "grid" (the
+    # TME's own grid of cells one training field of view wide over the area the RUN tiles cover, each read
+    # from the slide: the whole area is classified, at the classifier's resolution)
     footprint: str = "auto"
     device: str = "auto"
     precision: str = "fp32"

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wsi_pipeline import formats as F
-from wsi_pipeline.errors import ScaleMismatchError, TilesNotFoundError
+from wsi_pipeline.errors import ConfigError, ScaleMismatchError, TilesNotFoundError
 from wsi_pipeline.run.layout import RunLayout
 from wsi_pipeline.tme.classifier import TissueClassifier
 from wsi_pipeline.tme.config import FOOTPRINT_AUTO_RATIO, TMEConfig
@@ -43,6 +43,7 @@ STAGE = "tme"
 SOURCE_RUN_FEATURES = "run-features"
 SOURCE_SLIDE = "slide"
 SOURCE_SLIDE_CENTRE = "slide-centre"  # the tile's centre, over the classifier's training field of view
+SOURCE_SLIDE_GRID = "slide-grid"  # the TME's own grid of cells one training field of view wide
 A_CLASSIFIER_MPP = "classifier_mpp"
 A_FEATURE_SOURCE = "feature_source"
 A_CLASSIFIER_SHA256 = "classifier_sha256"
@@ -117,12 +118,39 @@ def embed_slide_tiles(
 
 def centre_footprint_um(cfg: TMEConfig, clf: TissueClassifier, tiles: F.TileSet) -> float:
     """µm of the tile centre to classify (0: the whole tile), from ``cfg.footprint`` (see TMEConfig)."""
-    if cfg.footprint == "tile" or clf.tile_um <= 0 or not len(tiles):
+    if cfg.footprint in ("tile", "grid") or clf.tile_um <= 0 or not len(tiles):
         return 0.0
     tile_um = tiles.tile_size_l0 * tiles.slide_mpp
     if cfg.footprint == "auto" and tile_um <= FOOTPRINT_AUTO_RATIO * clf.tile_um:
         return 0.0
     return float(clf.tile_um) if tile_um > clf.tile_um else 0.0
+
+
+def fov_grid(tiles: F.TileSet, fov_um: float, fov_mpp: float) -> F.TileSet:
+    """The TME's own tiles for ``--footprint grid``: a regular grid of cells ``fov_um`` wide (the classifier's
+    training field of view, read at ``fov_mpp``), anchored at the RUN tiles' top-left corner, keeping every
+    cell whose centre lies inside a RUN tile. Pure: coordinates in, coordinates out (level 0)."""
+    fov_l0 = max(1, round(fov_um / tiles.slide_mpp))
+    attrs = {**tiles.attrs, F.A_TARGET_MPP: float(fov_mpp), F.A_TILE_SIZE: round(fov_um / fov_mpp),
+             F.A_PATCH_SIZE: round(fov_um / fov_mpp), F.A_PATCH_SIZE_L0: fov_l0, F.A_OVERLAP: 0}
+    if not len(tiles):
+        return F.TileSet(np.zeros((0, 2), np.int64), attrs)
+    xy = np.asarray(tiles.l0_xy, np.int64)
+    size = tiles.tile_size_l0
+    stride = max(1.0, tile_stride_l0(tiles))
+    origin = xy.min(axis=0)
+    span = xy.max(axis=0) + size - origin
+    gx, gy = np.meshgrid(np.arange(0, span[0], fov_l0), np.arange(0, span[1], fov_l0))
+    cells = np.stack([gx.ravel(), gy.ravel()], axis=1) + origin
+    centres = cells + fov_l0 / 2.0
+    # the RUN tile whose grid slot holds each centre, then whether the centre is inside that tile
+    slot = np.floor((centres - origin) / stride).astype(np.int64)
+    index = {(int(c), int(r)): i for i, (c, r) in enumerate(np.round((xy - origin) / stride).astype(np.int64))}
+    owner = np.array([index.get((int(c), int(r)), -1) for c, r in slot])
+    inside = owner >= 0
+    rel = centres[inside] - xy[owner[inside]]
+    inside[inside] = np.all((rel >= 0) & (rel < size), axis=1)
+    return F.TileSet(cells[inside].astype(np.int64), attrs)
 
 
 # ---------------------------------------------------------------- per slide
@@ -189,9 +217,10 @@ def slide_probs(ctx: TMEContext, slide_id: str, tiles: F.TileSet) -> tuple[np.nd
                 return probs, str(attrs.get(A_FEATURE_SOURCE, ""))
     feats = None
     centre_um = centre_footprint_um(cfg, clf, tiles)
-    source = SOURCE_SLIDE_CENTRE if centre_um else SOURCE_SLIDE
+    grid = cfg.footprint == "grid"
+    source = SOURCE_SLIDE_GRID if grid else SOURCE_SLIDE_CENTRE if centre_um else SOURCE_SLIDE
     fpath = layout.features_h5(clf.encoder, slide_id)
-    if cfg.reuse_features and not centre_um and fpath.exists() and len(tiles):
+    if cfg.reuse_features and not centre_um and not grid and fpath.exists() and len(tiles):
         fs = F.read_features_h5(fpath)
         try:
             check_features(fs, tiles, clf, cfg.mpp_tolerance)
@@ -245,6 +274,11 @@ def slide_row(ctx: TMEContext, slide_id: str) -> dict[str, Any]:
     if not tiles_path.exists():
         raise TilesNotFoundError(f"{tiles_path}: no tiles for {slide_id}; run `wsi tile` first")
     tiles = F.read_tiles_h5(tiles_path)
+    if cfg.footprint == "grid":
+        if clf.tile_um <= 0:
+            raise ConfigError(f"--footprint grid: the classifier {clf.path} does not record its field of view "
+                              "(tile_um); retrain it with `wsi tissue-train` or use --footprint auto")
+        tiles = fov_grid(tiles, clf.tile_um, clf.mpp)
     probs, source = slide_probs(ctx, slide_id, tiles)
     labels = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
     roles = cfg.roles.resolve(clf.class_names)
