@@ -263,12 +263,12 @@ def card_section(results: dict[str, Any], n: int, grid: tuple[int, int]) -> str:
         lines.append(f"- {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["area_fraction_mae"].items()))
     lines += ["", "`aligned`: 150-px tiles at 0.495 µm/px, one per mosaic cell (the classifier reads them at "
               "0.5 µm/px from the slide); `default`: 224-px tiles at 0.5 µm/px (112 µm), each straddling up to four "
-              "unrelated mosaic cells (an artefact of mosaics that dilutes isolated lymphocyte cells); `wsi tme` "
-              "(`--footprint auto`) then classifies each tile's centre over the classifier's 74-µm field of view, "
-              "read from the slide (`features:` in the results says which source was used); `default-grid`: the "
-              "same default tiles, with `wsi tme --footprint grid` classifying its own grid of 74-µm cells over the "
-              "area the tiles cover (anchored at the tiles' corner, so on these mosaics the cells fall near the "
-              "mosaic cells).", CARD_END]
+              "unrelated mosaic cells; `wsi tme` (`--footprint auto`, which picks `grid` for tiles this wide) "
+              "classifies its own grid of 74-µm cells (the classifier's field of view) over the area the tiles "
+              "cover, read from the slide — the grid is anchored at the tiles' corner, so on these mosaics its "
+              "cells fall on the mosaic cells; `default-centre`: the same tiles with `--footprint classifier`, "
+              "each tile's centre over 74 µm (the `auto` of earlier versions), which misses most isolated "
+              "lymphocyte cells (`features:` in the results says which source was used).", CARD_END]
     return "\n".join(lines) + "\n"
 
 
@@ -292,8 +292,8 @@ def main() -> int:
     ap.add_argument("--grid", type=int, nargs=2, default=(16, 20), metavar=("ROWS", "COLS"))
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--band-um", type=float, default=200.0)
-    ap.add_argument("--tilings", nargs="+", default=["aligned", "default", "default-grid"],
-                    choices=("aligned", "default", "default-grid"))
+    ap.add_argument("--tilings", nargs="+", default=["aligned", "default", "default-centre"],
+                    choices=("aligned", "default", "default-centre"))
     ap.add_argument("--json", default=None, help="write the figures to this JSON file")
     ap.add_argument("--card", default=None, help="update the evaluation section of this model card (README.md)")
     args = ap.parse_args()
@@ -320,11 +320,10 @@ def main() -> int:
             tile_run(run, cohort, 0.495, 150)
         else:
             tile_run(run, cohort, clf.mpp, clf.input_size or 224)
-            if tiling == "default":  # default-grid reads its own cells from the slides
-                extract_run(run, clf.encoder, args.encoder_weights)
+            extract_run(run, clf.encoder, args.encoder_weights)
         cfg = TMEConfig(classifier=clf.path, encoder_weights=args.encoder_weights, device="cpu",
                         spatial=SpatialConfig(band_um=args.band_um),
-                        footprint="grid" if tiling == "default-grid" else "auto")
+                        footprint="classifier" if tiling == "default-centre" else "auto")
         summary = run_tme(run, cfg)
         if summary.failed:
             raise SystemExit(f"tme failed on {len(summary.failed)} slides, e.g. {summary.failed[:2]}")

@@ -176,22 +176,23 @@ def test_tme_reuses_run_features_at_the_classifier_scale(setup: dict[str, Path],
 def test_footprint_classifies_tile_centres_at_the_training_field_of_view(setup: dict[str, Path],
                                                                          default_run: Path) -> None:
     """Tiles much wider than the classifier's training tiles straddle several tissue cells: `--footprint
-    classifier` (and `auto` for tiles > 1.25× wider) classifies each tile's centre over the training field of
-    view, read from the slide, instead of reusing whole-tile features."""
+    classifier` classifies each tile's centre over the training field of view, read from the slide, instead
+    of reusing whole-tile features; `auto` picks the TME's own grid for tiles > 1.25× wider."""
     from wsi_pipeline.tme.classifier import load_classifier
     from wsi_pipeline.tme.config import TMEConfig
-    from wsi_pipeline.tme.run import centre_footprint_um
+    from wsi_pipeline.tme.run import resolve_footprint
 
     run = default_run  # 176 px at 0.5 µm/px = 88 µm: 1.19× the classifier's 74.25 µm
     layout = RunLayout(run)
     tiles = F.read_tiles_h5(layout.tiles_h5("mosaic"))
     clf = load_classifier(str(setup["clf"]))
     assert clf.tile_um == pytest.approx(74.25)
-    assert centre_footprint_um(TMEConfig(), clf, tiles) == 0.0  # auto: not wide enough
-    assert centre_footprint_um(TMEConfig(footprint="classifier"), clf, tiles) == pytest.approx(74.25)
-    assert centre_footprint_um(TMEConfig(footprint="tile"), clf, tiles) == 0.0
+    assert resolve_footprint(TMEConfig(), clf, tiles) == "tile"  # auto: not wide enough
+    assert resolve_footprint(TMEConfig(footprint="classifier"), clf, tiles) == "classifier"
+    assert resolve_footprint(TMEConfig(footprint="tile"), clf, tiles) == "tile"
+    assert resolve_footprint(TMEConfig(footprint="grid"), clf, tiles) == "grid"
     wide = F.TileSet(tiles.l0_xy, {**tiles.attrs, F.A_PATCH_SIZE_L0: 227})  # 112 µm: 1.5×
-    assert centre_footprint_um(TMEConfig(), clf, wide) == pytest.approx(74.25)
+    assert resolve_footprint(TMEConfig(), clf, wide) == "grid"
     args = ["tme", str(run), "--classifier", str(setup["clf"]), "--encoder-weights", str(setup["weights"]),
             "--device", "cpu", "--overwrite"]
     _invoke(args)

@@ -80,11 +80,11 @@ def register(app: typer.Typer) -> None:
         encoder_weights: str = typer.Option(None, "--encoder-weights",
                                             help="Weights of the classifier's encoder."),
         footprint: str = typer.Option(None, "--footprint",
-                                      help="What each tile is classified on: auto (default) | tile | classifier "
-                                           "(the tile's centre over the classifier's training field of view, "
-                                           "read from the slide; auto picks it for tiles > 1.25× wider) | grid "
-                                           "(the TME's own grid of cells one field of view wide over the area the "
-                                           "RUN tiles cover: all of it classified at the classifier's resolution)."),
+                                      help="What is classified: auto (default: grid for tiles > 1.25× wider than "
+                                           "the classifier's field of view, else tile) | tile (each whole tile) | "
+                                           "classifier (each tile's centre over the field of view) | grid (the "
+                                           "TME's own grid of field-of-view cells over the area the RUN tiles "
+                                           "cover, read from the slide)."),
         no_reuse_features: bool = typer.Option(False, "--no-reuse-features",
                                                help="Always embed from the slides (ignore RUN/features)."),
         batch_size: int = typer.Option(64, "--batch-size"),

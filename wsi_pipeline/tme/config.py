@@ -134,7 +134,7 @@ class SpatialConfig:
 
 
 FOOTPRINTS = ("auto", "tile", "classifier", "grid")
-FOOTPRINT_AUTO_RATIO = 1.25  # "auto": classify tile centres when tiles are this much wider than training tiles
+FOOTPRINT_AUTO_RATIO = 1.25  # "auto": the TME's own grid when tiles are this much wider than training tiles
 
 
 @dataclass
@@ -148,11 +148,11 @@ class TMEConfig:
     roles: ClassRoles = field(default_factory=ClassRoles)
     mpp_tolerance: float = 0.05  # relative µm/px difference accepted between classifier and features
     reuse_features: bool = True  # use RUN/features/<encoder>/ when encoder and µm/px match
-    # what each RUN tile is classified on: "tile" (the whole tile; reuses RUN features), "classifier" (the
-    # tile's centre over the classifier's training field of view, read from the slide), "auto" ("classifier"
-    # when RUN tiles are over FOOTPRINT_AUTO_RATIO × wider than the classifier's training tiles), "grid" (the
-    # TME's own grid of cells one training field of view wide over the area the RUN tiles cover, each read
-    # from the slide: the whole area is classified, at the classifier's resolution)
+    # what is classified: "tile" (each whole RUN tile; reuses RUN features), "classifier" (each RUN tile's
+    # centre over the classifier's training field of view, read from the slide), "grid" (the TME's own grid
+    # of cells one training field of view wide over the area the RUN tiles cover, each read from the slide:
+    # the whole area at the classifier's resolution), "auto" ("grid" when RUN tiles are over
+    # FOOTPRINT_AUTO_RATIO × wider than the classifier's training tiles, else "tile")
     footprint: str = "auto"
     device: str = "auto"
     precision: str = "fp32"

@@ -116,14 +116,21 @@ def embed_slide_tiles(
     return out
 
 
-def centre_footprint_um(cfg: TMEConfig, clf: TissueClassifier, tiles: F.TileSet) -> float:
-    """µm of the tile centre to classify (0: the whole tile), from ``cfg.footprint`` (see TMEConfig)."""
-    if cfg.footprint in ("tile", "grid") or clf.tile_um <= 0 or not len(tiles):
-        return 0.0
+def resolve_footprint(cfg: TMEConfig, clf: TissueClassifier, tiles: F.TileSet) -> str:
+    """The footprint actually used for these RUN tiles: ``tile``, ``classifier`` or ``grid`` (see TMEConfig).
+    ``auto`` picks ``grid`` for tiles over FOOTPRINT_AUTO_RATIO × wider than the classifier's field of view."""
+    fov = clf.tile_um
+    if cfg.footprint == "grid":
+        if fov <= 0:
+            raise ConfigError(f"--footprint grid: the classifier {clf.path} does not record its field of view "
+                              "(tile_um); retrain it with `wsi tissue-train` or use --footprint tile")
+        return "grid"
+    if cfg.footprint == "tile" or fov <= 0 or not len(tiles):
+        return "tile"
     tile_um = tiles.tile_size_l0 * tiles.slide_mpp
-    if cfg.footprint == "auto" and tile_um <= FOOTPRINT_AUTO_RATIO * clf.tile_um:
-        return 0.0
-    return float(clf.tile_um) if tile_um > clf.tile_um else 0.0
+    if cfg.footprint == "auto":
+        return "grid" if tile_um > FOOTPRINT_AUTO_RATIO * fov else "tile"
+    return "classifier" if tile_um > fov else "tile"
 
 
 def fov_grid(tiles: F.TileSet, fov_um: float, fov_mpp: float) -> F.TileSet:
@@ -170,9 +177,9 @@ class TMEContext:
             self._encoder = create_classifier_encoder(self.clf, self.cfg.encoder_weights, self.device)
         return self._encoder
 
-    def resume_key(self, tiles_key: str) -> str:
+    def resume_key(self, tiles_key: str, footprint: str) -> str:
         return F.params_hash({**self.cfg.params(), "classifier_sha256": self.classifier_sha256,
-                              "tiles": tiles_key})
+                              "tiles": tiles_key, "footprint_used": footprint})
 
 
 def create_classifier_encoder(clf: TissueClassifier, weights: str | None, device: str) -> Encoder:
@@ -204,10 +211,11 @@ def create_classifier_encoder(clf: TissueClassifier, weights: str | None, device
     return enc
 
 
-def slide_probs(ctx: TMEContext, slide_id: str, tiles: F.TileSet) -> tuple[np.ndarray, str]:
-    """Per-tile class probabilities (from the stored file when still valid); returns (probs, source)."""
+def slide_probs(ctx: TMEContext, slide_id: str, tiles: F.TileSet, footprint: str = "tile") -> tuple[np.ndarray, str]:
+    """Class probabilities of ``tiles`` (the RUN tiles, or the :func:`fov_grid` cells when ``footprint`` is
+    ``grid``), from the stored file when still valid; returns (probs, source)."""
     layout, clf, cfg = ctx.layout, ctx.clf, ctx.cfg
-    key = ctx.resume_key(str(tiles.attrs.get(F.A_PARAMS_HASH, "")))
+    key = ctx.resume_key(str(tiles.attrs.get(F.A_PARAMS_HASH, "")), footprint)
     out = layout.tme_h5(slide_id)
     if out.exists() and not cfg.overwrite:
         attrs = F.read_h5_attrs(out)
@@ -216,8 +224,8 @@ def slide_probs(ctx: TMEContext, slide_id: str, tiles: F.TileSet) -> tuple[np.nd
             if np.array_equal(xy, tiles.l0_xy) and probs.shape[1] == clf.n_classes:
                 return probs, str(attrs.get(A_FEATURE_SOURCE, ""))
     feats = None
-    centre_um = centre_footprint_um(cfg, clf, tiles)
-    grid = cfg.footprint == "grid"
+    grid = footprint == "grid"
+    centre_um = float(clf.tile_um) if footprint == "classifier" else 0.0
     source = SOURCE_SLIDE_GRID if grid else SOURCE_SLIDE_CENTRE if centre_um else SOURCE_SLIDE
     fpath = layout.features_h5(clf.encoder, slide_id)
     if cfg.reuse_features and not centre_um and not grid and fpath.exists() and len(tiles):
@@ -274,12 +282,10 @@ def slide_row(ctx: TMEContext, slide_id: str) -> dict[str, Any]:
     if not tiles_path.exists():
         raise TilesNotFoundError(f"{tiles_path}: no tiles for {slide_id}; run `wsi tile` first")
     tiles = F.read_tiles_h5(tiles_path)
-    if cfg.footprint == "grid":
-        if clf.tile_um <= 0:
-            raise ConfigError(f"--footprint grid: the classifier {clf.path} does not record its field of view "
-                              "(tile_um); retrain it with `wsi tissue-train` or use --footprint auto")
+    footprint = resolve_footprint(cfg, clf, tiles)
+    if footprint == "grid":
         tiles = fov_grid(tiles, clf.tile_um, clf.mpp)
-    probs, source = slide_probs(ctx, slide_id, tiles)
+    probs, source = slide_probs(ctx, slide_id, tiles, footprint)
     labels = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
     roles = cfg.roles.resolve(clf.class_names)
     stride_l0 = tile_stride_l0(tiles)
