@@ -61,6 +61,8 @@ def images_per_second(log_csv: Path, batch: int, skip: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from wsi_pipeline.encoders.stain import REINHARD, STAIN_NORMS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", choices=sorted(VARIANTS), required=True)
     ap.add_argument("--data", required=True, help="labelled tile folder of the training sources")
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3, help="peak AdamW lr per 256 images")
     ap.add_argument("--calibration-steps", type=int, default=30)
-    ap.add_argument("--stain-norm", default="reinhard-lab", choices=("none", "reinhard-lab"),
+    ap.add_argument("--stain-norm", default=REINHARD, choices=("none", *STAIN_NORMS),
                     help="per-tile stain standardisation built into the encoder (the demo encoder's recipe)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

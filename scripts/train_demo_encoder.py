@@ -210,9 +210,10 @@ def write_model_card(out: Path, report: dict) -> None:
     aug = cfg["augment"]
     size_mb = (out / "model.safetensors").stat().st_size / 1e6
     n_train = int(tr["data"].split(",")[-1].split()[0])
-    stages = [_stage_line(i, _stage_training(i), n_train) for i in range(1, len(STAGES) + 1)]
-    crops = {v for i in range(1, len(STAGES) + 1) for k, v in
-             _stage_training(i).get("config", {}).get("augment", {}).items() if k in ("global_size", "local_size")}
+    recorded = [_stage_training(i) for i in range(1, len(STAGES) + 1)]
+    stages = [_stage_line(i, t, n_train) for i, t in enumerate(recorded, 1)]
+    crops = {v for t in recorded for k, v in t.get("config", {}).get("augment", {}).items()
+             if k in ("global_size", "local_size")}
     table = "\n".join(format_table(report).splitlines()[2:])
     tile_split = ""
     ts_path = out / "eval_kather16_tile_split.json"

@@ -86,9 +86,11 @@ def lab_moments_of_f(f: torch.Tensor, f_to_lab: torch.Tensor) -> tuple[torch.Ten
     return lab_mean, lab_std
 
 
-def lab_moments(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image, per-channel L*a*b* mean and standard deviation of (N, 3, H, W) sRGB in [0, 1] → (N, 3) each."""
-    m = colour_matrices()
+def lab_moments(rgb: torch.Tensor, matrices: Mapping[str, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image, per-channel L*a*b* mean and standard deviation of (N, 3, H, W) sRGB in [0, 1] → (N, 3) each
+    (``matrices``: :func:`colour_matrices`, computed here when not given)."""
+    m = matrices or colour_matrices()
     return lab_moments_of_f(rgb_to_f(rgb.float().clamp(0.0, 1.0), m["to_xyz_w"]), m["f_to_lab"])
 
 
@@ -145,7 +147,8 @@ def fit_reinhard_target(images: Sequence[np.ndarray]) -> dict[str, Any]:
     for encoder.json."""
     if len(images) == 0:
         raise ConfigError("stain_norm: no tiles to fit the Reinhard target on")
-    moments = [lab_moments(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None].float() / 255.0)
+    m = colour_matrices()
+    moments = [lab_moments(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None].float() / 255.0, m)
                for im in images]
     return {
         "method": REINHARD,

@@ -205,15 +205,20 @@ def probe_predictions(feats: np.ndarray, labels: np.ndarray, is_test: np.ndarray
             linear_probe_predict(feats[tr], labels[tr], feats[te], seed))
 
 
+def prediction_scores(y_true: np.ndarray, knn: np.ndarray, lin: np.ndarray,
+                      class_names: Sequence[str]) -> dict[str, Any]:
+    """Balanced accuracies of the k-NN and linear-probe predictions, and the k-NN recall per class."""
+    return {
+        "knn_balanced_accuracy": balanced_accuracy(y_true, knn),
+        "linear_balanced_accuracy": balanced_accuracy(y_true, lin),
+        "knn_per_class_recall": per_class_recall(y_true, knn, class_names),
+    }
+
+
 def probe_scores(feats: np.ndarray, labels: np.ndarray, is_test: np.ndarray, class_names: Sequence[str], k: int,
                  seed: int) -> dict[str, Any]:
     knn, lin = probe_predictions(feats, labels, is_test, len(class_names), k, seed)
-    te = labels[is_test]
-    return {
-        "knn_balanced_accuracy": balanced_accuracy(te, knn),
-        "linear_balanced_accuracy": balanced_accuracy(te, lin),
-        "knn_per_class_recall": per_class_recall(te, knn, class_names),
-    }
+    return prediction_scores(labels[is_test], knn, lin, class_names)
 
 
 def colour_histograms(images: Sequence[np.ndarray], bins: int = HIST_BINS) -> np.ndarray:
@@ -307,16 +312,15 @@ def evaluate_encoder(cfg: EvalConfig) -> dict[str, Any]:
     }
     n_classes, y_te, src_te = len(tiles.class_names), labels[is_test], np.asarray(tiles.sources)[is_test]
     knn, lin = probe_predictions(feats, labels, is_test, n_classes, cfg.k, cfg.seed)
-    report.update({"knn_balanced_accuracy": balanced_accuracy(y_te, knn),
-                   "linear_balanced_accuracy": balanced_accuracy(y_te, lin),
-                   "knn_per_class_recall": per_class_recall(y_te, knn, tiles.class_names)})
+    report.update(prediction_scores(y_te, knn, lin, tiles.class_names))
     rknn = rlin = None
     if cfg.random_init:
         rnd = random_init_like(name, encoder, cfg.seed)
         rfeats = embed_at_scale(rnd, tiles_in, cfg.batch_size, cfg.precision, cfg.device)
         rknn, rlin = probe_predictions(rfeats, labels, is_test, n_classes, cfg.k, cfg.seed)
-        report["random_init_knn_balanced_accuracy"] = balanced_accuracy(y_te, rknn)
-        report["random_init_linear_balanced_accuracy"] = balanced_accuracy(y_te, rlin)
+        r = prediction_scores(y_te, rknn, rlin, tiles.class_names)
+        report["random_init_knn_balanced_accuracy"] = r["knn_balanced_accuracy"]
+        report["random_init_linear_balanced_accuracy"] = r["linear_balanced_accuracy"]
     knn_ci = source_bootstrap_ci(y_te, src_te, knn, rknn, seed=cfg.seed)
     lin_ci = source_bootstrap_ci(y_te, src_te, lin, rlin, seed=cfg.seed)
     report["ci95_by_source_bootstrap"] = {

@@ -177,9 +177,9 @@ class TMEContext:
             self._encoder = create_classifier_encoder(self.clf, self.cfg.encoder_weights, self.device)
         return self._encoder
 
-    def resume_key(self, tiles_key: str, footprint: str) -> str:
+    def resume_key(self, tiles_key: str) -> str:
         return F.params_hash({**self.cfg.params(), "classifier_sha256": self.classifier_sha256,
-                              "tiles": tiles_key, "footprint_used": footprint})
+                              "tiles": tiles_key})
 
 
 def create_classifier_encoder(clf: TissueClassifier, weights: str | None, device: str) -> Encoder:
@@ -211,11 +211,12 @@ def create_classifier_encoder(clf: TissueClassifier, weights: str | None, device
     return enc
 
 
-def slide_probs(ctx: TMEContext, slide_id: str, tiles: F.TileSet, footprint: str = "tile") -> tuple[np.ndarray, str]:
+def slide_probs(ctx: TMEContext, slide_id: str, tiles: F.TileSet, footprint: str) -> tuple[np.ndarray, str]:
     """Class probabilities of ``tiles`` (the RUN tiles, or the :func:`fov_grid` cells when ``footprint`` is
-    ``grid``), from the stored file when still valid; returns (probs, source)."""
+    ``grid``), from the stored file when still valid; returns (probs, source). The footprint used follows from
+    ``cfg.footprint``, the tiles and the classifier, all in the resume key."""
     layout, clf, cfg = ctx.layout, ctx.clf, ctx.cfg
-    key = ctx.resume_key(str(tiles.attrs.get(F.A_PARAMS_HASH, "")), footprint)
+    key = ctx.resume_key(str(tiles.attrs.get(F.A_PARAMS_HASH, "")))
     out = layout.tme_h5(slide_id)
     if out.exists() and not cfg.overwrite:
         attrs = F.read_h5_attrs(out)
