@@ -163,7 +163,7 @@ k-NN recall per class: {per_class}
 
 The stage-2 settings were chosen between the two stage-2 variants by these held-out figures, so the shipped
 figures carry a small selection bias. The later stage-3 runs were judged on an *inner* validation split of the training sources only (seed 1,
-30 % of the training sources; k-NN fitted on the rest): the 96-px variant raised it from 0.793 to 0.816 and
+30 % of the training sources; k-NN fitted on the rest; `wsi eval-encoder ... --inner-split-seed 1`): the 96-px variant raised it from 0.793 to 0.816 and
 the linear probe from 0.855 to 0.865, but the held-out k-NN did not move (0.832). They were not shipped:
 the held-out intervals above (±0.06) are far wider than any of these differences, and most remaining errors
 sit in two ambiguous held-out sources (a complex-stroma image of loose oedematous stroma read as stroma /

@@ -56,3 +56,29 @@ def test_weighted_knn_recovers_separated_clusters() -> None:
     x = centres[y] + rng.normal(size=(90, 16))
     pred = knn_predict(x[::2], y[::2], x[1::2], k=5, n_classes=3)
     assert balanced_accuracy(y[1::2], pred) == 1.0
+
+
+def test_inner_split_never_uses_the_held_out_sources(kather_dir) -> None:
+    """--inner-split-seed: a validation split drawn from the training side only, for choosing between runs."""
+    from wsi_pipeline.ssl.config import EvalConfig
+    from wsi_pipeline.ssl.data import load_labelled_folder, source_split
+    from wsi_pipeline.ssl.evaluate import evaluation_split
+
+    tiles = load_labelled_folder(kather_dir)
+    outer_test, _ = source_split(tiles, 0.3, 0, 8)
+    held_out = {tiles.paths[i] for i in np.flatnonzero(outer_test)}
+
+    same, is_test, rec = evaluation_split(tiles, EvalConfig(encoder=None, data=str(kather_dir), seed=0))
+    assert len(same) == len(tiles) and np.array_equal(is_test, outer_test) and "inner_split_seed" not in rec
+
+    inner, is_val, rec = evaluation_split(tiles, EvalConfig(encoder=None, data=str(kather_dir), seed=0,
+                                                            inner_split_seed=1))
+    assert len(inner) == int((~outer_test).sum()) and not held_out & set(inner.paths)
+    assert rec["inner_split_seed"] == 1 and rec["held_out_tiles_unused"] == len(held_out)
+    assert 0.2 < is_val.mean() < 0.45  # ≈ 30 % of the training side, whole sources at a time
+    src = np.asarray(inner.sources)
+    for c, mode in zip(inner.class_names, rec["mode_per_class"].values(), strict=True):
+        in_c = inner.labels == inner.class_names.index(c)
+        if mode == "source":  # no source straddles the inner split
+            assert not set(src[in_c & is_val]) & set(src[in_c & ~is_val]), c
+    assert list(rec["mode_per_class"]) == inner.class_names

@@ -109,7 +109,7 @@ def test_exact_resume_equals_straight_run(tiny_tiles: Path, tmp_path: Path) -> N
         ssl_train(tiny_config(tiny_tiles, tmp_path / "b", n, resume=True, lr=0.5))
 
 
-def test_ssl_train_cli_and_eval_encoder(tiny_tiles: Path, tmp_path: Path) -> None:
+def test_ssl_train_cli_and_eval_encoder(tiny_tiles: Path, kather_dir: Path, tmp_path: Path) -> None:
     import json
 
     from typer.testing import CliRunner
@@ -145,6 +145,23 @@ def test_ssl_train_cli_and_eval_encoder(tiny_tiles: Path, tmp_path: Path) -> Non
     ci = rep["ci95_by_source_bootstrap"]
     assert ci["knn_balanced_accuracy"][0] <= rep["knn_balanced_accuracy"] <= ci["knn_balanced_accuracy"][1]
     assert len(ci["knn_gain_over_random_init"]) == 2 and "bootstrap over test source images" in r.output
+
+    # model selection without the held-out tiles: a second split of the training side (6 tiles per class)
+    inner_args = ["eval-encoder", "--encoder", str(out), "--mpp", "0.495", "--device", "cpu", "-k", "2",
+                  "--no-random-init", "--inner-split-seed", "1"]
+    r = runner.invoke(build_app(), [*inner_args, "--data", str(tiny_tiles)])  # 2 tiles per class: too few
+    assert r.exit_code != 0 and "inner split of the training side left no training" in str(r.exception)
+    six = tmp_path / "six"
+    for cdir in sorted(p for p in kather_dir.iterdir() if p.is_dir()):
+        (six / cdir.name).mkdir(parents=True)
+        for f in sorted(cdir.iterdir())[:6]:
+            shutil.copy(f, six / cdir.name / f.name)
+    js_inner = tmp_path / "eval_inner.json"
+    r = runner.invoke(build_app(), [*inner_args, "--data", str(six), "--json", str(js_inner)])
+    assert r.exit_code == 0, r.output
+    inner = json.loads(js_inner.read_text())
+    assert inner["split"]["inner_split_seed"] == 1 and inner["split"]["held_out_tiles_unused"] > 0
+    assert inner["split"]["held_out_tiles_unused"] + inner["n_train"] + inner["n_test"] == 48
 
 
 @pytest.mark.slow

@@ -114,6 +114,10 @@ def register(app: typer.Typer) -> None:
         no_random_init: bool = typer.Option(False, "--no-random-init", help="Skip the random-init baseline."),
         max_per_class: int = typer.Option(0, "--max-per-class", help="Subsample tiles per class (0: all)."),
         json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON."),
+        inner_split_seed: int | None = typer.Option(
+            None, "--inner-split-seed",
+            help="Choosing between checkpoints or recipes? Leave the held-out sources out and evaluate on a "
+                 "second split (this seed) of the training side; keep the held-out figure for the final model."),
     ) -> None:
         """k-NN (k=20, cosine, weighted) and linear-probe balanced accuracy on held-out source images."""
         from rich.console import Console
@@ -125,15 +129,18 @@ def register(app: typer.Typer) -> None:
         cfg = EvalConfig(
             encoder=encoder, data=str(data), weights=weights, data_mpp=mpp, seed=seed, test_fraction=test_fraction,
             min_sources=min_sources, k=k, batch_size=batch_size, precision=precision, device=device, random_init=not no_random_init,
-            max_per_class=max_per_class, json_path=str(json_path) if json_path else "",
+            max_per_class=max_per_class, json_path=str(json_path) if json_path else "", inner_split_seed=inner_split_seed,
         )
         report = evaluate_encoder(cfg)
         modes = list(report["split"]["mode_per_class"].values())
         n_tile = modes.count("tile")
         how = ("split by tile" if n_tile == len(modes) else "split by source image" if n_tile == 0
                else f"split by source image ({n_tile} classes with few sources by tile)")
-        table = Table(title=(f"held-out balanced accuracy: {report['n_train']} train / {report['n_test']} test tiles, "
-                             f"{len(report['classes'])} classes, {how}, seed {seed}"))
+        what = ("held-out" if inner_split_seed is None else
+                f"inner validation (training side of seed {seed}, re-split with seed {inner_split_seed}; "
+                "held-out sources unused)")
+        table = Table(title=(f"{what} balanced accuracy: {report['n_train']} train / {report['n_test']} test tiles, "
+                             f"{len(report['classes'])} classes, {how}" + (f", seed {seed}" if inner_split_seed is None else "")))
         table.add_column("features")
         table.add_column(f"k-NN (k={k}, cosine, weighted)", justify="right")
         table.add_column("linear probe", justify="right")

@@ -115,3 +115,5 @@ class EvalConfig:
     colour_baseline: bool = True
     max_per_class: int = 0  # 0 = all tiles
     json_path: str = ""
+    # set: drop the held-out side of the split and re-split the training side with this seed (model selection)
+    inner_split_seed: int | None = None

@@ -3,7 +3,9 @@
 Protocol (documented in the report it returns):
 
 * split: :func:`wsi_pipeline.ssl.data.source_split` — by source image parsed from file names (classes with
-  fewer than ``min_sources`` sources, or names without a source, by tile), seeded;
+  fewer than ``min_sources`` sources, or names without a source, by tile), seeded; ``--inner-split-seed``
+  evaluates on a second split of the training side instead (model selection that leaves the held-out
+  sources for the final figure);
 * scale: a tile at folder MPP ``m`` is resized by ``m / e`` to the encoder's MPP ``e`` and fed **at that
   size** to encoders that accept any size (CNNs with global pooling, ViTs built with
   ``dynamic_img_size``); encoders with a fixed input are fed a centre crop (tile larger than
@@ -268,6 +270,23 @@ def _subsample(tiles: LabelledTiles, max_per_class: int, seed: int) -> LabelledT
     return tiles.subset(keep)
 
 
+def evaluation_split(tiles: LabelledTiles, cfg: EvalConfig) -> tuple[LabelledTiles, np.ndarray, dict[str, Any]]:
+    """(tiles evaluated, is_test mask over them, the split's record for the report).
+
+    The split is :func:`source_split` with ``cfg.seed``. With ``cfg.inner_split_seed`` set, the held-out side
+    is dropped and the *training* side is split again with that seed: an inner validation split to choose
+    between checkpoints or recipes without ever looking at the held-out sources (which stay the final test).
+    """
+    is_test, split = source_split(tiles, cfg.test_fraction, cfg.seed, cfg.min_sources)
+    record: dict[str, Any] = {"seed": cfg.seed, "test_fraction": cfg.test_fraction, "min_sources": cfg.min_sources}
+    if cfg.inner_split_seed is not None:
+        record.update(inner_split_seed=cfg.inner_split_seed, held_out_tiles_unused=int(is_test.sum()))
+        tiles = tiles.subset(~is_test)
+        is_test, split = source_split(tiles, cfg.test_fraction, cfg.inner_split_seed, cfg.min_sources)
+    record.update(mode_per_class=split.mode, sources_per_class=split.n_sources, n_test_sources=len(split.test_sources))
+    return tiles, is_test, record
+
+
 def evaluate_encoder(cfg: EvalConfig) -> dict[str, Any]:
     """Run the protocol of this module; returns the report (also written to ``cfg.json_path`` if set)."""
     from wsi_pipeline.encoders import create_encoder
@@ -277,9 +296,11 @@ def evaluate_encoder(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.k < 1:
         raise ConfigError(f"-k must be ≥ 1, got {cfg.k}")
     tiles = _subsample(load_labelled_folder(cfg.data), cfg.max_per_class, cfg.seed)
-    is_test, split = source_split(tiles, cfg.test_fraction, cfg.seed, cfg.min_sources)
+    tiles, is_test, split_record = evaluation_split(tiles, cfg)
     if is_test.all() or not is_test.any():
-        raise ConfigError(f"{cfg.data}: the split left no training or no test tiles; add tiles or change --seed")
+        which = "split" if cfg.inner_split_seed is None else "inner split of the training side"
+        raise ConfigError(f"{cfg.data}: the {which} left no training or no test tiles; add tiles or change "
+                          f"{'--seed' if cfg.inner_split_seed is None else '--inner-split-seed or --test-fraction'}")
     missing = [c for i, c in enumerate(tiles.class_names) if not np.any(tiles.labels[~is_test] == i)]
     if missing:
         raise ConfigError(f"{cfg.data}: classes {missing} have no training tiles after the split; add tiles")
@@ -304,9 +325,7 @@ def evaluate_encoder(cfg: EvalConfig) -> dict[str, Any]:
         "classes": list(tiles.class_names),
         "n_train": int((~is_test).sum()),
         "n_test": int(is_test.sum()),
-        "split": {"seed": cfg.seed, "test_fraction": cfg.test_fraction, "min_sources": cfg.min_sources,
-                  "mode_per_class": split.mode, "sources_per_class": split.n_sources,
-                  "n_test_sources": len(split.test_sources)},
+        "split": split_record,
         "knn": {"k": cfg.k, "similarity": "cosine", "vote": f"weighted exp(cos/{KNN_TEMPERATURE})"},
         "linear": "logistic regression (L2, C=1) on standardised features",
     }
