@@ -194,8 +194,8 @@ def _stage_line(stage: int, tr: dict, n_train: int) -> tuple[str, str]:
     """(command-line options, compute sentence) of one stage from what it recorded."""
     cfg = tr.get("config", {})
     aug = cfg.get("augment", {})
-    out = "models/wsip-dino-r10" if stage == len(STAGES) else f"runs/ssl-demo-v2/stage{stage}"
-    init = f" --init-from runs/ssl-demo-v2/stage{stage - 1}" if stage > 1 else ""
+    out = stage_out(stage).relative_to(REPO)
+    init = f" --init-from {stage_out(stage - 1).relative_to(REPO)}" if stage > 1 else ""
     opts = (f"# stage {stage}: --out {out}{init} --steps {cfg.get('steps')} --global-size {aug.get('global_size')} "
             f"--local-size {aug.get('local_size')} --n-local {aug.get('n_local')} --zoom-min {aug.get('zoom_min')} "
             f"--zoom-max {aug.get('zoom_max')} --lr {cfg.get('lr')} --warmup-steps {cfg.get('warmup_steps')} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from wsi_pipeline.ssl.evaluate import balanced_accuracy, knn_predict, source_bootstrap_ci
 
@@ -82,3 +83,15 @@ def test_inner_split_never_uses_the_held_out_sources(kather_dir) -> None:
         if mode == "source":  # no source straddles the inner split
             assert not set(src[in_c & is_val]) & set(src[in_c & ~is_val]), c
     assert list(rec["mode_per_class"]) == inner.class_names
+
+
+def test_balanced_accuracy_matches_scikit_learn() -> None:
+    """One implementation serves the report and the 1000-round bootstrap; it must equal scikit-learn's,
+    also when a predicted class is absent from the truth."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 300)
+    pred = np.where(rng.random(300) < 0.6, y, rng.integers(0, 7, 300))
+    assert balanced_accuracy(y, pred) == pytest.approx(balanced_accuracy_score(y, pred))
+    assert balanced_accuracy(y, pred, 7) == pytest.approx(balanced_accuracy_score(y, pred))

@@ -136,11 +136,11 @@ def register(app: typer.Typer) -> None:
         n_tile = modes.count("tile")
         how = ("split by tile" if n_tile == len(modes) else "split by source image" if n_tile == 0
                else f"split by source image ({n_tile} classes with few sources by tile)")
-        what = ("held-out" if inner_split_seed is None else
-                f"inner validation (training side of seed {seed}, re-split with seed {inner_split_seed}; "
+        what = (f"held-out (split seed {seed})" if inner_split_seed is None else
+                f"inner validation (training side of split seed {seed}, re-split with seed {inner_split_seed}; "
                 "held-out sources unused)")
         table = Table(title=(f"{what} balanced accuracy: {report['n_train']} train / {report['n_test']} test tiles, "
-                             f"{len(report['classes'])} classes, {how}" + (f", seed {seed}" if inner_split_seed is None else "")))
+                             f"{len(report['classes'])} classes, {how}"))
         table.add_column("features")
         table.add_column(f"k-NN (k={k}, cosine, weighted)", justify="right")
         table.add_column("linear probe", justify="right")

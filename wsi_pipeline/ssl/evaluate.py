@@ -153,22 +153,18 @@ def linear_probe_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.nd
     return clf.predict(scaler.transform(test_x))
 
 
-def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    from sklearn.metrics import balanced_accuracy_score
-
-    return float(balanced_accuracy_score(y_true, y_pred))
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int | None = None) -> float:
+    """Mean recall over the classes present in ``y_true`` (integer labels; fast enough for the bootstrap)."""
+    n_classes = int(n_classes or max(y_true.max(), y_pred.max()) + 1)
+    hits = np.bincount(y_true[y_pred == y_true], minlength=n_classes)
+    counts = np.bincount(y_true, minlength=n_classes)
+    present = counts > 0
+    return float(np.mean(hits[present] / counts[present]))
 
 
 def per_class_recall(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
     return {c: float(np.mean(y_pred[y_true == i] == i)) if np.any(y_true == i) else float("nan")
             for i, c in enumerate(class_names)}
-
-
-def _balanced_accuracy_fast(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    hits = np.bincount(y_true[y_pred == y_true], minlength=n_classes)
-    counts = np.bincount(y_true, minlength=n_classes)
-    present = counts > 0
-    return float(np.mean(hits[present] / counts[present]))
 
 
 def source_bootstrap_ci(
@@ -189,10 +185,10 @@ def source_bootstrap_ci(
     for _ in range(n_boot):
         picked = np.concatenate([rng.choice(srcs, len(srcs)) for srcs in by_class])
         idx = np.concatenate([tiles_of[i] for i in picked])
-        a = _balanced_accuracy_fast(y_true[idx], preds[idx], n_classes)
+        a = balanced_accuracy(y_true[idx], preds[idx], n_classes)
         acc.append(a)
         if baseline is not None:
-            gain.append(a - _balanced_accuracy_fast(y_true[idx], baseline[idx], n_classes))
+            gain.append(a - balanced_accuracy(y_true[idx], baseline[idx], n_classes))
     out = {"balanced_accuracy": [float(v) for v in np.percentile(acc, [2.5, 97.5])]}
     if baseline is not None:
         out["gain"] = [float(v) for v in np.percentile(gain, [2.5, 97.5])]
@@ -298,9 +294,9 @@ def evaluate_encoder(cfg: EvalConfig) -> dict[str, Any]:
     tiles = _subsample(load_labelled_folder(cfg.data), cfg.max_per_class, cfg.seed)
     tiles, is_test, split_record = evaluation_split(tiles, cfg)
     if is_test.all() or not is_test.any():
-        which = "split" if cfg.inner_split_seed is None else "inner split of the training side"
-        raise ConfigError(f"{cfg.data}: the {which} left no training or no test tiles; add tiles or change "
-                          f"{'--seed' if cfg.inner_split_seed is None else '--inner-split-seed or --test-fraction'}")
+        which, options = (("split", "--seed") if cfg.inner_split_seed is None else
+                          ("inner split of the training side", "--inner-split-seed or --test-fraction"))
+        raise ConfigError(f"{cfg.data}: the {which} left no training or no test tiles; add tiles or change {options}")
     missing = [c for i, c in enumerate(tiles.class_names) if not np.any(tiles.labels[~is_test] == i)]
     if missing:
         raise ConfigError(f"{cfg.data}: classes {missing} have no training tiles after the split; add tiles")
