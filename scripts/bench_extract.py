@@ -34,7 +34,7 @@ def _tile_bench_slide(slide: Path, run: Path, max_tiles: int, repeat_slides: int
     several slide ids (to measure a steady stream on fast GPUs)."""
     from wsi_pipeline import formats as F
     from wsi_pipeline.config import TilingConfig
-    from wsi_pipeline.run.layout import RunLayout
+    from wsi_pipeline.runfolder.layout import RunLayout
     from wsi_pipeline.tiling.runner import tile_slide
 
     full = RunLayout(run.parent / (run.name + "_full"))
@@ -117,7 +117,7 @@ def _reader(slide: Path, run: Path, sid: str, n: int, n_openslide: int) -> dict[
     from wsi_pipeline import formats as F
     from wsi_pipeline.features.dataset import read_order
     from wsi_pipeline.features.reader import ReadSpec, open_tile_reader
-    from wsi_pipeline.run.layout import RunLayout
+    from wsi_pipeline.runfolder.layout import RunLayout
     from wsi_pipeline.slide import open_slide
 
     full = RunLayout(run.parent / (run.name + "_full"))  # every tile of the slide, in the engine's order
@@ -172,7 +172,7 @@ def main() -> None:
     from wsi_pipeline import formats as F
     from wsi_pipeline.encoders import create_encoder, resolve_device
     from wsi_pipeline.features.reader import ReadSpec, open_tile_reader
-    from wsi_pipeline.run.layout import RunLayout
+    from wsi_pipeline.runfolder.layout import RunLayout
 
     t = time.perf_counter()
     if args.slide is None:

@@ -188,7 +188,7 @@ def encoder_weights(work: Path, encoder: str) -> str | None:
     from safetensors.torch import save_file
 
     from wsi_pipeline.formats import atomic_path
-    from wsi_pipeline.run.layout import safe_name
+    from wsi_pipeline.runfolder.layout import safe_name
 
     path = work / "random-init" / f"{safe_name(encoder)}-seed{RANDOM_INIT_SEED}.safetensors"
     if not path.exists():
@@ -204,7 +204,7 @@ def encoder_weights(work: Path, encoder: str) -> str | None:
 
 def tile_run(slides_dir: Path, run: Path, workers: int) -> None:
     from wsi_pipeline.config import TilingConfig
-    from wsi_pipeline.run.layout import RunLayout
+    from wsi_pipeline.runfolder.layout import RunLayout
     from wsi_pipeline.tiling.runner import tile_slides
 
     paths = sorted(slides_dir.glob("*.svs"))
@@ -222,7 +222,7 @@ def extract(run: Path, encoder: str, weights: str | None) -> tuple[str, str]:
     from wsi_pipeline.features.config import ExtractConfig
     from wsi_pipeline.features.extract import extract_run
     from wsi_pipeline.formats import A_WEIGHTS_SHA256, read_h5_attrs
-    from wsi_pipeline.run.layout import RunLayout
+    from wsi_pipeline.runfolder.layout import RunLayout
 
     t0 = time.perf_counter()
     e = extract_run(run, ExtractConfig(encoder=encoder, weights=weights, precision="fp32", num_workers=0,
@@ -255,7 +255,7 @@ def model_label(spec: str) -> str:
 
 
 def models_dir(cohort_dir: Path, encoder: str, weights_sha: str) -> Path:
-    from wsi_pipeline.run.layout import safe_name
+    from wsi_pipeline.runfolder.layout import safe_name
 
     return cohort_dir / "models" / f"{safe_name(encoder)}-{weights_sha[:8] or 'na'}"
 
@@ -308,7 +308,7 @@ def linear_predictions(cohort_dir: Path, encoder: str, specs: list) -> Any:
     from wsi_pipeline.formats import read_features_h5
     from wsi_pipeline.mil.tables import slide_frame
     from wsi_pipeline.mil.targets import encode_labels, read_labels_table
-    from wsi_pipeline.run.layout import RunLayout
+    from wsi_pipeline.runfolder.layout import RunLayout
 
     def pooled(run: Path, ids: list[str]) -> np.ndarray:
         lay = RunLayout(run)

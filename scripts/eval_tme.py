@@ -96,7 +96,7 @@ def build_cohort(out: Path, pools: dict[str, list[str]], seen: tuple[set[str], s
 
 def tile_run(run: Path, cohort: list[dict[str, Any]], target_mpp: float, tile_size: int) -> None:
     from wsi_pipeline.config import TilingConfig
-    from wsi_pipeline.run.layout import RunLayout
+    from wsi_pipeline.runfolder.layout import RunLayout
     from wsi_pipeline.tiling.runner import tile_slides
 
     cfg = TilingConfig(target_mpp=target_mpp, tile_size=tile_size, min_tissue=0.05).validate()
@@ -141,7 +141,7 @@ def evaluate(run: Path, cohort: list[dict[str, Any]], class_names: list[str], al
     from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 
     from wsi_pipeline import formats as F
-    from wsi_pipeline.run.layout import RunLayout
+    from wsi_pipeline.runfolder.layout import RunLayout
     from wsi_pipeline.synth.kather import CLASS_FOLDERS, KATHER_MPP, KATHER_TILE_PX
     from wsi_pipeline.tme.spatial import class_column
 

@@ -64,7 +64,7 @@ def main() -> None:
     from wsi_pipeline.features import ExtractConfig, extract_run
     from wsi_pipeline.mil.config import TrainConfig
     from wsi_pipeline.mil.train import train_cv
-    from wsi_pipeline.run.layout import RunLayout
+    from wsi_pipeline.runfolder.layout import RunLayout
     from wsi_pipeline.slide import find_slides
     from wsi_pipeline.synth.cohort import CohortParams, WriteOptions, write_cohort
     from wsi_pipeline.tiling.runner import tile_slides

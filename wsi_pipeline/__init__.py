@@ -1,3 +1,5 @@
 """wsi-pipeline: MPP-true whole-slide image pipeline for response and TME prediction."""
 
-__version__ = "0.1.0"
+from wsi_pipeline._version import __version__
+
+__all__ = ["__version__"]

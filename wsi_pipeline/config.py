@@ -47,19 +47,19 @@ class TilingConfig:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        return {k: _plain(v) for k, v in dataclasses.asdict(cfg).items()}
-    return {k: _plain(v) for k, v in dict(cfg).items()}
+        return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+    return {k: plain(v) for k, v in dict(cfg).items()}
 
 
-def _plain(v: Any) -> Any:
+def plain(v: Any) -> Any:
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
         return to_dict(v)
     if isinstance(v, Path):
         return str(v)
     if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
+        return [plain(x) for x in v]
     if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
+        return {str(k): plain(x) for k, x in v.items()}
     return v
 
 
@@ -85,20 +85,3 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
-
-
-def save_resolved(run_root: str | Path, command: str, sections: Mapping[str, Any]) -> Path:
-    """Write the resolved config of ``command`` to RUN/configs/<command>.yaml and RUN/config.yaml."""
-    import yaml
-
-    from wsi_pipeline import __version__
-    from wsi_pipeline.formats import write_text_atomic
-    from wsi_pipeline.run.layout import RunLayout
-
-    layout = RunLayout(run_root)
-    doc = {"command": command, "wsi_pipeline_version": __version__}
-    doc.update({k: _plain(v) for k, v in sections.items()})
-    text = yaml.safe_dump(doc, sort_keys=False)
-    write_text_atomic(layout.command_config_yaml(command), text)
-    write_text_atomic(layout.config_yaml, text)
-    return layout.config_yaml

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_pipeline import __version__
+from wsi_pipeline._version import __version__
 from wsi_pipeline.errors import FormatError
 
 FORMAT_VERSION = 1

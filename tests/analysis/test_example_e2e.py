@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from wsi_pipeline.cli import build_app
-from wsi_pipeline.run.layout import RunLayout
+from wsi_pipeline.runfolder.layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "example_predictive_evolution.py"

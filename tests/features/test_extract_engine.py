@@ -16,8 +16,8 @@ import pytest
 from wsi_pipeline import formats as F
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.features import ExtractConfig, extract_run
-from wsi_pipeline.run.layout import RunLayout
-from wsi_pipeline.run.status import read_status
+from wsi_pipeline.runfolder.layout import RunLayout
+from wsi_pipeline.runfolder.status import read_status
 from wsi_pipeline.slide import open_slide
 
 ENCODER = "timm:resnet18"

@@ -19,8 +19,8 @@ from wsi_pipeline.analysis.simulate import simulate_cohort_tables, write_cohort_
 from wsi_pipeline.formats import write_text_atomic
 from wsi_pipeline.mil.tables import patient_frame
 from wsi_pipeline.report.inputs import infer_targets
-from wsi_pipeline.run.layout import RunLayout
-from wsi_pipeline.run.status import STATUS_FAILED, SlideStatus, update_status
+from wsi_pipeline.runfolder.layout import RunLayout
+from wsi_pipeline.runfolder.status import STATUS_FAILED, SlideStatus, update_status
 
 FAILED_SLIDE = "P999_corrupt"
 FAILED_ERROR = "P999_corrupt.svs: truncated JPEG tile at level 0 — re-export the slide"

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from wsi_pipeline.cli import build_app
 from wsi_pipeline.report.build import build_report
 from wsi_pipeline.report.config import ReportConfig
-from wsi_pipeline.run.layout import RunLayout
+from wsi_pipeline.runfolder.layout import RunLayout
 
 ALL_SECTIONS = {"cohort", "distributions", "performance", "subgroups", "tme", "predictive", "evolution", "failed"}
 

@@ -29,7 +29,7 @@ class ReviewRun:
 def _build(root: Path, slide: Path) -> ReviewRun:
     from wsi_pipeline import formats as F
     from wsi_pipeline.review.synthetic import build_scored_run
-    from wsi_pipeline.run.layout import RunLayout
+    from wsi_pipeline.runfolder.layout import RunLayout
 
     run = build_scored_run(root, slide, model="demo-mil")
     xy = run.l0_xy

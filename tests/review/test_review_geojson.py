@@ -99,7 +99,7 @@ def test_validator_reports_problems() -> None:
 
 def test_export_of_a_scored_run(review_run) -> None:
     from wsi_pipeline.review.export import export_qupath
-    from wsi_pipeline.run.layout import RunLayout
+    from wsi_pipeline.runfolder.layout import RunLayout
 
     summary = export_qupath(review_run.root, model=review_run.model)
     assert not summary.failed

@@ -13,7 +13,7 @@ from PIL import Image
 from wsi_pipeline.review import raster as R
 from wsi_pipeline.review.config import HeatmapConfig
 from wsi_pipeline.review.heatmap import heatmap_slide, run_heatmaps
-from wsi_pipeline.run.layout import RunLayout
+from wsi_pipeline.runfolder.layout import RunLayout
 
 
 @pytest.fixture(scope="module")

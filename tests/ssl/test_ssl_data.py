@@ -98,7 +98,7 @@ def test_flip_rot_and_blur_are_per_image() -> None:
 
 def test_run_folder_source_reads_tiles_from_slides(cmu_svs: Path, tmp_path: Path) -> None:
     from wsi_pipeline.config import TilingConfig
-    from wsi_pipeline.run.layout import RunLayout
+    from wsi_pipeline.runfolder.layout import RunLayout
     from wsi_pipeline.slide import open_slide
     from wsi_pipeline.tiling.runner import tile_slide
 

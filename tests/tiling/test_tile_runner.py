@@ -17,9 +17,9 @@ from PIL import Image
 
 from wsi_pipeline import formats as F
 from wsi_pipeline.config import TilingConfig
-from wsi_pipeline.run.batch import Shard
-from wsi_pipeline.run.layout import RunLayout
-from wsi_pipeline.run.status import read_status
+from wsi_pipeline.runfolder.batch import Shard
+from wsi_pipeline.runfolder.layout import RunLayout
+from wsi_pipeline.runfolder.status import read_status
 from wsi_pipeline.tiling.runner import tile_slide, tile_slides, unique_slide_ids
 
 

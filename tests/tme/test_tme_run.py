@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from wsi_pipeline import formats as F
 from wsi_pipeline.cli import build_app
 from wsi_pipeline.qupath import read_geojson, validate_feature_collection
-from wsi_pipeline.run.layout import RunLayout
-from wsi_pipeline.run.status import read_status
+from wsi_pipeline.runfolder.layout import RunLayout
+from wsi_pipeline.runfolder.status import read_status
 
 ENCODER = "timm:resnet10t"
 T, S, L = 0, 1, 3  # kather16 class indices: 01_TUMOR, 02_STROMA, 04_LYMPHO

@@ -47,7 +47,7 @@ from wsi_pipeline.analysis.tables import (
 )
 from wsi_pipeline.errors import ConfigError, LabelsError
 from wsi_pipeline.formats import atomic_path, write_text_atomic
-from wsi_pipeline.run.layout import RunLayout
+from wsi_pipeline.runfolder.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ def write_outputs(res: EvolutionResult, layout: RunLayout) -> None:
 
 def run_evolution(cfg: EvolutionConfig) -> EvolutionResult:
     """`wsi evolution`: trajectories, transitions and change-score tests → RUN/analysis/evolution/."""
-    from wsi_pipeline.config import save_resolved
+    from wsi_pipeline.runfolder.resolved import save_resolved
 
     cfg.validate()
     layout = RunLayout(cfg.run)

@@ -63,7 +63,7 @@ from wsi_pipeline.analysis.tables import (
 )
 from wsi_pipeline.errors import ConfigError, FormatError, LabelsError
 from wsi_pipeline.formats import atomic_path, write_text_atomic
-from wsi_pipeline.run.layout import RunLayout
+from wsi_pipeline.runfolder.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -545,7 +545,7 @@ def write_outputs(result: PredictiveResult, layout: RunLayout, json_out: str | P
 
 def run_predictive(cfg: PredictiveConfig) -> PredictiveResult:
     """`wsi predictive`: prepare the cohort, fit, write RUN/analysis/predictive/ (and ``cfg.json_out``)."""
-    from wsi_pipeline.config import save_resolved
+    from wsi_pipeline.runfolder.resolved import save_resolved
 
     cfg.validate()
     layout = RunLayout(cfg.run)

@@ -123,7 +123,7 @@ def simulate_cohort_tables(
 def write_cohort_tables(tables: CohortTables, run: str | Path, labels_csv: str | Path) -> None:
     """Write ``predictions.csv`` and ``tme.csv`` into the RUN folder, and the labels CSV."""
     from wsi_pipeline.formats import atomic_path
-    from wsi_pipeline.run.layout import RunLayout
+    from wsi_pipeline.runfolder.layout import RunLayout
 
     layout = RunLayout(run)
     for df, path in ((tables.predictions, layout.predictions_csv), (tables.tme, layout.tme_csv),

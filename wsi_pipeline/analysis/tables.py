@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from wsi_pipeline.errors import ConfigError, FormatError, LabelsError
-from wsi_pipeline.run.layout import RunLayout
+from wsi_pipeline.runfolder.layout import RunLayout
 
 log = logging.getLogger(__name__)
 

@@ -41,9 +41,9 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="Recompute slides already extracted."),
     ) -> None:
         """Embed every tile of every slide with an encoder into RUN/features/<encoder>/<slide_id>.h5."""
-        from wsi_pipeline.config import save_resolved
         from wsi_pipeline.features.config import ExtractConfig
         from wsi_pipeline.features.extract import extract_run
+        from wsi_pipeline.runfolder.resolved import save_resolved
 
         cfg = ExtractConfig(
             encoder=encoder, weights=weights, batch_size=batch_size, num_workers=num_workers,

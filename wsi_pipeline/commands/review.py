@@ -36,11 +36,11 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.progress import Progress
 
-        from wsi_pipeline.config import save_resolved
         from wsi_pipeline.review.config import HeatmapConfig
         from wsi_pipeline.review.heatmap import run_heatmaps
         from wsi_pipeline.review.scores import resolve_model_name, scored_slide_ids
-        from wsi_pipeline.run.layout import RunLayout
+        from wsi_pipeline.runfolder.layout import RunLayout
+        from wsi_pipeline.runfolder.resolved import save_resolved
 
         cfg = HeatmapConfig(model=model, targets=_split(targets), scale=scale, vmin=vmin, vmax=vmax, smooth=smooth,
                             top_k=top_k, attention=attention, cmap=cmap, zarr=not no_zarr,

@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         recursive: bool = typer.Option(False, "--recursive", "-r", help="Search the folder recursively."),
     ) -> None:
         """Tile → extract → predict → TME → heatmaps → report. Resumable; failed slides are summarised."""
-        from wsi_pipeline.run.pipeline import DEFAULT_MODEL, RunConfig, config_from_yaml, run_pipeline
+        from wsi_pipeline.pipeline import DEFAULT_MODEL, RunConfig, config_from_yaml, run_pipeline
 
         cfg = RunConfig(slides=str(slides), out=str(out), model=DEFAULT_MODEL)
         if config is not None:

@@ -29,9 +29,10 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="Redo slides already tiled with the same parameters."),
     ) -> None:
         """Detect tissue and cut every slide into tiles at a true physical resolution."""
-        from wsi_pipeline.config import TilingConfig, save_resolved
-        from wsi_pipeline.run.batch import default_workers, parse_shard
-        from wsi_pipeline.run.layout import RunLayout
+        from wsi_pipeline.config import TilingConfig
+        from wsi_pipeline.runfolder.batch import default_workers, parse_shard
+        from wsi_pipeline.runfolder.layout import RunLayout
+        from wsi_pipeline.runfolder.resolved import save_resolved
         from wsi_pipeline.slide import find_slides
         cfg = TilingConfig(target_mpp=target_mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue,
                            slide_mpp=slide_mpp, force_slide_mpp=force_slide_mpp, mpp_from_objective=mpp_from_objective, tissue_mpp=tissue_mpp,

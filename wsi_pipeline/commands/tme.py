@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from wsi_pipeline.config import load_yaml
-        from wsi_pipeline.run.layout import RunLayout
+        from wsi_pipeline.runfolder.layout import RunLayout
         from wsi_pipeline.tme.config import TMEConfig, tme_config_from_dict
         from wsi_pipeline.tme.run import run_tme
 

@@ -24,7 +24,7 @@ from wsi_pipeline.errors import ConfigError, TilesNotFoundError, WSIPipelineErro
 from wsi_pipeline.features.config import ExtractConfig
 from wsi_pipeline.features.dataset import ReaderOptions, SlideSource
 from wsi_pipeline.features.reader import ReadSpec
-from wsi_pipeline.run.layout import RunLayout
+from wsi_pipeline.runfolder.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ExtractSummary:
 
 # ---------------------------------------------------------------- planning
 def slide_paths_from_status(layout: RunLayout) -> dict[str, str]:
-    from wsi_pipeline.run.status import STATUS_DONE, read_status
+    from wsi_pipeline.runfolder.status import STATUS_DONE, read_status
 
     return {r.slide_id: r.path for r in read_status(layout.slides_csv)
             if r.stage == "tile" and r.status == STATUS_DONE and r.path}
@@ -274,8 +274,8 @@ def extract_run(
     ``on_slide(slide_id, status, error)`` after every slide.
     """
     from wsi_pipeline.encoders import create_encoder, default_encoder_name, resolve_device
-    from wsi_pipeline.run.batch import parse_shard
-    from wsi_pipeline.run.status import STATUS_FAILED, SlideStatus, update_status
+    from wsi_pipeline.runfolder.batch import parse_shard
+    from wsi_pipeline.runfolder.status import STATUS_FAILED, SlideStatus, update_status
 
     cfg.validate()
     layout = RunLayout(run_root)
@@ -336,7 +336,7 @@ def remove_stale_temps(out_path: Path) -> None:
 
 def _record(layout: RunLayout, job: SlideJob, feats: np.ndarray | None, err: str, encoder: Any,
             cfg: ExtractConfig, summary: ExtractSummary) -> None:
-    from wsi_pipeline.run.status import STATUS_DONE, STATUS_FAILED, SlideStatus, update_status
+    from wsi_pipeline.runfolder.status import STATUS_DONE, STATUS_FAILED, SlideStatus, update_status
 
     status = SlideStatus(slide_id=job.slide_id, stage=STAGE, path=job.slide_path, n_tiles=job.n_tiles,
                          slide_mpp=round(job.tiles.slide_mpp, 6), seconds=round(job.seconds, 3),
@@ -396,7 +396,7 @@ def default_num_workers(device_type: str) -> int:
     """GPU: reader processes on all but one core, prefetching while the GPU computes. CPU: none — the
     model's threads use every core, so the next batch is read between forward passes, by the same number
     of threads (a reader process would preempt one compute thread and stall the other at each barrier)."""
-    from wsi_pipeline.run.batch import default_workers
+    from wsi_pipeline.runfolder.batch import default_workers
 
     cores = default_workers()
     return max(1, min(16, cores - 1)) if device_type == "cuda" else 0

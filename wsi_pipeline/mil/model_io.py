@@ -125,7 +125,7 @@ class ModelDir:
         return self.root / "oof_predictions.csv"
 
     def weights_rel(self, variant: str, fold: int) -> str:
-        from wsi_pipeline.run.layout import safe_name
+        from wsi_pipeline.runfolder.layout import safe_name
 
         return f"weights/{safe_name(variant)}/fold{fold}.safetensors"
 

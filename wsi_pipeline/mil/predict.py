@@ -82,9 +82,9 @@ def score_attrs(ens: Ensemble, info: EncoderInfo) -> dict[str, Any]:
 def predict_run(cfg: PredictConfig, progress: Callable[[str], None] | None = None) -> PredictResult:
     import numpy as np
 
-    from wsi_pipeline.config import save_resolved
     from wsi_pipeline.formats import write_scores_h5, write_text_atomic
-    from wsi_pipeline.run.status import STATUS_DONE, SlideStatus, update_status
+    from wsi_pipeline.runfolder.resolved import save_resolved
+    from wsi_pipeline.runfolder.status import STATUS_DONE, SlideStatus, update_status
 
     t0 = time.perf_counter()
     ens = Ensemble(cfg.model, cfg.variant, cfg.device)
@@ -135,7 +135,7 @@ def predict_run(cfg: PredictConfig, progress: Callable[[str], None] | None = Non
 
 def _default_encoder(run: str | Path, trained_name: str) -> str | None:
     """The features folder named after the model's encoder when it exists, else auto-detection."""
-    from wsi_pipeline.run.layout import RunLayout
+    from wsi_pipeline.runfolder.layout import RunLayout
 
     layout = RunLayout(run)
     return trained_name if layout.features_dir(trained_name).is_dir() else None
@@ -153,7 +153,7 @@ def evaluate_run(cfg: EvaluateConfig) -> tuple[Path, dict[str, Any]]:
     from wsi_pipeline.formats import write_text_atomic
     from wsi_pipeline.mil.model_io import ModelDir
     from wsi_pipeline.mil.report import evaluate_heldout, metrics_markdown
-    from wsi_pipeline.run.layout import RunLayout
+    from wsi_pipeline.runfolder.layout import RunLayout
 
     layout = RunLayout(cfg.run)
     mdir = ModelDir(cfg.model)

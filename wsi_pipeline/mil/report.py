@@ -169,8 +169,8 @@ def write_training_outputs(
     import pandas as pd
     import yaml
 
-    from wsi_pipeline.config import save_resolved
     from wsi_pipeline.mil.train import resolved_config
+    from wsi_pipeline.runfolder.resolved import save_resolved
 
     specs = cohort.specs
     labels = cohort.labels

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_pipeline.formats import A_EMBED_DIM, A_ENCODER, A_TARGET_MPP, write_features_h5, write_text_atomic
-from wsi_pipeline.run.layout import RunLayout
+from wsi_pipeline.runfolder.layout import RunLayout
 
 PHENOTYPES = ("desert", "excluded", "inflamed")
 TARGETS_SPEC = "response:binary,immune_phenotype:multiclass,til_fraction:regression,os:survival(os_months,os_event)"

@@ -40,7 +40,7 @@ from wsi_pipeline.mil.report import SUBGROUP_LABELS
 from wsi_pipeline.mil.tables import patient_frame, patient_truth
 from wsi_pipeline.mil.targets import BINARY, MULTICLASS, PATIENT_ID, SLIDE_ID, SURVIVAL, encode_labels
 from wsi_pipeline.mil.targets import read_labels_table as _read_labels
-from wsi_pipeline.run.layout import RunLayout
+from wsi_pipeline.runfolder.layout import RunLayout
 
 log = logging.getLogger(__name__)
 

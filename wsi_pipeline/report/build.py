@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsi_pipeline import __version__
+from wsi_pipeline._version import __version__
 from wsi_pipeline.errors import ConfigError, WSIPipelineError
 from wsi_pipeline.formats import write_text_atomic
 from wsi_pipeline.mil.targets import PATIENT_ID, SLIDE_ID
@@ -16,7 +16,7 @@ from wsi_pipeline.report import sections as S
 from wsi_pipeline.report.config import ReportConfig
 from wsi_pipeline.report.html import Section, esc, page
 from wsi_pipeline.report.inputs import ReportData, evaluation_tables, load_report_data
-from wsi_pipeline.run.status import STATUS_FAILED
+from wsi_pipeline.runfolder.status import STATUS_FAILED
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from wsi_pipeline.mil.targets import (
     read_labels_table,
 )
 from wsi_pipeline.report.config import ReportConfig
-from wsi_pipeline.run.layout import RunLayout
-from wsi_pipeline.run.status import SlideStatus, read_status
+from wsi_pipeline.runfolder.layout import RunLayout
+from wsi_pipeline.runfolder.status import SlideStatus, read_status
 
 log = logging.getLogger(__name__)
 

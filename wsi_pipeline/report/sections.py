@@ -29,7 +29,7 @@ from wsi_pipeline.report.html import (
     table,
 )
 from wsi_pipeline.report.inputs import Evaluation, ReportData, truth_arrays
-from wsi_pipeline.run.status import STATUS_FAILED
+from wsi_pipeline.runfolder.status import STATUS_FAILED
 
 log = logging.getLogger(__name__)
 

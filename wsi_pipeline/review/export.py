@@ -15,7 +15,7 @@ import numpy as np
 from wsi_pipeline import qupath
 from wsi_pipeline.errors import WSIPipelineError
 from wsi_pipeline.review.scores import SlideScores, load_slide_scores, resolve_model_name, scored_slide_ids
-from wsi_pipeline.run.layout import RunLayout
+from wsi_pipeline.runfolder.layout import RunLayout
 
 log = logging.getLogger(__name__)
 

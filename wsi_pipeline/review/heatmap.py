@@ -26,7 +26,7 @@ from wsi_pipeline.review.scores import (
     scored_slide_ids,
     slide_paths_from_status,
 )
-from wsi_pipeline.run.layout import RunLayout
+from wsi_pipeline.runfolder.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def run_heatmaps(
 ) -> HeatmapSummary:
     """Heatmaps for every slide with scores of the model (or ``slide_ids``); failures are recorded in
     RUN/slides.csv (stage "heatmap") and the batch goes on. ``on_slide(result, slide_id, error)`` reports."""
-    from wsi_pipeline.run.status import STATUS_DONE, STATUS_FAILED, STATUS_SKIPPED, SlideStatus, update_status
+    from wsi_pipeline.runfolder.status import STATUS_DONE, STATUS_FAILED, STATUS_SKIPPED, SlideStatus, update_status
 
     cfg.validate()
     layout = RunLayout(run_root)
@@ -269,6 +269,6 @@ def run_heatmaps(
 
 def _recorded_slides(layout: RunLayout, model: str) -> set[str]:
     """Slides that already have a heatmap row for ``model`` in RUN/slides.csv."""
-    from wsi_pipeline.run.status import read_status
+    from wsi_pipeline.runfolder.status import read_status
 
     return {r.slide_id for r in read_status(layout.slides_csv) if r.stage == STAGE and r.component == model}

@@ -18,7 +18,7 @@ import numpy as np
 
 from wsi_pipeline.errors import ConfigError, FormatError, TilesNotFoundError
 from wsi_pipeline.formats import A_CLASS_NAMES, A_SLIDE_PATH, A_TARGETS, read_scores_h5, read_tiles_h5
-from wsi_pipeline.run.layout import RunLayout, safe_name
+from wsi_pipeline.runfolder.layout import RunLayout, safe_name
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from wsi_pipeline.review.scores import (
     resolve_model_name,
     slide_paths_from_status,
 )
-from wsi_pipeline.run.layout import RunLayout
+from wsi_pipeline.runfolder.layout import RunLayout
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_pipeline import formats as F
-from wsi_pipeline.run.layout import RunLayout
+from wsi_pipeline.runfolder.layout import RunLayout
 
 PHENOTYPES = ("inflamed", "excluded", "desert")
 TARGET_KINDS = {"response": "binary", "immune_phenotype": "multiclass", "til_fraction": "regression"}
@@ -55,7 +55,7 @@ def build_scored_run(
     a predictions.csv row and the slides.csv "tile" row. ``response_fn(tile centres N×2, level 0)``
     replaces the default response pattern; ``hot`` then sets the response of chosen tiles."""
     from wsi_pipeline.config import TilingConfig
-    from wsi_pipeline.run.status import SlideStatus, update_status
+    from wsi_pipeline.runfolder.status import SlideStatus, update_status
     from wsi_pipeline.tiling.runner import tile_slide
 
     layout = RunLayout(root)

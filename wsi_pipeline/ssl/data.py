@@ -232,7 +232,7 @@ class RunTiles(TileSource):
 
     def __init__(self, run_root: str | Path, max_tiles_per_slide: int | None = None, seed: int = 0) -> None:
         from wsi_pipeline import formats as F
-        from wsi_pipeline.run.layout import RunLayout
+        from wsi_pipeline.runfolder.layout import RunLayout
 
         layout = RunLayout(run_root)
         ids = layout.slide_ids_with_tiles()
@@ -299,7 +299,7 @@ class RunTiles(TileSource):
 
 
 def is_run_folder(path: str | Path) -> bool:
-    from wsi_pipeline.run.layout import RunLayout
+    from wsi_pipeline.runfolder.layout import RunLayout
 
     return RunLayout(path).tiles_dir.is_dir()
 

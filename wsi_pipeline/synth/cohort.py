@@ -249,7 +249,7 @@ def write_cohort(out_dir: str | Path, params: CohortParams, write: WriteOptions 
 
     from wsi_pipeline.errors import WSIPipelineError
     from wsi_pipeline.formats import write_text_atomic
-    from wsi_pipeline.run.batch import map_isolated
+    from wsi_pipeline.runfolder.batch import map_isolated
 
     log = logging.getLogger(__name__)
     wo = write or WriteOptions()

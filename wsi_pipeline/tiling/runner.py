@@ -14,7 +14,7 @@ import numpy as np
 
 from wsi_pipeline import formats as F
 from wsi_pipeline.config import TilingConfig
-from wsi_pipeline.run.layout import RunLayout
+from wsi_pipeline.runfolder.layout import RunLayout
 from wsi_pipeline.slide.base import Slide
 from wsi_pipeline.tiling.grid import TileSpec, select_tiles
 from wsi_pipeline.tiling.tissue import DETECTOR_VERSION, TissueParams, detect_tissue
@@ -225,8 +225,8 @@ def tile_slides(
     on_result: Callable[[str, bool, str], None] | None = None,
 ) -> BatchSummary:
     """Tile many slides: crash-isolated workers, one status row per slide, never stopping on a failure."""
-    from wsi_pipeline.run.batch import Shard, map_isolated
-    from wsi_pipeline.run.status import STATUS_DONE, STATUS_FAILED, SlideStatus, update_status
+    from wsi_pipeline.runfolder.batch import Shard, map_isolated
+    from wsi_pipeline.runfolder.status import STATUS_DONE, STATUS_FAILED, SlideStatus, update_status
 
     cfg.validate()
     paths = [Path(p) for p in paths]

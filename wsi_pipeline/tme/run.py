@@ -30,7 +30,7 @@ import numpy as np
 
 from wsi_pipeline import formats as F
 from wsi_pipeline.errors import ConfigError, ScaleMismatchError, TilesNotFoundError
-from wsi_pipeline.run.layout import RunLayout
+from wsi_pipeline.runfolder.layout import RunLayout
 from wsi_pipeline.tme.classifier import TissueClassifier
 from wsi_pipeline.tme.config import FOOTPRINT_AUTO_RATIO, TMEConfig
 
@@ -379,10 +379,10 @@ def run_tme(
 ) -> TMESummary:
     """TME read-out for every tiled slide of ``run_root`` (or ``slide_ids``); failures are recorded in
     RUN/slides.csv (stage ``tme``) and the others go on. Writes RUN/tme.csv and RUN/configs/tme.yaml."""
-    from wsi_pipeline.config import save_resolved
     from wsi_pipeline.encoders.base import resolve_device
     from wsi_pipeline.errors import WSIPipelineError
-    from wsi_pipeline.run.status import STATUS_DONE, STATUS_FAILED, SlideStatus, update_status
+    from wsi_pipeline.runfolder.resolved import save_resolved
+    from wsi_pipeline.runfolder.status import STATUS_DONE, STATUS_FAILED, SlideStatus, update_status
     from wsi_pipeline.tme.classifier import WEIGHTS_FILE, load_classifier
 
     cfg.validate()

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from wsi_pipeline.errors import ConfigError
-from wsi_pipeline.run.batch import Shard, map_isolated, parse_shard
-from wsi_pipeline.run.layout import RunLayout, safe_name
-from wsi_pipeline.run.status import SlideStatus, failed, read_status, update_status
+from wsi_pipeline.runfolder.batch import Shard, map_isolated, parse_shard
+from wsi_pipeline.runfolder.layout import RunLayout, safe_name
+from wsi_pipeline.runfolder.status import SlideStatus, failed, read_status, update_status
 
 
 def test_status_upsert_and_no_churn(tmp_path: Path) -> None:

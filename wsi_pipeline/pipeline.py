@@ -16,7 +16,7 @@ from typing import Any
 
 from wsi_pipeline.config import TilingConfig, from_dict, load_yaml
 from wsi_pipeline.errors import ConfigError, WSIPipelineError
-from wsi_pipeline.run.layout import RunLayout
+from wsi_pipeline.runfolder.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ ProgressHook = Callable[[str, str, int | None], None]  # (stage, event, total) e
 
 def run_pipeline(cfg: RunConfig, progress: ProgressHook | None = None) -> RunSummary:
     """Run every stage over ``cfg.slides`` into ``cfg.out``; per-slide failures never stop the run."""
-    from wsi_pipeline.config import save_resolved
+    from wsi_pipeline.runfolder.resolved import save_resolved
     from wsi_pipeline.slide import find_slides
 
     t0 = time.perf_counter()
@@ -186,7 +186,7 @@ def run_pipeline(cfg: RunConfig, progress: ProgressHook | None = None) -> RunSum
 
 
 def _stage_tile(cfg: RunConfig, layout: RunLayout, paths: list[Path], hook: ProgressHook) -> StageResult:
-    from wsi_pipeline.run.batch import default_workers
+    from wsi_pipeline.runfolder.batch import default_workers
     from wsi_pipeline.tiling.runner import tile_slides
 
     t = time.perf_counter()

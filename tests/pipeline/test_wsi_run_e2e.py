@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from wsi_pipeline.run.status import read_status
+from wsi_pipeline.runfolder.status import read_status
 
 REPO = Path(__file__).resolve().parents[2]
 
