@@ -35,7 +35,7 @@ def _tile_bench_slide(slide: Path, run: Path, max_tiles: int, repeat_slides: int
     from wsi_pipeline import formats as F
     from wsi_pipeline.config import TilingConfig
     from wsi_pipeline.runfolder.layout import RunLayout
-    from wsi_pipeline.tiling.runner import tile_slide
+    from wsi_pipeline.tiling.stage import tile_slide
 
     full = RunLayout(run.parent / (run.name + "_full"))
     res = tile_slide(slide, full, TilingConfig(), slide_id="bench")
@@ -97,20 +97,22 @@ def _cpu_with_children() -> float:
 def _end_to_end(run: Path, args: argparse.Namespace) -> tuple[float, int, float, float, float, float]:
     """(tiles/s, tiles, CPU seconds per tile of this process and its reader processes, steady-state tiles/s
     from the third batch on, fraction of the loop spent waiting for tiles, fraction spent in the model)."""
-    from wsi_pipeline.features import ExtractConfig, extract_run
+    from wsi_pipeline.features import ExtractConfig, run_extract
 
     cfg = ExtractConfig(encoder=args.encoder, weights=args.weights, batch_size=args.batch_size,
                         num_workers=args.num_workers, device=args.device, precision=args.precision,
                         compile=args.compile, force=True, allow_mpp_mismatch=True)
     marks: list[tuple[float, int]] = []
     c0 = _cpu_with_children()
-    s = extract_run(run, cfg, on_progress=lambda n: marks.append((time.perf_counter(), n)))
+    s = run_extract(run, cfg, progress=lambda ev: marks.append((time.perf_counter(), ev.units)) if ev.kind == "units"
+                    else None)
     cpu = _cpu_with_children() - c0
     if not s.ok:
         raise SystemExit(f"extraction failed: {s.failed}")
     steady = sum(n for _, n in marks[3:]) / (marks[-1][0] - marks[2][0]) if len(marks) > 4 else float("nan")
-    return (s.tiles_per_s, s.tiles, cpu / max(1, s.tiles), steady, s.wait_seconds / max(s.seconds, 1e-9),
-            s.compute_seconds / max(s.seconds, 1e-9))
+    f = s.figures
+    loop = max(f["loop_s"], 1e-9)
+    return (f["tiles_per_s"], f["tiles"], cpu / max(1, f["tiles"]), steady, f["wait_s"] / loop, f["compute_s"] / loop)
 
 
 def _reader(slide: Path, run: Path, sid: str, n: int, n_openslide: int) -> dict[str, float]:

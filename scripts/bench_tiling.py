@@ -30,7 +30,7 @@ def main() -> None:
     from wsi_pipeline.slide import open_slide
     from wsi_pipeline.synth.bench import make_bench_slide
     from wsi_pipeline.tiling.grid import TileSpec, select_tiles
-    from wsi_pipeline.tiling.runner import tissue_level
+    from wsi_pipeline.tiling.stage import tissue_level
     from wsi_pipeline.tiling.tissue import TissueParams, detect_tissue
 
     t = time.perf_counter()

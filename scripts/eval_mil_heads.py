@@ -115,10 +115,12 @@ def cached_params(kind: str, split: str, out: Path) -> dict[str, Any]:
     import numpy as np
     import pandas as pd
 
+    from wsi_pipeline.formats import read_labels_csv
+
     if (out / "cohort.json").exists():
         p = json.loads((out / "cohort.json").read_text())
     else:
-        lab = pd.read_csv(out / "labels.csv", dtype={"slide_id": str, "patient_id": str})
+        lab = read_labels_csv(out / "labels.csv")
         p = {"kind": kind, "split": split, "n_patients": int(lab["patient_id"].nunique()),
              "seed": (SYNTH_SEEDS if kind == "synthetic" else KATHER_SEEDS)[split]}
         if kind == "synthetic":
@@ -139,7 +141,7 @@ def cached_params(kind: str, split: str, out: Path) -> dict[str, Any]:
 
 def build_cohort(kind: str, split: str, out: Path, params: dict[str, Any]) -> Path:
     """Write the slides + labels.csv of one cohort (kept when it exists with the same parameters)."""
-    from wsi_pipeline.formats import write_text_atomic
+    from wsi_pipeline.formats import write_labels_csv, write_text_atomic
 
     labels, meta = out / "labels.csv", out / "cohort.json"
     if labels.exists():
@@ -165,7 +167,7 @@ def build_cohort(kind: str, split: str, out: Path, params: dict[str, Any]) -> Pa
             if not path.exists():
                 write_slide(p.spec, path)
                 save_truth(p.spec, out / "truth" / f"{p.spec.slide_id}.npz")
-        write_text_atomic(labels, labels_frame(planned).to_csv(index=False))
+        write_labels_csv(labels, labels_frame(planned))
     else:
         from wsi_pipeline.synth.kather import build_kather_mosaic_cohort
 
@@ -204,12 +206,11 @@ def encoder_weights(work: Path, encoder: str) -> str | None:
 
 def tile_run(slides_dir: Path, run: Path, workers: int) -> None:
     from wsi_pipeline.config import TilingConfig
-    from wsi_pipeline.runfolder.layout import RunLayout
-    from wsi_pipeline.tiling.runner import tile_slides
+    from wsi_pipeline.tiling.stage import run_tile
 
     paths = sorted(slides_dir.glob("*.svs"))
     t0 = time.perf_counter()
-    s = tile_slides(paths, RunLayout(run), TilingConfig(), workers=workers)
+    s = run_tile(paths, run, TilingConfig(), workers=workers)
     if s.failed:
         raise SystemExit(f"tiling failed: {s.failed[:3]}")
     if s.done:
@@ -220,19 +221,20 @@ def extract(run: Path, encoder: str, weights: str | None) -> tuple[str, str]:
     """Features of every tiled slide (cached: slides done with the same encoder weights are skipped);
     returns (encoder name, weights checksum)."""
     from wsi_pipeline.features.config import ExtractConfig
-    from wsi_pipeline.features.extract import extract_run
+    from wsi_pipeline.features.extract import run_extract
     from wsi_pipeline.formats import A_WEIGHTS_SHA256, read_h5_attrs
     from wsi_pipeline.runfolder.layout import RunLayout
 
     t0 = time.perf_counter()
-    e = extract_run(run, ExtractConfig(encoder=encoder, weights=weights, precision="fp32", num_workers=0,
+    e = run_extract(run, ExtractConfig(encoder=encoder, weights=weights, precision="fp32", num_workers=0,
                                        batch_size=64))
     if e.failed:
         raise SystemExit(f"extraction failed: {e.failed[:3]}")
     if e.done:
-        log(f"{run.parent.name}/{run.name}: extracted {e.tiles} tiles of {len(e.done)} slides with {e.encoder} "
+        log(f"{run.parent.name}/{run.name}: extracted {e.figures['tiles']} tiles of {len(e.done)} slides with "
+            f"{e.figures['encoder']} "
             f"in {time.perf_counter() - t0:.0f}s ({len(e.skipped)} slides cached)")
-    first = sorted(RunLayout(run).features_dir(e.encoder).glob("*.h5"))[0]
+    first = sorted(RunLayout(run).features_dir(e.figures["encoder"]).glob("*.h5"))[0]
     return e.encoder, str(read_h5_attrs(first).get(A_WEIGHTS_SHA256, ""))
 
 
@@ -263,8 +265,7 @@ def models_dir(cohort_dir: Path, encoder: str, weights_sha: str) -> Path:
 def train_and_predict(spec: str, cohort_dir: Path, encoder: str, weights_sha: str, a: argparse.Namespace
                       ) -> tuple[Any, dict[str, Any], Path]:
     """Train ``spec`` on the train cohort (cached when the settings match) and predict the test cohort."""
-    import pandas as pd
-
+    from wsi_pipeline.formats import read_model_json, read_predictions_csv
     from wsi_pipeline.mil.config import PredictConfig, TrainConfig
     from wsi_pipeline.mil.predict import predict_run
     from wsi_pipeline.mil.train import train_cv
@@ -287,8 +288,8 @@ def train_and_predict(spec: str, cohort_dir: Path, encoder: str, weights_sha: st
         log(f"trained {model_label(spec)} in {time.perf_counter() - t0:.0f}s")
     predict_run(PredictConfig(run=str(cohort_dir / "test"), model=str(mdir), encoder=encoder,
                               labels=str(cohort_dir / "test_slides" / "labels.csv"), write_scores=False))
-    pred = pd.read_csv(cohort_dir / "test" / "predictions.csv", dtype={"slide_id": str, "patient_id": str})
-    main = json.loads((mdir / "model.json").read_text())["main_variant"]
+    pred = read_predictions_csv(cohort_dir / "test" / "predictions.csv")
+    main = read_model_json(mdir)["main_variant"]
     oof = json.loads((mdir / "metrics.json").read_text())["models"][main]
     return pred, oof, mdir
 

@@ -2,7 +2,7 @@
 
 1. Mosaic slides (150-px kather16 tiles at 0.495 µm/px laid out by `synth.layout.make_class_map`, one third
    of each immune phenotype) from the **test** tiles of the source split the classifier was trained with
-   (`wsi_pipeline.ssl.data.source_split`, seed and fraction read from the classifier): no tile comes from a
+   (`wsi_pipeline.tiles.split.source_split`, seed and fraction read from the classifier): no tile comes from a
    source image the classifier (or the demo encoder) was trained on — checked before anything runs.
 2. `wsi tile` → (`wsi extract`) → `wsi tme`, in one or both tilings:
    * ``aligned``: tiles of 150 px at 0.495 µm/px, one per mosaic cell. The RUN features would be at
@@ -38,7 +38,8 @@ DATA = REPO.parent / "shared" / "data" / "kather16"
 def held_out_pools(kather_dir: Path, clf: Any) -> tuple[dict[str, list[str]], set[str], set[str]]:
     """Test-side tile paths per class of the classifier's own source split, minus anything the classifier
     saw (its recorded training sources and, for classes split by tile, training files)."""
-    from wsi_pipeline.ssl.data import load_labelled_folder, source_split
+    from wsi_pipeline.tiles.folders import load_labelled_folder
+    from wsi_pipeline.tiles.split import source_split
 
     split = clf.training.get("split", {})
     if "train_sources" not in split:
@@ -59,7 +60,6 @@ def build_cohort(out: Path, pools: dict[str, list[str]], seen: tuple[set[str], s
                  grid: tuple[int, int], seed: int) -> list[dict[str, Any]]:
     """Mosaic slides + truth; refuses any tile from a training source (or a training file)."""
     from wsi_pipeline.formats import atomic_path
-    from wsi_pipeline.ssl.data import parse_source_id
     from wsi_pipeline.synth.kather import (
         KATHER_LAYOUT,
         KATHER_MPP,
@@ -68,6 +68,7 @@ def build_cohort(out: Path, pools: dict[str, list[str]], seen: tuple[set[str], s
     )
     from wsi_pipeline.synth.layout import PHENOTYPES, make_class_map
     from wsi_pipeline.synth.pyramid import array_painter, write_pyramid_tiff
+    from wsi_pipeline.tiles.folders import parse_source_id
 
     slides_dir = out / "slides"
     slides_dir.mkdir(parents=True, exist_ok=True)
@@ -96,18 +97,17 @@ def build_cohort(out: Path, pools: dict[str, list[str]], seen: tuple[set[str], s
 
 def tile_run(run: Path, cohort: list[dict[str, Any]], target_mpp: float, tile_size: int) -> None:
     from wsi_pipeline.config import TilingConfig
-    from wsi_pipeline.runfolder.layout import RunLayout
-    from wsi_pipeline.tiling.runner import tile_slides
+    from wsi_pipeline.tiling.stage import run_tile
 
     cfg = TilingConfig(target_mpp=target_mpp, tile_size=tile_size, min_tissue=0.05).validate()
-    summary = tile_slides([c["path"] for c in cohort], RunLayout(run), cfg, workers=0)
+    summary = run_tile([c["path"] for c in cohort], run, cfg, workers=0)
     if summary.failed:
         raise SystemExit(f"tiling failed: {summary.failed}")
 
 
-def extract_run(run: Path, encoder: str, weights: str | None) -> None:
+def run_extract(run: Path, encoder: str, weights: str | None) -> None:
     from wsi_pipeline.features.config import ExtractConfig
-    from wsi_pipeline.features.extract import extract_run as _extract
+    from wsi_pipeline.features.extract import run_extract as _extract
 
     cfg = ExtractConfig(encoder=encoder, weights=weights, device="cpu", precision="fp32", num_workers=0)
     res = _extract(run, cfg)
@@ -136,7 +136,6 @@ def covered_truth(class_map: np.ndarray, l0_xy: np.ndarray, tile_size_l0: float,
 
 def evaluate(run: Path, cohort: list[dict[str, Any]], class_names: list[str], aligned: bool) -> dict[str, Any]:
     """Slide-level agreement of RUN/tme.csv with the truth (and tile-level for aligned tiles)."""
-    import pandas as pd
     from scipy.stats import spearmanr
     from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 
@@ -146,7 +145,7 @@ def evaluate(run: Path, cohort: list[dict[str, Any]], class_names: list[str], al
     from wsi_pipeline.tme.spatial import class_column
 
     layout = RunLayout(run)
-    tme = pd.read_csv(layout.tme_csv).set_index("slide_id")
+    tme = F.read_tme_csv(layout.tme_csv).set_index("slide_id")
     seen = []
     for c in cohort:
         xy, _, attrs = F.read_tme_h5(layout.tme_h5(c["slide_id"]))
@@ -320,7 +319,7 @@ def main() -> int:
             tile_run(run, cohort, 0.495, 150)
         else:
             tile_run(run, cohort, clf.mpp, clf.input_size or 224)
-            extract_run(run, clf.encoder, args.encoder_weights)
+            run_extract(run, clf.encoder, args.encoder_weights)
         cfg = TMEConfig(classifier=clf.path, encoder_weights=args.encoder_weights, device="cpu",
                         spatial=SpatialConfig(band_um=args.band_um),
                         footprint="classifier" if tiling == "default-centre" else "auto")
@@ -328,7 +327,7 @@ def main() -> int:
         if summary.failed:
             raise SystemExit(f"tme failed on {len(summary.failed)} slides, e.g. {summary.failed[:2]}")
         r = evaluate(run, cohort, clf.class_names, aligned=tiling == "aligned")
-        r["feature_source"] = sorted({str(row["feature_source"]) for row in summary.rows})
+        r["feature_source"] = sorted({str(row["feature_source"]) for row in summary.values().values()})
         results[tiling] = r
         print_result(tiling, r, time.perf_counter() - t0)
         print(f"  features: {', '.join(r['feature_source'])}")

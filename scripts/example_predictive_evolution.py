@@ -49,6 +49,7 @@ from typing import Any
 
 import pandas as pd
 
+from wsi_pipeline.formats import read_labels_csv
 from wsi_pipeline.synth.cohort import CohortParams, OutcomeModel, WriteOptions, labels_frame, plan_cohort, write_cohort
 
 SEED = 319
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     reuse = same_cohort(slides, planned)  # a re-run: the slides are deterministic; `wsi run` resumes too
     if reuse:
-        labels = pd.read_csv(labels_csv, dtype={"slide_id": str, "patient_id": str})
+        labels = read_labels_csv(labels_csv, numeric=True)
     else:
         labels = write_cohort(slides, params, WriteOptions(truth_dir=""))
     n_long = int((labels.groupby("patient_id")["timepoint"].nunique() >= 2).sum())

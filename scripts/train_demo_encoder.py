@@ -184,10 +184,10 @@ each tile's colour inside the encoder, during training and use alike, is what mo
 
 def _stage_training(stage: int) -> dict:
     """The ``training`` block of a stage's exported encoder.json ({} when that stage has not run)."""
-    import json
+    from wsi_pipeline.formats import read_encoder_json
 
     path = stage_out(stage) / "encoder.json"
-    return json.loads(path.read_text())["training"] if path.exists() else {}
+    return read_encoder_json(path)["training"] if path.exists() else {}
 
 
 def _stage_line(stage: int, tr: dict, n_train: int) -> tuple[str, str]:
@@ -209,9 +209,10 @@ def _stage_line(stage: int, tr: dict, n_train: int) -> tuple[str, str]:
 def write_model_card(out: Path, report: dict) -> None:
     import json
 
+    from wsi_pipeline.formats import read_encoder_json
     from wsi_pipeline.ssl.evaluate import format_table
 
-    meta = json.loads((out / "encoder.json").read_text())
+    meta = read_encoder_json(out)
     tr = meta["training"]
     cfg = tr["config"]
     aug = cfg["augment"]

@@ -13,7 +13,6 @@ Everything but the model folder goes to --work (never into the repository).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -61,13 +60,12 @@ def main() -> None:
 
     from wsi_pipeline.config import TilingConfig
     from wsi_pipeline.encoders import default_encoder_name
-    from wsi_pipeline.features import ExtractConfig, extract_run
+    from wsi_pipeline.features import ExtractConfig, run_extract
     from wsi_pipeline.mil.config import TrainConfig
     from wsi_pipeline.mil.train import train_cv
-    from wsi_pipeline.runfolder.layout import RunLayout
     from wsi_pipeline.slide import find_slides
     from wsi_pipeline.synth.cohort import CohortParams, WriteOptions, write_cohort
-    from wsi_pipeline.tiling.runner import tile_slides
+    from wsi_pipeline.tiling.stage import run_tile
 
     t0 = time.perf_counter()
     encoder = args.encoder or default_encoder_name()
@@ -79,12 +77,12 @@ def main() -> None:
         write_cohort(slides_dir, params, WriteOptions(workers=args.workers))
     paths = find_slides([slides_dir])
     print(f"tiling {len(paths)} slides ...", flush=True)
-    s = tile_slides(paths, RunLayout(run), TilingConfig(), workers=args.workers)
+    s = run_tile(paths, run, TilingConfig(), workers=args.workers)
     assert s.ok, s.failed
     if args.prepare_only:
         return
     print(f"extracting with {encoder} ...", flush=True)
-    e = extract_run(run, ExtractConfig(encoder=encoder))
+    e = run_extract(run, ExtractConfig(encoder=encoder))
     assert e.ok, e.failed
     if args.out.exists():
         shutil.rmtree(args.out)
@@ -92,10 +90,10 @@ def main() -> None:
     res = train_cv(TrainConfig(run=str(run), labels=str(labels_csv), targets=TARGETS, model_out=str(args.out),
                                head=args.head, folds=5, seed=args.seed, encoder=encoder, epochs=args.epochs),
                    progress=lambda m: print("  " + m, flush=True))
-    card = json.loads((args.out / "model.json").read_text())
-    import pandas as pd
+    from wsi_pipeline.formats import read_labels_csv, read_model_json
 
-    n_slides = len(pd.read_csv(labels_csv))
+    card = read_model_json(args.out)
+    n_slides = len(read_labels_csv(labels_csv))
     text = CARD.format(
         n_slides=n_slides, n_patients=args.patients, n_patients_arg=args.patients, seed=args.seed, size=args.size,
         encoder=card["encoder"]["name"], embed_dim=card["encoder"]["embed_dim"],

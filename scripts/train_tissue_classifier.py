@@ -45,7 +45,7 @@ never stretched to the nominal {input_size}-px input. `wsi tme` checks the scale
 
 ## Data and split
 `../shared/data/kather16`: {n_tiles} tiles, 150 × 150 px at 0.495 µm/px, 8 classes. Split by source image
-(`wsi_pipeline.ssl.data.source_split`, seed {seed}, test fraction {test_fraction}): {n_train} training tiles,
+(`wsi_pipeline.tiles.split.source_split`, seed {seed}, test fraction {test_fraction}): {n_train} training tiles,
 {n_test} held-out tiles from source images not used for training (07_ADIPOSE and 08_EMPTY have too few
 source images and are split by tile).{encoder_note}
 The head is fitted on the training tiles only ({fit_on}).

@@ -80,6 +80,28 @@ def test_predictive_survival_cli_with_learned_cutoff(cohort_run: tuple[Path, Pat
     assert all("logrank_p" in g for g in doc["subgroup_effects"])
 
 
+def test_predictive_reads_padded_labels_like_train(cohort_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """A labels CSV with spaces around headers and ids (as spreadsheets export them) gives the analysis it
+    gives unpadded: the labels reader `wsi train` uses strips them, and so does `wsi predictive`."""
+    from wsi_pipeline.mil.targets import read_labels_table
+
+    run, labels = cohort_run
+    df = pd.read_csv(labels, dtype=str, keep_default_na=False)
+    padded = tmp_path / "padded.csv"
+    padded.write_text(",".join(f" {c} " for c in df.columns) + "\n"
+                      + "".join(",".join(f" {v}  " for v in row) + "\n" for row in df.itertuples(index=False)))
+    assert list(read_labels_table(padded).index) == list(read_labels_table(labels).index)
+    docs = []
+    for i, lab in enumerate((labels, padded)):
+        out = tmp_path / f"r{i}.json"
+        res = _invoke(["predictive", str(run), "--labels", str(lab), "--treatment", "arm", "--outcome", "response",
+                       "--biomarker", "pred:response_prob", "--select", "timepoint=baseline", "--json", str(out)])
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        docs.append(json.loads(out.read_text()))
+    assert docs[0]["n_patients"] == docs[1]["n_patients"] == N_PATIENTS
+    assert docs[1]["interaction_estimate"] == pytest.approx(docs[0]["interaction_estimate"])
+
+
 def test_predictive_reports_bad_columns(cohort_run: tuple[Path, Path]) -> None:
     run, labels = cohort_run
     base = ["predictive", str(run), "--labels", str(labels), "--treatment", "arm", "--outcome", "response"]

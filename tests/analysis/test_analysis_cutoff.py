@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from wsi_pipeline import formats as F
 from wsi_pipeline.analysis.config import PredictiveConfig
 from wsi_pipeline.analysis.cutoff import CutoffSpec, dichotomise, learn_cutoff, parse_cutoff
 from wsi_pipeline.analysis.predictive import prepare_cohort
@@ -84,7 +85,8 @@ def test_cutoff_from_model_oof_predictions(tmp_path: Path) -> None:
         pd.DataFrame({"model": "meanpool", "patient_id": pids, "response_prob": [0.9] * 6}),
     ])
     oof.to_csv(model / "oof_predictions.csv", index=False)
-    (model / "model.json").write_text('{"main_variant": "abmil"}')
+    F.write_model_json(model / "model.json", {"name": "model", "main_variant": "abmil", "targets": [],
+                                              "encoder": {"name": "enc"}, "variants": {}})
     cfg = PredictiveConfig(run=str(run), labels=str(labels), treatment="arm", outcome="response",
                            biomarker="response_prob", cutoff="q0.5-train", model_dir=str(model),
                            select=["timepoint=baseline"]).validate()

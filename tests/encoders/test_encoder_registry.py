@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,7 +15,6 @@ from wsi_pipeline.encoders import (
     EncoderMeta,
     create_encoder,
     default_encoder_name,
-    embed_images,
     get_encoder_meta,
     get_entry,
     list_encoders,
@@ -98,18 +96,6 @@ def test_preprocess_normalises_and_resizes() -> None:
     assert torch.allclose(x[0, :, 5, 5], expected.float(), atol=1e-5)
     small = torch.randint(0, 255, (3, 150, 150, 3), dtype=torch.uint8)
     assert enc.preprocess(small).shape == (3, 3, 224, 224)
-
-
-def test_embed_images_in_memory_tiles() -> None:
-    enc = create_encoder("timm:vit_tiny_patch16_224")
-    rng = np.random.default_rng(0)
-    tiles = [rng.integers(0, 255, (224, 224, 3), dtype=np.uint8) for _ in range(5)]
-    a = embed_images(enc, tiles, batch_size=2, precision="fp32")
-    b = embed_images(enc, np.stack(tiles), batch_size=5, precision="fp32")
-    assert a.shape == (5, 192) and a.dtype == np.float32
-    np.testing.assert_allclose(a, b, atol=1e-4)
-    c = embed_images(enc, [rng.integers(0, 255, (150, 150, 3), dtype=np.uint8)], precision="bf16")
-    assert c.shape == (1, 192) and np.isfinite(c).all()
 
 
 def test_timm_weights_roundtrip_safetensors_and_nested_pth(tmp_path) -> None:

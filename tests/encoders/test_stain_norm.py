@@ -25,7 +25,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def kather_tiles(kather_dir: Path, n_per_class: int = 2) -> list[np.ndarray]:
-    from wsi_pipeline.ssl.data import read_rgb
+    from wsi_pipeline.tiles.folders import read_rgb
 
     out = []
     for cdir in sorted(p for p in kather_dir.iterdir() if p.is_dir()):
@@ -85,8 +85,9 @@ def test_gain_cap_keeps_blank_tiles_finite() -> None:
 def test_restained_tile_gives_nearly_the_same_features(kather_dir: Path) -> None:
     """The point of it: an encoder with stain_norm sees a re-stained tile (another lab's colours) almost
     as the original; the same encoder without it does not."""
-    from wsi_pipeline.encoders.base import Encoder, EncoderMeta, embed_images
+    from wsi_pipeline.encoders.base import Encoder, EncoderMeta
     from wsi_pipeline.encoders.project import build_backbone
+    from wsi_pipeline.tiles.embed import embed_images
 
     imgs = [im for im in kather_tiles(kather_dir, 1) if im.std() > 20][:4]
     shifted = [restain(im, (0.8, 1.3, 1.2), (8.0, -6.0, 5.0)) for im in imgs]

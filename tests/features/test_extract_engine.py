@@ -15,7 +15,7 @@ import pytest
 
 from wsi_pipeline import formats as F
 from wsi_pipeline.errors import ConfigError
-from wsi_pipeline.features import ExtractConfig, extract_run
+from wsi_pipeline.features import ExtractConfig, run_extract
 from wsi_pipeline.runfolder.layout import RunLayout
 from wsi_pipeline.runfolder.status import read_status
 from wsi_pipeline.slide import open_slide
@@ -73,18 +73,19 @@ def _cfg(weights: Path, **kw: object) -> ExtractConfig:
 def reference(tmp_path_factory: pytest.TempPathFactory, slides: dict, weights: Path) -> dict[str, np.ndarray]:
     """A clean single-process run: features per slide."""
     layout = _make_run(tmp_path_factory.mktemp("ref") / "RUN", slides)
-    summary = extract_run(layout.root, _cfg(weights))
+    summary = run_extract(layout.root, _cfg(weights))
     assert summary.ok and sorted(summary.done) == sorted(slides)
     return {sid: F.read_features_h5(layout.features_h5(ENCODER, sid)).features for sid in slides}
 
 
 def test_features_follow_tiles_order_and_match_the_encoder(tmp_path: Path, slides: dict, weights: Path) -> None:
-    from wsi_pipeline.encoders import create_encoder, embed_images
+    from wsi_pipeline.encoders import create_encoder
+    from wsi_pipeline.tiles.embed import embed_images
 
     sub = {k: slides[k] for k in ("cmu", "generic")}
     layout = _make_run(tmp_path / "RUN", sub)
-    summary = extract_run(layout.root, _cfg(weights, precision="fp32", dtype="float32", num_workers=0))
-    assert summary.ok and summary.tiles == 24
+    summary = run_extract(layout.root, _cfg(weights, precision="fp32", dtype="float32", num_workers=0))
+    assert summary.ok and summary.figures["tiles"] == 24
     enc = create_encoder(ENCODER, str(weights))
     for sid, (path, n) in sub.items():
         fs = F.read_features_h5(layout.features_h5(ENCODER, sid))
@@ -105,10 +106,10 @@ def test_features_follow_tiles_order_and_match_the_encoder(tmp_path: Path, slide
 
     # resume: nothing recomputed; --force recomputes; another precision is another resume key
     mtime = layout.features_h5(ENCODER, "cmu").stat().st_mtime_ns
-    again = extract_run(layout.root, _cfg(weights, precision="fp32", dtype="float32", num_workers=0))
+    again = run_extract(layout.root, _cfg(weights, precision="fp32", dtype="float32", num_workers=0))
     assert sorted(again.skipped) == ["cmu", "generic"] and not again.done
     assert layout.features_h5(ENCODER, "cmu").stat().st_mtime_ns == mtime
-    forced = extract_run(layout.root, _cfg(weights, precision="fp32", dtype="float32", num_workers=0, force=True))
+    forced = run_extract(layout.root, _cfg(weights, precision="fp32", dtype="float32", num_workers=0, force=True))
     assert sorted(forced.done) == ["cmu", "generic"]
 
 
@@ -122,10 +123,10 @@ def test_a_bad_slide_is_recorded_and_the_others_go_on(tmp_path: Path, small_svs:
     F.write_tiles_h5(layout.tiles_h5("broken"), bottom, {**attrs, F.A_SLIDE_PATH: str(broken)})
     F.write_tiles_h5(layout.tiles_h5("gone"), xy, {**attrs, F.A_SLIDE_PATH: str(tmp_path / "gone.svs")})
     F.write_tiles_h5(layout.tiles_h5("no-tissue"), np.zeros((0, 2), np.int64), attrs)
-    summary = extract_run(layout.root, _cfg(weights))
+    summary = run_extract(layout.root, _cfg(weights))
     assert sorted(summary.done) == ["good", "no-tissue"]
     assert F.read_features_h5(layout.features_h5(ENCODER, "no-tissue")).features.shape == (0, 512)
-    assert sorted(sid for sid, _ in summary.failed) == ["broken", "gone"]
+    assert sorted(o.slide_id for o in summary.failed) == ["broken", "gone"]
     rows = {r.slide_id: r for r in read_status(layout.slides_csv) if r.stage == "extract"}
     assert rows["good"].status == "done" and rows["broken"].status == "failed" and rows["gone"].status == "failed"
     assert "SlideNotFoundError" in rows["gone"].error_type and rows["broken"].error
@@ -135,8 +136,8 @@ def test_a_bad_slide_is_recorded_and_the_others_go_on(tmp_path: Path, small_svs:
 def test_tiles_at_another_mpp_than_the_encoder_are_refused(tmp_path: Path, small_svs: Path, weights: Path) -> None:
     layout = _make_run(tmp_path / "RUN", {"blob": (small_svs, 4)}, target_mpp=1.0)
     with pytest.raises(ConfigError, match="allow-mpp-mismatch"):
-        extract_run(layout.root, _cfg(weights))
-    assert extract_run(layout.root, _cfg(weights, allow_mpp_mismatch=True)).done == ["blob"]
+        run_extract(layout.root, _cfg(weights))
+    assert run_extract(layout.root, _cfg(weights, allow_mpp_mismatch=True)).done == ["blob"]
 
 
 def _cli(*args: str) -> list[str]:
@@ -170,7 +171,7 @@ def test_killed_extraction_resumes_to_identical_features(tmp_path: Path, slides:
     assert 1 <= len(finished) < len(slides), "kill the run mid-way"
     for sid in finished:  # a file under its final name is always complete
         np.testing.assert_array_equal(F.read_features_h5(feats_dir / f"{sid}.h5").features, reference[sid])
-    summary = extract_run(layout.root, _cfg(weights))
+    summary = run_extract(layout.root, _cfg(weights))
     assert sorted(summary.skipped) == finished and sorted(summary.done) == sorted(set(slides) - set(finished))
     assert not list(feats_dir.glob(".*.tmp"))  # leftovers of the killed run are gone
     for sid in slides:
@@ -267,8 +268,8 @@ def test_a_reader_process_crash_fails_only_its_slide(tmp_path: Path, slides: dic
 
     monkeypatch.setattr(D.SlideBatchDataset, "__getitem__", dies_on_generic)
     layout = _make_run(tmp_path / "RUN", slides)
-    summary = extract_run(layout.root, _cfg(weights, prefetch_factor=2))
-    assert [sid for sid, _ in summary.failed] == ["generic"] and "WorkerCrash" in summary.failed[0][1]
+    summary = run_extract(layout.root, _cfg(weights, prefetch_factor=2))
+    assert [o.slide_id for o in summary.failed] == ["generic"] and "WorkerCrash" in summary.failed[0].error
     assert sorted(summary.done) == ["blob-a", "blob-b", "cmu"]
 
 
@@ -302,12 +303,12 @@ def test_changed_stain_spec_with_same_weights_re_extracts(tmp_path: Path, small_
     folder = save_project_encoder(tmp_path / "tiny", build_backbone("resnet10t"), meta)
     layout = _make_run(tmp_path / "RUN", {"blob": (small_svs, 6)})
     cfg = ExtractConfig(encoder=str(folder), batch_size=8, num_workers=1, device="cpu", precision="bf16")
-    first = extract_run(layout.root, cfg)
+    first = run_extract(layout.root, cfg)
     assert first.done == ["blob"]
-    assert extract_run(layout.root, cfg).skipped == ["blob"]  # nothing changed: resumed
+    assert run_extract(layout.root, cfg).skipped == ["blob"]  # nothing changed: resumed
     spec = {"method": "reinhard-lab", "target_mean": [56.0, 22.0, -7.5], "target_std": [14.0, 6.9, 5.2],
             "max_gain": 4.0}
     path = folder / "encoder.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "stain_norm": spec}))
-    again = extract_run(layout.root, cfg)
+    again = run_extract(layout.root, cfg)
     assert again.done == ["blob"] and not again.skipped

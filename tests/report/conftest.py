@@ -16,7 +16,7 @@ from wsi_pipeline.analysis.config import EvolutionConfig, PredictiveConfig
 from wsi_pipeline.analysis.evolution import run_evolution
 from wsi_pipeline.analysis.predictive import run_predictive
 from wsi_pipeline.analysis.simulate import simulate_cohort_tables, write_cohort_tables
-from wsi_pipeline.formats import write_text_atomic
+from wsi_pipeline.formats import write_patient_predictions_csv, write_text_atomic
 from wsi_pipeline.mil.tables import patient_frame
 from wsi_pipeline.report.inputs import infer_targets
 from wsi_pipeline.runfolder.layout import RunLayout
@@ -47,7 +47,7 @@ def make_fake_run(root: Path, n_patients: int = 40, analyses: bool = True) -> tu
     write_cohort_tables(tables, run, labels_csv)
     layout = RunLayout(run)
     specs = infer_targets(tables.predictions, tables.labels)
-    write_text_atomic(layout.patient_predictions_csv, patient_frame(tables.predictions, specs).to_csv(index=False))
+    write_patient_predictions_csv(layout.patient_predictions_csv, patient_frame(tables.predictions, specs))
     for i, sid in enumerate(tables.predictions["slide_id"]):
         layout.thumbnail_png(sid).parent.mkdir(parents=True, exist_ok=True)
         _thumbnail(i).save(layout.thumbnail_png(sid))

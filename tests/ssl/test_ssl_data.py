@@ -1,4 +1,4 @@
-"""Tile sources, the source split, and the pathology augmentations."""
+"""Tile sources for SSL training (image folders, RUN folders, split subsets) and the pathology augmentations."""
 
 from __future__ import annotations
 
@@ -9,51 +9,23 @@ import pytest
 import torch
 
 from wsi_pipeline.ssl import augment as A
-from wsi_pipeline.ssl.data import (
-    RunTiles,
-    load_labelled_folder,
-    open_tile_source,
-    parse_source_id,
-    source_split,
-)
+from wsi_pipeline.ssl.data import RunTiles, open_tile_source
+from wsi_pipeline.tiles.folders import load_labelled_folder, read_rgb
+from wsi_pipeline.tiles.split import source_split
 
 
-def test_parse_source_id() -> None:
-    assert parse_source_id("10009_CRC-Prim-HE-03_009.tif_Row_301_Col_151.jpg") == "CRC-Prim-HE-03_009"
-    assert parse_source_id("1000E_CRC-Prim-HE-07.tif_Row_901_Col_4201.jpg") == "CRC-Prim-HE-07"
-    assert parse_source_id("slideA_x1024_y2048.png") == "slideA"
-    assert parse_source_id("tile.png") is None
-
-
-def test_kather_source_split_is_by_source_and_deterministic(kather_dir: Path) -> None:
+def test_train_and_test_subsets_are_the_two_sides_of_the_source_split(kather_dir: Path) -> None:
     tiles = load_labelled_folder(kather_dir)
-    assert tiles.class_names[0] == "01_TUMOR" and len(tiles.class_names) == 8 and len(tiles) == 3627
-    is_test, info = source_split(tiles, 0.3, seed=0)
-    again, _ = source_split(tiles, 0.3, seed=0)
-    other, _ = source_split(tiles, 0.3, seed=1)
-    assert np.array_equal(is_test, again) and not np.array_equal(is_test, other)
-    assert info.mode["07_ADIPOSE"] == "tile" and info.mode["08_EMPTY"] == "tile"
-    assert all(info.mode[c] == "source" for c in tiles.class_names[:6])
-    by_source = [c for c in tiles.class_names if info.mode[c] == "source"]
-    src_cls = {tiles.class_names.index(c) for c in by_source}
-    sides: dict[str, set[bool]] = {}
-    for s, y, t in zip(tiles.sources, tiles.labels, is_test, strict=True):
-        if y in src_cls:
-            sides.setdefault(s, set()).add(bool(t))
-    assert all(len(v) == 1 for v in sides.values()), "a source straddles the split"
-    for ci in range(8):  # every class keeps roughly the requested fraction in test
-        frac = is_test[tiles.labels == ci].mean()
-        assert 0.2 < frac < 0.5
+    is_test, _ = source_split(tiles, 0.3, seed=0)
     train = open_tile_source(kather_dir, 0.495, subset="train", split_seed=0)
     test = open_tile_source(kather_dir, 0.495, subset="test", split_seed=0)
     assert len(train) + len(test) == len(tiles) and len(test) == int(is_test.sum())
     assert not set(train.paths) & set(test.paths)
+    assert set(test.paths) == {p for p, t in zip(tiles.paths, is_test, strict=True) if t}
 
 
 def test_hed_matches_skimage_and_jitter_keeps_range(kather_dir: Path) -> None:
     from skimage.color import hed2rgb, rgb2hed
-
-    from wsi_pipeline.ssl.data import read_rgb
 
     img = read_rgb(next(iter(sorted((kather_dir / "01_TUMOR").iterdir()))))
     x = torch.from_numpy(img).permute(2, 0, 1)[None].double() / 255.0
@@ -100,7 +72,7 @@ def test_run_folder_source_reads_tiles_from_slides(cmu_svs: Path, tmp_path: Path
     from wsi_pipeline.config import TilingConfig
     from wsi_pipeline.runfolder.layout import RunLayout
     from wsi_pipeline.slide import open_slide
-    from wsi_pipeline.tiling.runner import tile_slide
+    from wsi_pipeline.tiling.stage import tile_slide
 
     layout = RunLayout(tmp_path / "RUN")
     tile_slide(cmu_svs, layout, TilingConfig(target_mpp=1.0, tile_size=64))
@@ -124,20 +96,6 @@ def test_run_folder_source_reads_tiles_from_slides(cmu_svs: Path, tmp_path: Path
     assert meta["mpp"] == 1.0 and "tiles of 1 slides" in meta["training"]["data"]
     with pytest.raises(Exception, match="RUN folders"):
         open_tile_source(layout.root, subset="train")
-
-
-def test_generic_folder_without_source_ids_is_split_by_file(tmp_path: Path) -> None:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (tmp_path / c).mkdir()
-        for i in range(10):
-            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / c / f"t{i}.png")
-    tiles = load_labelled_folder(tmp_path)
-    assert tiles.sources == [None] * 20
-    is_test, info = source_split(tiles, 0.3, seed=0)
-    assert info.mode == {"a": "tile", "b": "tile"} and is_test.sum() == 6
 
 
 def test_hue_rotation_keeps_luma_and_grayscale() -> None:

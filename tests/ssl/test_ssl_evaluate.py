@@ -62,8 +62,9 @@ def test_weighted_knn_recovers_separated_clusters() -> None:
 def test_inner_split_never_uses_the_held_out_sources(kather_dir) -> None:
     """--inner-split-seed: a validation split drawn from the training side only, for choosing between runs."""
     from wsi_pipeline.ssl.config import EvalConfig
-    from wsi_pipeline.ssl.data import load_labelled_folder, source_split
     from wsi_pipeline.ssl.evaluate import evaluation_split
+    from wsi_pipeline.tiles.folders import load_labelled_folder
+    from wsi_pipeline.tiles.split import source_split
 
     tiles = load_labelled_folder(kather_dir)
     outer_test, _ = source_split(tiles, 0.3, 0, 8)

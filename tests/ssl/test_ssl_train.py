@@ -45,9 +45,10 @@ def tiny_config(data: Path, out: Path, steps: int, **kw) -> SSLConfig:
 
 
 def test_loss_falls_and_export_loads_through_registry(tiny_tiles: Path, tmp_path: Path) -> None:
-    from wsi_pipeline.encoders import create_encoder, embed_images
+    from wsi_pipeline.encoders import create_encoder
     from wsi_pipeline.encoders.project import load_project_encoder
     from wsi_pipeline.ssl.trainer import ssl_train
+    from wsi_pipeline.tiles.embed import embed_images
 
     out = tmp_path / "enc"
     res = ssl_train(tiny_config(tiny_tiles, out, steps=40))

@@ -53,11 +53,12 @@ def test_split_is_deterministic_and_seeded(kather_dir: Path, split: pd.DataFrame
 
 
 def test_split_is_the_one_source_split_of_the_project(kather_dir: Path, split: pd.DataFrame) -> None:
-    """The mosaic split is ``ssl.data.source_split``: the split the demo encoder and the shipped tissue
+    """The mosaic split is ``tiles.split.source_split``: the split the demo encoder and the shipped tissue
     classifier were trained with, so a ``test`` mosaic holds no tile either model saw."""
     import json
 
-    from wsi_pipeline.ssl.data import load_labelled_folder, source_split
+    from wsi_pipeline.tiles.folders import load_labelled_folder
+    from wsi_pipeline.tiles.split import source_split
 
     tiles = load_labelled_folder(kather_dir)
     is_test, _ = source_split(tiles, 0.3, seed=0)

@@ -14,7 +14,7 @@ from wsi_pipeline.config import TilingConfig
 from wsi_pipeline.slide import open_slide
 from wsi_pipeline.synth.layout import TissueClass
 from wsi_pipeline.tiling.grid import TileSpec, select_tiles
-from wsi_pipeline.tiling.runner import tissue_map
+from wsi_pipeline.tiling.stage import tissue_map
 from wsi_pipeline.tiling.tissue import SAT_CEIL, TissueParams, _Colour, detect_tissue, dilate3, pen_mask
 
 

@@ -16,7 +16,6 @@ from wsi_pipeline.tme.classifier import (
     format_confusion,
     load_classifier,
 )
-from wsi_pipeline.tme.embed import FIT_NATIVE, FIT_PAD, fit_tile, scaled_size
 
 NAMES = ["01_TUMOR", "02_STROMA", "04_LYMPHO"]
 
@@ -95,17 +94,3 @@ def test_report_and_confusion_table() -> None:
     assert rep["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
     table = format_confusion(rep)
     assert "04_LYMPHO" in table and len(table.splitlines()) == 4
-
-
-def test_tiles_keep_their_scale_when_fitted_to_the_encoder() -> None:
-    # a kather tile (150 px @0.495) at 0.5 µm/px is 148 px: padded to 224, never stretched
-    assert scaled_size(150, 0.495, 0.5) == 148
-    rng = np.random.default_rng(0)
-    tile = rng.integers(0, 255, (148, 148, 3), dtype=np.uint8)
-    padded = fit_tile(tile, 224, FIT_PAD)
-    assert padded.shape == (224, 224, 3)
-    np.testing.assert_array_equal(padded[38:186, 38:186], tile)  # centre is the tile, pixel for pixel
-    assert fit_tile(tile, 224, FIT_NATIVE) is tile
-    big = rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(fit_tile(big, 224, FIT_PAD), big[38:262, 38:262])
-    assert fit_tile(rng.integers(0, 255, (220, 220, 3), dtype=np.uint8), 224, FIT_PAD).shape == (224, 224, 3)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from wsi_pipeline import formats as F
 from wsi_pipeline.cli import build_app
-from wsi_pipeline.qupath import read_geojson, validate_feature_collection
+from wsi_pipeline.formats.geojson import read_geojson, validate_feature_collection
 from wsi_pipeline.runfolder.layout import RunLayout
 from wsi_pipeline.runfolder.status import read_status
 
@@ -43,8 +43,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory, kather_dir: Path) -> dict[st
     from safetensors.torch import save_file
 
     from wsi_pipeline.encoders import create_encoder
-    from wsi_pipeline.ssl.data import load_labelled_folder, read_rgb
     from wsi_pipeline.synth.pyramid import array_painter, write_pyramid_tiff
+    from wsi_pipeline.tiles.folders import load_labelled_folder, read_rgb
 
     root = tmp_path_factory.mktemp("tme")
     torch.manual_seed(0)
@@ -209,8 +209,9 @@ def test_footprint_classifies_tile_centres_at_the_training_field_of_view(setup: 
 def test_centre_footprint_reads_the_centre_of_each_tile(setup: dict[str, Path], default_run: Path) -> None:
     """Reading only the centre square equals reading the whole tile and cropping its centre."""
     from wsi_pipeline.features.reader import ReadSpec, open_tile_reader
+    from wsi_pipeline.tiles.embed import embed_tiles
+    from wsi_pipeline.tiles.transform import fit_tile
     from wsi_pipeline.tme.classifier import load_classifier
-    from wsi_pipeline.tme.embed import embed_fitted, fit_tile
     from wsi_pipeline.tme.run import create_classifier_encoder, embed_slide_tiles
 
     tiles = F.read_tiles_h5(RunLayout(default_run).tiles_h5("mosaic"))  # 176 px @ 0.5
@@ -221,8 +222,8 @@ def test_centre_footprint_reads_the_centre_of_each_tile(setup: dict[str, Path], 
     with open_tile_reader(tiles.attrs[F.A_SLIDE_PATH], ReadSpec(0.5, 176, tiles.slide_mpp)) as reader:
         whole = reader.read_many(tiles.l0_xy)
     o = (176 - side) // 2
-    ref = embed_fitted(enc, [fit_tile(im[o : o + side, o : o + side], enc.meta.input_size, clf.fit) for im in whole],
-                       64, "fp32", "cpu")
+    ref = embed_tiles(enc, [fit_tile(im[o : o + side, o : o + side], enc.meta.input_size, clf.fit) for im in whole],
+                      64, "fp32", "cpu")
     cos = np.sum(got * ref, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     # same pixels up to resampling (a read 14 level-0 px off-centre gives cos 0.997 and 8× the deviation)
     assert got.shape == ref.shape and cos.min() > 0.9995, cos.min()

@@ -27,8 +27,8 @@ def test_shipped_classifier_pins_the_shipped_encoder_and_its_scale() -> None:
 
 def test_shipped_classifier_on_held_out_kather_tiles(kather_dir: Path) -> None:
     from wsi_pipeline.encoders import create_encoder
-    from wsi_pipeline.ssl.data import load_labelled_folder
-    from wsi_pipeline.tme.embed import embed_image_files
+    from wsi_pipeline.tiles.embed import embed_image_files
+    from wsi_pipeline.tiles.folders import load_labelled_folder
 
     clf = load_classifier(None)
     split = clf.training["split"]

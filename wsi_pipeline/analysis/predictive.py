@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from wsi_pipeline import formats as F
 from wsi_pipeline.analysis.config import PredictiveConfig
 from wsi_pipeline.analysis.cutoff import Cutoff, dichotomise, learn_cutoff, parse_cutoff
 from wsi_pipeline.analysis.stats import (
@@ -71,8 +72,8 @@ CONTROL_NAMES = frozenset(
     {"control", "placebo", "soc", "standard", "standard_of_care", "standard-of-care", "comparator", "ctrl", "usual_care"}
 )
 STANDARD_COLUMNS = ("arm", "biomarker", "outcome", "time", "event")
-OOF_FILE = "oof_predictions.csv"  # written by `wsi train` (wsi_pipeline.mil.model_io.ModelDir)
-MODEL_CARD = "model.json"
+OOF_FILE = F.OOF_PREDICTIONS_CSV  # written by `wsi train` (wsi_pipeline.mil.model_io.ModelDir)
+MODEL_CARD = F.MODEL_JSON
 TIMEPOINT_COLUMNS = ("timepoint", "time_point", "visit")
 
 
@@ -213,18 +214,11 @@ def _oof_training_values(cfg: PredictiveConfig, ref: ColumnRef) -> tuple[pd.Seri
     path = mdir / OOF_FILE
     if not path.exists():
         raise ConfigError(f"{path}: not found; --model DIR must hold the {OOF_FILE} written by `wsi train`")
-    try:
-        oof = pd.read_csv(path, dtype={SLIDE_ID: str, PATIENT_ID: str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise FormatError(path, f"cannot parse CSV ({e}); re-run `wsi train`") from e
+    oof = F.read_oof_predictions_csv(path)
     if ref.source != SRC_PRED or ref.column not in oof.columns:
         raise ConfigError(f"{path}: no column '{ref.column}'; a cut-off learned on the model's out-of-fold "
                           "predictions needs a prediction column as --biomarker (or use --train-split)")
-    if PATIENT_ID not in oof.columns:
-        if SLIDE_ID not in oof.columns:
-            raise FormatError(path, "no patient_id or slide_id column; re-run `wsi train`")
-        oof[PATIENT_ID] = oof[SLIDE_ID]
-    if "model" in oof.columns and oof["model"].nunique() > 1:
+    if oof["model"].nunique() > 1:
         main = _main_variant(mdir)
         if main not in set(oof["model"]):
             raise FormatError(path, f"no rows of the main model variant {main!r}; re-run `wsi train`")
@@ -234,11 +228,7 @@ def _oof_training_values(cfg: PredictiveConfig, ref: ColumnRef) -> tuple[pd.Seri
 
 
 def _main_variant(mdir: Path) -> str:
-    card = mdir / MODEL_CARD
-    try:
-        return str(json.loads(card.read_text())["main_variant"])
-    except (OSError, json.JSONDecodeError, KeyError) as e:
-        raise FormatError(card, f"cannot read the main model variant ({e}); is this a `wsi train` DIR?") from e
+    return str(F.read_model_json(mdir / MODEL_CARD)["main_variant"])
 
 
 def _timepoint_warnings(sources: Sources, slides: pd.DataFrame) -> list[str]:

@@ -122,14 +122,13 @@ def simulate_cohort_tables(
 
 def write_cohort_tables(tables: CohortTables, run: str | Path, labels_csv: str | Path) -> None:
     """Write ``predictions.csv`` and ``tme.csv`` into the RUN folder, and the labels CSV."""
-    from wsi_pipeline.formats import atomic_path
+    from wsi_pipeline import formats as F
     from wsi_pipeline.runfolder.layout import RunLayout
 
     layout = RunLayout(run)
-    for df, path in ((tables.predictions, layout.predictions_csv), (tables.tme, layout.tme_csv),
-                     (tables.labels, Path(labels_csv))):
-        with atomic_path(path) as tmp:
-            df.to_csv(tmp, index=False)
+    F.write_predictions_csv(layout.predictions_csv, tables.predictions)
+    F.write_tme_csv(layout.tme_csv, tables.tme)
+    F.write_labels_csv(labels_csv, tables.labels)
 
 
 def run_tables_from_truth(labels: pd.DataFrame, seed: int = 0, noise: float = 0.01) -> CohortTables:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,54 +28,33 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from wsi_pipeline import formats as F
 from wsi_pipeline.errors import ConfigError, FormatError, LabelsError
 from wsi_pipeline.runfolder.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
-SLIDE_ID = "slide_id"
-PATIENT_ID = "patient_id"
+SLIDE_ID = F.SLIDE_ID
+PATIENT_ID = F.PATIENT_ID
 KEYS = (SLIDE_ID, PATIENT_ID)
 
 SRC_PRED = "pred"
 SRC_TME = "tme"
 SRC_LABEL = "label"
-SOURCE_NAMES = {SRC_PRED: "predictions.csv", SRC_TME: "tme.csv", SRC_LABEL: "labels"}
+SOURCE_NAMES = {SRC_PRED: F.PREDICTIONS_CSV, SRC_TME: F.TME_CSV, SRC_LABEL: "labels"}
 _PRED_SUFFIXES = ("_prob", "_risk", "_pred")
 
 
 def read_labels(path: str | Path) -> pd.DataFrame:
-    """The labels CSV with ``slide_id`` as str and ``patient_id`` (defaulting to ``slide_id``)."""
-    path = Path(path)
-    if not path.exists():
-        raise LabelsError(f"{path}: labels CSV not found; pass --labels PATH to a CSV with a slide_id column")
-    try:
-        df = pd.read_csv(path, dtype={SLIDE_ID: str, PATIENT_ID: str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise LabelsError(f"{path}: cannot parse the labels CSV ({e}); save it as comma-separated UTF-8") from e
-    if SLIDE_ID not in df.columns:
-        raise LabelsError(f"{path}: no '{SLIDE_ID}' column (columns: {list(df.columns)}); add one")
-    if df[SLIDE_ID].duplicated().any():
-        dup = df.loc[df[SLIDE_ID].duplicated(), SLIDE_ID].iloc[0]
-        raise LabelsError(f"{path}: slide_id '{dup}' appears twice; one row per slide")
-    if PATIENT_ID not in df.columns:
-        df[PATIENT_ID] = df[SLIDE_ID]
-    df[PATIENT_ID] = df[PATIENT_ID].fillna(df[SLIDE_ID]).astype(str)
-    return df
+    """The labels CSV by the one parsing rule of :func:`wsi_pipeline.formats.read_labels_csv` (the same
+    `wsi train` uses), with numeric columns as numbers: ``slide_id``/``patient_id`` as stripped text,
+    ``patient_id`` defaulting to ``slide_id``."""
+    return F.read_labels_csv(path, numeric=True)
 
 
-def read_slide_table(path: str | Path) -> pd.DataFrame | None:
-    """A per-slide CSV of a RUN folder (predictions.csv, tme.csv), or None when it does not exist."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        df = pd.read_csv(path, dtype={SLIDE_ID: str, PATIENT_ID: str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise FormatError(path, f"cannot parse CSV ({e}); re-run the command that wrote it") from e
-    if SLIDE_ID not in df.columns:
-        raise FormatError(path, f"no '{SLIDE_ID}' column; re-run the command that wrote it")
-    return df
+def _read_optional(read: Callable[[Path], pd.DataFrame], path: Path) -> pd.DataFrame | None:
+    """A per-slide table of the RUN folder through its owner's reader, or None when the file does not exist."""
+    return read(path) if path.exists() else None
 
 
 @dataclass
@@ -92,8 +71,8 @@ class Sources:
         layout = RunLayout(run)
         return cls(
             labels=read_labels(labels),
-            predictions=read_slide_table(layout.predictions_csv),
-            tme=read_slide_table(layout.tme_csv),
+            predictions=_read_optional(F.read_predictions_csv, layout.predictions_csv),
+            tme=_read_optional(F.read_tme_csv, layout.tme_csv),
             labels_path=str(labels),
         )
 

@@ -41,8 +41,9 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="Recompute slides already extracted."),
     ) -> None:
         """Embed every tile of every slide with an encoder into RUN/features/<encoder>/<slide_id>.h5."""
+        from wsi_pipeline.commands.stageview import failure_footer, print_failures, stage_progress
         from wsi_pipeline.features.config import ExtractConfig
-        from wsi_pipeline.features.extract import extract_run
+        from wsi_pipeline.features.extract import run_extract
         from wsi_pipeline.runfolder.resolved import save_resolved
 
         cfg = ExtractConfig(
@@ -55,8 +56,11 @@ def register(app: typer.Typer) -> None:
         ).validate()
         if _rank() == 0:
             save_resolved(run, "extract", {"extract": cfg})
-        summary = _run_with_progress(run, cfg, extract_run)
+        with stage_progress(unit="tiles") as progress:
+            summary = run_extract(run, cfg, progress=progress)
         _report(summary)
+        print_failures([summary])
+        failure_footer([summary], run)
         if not summary.ok:
             raise typer.Exit(1)
 
@@ -88,47 +92,11 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _run_with_progress(run: Path, cfg: Any, extract_run: Any) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class TilesPerSecond(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:,.0f} tiles/s" if speed else "- tiles/s")
-
-    prefix = f"[bold]extract[/bold] r{_rank()}" if _rank() else "[bold]extract"
-    with Progress(TextColumn(prefix), BarColumn(), MofNCompleteColumn(), TilesPerSecond(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), TextColumn("{task.description}")) as progress:
-        task = progress.add_task("planning", total=None)
-
-        def on_start(n_slides: int, n_tiles: int) -> None:
-            progress.update(task, total=n_tiles, description=f"{n_slides} slides")
-
-        def on_progress(n: int) -> None:
-            progress.update(task, advance=n)
-
-        def on_slide(sid: str, status: str, err: str) -> None:
-            mark = {"done": "✓", "skipped": "="}.get(status, "✗")
-            progress.update(task, description=f"{sid} {mark}")
-
-        return extract_run(run, cfg, on_progress=on_progress, on_slide=on_slide, on_start=on_start)
-
-
 def _report(summary: Any) -> None:
     from rich.console import Console
 
-    c = Console(stderr=True)
-    c.print(f"{summary.encoder}: extracted {len(summary.done)} slides ({summary.tiles} tiles, "
-            f"{summary.tiles_per_s:,.1f} tiles/s), skipped (already done) {len(summary.skipped)}, "
-            f"failed {len(summary.failed)} → {summary.features_dir}")
-    for sid, err in summary.failed:
-        c.print(f"[red]✗ {sid}[/red]: {err}")
+    f = summary.figures
+    rank = f" (rank {_rank()})" if _rank() else ""
+    Console(stderr=True).print(
+        f"{f['encoder']}{rank}: extracted {len(summary.done)} slides ({f['tiles']} tiles, {f['tiles_per_s']:,.1f} "
+        f"tiles/s), skipped (already done) {len(summary.skipped)}, failed {len(summary.failed)} → {f['features_dir']}")

@@ -20,16 +20,21 @@ def register(app: typer.Typer) -> None:
         thumb_px: int = typer.Option(160, "--thumb-px", help="Size of the inlined slide thumbnails."),
         max_slides: int = typer.Option(2000, "--max-slides", help="Rows of the per-slide table."),
         title: str = typer.Option("wsi-pipeline cohort report", "--title"),
+        force: bool = typer.Option(False, "--force", help="Rebuild even when the report is up to date."),
     ) -> None:
         """Cohort report: predictions, heatmap links, performance with CIs, TME and analyses → one HTML file."""
         from rich.console import Console
 
-        from wsi_pipeline.report.build import build_report
+        from wsi_pipeline.report.build import run_report
         from wsi_pipeline.report.config import ReportConfig
 
         cfg = ReportConfig(run=str(run), labels=str(labels) if labels else None, out=str(out) if out else None,
                            model=str(model) if model else None, n_boot=n_boot, thumb_px=thumb_px,
                            max_slides=max_slides, title=title)
-        res = build_report(cfg)
-        Console().print(f"report: {res.path} ({len(res.sections)} sections: {', '.join(res.sections)}; "
-                        f"{res.seconds:.1f} s)")
+        res = run_report(cfg, force=force)
+        f = res.figures
+        if res.note == "up to date":
+            Console().print(f"report up to date (same inputs): {f['path']}; --force to rebuild")
+        else:
+            Console().print(f"report: {f['path']} ({len(f['sections'])} sections: {', '.join(f['sections'])}; "
+                            f"{res.seconds:.1f} s)")

@@ -34,28 +34,23 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Heatmaps per slide and target: PNG overlay, multiscale zarr, top/bottom-k galleries, QuPath GeoJSON."""
         from rich.console import Console
-        from rich.progress import Progress
 
+        from wsi_pipeline.commands.stageview import failure_footer, print_failures, stage_progress
         from wsi_pipeline.review.config import HeatmapConfig
         from wsi_pipeline.review.heatmap import run_heatmaps
-        from wsi_pipeline.review.scores import resolve_model_name, scored_slide_ids
         from wsi_pipeline.runfolder.layout import RunLayout
         from wsi_pipeline.runfolder.resolved import save_resolved
 
         cfg = HeatmapConfig(model=model, targets=_split(targets), scale=scale, vmin=vmin, vmax=vmax, smooth=smooth,
                             top_k=top_k, attention=attention, cmap=cmap, zarr=not no_zarr,
                             geojson=not no_geojson, force=force).validate()
-        layout = RunLayout(run)
-        ids = _split(slides) or scored_slide_ids(layout, resolve_model_name(layout, cfg.model))
         save_resolved(run, "heatmap", {"heatmap": cfg})
-        console = Console(stderr=True)
-        with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("heatmaps", total=len(ids))
-            summary = run_heatmaps(run, cfg, ids, on_slide=lambda _r, _sid, _err: progress.advance(task))
-        console.print(f"heatmaps: {len(summary.done)} done, {len(summary.skipped)} up to date, "
-                      f"{len(summary.failed)} failed → {layout.root / 'heatmaps'}")
-        for sid, err in summary.failed:
-            console.print(f"[red]{sid}[/red]: {err}")
+        with stage_progress() as progress:
+            summary = run_heatmaps(run, cfg, _split(slides) or None, progress=progress)
+        Console(stderr=True).print(f"heatmaps: {len(summary.done)} done, {len(summary.skipped)} up to date, "
+                                   f"{len(summary.failed)} failed → {RunLayout(run).root / 'heatmaps'}")
+        print_failures([summary])
+        failure_footer([summary], run)
         if summary.failed:
             raise typer.Exit(1)
 
@@ -69,7 +64,7 @@ def register(app: typer.Typer) -> None:
         """QuPath GeoJSON per slide: one detection per tile with score measurements and the top class."""
         from rich.console import Console
 
-        from wsi_pipeline.review.export import export_qupath
+        from wsi_pipeline.review.qupath import export_qupath
 
         summary = export_qupath(run, model or None, _split(targets), attention=attention)
         console = Console(stderr=True)

@@ -42,44 +42,14 @@ def register(app: typer.Typer) -> None:
             cfg.tiling.target_mpp = target_mpp
         if slide_mpp is not None:
             cfg.tiling.slide_mpp = slide_mpp
-        summary = _with_progress(cfg, run_pipeline)
-        _print_summary(summary, out)
-        if not summary.ok:
+        from wsi_pipeline.commands.stageview import failure_footer, print_failures, print_table, stage_progress
+
+        with stage_progress() as progress:
+            summary = run_pipeline(cfg, progress)
+        print_table(summary.stages, f"wsi run → {out}  ({summary.seconds:.1f} s)")
+        print_failures(summary.stages)
+        failure_footer(summary.stages, out)
+        if summary.ok:
+            typer.echo(f"report: {out / 'report.html'} · view: wsi view {out}", err=True)
+        else:
             raise typer.Exit(1)
-
-
-def _with_progress(cfg, run_pipeline):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("[bold]{task.fields[stage]:<8}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), transient=False) as progress:
-        tasks: dict[str, int] = {}
-
-        def hook(stage: str, event: str, total: int | None) -> None:
-            if event == "start":
-                tasks[stage] = progress.add_task("", total=max(total or 0, 1), stage=stage)
-            elif event == "advance" and stage in tasks:
-                progress.advance(tasks[stage])
-            elif event == "end" and stage in tasks:
-                t = progress.tasks[tasks[stage]]
-                progress.update(tasks[stage], completed=t.total)
-
-        return run_pipeline(cfg, hook)
-
-
-def _print_summary(summary, out: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    c = Console(stderr=True)
-    t = Table(title=f"wsi run → {out}  ({summary.seconds:.1f} s)")
-    for col in ("stage", "done", "skipped", "failed", "seconds", "note"):
-        t.add_column(col)
-    for st in summary.stages:
-        t.add_row(st.name, str(st.done), str(st.skipped), str(len(st.failed)), f"{st.seconds:.1f}", st.note)
-    c.print(t)
-    for sid, errs in summary.failed.items():
-        for stage, err in errs:
-            c.print(f"[red]✗ {sid}[/red] ({stage}): {err}")
-    if summary.ok:
-        c.print(f"report: {out / 'report.html'} · view: wsi view {out}")

@@ -31,7 +31,6 @@ def register(app: typer.Typer) -> None:
         """Detect tissue and cut every slide into tiles at a true physical resolution."""
         from wsi_pipeline.config import TilingConfig
         from wsi_pipeline.runfolder.batch import default_workers, parse_shard
-        from wsi_pipeline.runfolder.layout import RunLayout
         from wsi_pipeline.runfolder.resolved import save_resolved
         from wsi_pipeline.slide import find_slides
         cfg = TilingConfig(target_mpp=target_mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue,
@@ -40,37 +39,25 @@ def register(app: typer.Typer) -> None:
         paths = find_slides(inputs, recursive=recursive)
         if not paths:
             raise typer.BadParameter(f"no slide files found in {', '.join(map(str, inputs))}")
-        layout = RunLayout(out)
         the_shard = parse_shard(shard)
         n_workers = default_workers() if workers is None else workers
         save_resolved(out, "tile", {"inputs": [str(p) for p in inputs], "tiling": cfg,
                                     "workers": n_workers, "shard": f"{the_shard.index}/{the_shard.count}"})
-        summary = run_with_progress(paths, layout, cfg, n_workers, the_shard, force)
+        from wsi_pipeline.commands.stageview import failure_footer, print_failures, stage_progress
+        from wsi_pipeline.tiling.stage import run_tile
+
+        with stage_progress() as progress:
+            summary = run_tile(paths, out, cfg, workers=n_workers, shard=the_shard, force=force,
+                                 progress=progress)
         _report(summary)
+        print_failures([summary])
+        failure_footer([summary], out)
         if not summary.ok:
             raise typer.Exit(1)
-
-
-def run_with_progress(paths, layout, cfg, workers, shard, force):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from wsi_pipeline.tiling.runner import tile_slides
-
-    n = len(shard.select(paths))
-    with Progress(TextColumn("[bold]tile"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), transient=False) as progress:
-        task = progress.add_task("", total=n)
-
-        def on_result(sid: str, ok: bool, err: str) -> None:
-            progress.update(task, advance=1, description=f"{sid} {'✓' if ok else '✗'}")
-
-        return tile_slides(paths, layout, cfg, workers=workers, shard=shard, force=force, on_result=on_result)
 
 
 def _report(summary) -> None:
     from rich.console import Console
 
-    c = Console(stderr=True)
-    c.print(f"tiled {len(summary.done)}, skipped (already done) {len(summary.skipped)}, failed {len(summary.failed)}")
-    for sid, err in summary.failed:
-        c.print(f"[red]✗ {sid}[/red]: {err}")
+    Console(stderr=True).print(f"tiled {len(summary.done)}, skipped (already done) {len(summary.skipped)}, "
+                               f"failed {len(summary.failed)}")

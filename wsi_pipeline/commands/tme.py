@@ -103,8 +103,8 @@ def register(app: typer.Typer) -> None:
         import dataclasses
 
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        from wsi_pipeline.commands.stageview import failure_footer, print_failures, stage_progress
         from wsi_pipeline.config import load_yaml
         from wsi_pipeline.runfolder.layout import RunLayout
         from wsi_pipeline.tme.config import TMEConfig, tme_config_from_dict
@@ -128,23 +128,17 @@ def register(app: typer.Typer) -> None:
             reuse_features=not no_reuse_features and base.reuse_features,
             footprint=pick(footprint, base.footprint), batch_size=batch_size, device=device, precision=precision, overwrite=overwrite,
         ).validate()
-        n = len(RunLayout(run).slide_ids_with_tiles())
-        with Progress(TextColumn("[bold]tme"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.description}")) as progress:
-            task = progress.add_task("", total=n)
-
-            def on_result(sid: str, ok: bool, err: str) -> None:
-                progress.update(task, advance=1, description=f"{sid} {'✓' if ok else '✗'}")
-
-            summary = run_tme(run, cfg, on_result=on_result)
+        with stage_progress() as progress:
+            summary = run_tme(run, cfg, progress=progress)
         c = Console(stderr=True)
-        c.print(f"wrote {summary.csv_path} ({len(summary.rows)} slides); failed {len(summary.failed)}")
+        n_rows = len(summary.outcomes) - len(summary.failed)
+        c.print(f"wrote {summary.figures['csv']} ({n_rows} slides); failed {len(summary.failed)}")
         if labels is not None:
             from wsi_pipeline.tme.run import join_tme_to_labels
 
             target = labels_out or RunLayout(run).tme_labels_csv
-            c.print(f"wrote {join_tme_to_labels(labels, summary.csv_path, target)} (labels + tme_* columns)")
-        for sid, err in summary.failed:
-            c.print(f"[red]✗ {sid}[/red]: {err}")
+            c.print(f"wrote {join_tme_to_labels(labels, summary.figures['csv'], target)} (labels + tme_* columns)")
+        print_failures([summary])
+        failure_footer([summary], run)
         if not summary.ok:
             raise typer.Exit(1)

@@ -78,16 +78,27 @@ def register(app: typer.Typer) -> None:
         variant: str = typer.Option(None, "--variant", help="Which trained model of DIR (default: the main one)."),
         no_scores: bool = typer.Option(False, "--no-scores", help="Skip per-tile score files."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+        force: bool = typer.Option(False, "--force", help="Predict even when the tables are up to date."),
     ) -> None:
         """Predict every slide: RUN/predictions.csv, RUN/patient_predictions.csv, RUN/scores/<model>/*.h5."""
+        from wsi_pipeline.commands.stageview import failure_footer, print_failures
         from wsi_pipeline.mil.config import PredictConfig
-        from wsi_pipeline.mil.predict import predict_run
+        from wsi_pipeline.mil.predict import run_predict
 
         cfg = PredictConfig(run=str(run), model=str(model), encoder=encoder, labels=str(labels) if labels else None,
-                            variant=variant, write_scores=not no_scores, device=device)
-        res = _with_status("predict", lambda cb: predict_run(cfg, progress=cb))
-        typer.echo(f"{res.n_slides} slides → {res.predictions_csv}, {res.patient_predictions_csv}"
-                   + (f", scores in {res.scores_dir}" if res.scores_dir else "") + f" ({res.seconds:.1f}s)")
+                            variant=variant, write_scores=not no_scores, device=device, force=force)
+        res = _with_status("predict", lambda cb: run_predict(cfg, status=cb))
+        f = res.figures
+        if res.note == "up to date":
+            typer.echo(f"predictions up to date (same model, features, labels and options) → {f['predictions_csv']}; "
+                       "--force to redo")
+        else:
+            typer.echo(f"{len(res.done)} slides → {f['predictions_csv']}, {f['patient_predictions_csv']}"
+                       + (f", scores in {f['scores_dir']}" if f["scores_dir"] else "") + f" ({res.seconds:.1f}s)")
+        print_failures([res])
+        failure_footer([res], run)
+        if not res.ok:
+            raise typer.Exit(1)
 
     @app.command("subgroups")
     def subgroups(

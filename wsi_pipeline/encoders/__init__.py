@@ -2,12 +2,12 @@
 
 Public API::
 
-    from wsi_pipeline.encoders import create_encoder, list_encoders, get_encoder_meta, embed_images
+    from wsi_pipeline.encoders import create_encoder, list_encoders, get_encoder_meta
     enc = create_encoder("timm:vit_small_patch16_224")            # random init
     enc = create_encoder("uni", weights="/path/pytorch_model.bin")  # a preset with a local file
-    feats = embed_images(enc, tiles_uint8_hwc, batch_size=32, precision="bf16")
 
-``Encoder``/``EncoderMeta``/``embed_images`` import torch; they are loaded on first access.
+In-memory tiles are embedded by :mod:`wsi_pipeline.tiles.embed` (``embed_images``, ``embed_tiles``).
+``Encoder``/``EncoderMeta`` import torch; they are loaded on first access.
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ if TYPE_CHECKING:
         Encoder,
         EncoderMeta,
         autocast,
-        embed_images,
         prepare_for_inference,
         resolve_device,
     )
 
 _LAZY = {
-    "Encoder", "EncoderMeta", "embed_images", "autocast", "resolve_device", "prepare_for_inference",
+    "Encoder", "EncoderMeta", "autocast", "resolve_device", "prepare_for_inference",
     "IMAGENET_MEAN", "IMAGENET_STD", "PRECISIONS",
 }
 
@@ -50,7 +49,6 @@ __all__ = [
     "autocast",
     "create_encoder",
     "default_encoder_name",
-    "embed_images",
     "get_encoder_meta",
     "get_entry",
     "list_encoders",

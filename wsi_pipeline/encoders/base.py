@@ -1,5 +1,5 @@
-"""The :class:`Encoder` module every registry entry produces, its metadata, preprocessing and a helper to
-embed in-memory tiles.
+"""The :class:`Encoder` module every registry entry produces, its metadata, preprocessing, devices and
+precision (in-memory tiles are embedded by :mod:`wsi_pipeline.tiles.embed`).
 
 An encoder maps a *normalised* float NCHW batch at ``meta.input_size`` px and ``meta.mpp`` µm/px to an
 (N, ``meta.embed_dim``) feature matrix. :meth:`Encoder.preprocess` turns uint8 NHWC tiles into that batch.
@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -130,10 +129,11 @@ class Encoder(nn.Module):
         n_prefix = int(getattr(self.trunk, "num_prefix_tokens", 1))
         return torch.cat([out[:, 0], out[:, n_prefix:].mean(dim=1)], dim=-1)
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+    def preprocess(self, images: torch.Tensor, resize: bool = True) -> torch.Tensor:
         """uint8 (N, H, W, 3) tiles → normalised float32 (N, 3, S, S), S = ``meta.input_size``.
 
-        Tiles are resized (bilinear, antialiased) only when they are not already S×S.
+        Tiles are resized (bilinear, antialiased) only when they are not already S×S; with ``resize=False``
+        they keep their own size (N, 3, H, W) — for encoders fed at their µm/px (:mod:`wsi_pipeline.tiles`).
         """
         if images.ndim == 3:
             images = images.unsqueeze(0)
@@ -141,7 +141,7 @@ class Encoder(nn.Module):
             raise ValueError(f"preprocess expects uint8 (N, H, W, 3), got {tuple(images.shape)}")
         x = images.to(self._mean.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         s = self.meta.input_size
-        if x.shape[-2:] != (s, s):
+        if resize and x.shape[-2:] != (s, s):
             x = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
         return x.sub_(self._mean).div_(self._std).contiguous()
 
@@ -186,34 +186,3 @@ def prepare_for_inference(encoder: Encoder, device: torch.device, channels_last:
     if channels_last if channels_last is not None else encoder.is_cnn:
         encoder = encoder.to(memory_format=torch.channels_last)
     return encoder
-
-
-# ---------------------------------------------------------------- in-memory embedding
-def embed_images(
-    encoder: Encoder,
-    images: Sequence[np.ndarray] | np.ndarray,
-    batch_size: int = 32,
-    precision: str = "bf16",
-    device: str | torch.device = "cpu",
-) -> np.ndarray:
-    """Embed in-memory uint8 RGB tiles (each H×W×3; sizes may differ from the encoder input, they are
-    resized) → float32 (N, embed_dim)."""
-    dev = resolve_device(device)
-    encoder = prepare_for_inference(encoder, dev)
-    channels_last = encoder.is_cnn
-    n = len(images)
-    out = np.empty((n, encoder.embed_dim), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            chunk = images[start : start + batch_size]
-            if isinstance(chunk, np.ndarray) and chunk.ndim == 4:
-                batch = torch.from_numpy(np.ascontiguousarray(chunk))
-                x = encoder.preprocess(batch)
-            else:
-                x = torch.cat([encoder.preprocess(torch.from_numpy(np.ascontiguousarray(im))) for im in chunk])
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(dev, precision):
-                y = encoder(x)
-            out[start : start + len(chunk)] = y.float().cpu().numpy()
-    return out

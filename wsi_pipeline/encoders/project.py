@@ -14,26 +14,26 @@ folder, or a bare name matching ``models/<name>/encoder.json``, through :func:`r
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wsi_pipeline.errors import FormatError, WeightsError
+from wsi_pipeline import formats as F
+from wsi_pipeline.errors import WeightsError
 
 if TYPE_CHECKING:
     from torch import nn
 
 log = logging.getLogger(__name__)
 
-ENCODER_JSON = "encoder.json"
+ENCODER_JSON = F.ENCODER_JSON
 WEIGHTS_FILE = "model.safetensors"
-PROJECT_ENCODER_FORMAT_VERSION = 1
+PROJECT_ENCODER_FORMAT_VERSION = F.ENCODER_JSON_VERSION
 MODELS_DIR_ENV = "WSI_MODELS_DIR"
 
-REQUIRED_KEYS = ("name", "arch", "embed_dim", "input_size", "mean", "std", "mpp")
+REQUIRED_KEYS = F.ENCODER_JSON_REQUIRED
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -82,25 +82,7 @@ def read_encoder_json(path: str | Path) -> dict[str, Any]:
     jpath = p / ENCODER_JSON if p.is_dir() else p
     if not jpath.is_file():
         raise WeightsError(f"{jpath}: no encoder.json — pass a folder written by `wsi ssl-train` (or its name)")
-    try:
-        meta = json.loads(jpath.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(jpath, f"not valid JSON ({e}); re-export the encoder") from e
-    if not isinstance(meta, dict):
-        raise FormatError(jpath, "expected a JSON object; re-export the encoder")
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise FormatError(jpath, f"missing keys {missing}; re-export the encoder with `wsi ssl-train`")
-    version = int(meta.get("format_version", 1))
-    if version > PROJECT_ENCODER_FORMAT_VERSION:
-        raise FormatError(
-            jpath,
-            f"format_version {version} is newer than this wsi-pipeline understands "
-            f"({PROJECT_ENCODER_FORMAT_VERSION}); upgrade wsi-pipeline",
-        )
-    meta.setdefault("timm_kwargs", {})
-    meta.setdefault("licence", "unknown")
-    meta.setdefault("description", "")
+    meta = F.read_encoder_json(jpath)
     meta.setdefault("weights_source", str(jpath.parent / WEIGHTS_FILE))
     return meta
 
@@ -130,8 +112,6 @@ def save_project_encoder(
     import torch
     from safetensors.torch import save_file
 
-    from wsi_pipeline.formats import atomic_path, write_text_atomic
-
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise ValueError(f"save_project_encoder: meta lacks {missing}")
@@ -143,26 +123,13 @@ def save_project_encoder(
         if fp16 and t.is_floating_point():
             t = t.to(torch.float16)
         state[k] = t.contiguous().clone()
-    full = {
-        "format_version": PROJECT_ENCODER_FORMAT_VERSION,
-        "timm_kwargs": {},
-        "licence": "unknown",
-        "description": "",
-        **dict(meta),
-        "weights_dtype": "float16" if fp16 else "float32",
-    }
-    full.pop("weights_source", None)  # where the weights are is known at load time
-    full["input_size"] = int(full["input_size"])
-    full["embed_dim"] = int(full["embed_dim"])
-    full["mpp"] = float(full["mpp"])
-    full["mean"] = [float(x) for x in full["mean"]]
-    full["std"] = [float(x) for x in full["std"]]
-    with atomic_path(out / WEIGHTS_FILE) as tmp:
+    full = {**dict(meta), "weights_dtype": "float16" if fp16 else "float32"}
+    with F.atomic_path(out / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"arch": str(full["arch"]), "name": str(full["name"])})
-    write_text_atomic(out / ENCODER_JSON, json.dumps(full, indent=2, sort_keys=False) + "\n")
+    F.write_encoder_json(out / ENCODER_JSON, full)  # adds format_version, normalises the numbers
     for f in (out / WEIGHTS_FILE, out / ENCODER_JSON):  # temporary files are created 0600
         f.chmod(0o644)
-    log.info("saved encoder %s (%s, %d-d) to %s", full["name"], full["arch"], full["embed_dim"], out)
+    log.info("saved encoder %s (%s, %d-d) to %s", full["name"], full["arch"], int(full["embed_dim"]), out)
     return out
 
 

@@ -1,7 +1,7 @@
 """Feature extraction: fast tile reading, the tile dataset, and the resumable, distributed engine.
 
-    from wsi_pipeline.features import ExtractConfig, extract_run
-    summary = extract_run("RUN", ExtractConfig(encoder="timm:resnet18"))
+    from wsi_pipeline.features import ExtractConfig, run_extract
+    summary = run_extract("RUN", ExtractConfig(encoder="timm:resnet18"))
 """
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from wsi_pipeline.features.config import ExtractConfig
-    from wsi_pipeline.features.extract import ExtractSummary, extract_run, extract_slide_features
+    from wsi_pipeline.features.extract import extract_slide_features, run_extract
     from wsi_pipeline.features.reader import ReadSpec, open_tile_reader
 
 _WHERE = {
     "ExtractConfig": "wsi_pipeline.features.config",
-    "ExtractSummary": "wsi_pipeline.features.extract",
-    "extract_run": "wsi_pipeline.features.extract",
+    "run_extract": "wsi_pipeline.features.extract",
     "extract_slide_features": "wsi_pipeline.features.extract",
     "ReadSpec": "wsi_pipeline.features.reader",
     "open_tile_reader": "wsi_pipeline.features.reader",
@@ -24,11 +23,10 @@ _WHERE = {
 
 __all__ = [
     "ExtractConfig",
-    "ExtractSummary",
     "ReadSpec",
-    "extract_run",
     "extract_slide_features",
     "open_tile_reader",
+    "run_extract",
 ]
 
 

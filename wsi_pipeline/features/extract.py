@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,9 @@ from wsi_pipeline.errors import ConfigError, TilesNotFoundError, WSIPipelineErro
 from wsi_pipeline.features.config import ExtractConfig
 from wsi_pipeline.features.dataset import ReaderOptions, SlideSource
 from wsi_pipeline.features.reader import ReadSpec
+from wsi_pipeline.runfolder.executor import Progress, SlideItem, SlideOutcome, StageSummary, run_streaming
 from wsi_pipeline.runfolder.layout import RunLayout
+from wsi_pipeline.runfolder.status import STATUS_FAILED
 
 log = logging.getLogger(__name__)
 
@@ -49,27 +51,6 @@ class SlideJob:
     @property
     def spec(self) -> ReadSpec:
         return ReadSpec(self.tiles.target_mpp, self.tiles.tile_size, self.tiles.slide_mpp)
-
-
-@dataclass
-class ExtractSummary:
-    encoder: str = ""
-    done: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    tiles: int = 0
-    seconds: float = 0.0  # wall time of the extraction loop (model built, loader started included)
-    wait_seconds: float = 0.0  # of which waiting for tiles (reading, or blocked on reader processes)
-    compute_seconds: float = 0.0  # of which preprocess + forward (CPU device; launches only on CUDA)
-    features_dir: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    @property
-    def tiles_per_s(self) -> float:
-        return self.tiles / self.seconds if self.seconds > 0 else 0.0
 
 
 # ---------------------------------------------------------------- planning
@@ -121,10 +102,11 @@ def _slide_id_of_coords(path: Path) -> str:
     return stem[: -len("_patches")] if stem.endswith("_patches") else stem
 
 
-def plan_jobs(layout: RunLayout, encoder_name: str, cfg: ExtractConfig) -> tuple[list[SlideJob], list[tuple[str, str]]]:
+def plan_jobs(layout: RunLayout, encoder_name: str, cfg: ExtractConfig
+              ) -> tuple[list[SlideJob], list[tuple[str, WSIPipelineError]]]:
     """Every slide to extract (all shards) and the slides that cannot even be planned (id, error)."""
     jobs: list[SlideJob] = []
-    bad: list[tuple[str, str]] = []
+    bad: list[tuple[str, WSIPipelineError]] = []
     if cfg.coords_dir is not None:
         from wsi_pipeline.slide import find_slides, slide_id_from_path
 
@@ -144,7 +126,7 @@ def plan_jobs(layout: RunLayout, encoder_name: str, cfg: ExtractConfig) -> tuple
                 tiles = _complete_tile_attrs(tiles, sp, cf, cfg.slide_mpp)
                 jobs.append(SlideJob(sid, sp, tiles, layout.features_h5(encoder_name, sid)))
             except WSIPipelineError as e:
-                bad.append((sid, f"{type(e).__name__}: {e}"))
+                bad.append((sid, e))
         return jobs, bad
     ids = layout.slide_ids_with_tiles()
     if not ids:
@@ -162,7 +144,7 @@ def plan_jobs(layout: RunLayout, encoder_name: str, cfg: ExtractConfig) -> tuple
                 raise F.FormatError(layout.tiles_h5(sid), "no slide path (slides.csv or slide_path attr); re-run `wsi tile`")
             jobs.append(SlideJob(sid, sp, tiles, layout.features_h5(encoder_name, sid)))
         except WSIPipelineError as e:
-            bad.append((sid, f"{type(e).__name__}: {e}"))
+            bad.append((sid, e))
     return jobs, bad
 
 
@@ -244,14 +226,14 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
-def finish_distributed(info: DistInfo, summary: ExtractSummary, device: Any) -> None:
+def finish_distributed(info: DistInfo, summary: StageSummary, device: Any) -> None:
     """Wait for every rank; rank 0 logs the totals."""
     if info.world <= 1 or not info.initialized_here:
         return
     import torch
     import torch.distributed as dist
 
-    counts = torch.tensor([len(summary.done), len(summary.skipped), len(summary.failed), summary.tiles],
+    counts = torch.tensor([len(summary.done), len(summary.skipped), len(summary.failed), summary.figures["tiles"]],
                           dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
     dist.all_reduce(counts)
     if info.rank == 0:
@@ -260,22 +242,73 @@ def finish_distributed(info: DistInfo, summary: ExtractSummary, device: Any) -> 
     dist.destroy_process_group()
 
 
-# ---------------------------------------------------------------- the run
-def extract_run(
-    run_root: str | Path,
-    cfg: ExtractConfig,
-    on_progress: Callable[[int], None] | None = None,
-    on_slide: Callable[[str, str, str], None] | None = None,
-    on_start: Callable[[int, int], None] | None = None,
-) -> ExtractSummary:
+# ---------------------------------------------------------------- the stage
+class ExtractStage:
+    """Extraction as a streaming stage (:mod:`wsi_pipeline.runfolder.executor`): the slides still to do are
+    streamed through one DataLoader and one model; each slide is written as soon as its last batch is done."""
+
+    name = STAGE
+
+    def __init__(self, layout: RunLayout, encoder: Any, cfg: ExtractConfig, device: Any,
+                 jobs: Sequence[SlideJob], bad: Sequence[tuple[str, WSIPipelineError]]) -> None:
+        self.layout, self.encoder, self.cfg, self.device = layout, encoder, cfg, device
+        self.component = encoder.meta.name
+        self.jobs = {j.slide_id: j for j in jobs}
+        self.bad = dict(bad)
+        self.stats: dict[str, float] = {}
+        self.tiles = 0
+
+    def items(self) -> list[SlideItem]:
+        items = [SlideItem(sid, j.slide_path) for sid, j in self.jobs.items()]
+        return sorted(items + [SlideItem(sid) for sid in self.bad], key=lambda it: it.slide_id)
+
+    def key(self, item: SlideItem) -> str:
+        if item.slide_id in self.bad:
+            raise self.bad[item.slide_id]
+        job = self.jobs[item.slide_id]
+        remove_stale_temps(job.out_path)
+        job.params_hash = F.params_hash(job_params(job, self.encoder, self.cfg))
+        return job.params_hash
+
+    def done(self, item: SlideItem, key: str) -> SlideOutcome | None:
+        job = self.jobs[item.slide_id]
+        if job.out_path.exists() and F.read_h5_attrs(job.out_path).get(F.A_PARAMS_HASH) == key:
+            return SlideOutcome(item.slide_id, n_tiles=job.n_tiles, slide_mpp=job.tiles.slide_mpp)
+        return None
+
+    def units(self, todo: Sequence[tuple[SlideItem, str]]) -> int:
+        return sum(self.jobs[it.slide_id].n_tiles for it, _ in todo)
+
+    def stream(self, todo: Sequence[tuple[SlideItem, str]], emit_units: Callable[[int], None]
+               ) -> Iterator[SlideOutcome]:
+        jobs = [self.jobs[it.slide_id] for it, _ in todo]
+        for job, feats, err in run_jobs(jobs, self.encoder, self.cfg, self.device, emit_units, self.stats):
+            yield self._write(job, feats, err)
+
+    def _write(self, job: SlideJob, feats: np.ndarray | None, err: str) -> SlideOutcome:
+        out = SlideOutcome(job.slide_id, path=job.slide_path, n_tiles=job.n_tiles, slide_mpp=job.tiles.slide_mpp,
+                           seconds=job.seconds)
+        if err or feats is None:
+            out.status, out.error, out.error_type = STATUS_FAILED, err, err.split(":", 1)[0]
+            return out
+        try:
+            write_slide_features(job, feats, self.encoder, self.cfg)
+        except (WSIPipelineError, OSError, ValueError) as e:  # this slide's output only; the run goes on
+            out.status, out.error_type = STATUS_FAILED, type(e).__name__
+            out.error = f"{type(e).__name__}: cannot write {job.out_path} ({e})"
+        else:
+            self.tiles += job.n_tiles
+        return out
+
+
+def run_extract(run_root: str | Path, cfg: ExtractConfig, progress: Progress | None = None) -> StageSummary:
     """Extract features for every tiled slide of ``run_root`` handled by this process's shard.
 
-    ``on_start(n_slides, n_tiles)`` once the work is planned, ``on_progress(n_tiles)`` after every batch,
-    ``on_slide(slide_id, status, error)`` after every slide.
-    """
+    The summary's ``figures``: ``encoder``, ``features_dir``, ``tiles`` (extracted), ``tiles_per_s``,
+    ``wait_s`` (waiting for tiles: reading, or blocked on reader processes), ``compute_s`` (preprocess +
+    forward; on CUDA only the launches)."""
     from wsi_pipeline.encoders import create_encoder, default_encoder_name, resolve_device
     from wsi_pipeline.runfolder.batch import parse_shard
-    from wsi_pipeline.runfolder.status import STATUS_FAILED, SlideStatus, update_status
 
     cfg.validate()
     layout = RunLayout(run_root)
@@ -287,40 +320,18 @@ def extract_run(
         device = torch.device("cuda", dist_info.local_rank)
         torch.cuda.set_device(device)
     encoder = create_encoder(cfg.encoder or default_encoder_name(), cfg.weights, device="cpu")
-    summary = ExtractSummary(encoder=encoder.meta.name,
-                             features_dir=str(layout.features_dir(encoder.meta.name)))
     jobs, bad = plan_jobs(layout, encoder.meta.name, cfg)
     shard = parse_shard(cfg.shard)
     mine = balanced_share(jobs, shard.index, shard.count)
-    bad = [b for i, b in enumerate(sorted(bad)) if i % shard.count == shard.index]
-    for sid, err in bad:
-        summary.failed.append((sid, err))
-        update_status(layout.slides_csv, SlideStatus(slide_id=sid, stage=STAGE, status=STATUS_FAILED, error=err,
-                                                     error_type=err.split(":", 1)[0], component=encoder.meta.name))
-        if on_slide:
-            on_slide(sid, STATUS_FAILED, err)
+    bad = [b for i, b in enumerate(sorted(bad, key=lambda b: b[0])) if i % shard.count == shard.index]
     check_mpp(jobs, encoder, cfg.allow_mpp_mismatch)  # every rank decides the same
-    todo = []
-    for j in mine:
-        remove_stale_temps(j.out_path)
-        j.params_hash = F.params_hash(job_params(j, encoder, cfg))
-        if not cfg.force and j.out_path.exists() and F.read_h5_attrs(j.out_path).get(F.A_PARAMS_HASH) == j.params_hash:
-            summary.skipped.append(j.slide_id)
-            if on_slide:
-                on_slide(j.slide_id, "skipped", "")
-        else:
-            todo.append(j)
-    if on_start:
-        on_start(len(todo), sum(j.n_tiles for j in todo))
-    t0 = time.perf_counter()
-    stats: dict[str, float] = {}
-    for job, feats, err in run_jobs(todo, encoder, cfg, device, on_progress, stats):
-        _record(layout, job, feats, err, encoder, cfg, summary)
-        if on_slide:
-            on_slide(job.slide_id, "done" if not err else STATUS_FAILED, err)
-    summary.seconds = time.perf_counter() - t0
-    summary.wait_seconds = stats.get("wait_s", 0.0)
-    summary.compute_seconds = stats.get("compute_s", 0.0)
+    stage = ExtractStage(layout, encoder, cfg, device, mine, bad)
+    summary = run_streaming(stage, stage.items(), layout, force=cfg.force, progress=progress)
+    loop_s = stage.stats.get("loop_s", 0.0)
+    summary.figures.update(encoder=encoder.meta.name, features_dir=str(layout.features_dir(encoder.meta.name)),
+                           tiles=stage.tiles, tiles_per_s=stage.tiles / loop_s if loop_s > 0 else 0.0,
+                           wait_s=stage.stats.get("wait_s", 0.0), compute_s=stage.stats.get("compute_s", 0.0),
+                           loop_s=loop_s)
     finish_distributed(dist_info, summary, device)
     return summary
 
@@ -332,33 +343,6 @@ def remove_stale_temps(out_path: Path) -> None:
     for tmp in out_path.parent.glob(f".{out_path.name}.*.tmp"):
         log.info("removing %s (left by an interrupted run)", tmp)
         tmp.unlink(missing_ok=True)
-
-
-def _record(layout: RunLayout, job: SlideJob, feats: np.ndarray | None, err: str, encoder: Any,
-            cfg: ExtractConfig, summary: ExtractSummary) -> None:
-    from wsi_pipeline.runfolder.status import STATUS_DONE, STATUS_FAILED, SlideStatus, update_status
-
-    status = SlideStatus(slide_id=job.slide_id, stage=STAGE, path=job.slide_path, n_tiles=job.n_tiles,
-                         slide_mpp=round(job.tiles.slide_mpp, 6), seconds=round(job.seconds, 3),
-                         component=encoder.meta.name)
-    if err or feats is None:
-        status.status, status.error, status.error_type = STATUS_FAILED, err, err.split(":", 1)[0]
-        summary.failed.append((job.slide_id, err))
-        log.warning("%s: extraction failed: %s", job.slide_id, err)
-        update_status(layout.slides_csv, status)
-        return
-    try:
-        write_slide_features(job, feats, encoder, cfg)
-    except (WSIPipelineError, OSError, ValueError) as e:  # this slide's output only; the run goes on
-        err = f"{type(e).__name__}: cannot write {job.out_path} ({e})"
-        status.status, status.error, status.error_type = STATUS_FAILED, err, type(e).__name__
-        summary.failed.append((job.slide_id, err))
-        log.warning("%s: %s", job.slide_id, err)
-    else:
-        status.status = STATUS_DONE
-        summary.done.append(job.slide_id)
-        summary.tiles += job.n_tiles
-    update_status(layout.slides_csv, status)
 
 
 def write_slide_features(job: SlideJob, feats: np.ndarray, encoder: Any, cfg: ExtractConfig) -> None:

@@ -82,6 +82,7 @@ class PredictConfig:
     variant: str | None = None  # which trained model of DIR (default: the main one)
     write_scores: bool = True
     device: str = "auto"
+    force: bool = False  # predict even when the tables are up to date with the same inputs
 
 
 @dataclass

@@ -14,19 +14,18 @@ DIR/
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from wsi_pipeline import formats as F
 from wsi_pipeline.errors import FormatError, WeightsError
-from wsi_pipeline.formats import write_text_atomic
 from wsi_pipeline.mil.data import EncoderInfo
 from wsi_pipeline.mil.targets import TargetSpec
 
-MODEL_CARD_VERSION = 1
+MODEL_CARD_VERSION = F.MODEL_JSON_VERSION
 
 
 @dataclass
@@ -77,9 +76,6 @@ class ModelCard:
     def encoder_info(self) -> EncoderInfo:
         return EncoderInfo.from_dict(self.encoder)
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=_json_default)
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelCard:
         variants = {}
@@ -88,16 +84,6 @@ class ModelCard:
             variants[k] = VariantCard(**v, folds=folds)
         rest = {k: v for k, v in d.items() if k != "variants"}
         return cls(**rest, variants=variants)
-
-
-def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 class ModelDir:
@@ -110,7 +96,7 @@ class ModelDir:
 
     @property
     def model_json(self) -> Path:
-        return self.root / "model.json"
+        return self.root / F.MODEL_JSON
 
     @property
     def metrics_json(self) -> Path:
@@ -122,7 +108,7 @@ class ModelDir:
 
     @property
     def oof_csv(self) -> Path:
-        return self.root / "oof_predictions.csv"
+        return self.root / F.OOF_PREDICTIONS_CSV
 
     def weights_rel(self, variant: str, fold: int) -> str:
         from wsi_pipeline.runfolder.layout import safe_name
@@ -130,28 +116,21 @@ class ModelDir:
         return f"weights/{safe_name(variant)}/fold{fold}.safetensors"
 
     def write_card(self, card: ModelCard) -> None:
-        write_text_atomic(self.model_json, card.to_json())
+        F.write_model_json(self.model_json, asdict(card))
 
     def read_card(self) -> ModelCard:
-        if not self.model_json.exists():
-            raise FormatError(self.model_json, "no model card; is this a model directory written by `wsi train`?")
+        d = F.read_model_json(self.model_json)  # checks the file, its version and the required keys
         try:
-            d = json.loads(self.model_json.read_text())
-            card = ModelCard.from_dict(d)
-        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            return ModelCard.from_dict(d)
+        except (TypeError, KeyError, AttributeError) as e:
             raise FormatError(self.model_json, f"unreadable model card ({e}); re-run `wsi train`") from e
-        if card.version > MODEL_CARD_VERSION:
-            raise FormatError(self.model_json, f"model card version {card.version} is newer than supported; upgrade")
-        return card
 
 
 def save_weights(path: str | Path, module: nn.Module) -> None:
     from safetensors.torch import save_file
 
-    from wsi_pipeline.formats import atomic_path
-
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    with atomic_path(path) as tmp:
+    with F.atomic_path(path) as tmp:
         save_file(state, str(tmp))
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,11 @@ from wsi_pipeline.mil.data import BagStore, EncoderInfo
 from wsi_pipeline.mil.ensemble import Ensemble
 from wsi_pipeline.mil.tables import patient_frame, slide_frame
 from wsi_pipeline.mil.targets import PATIENT_ID, read_labels_table
+from wsi_pipeline.runfolder.executor import Progress, SlideOutcome, StageSummary, run_cohort
 
 log = logging.getLogger(__name__)
+
+STAGE = "predict"
 
 A_TARGET_KINDS = "target_kinds"
 MPP_TOLERANCE = 0.02  # relative
@@ -45,6 +48,7 @@ class PredictResult:
     scores_dir: Path | None
     n_slides: int
     seconds: float
+    slides: list[tuple[str, int, float]] = field(default_factory=list)  # (slide_id, tiles, seconds)
 
 
 def check_encoder(trained: EncoderInfo, found: EncoderInfo, where: Path) -> None:
@@ -79,12 +83,28 @@ def score_attrs(ens: Ensemble, info: EncoderInfo) -> dict[str, Any]:
     return attrs
 
 
+def scores_key(model_digest: str, ens: Ensemble, features_h5: Path, covariates: Any) -> str:
+    """What one slide's per-tile scores depend on: the model (its files), the variant, the slide's features
+    (their own resume key) and, for a model with covariates, the slide's covariate row."""
+    from wsi_pipeline.formats import A_PARAMS_HASH, params_hash, read_h5_attrs
+
+    rows = None if covariates is None else covariates.to_dict("records")
+    return params_hash({"model": model_digest, "variant": ens.variant.name, "covariates": rows,
+                        "features": read_h5_attrs(features_h5).get(A_PARAMS_HASH, "")})
+
+
 def predict_run(cfg: PredictConfig, progress: Callable[[str], None] | None = None) -> PredictResult:
     import numpy as np
 
-    from wsi_pipeline.formats import write_scores_h5, write_text_atomic
+    from wsi_pipeline.formats import (
+        A_PARAMS_HASH,
+        read_h5_attrs,
+        write_patient_predictions_csv,
+        write_predictions_csv,
+        write_scores_h5,
+    )
+    from wsi_pipeline.runfolder.digest import folder_digest
     from wsi_pipeline.runfolder.resolved import save_resolved
-    from wsi_pipeline.runfolder.status import STATUS_DONE, SlideStatus, update_status
 
     t0 = time.perf_counter()
     ens = Ensemble(cfg.model, cfg.variant, cfg.device)
@@ -104,7 +124,9 @@ def predict_run(cfg: PredictConfig, progress: Callable[[str], None] | None = Non
         patient_of.update({s: str(p) for s, p in zip(df.index, df[PATIENT_ID], strict=True) if s in patient_of})
     layout = store.layout
     attrs = score_attrs(ens, info)
+    model_digest = folder_digest(cfg.model)
     preds = []
+    done: list[tuple[str, int, float]] = []
     for i, sid in enumerate(slide_ids):
         if progress:
             progress(f"{sid} ({i + 1}/{len(slide_ids)})")
@@ -117,20 +139,68 @@ def predict_run(cfg: PredictConfig, progress: Callable[[str], None] | None = Non
             rows = df.loc[[sid]]
         sp = ens.predict(bag, rows, tiles=cfg.write_scores)
         preds.append(sp.values)
-        if cfg.write_scores:
+        out = layout.scores_h5(ens.name, sid)
+        key = scores_key(model_digest, ens, store.layout.features_h5(store.encoder, sid), rows)
+        if cfg.write_scores and read_h5_attrs(out).get(A_PARAMS_HASH) != key:  # unchanged scores keep their file
             scores = {k: v.astype(np.float32) for k, v in sp.tile_scores.items()}
-            write_scores_h5(layout.scores_h5(ens.name, sid),
-                            ScoreSet(bag.l0_xy, scores, {k: v.astype(np.float32) for k, v in sp.attention.items()},
-                                     {**attrs, "slide_id": sid}))
-        update_status(layout.slides_csv, SlideStatus(sid, "predict", n_tiles=len(bag.l0_xy), status=STATUS_DONE,
-                                                     seconds=round(time.perf_counter() - t1, 3)))
+            write_scores_h5(out, ScoreSet(bag.l0_xy, scores, {k: v.astype(np.float32) for k, v in sp.attention.items()},
+                                          {**attrs, "slide_id": sid, A_PARAMS_HASH: key}))
+        done.append((sid, len(bag.l0_xy), time.perf_counter() - t1))
     slides = slide_frame(slide_ids, [patient_of[s] for s in slide_ids], preds, ens.specs)
-    write_text_atomic(layout.predictions_csv, slides.to_csv(index=False))
-    write_text_atomic(layout.patient_predictions_csv, patient_frame(slides, ens.specs).to_csv(index=False))
+    write_predictions_csv(layout.predictions_csv, slides)
+    write_patient_predictions_csv(layout.patient_predictions_csv, patient_frame(slides, ens.specs))
     save_resolved(cfg.run, "predict", {"predict": cfg, "model": {"name": ens.name, "variant": ens.variant.name}})
     return PredictResult(layout.predictions_csv, layout.patient_predictions_csv,
                          layout.scores_dir(ens.name) if cfg.write_scores else None, len(slide_ids),
-                         time.perf_counter() - t0)
+                         time.perf_counter() - t0, done)
+
+
+class PredictStage:
+    """``wsi predict`` as a cohort stage (:mod:`wsi_pipeline.runfolder.executor`): one set of tables for all
+    slides, redone when the model, the features, the labels (patient grouping, covariates) or the options
+    change."""
+
+    name = STAGE
+
+    def __init__(self, cfg: PredictConfig, progress: Callable[[str], None] | None = None) -> None:
+        from wsi_pipeline.formats import read_model_json
+        from wsi_pipeline.mil.data import resolve_encoder
+        from wsi_pipeline.runfolder.layout import RunLayout
+
+        self.cfg, self.progress = cfg, progress
+        self.layout = RunLayout(cfg.run)
+        trained = str(read_model_json(cfg.model)["encoder"]["name"])
+        self.encoder = resolve_encoder(self.layout, cfg.encoder or _default_encoder(cfg.run, trained))
+        self.component = Path(cfg.model).resolve().name
+        self.result: PredictResult | None = None
+
+    def key(self) -> str:
+        from wsi_pipeline.formats import params_hash
+        from wsi_pipeline.runfolder.digest import content_digest, folder_digest, stamps
+
+        cfg = self.cfg
+        return params_hash({"model": folder_digest(cfg.model), "variant": cfg.variant, "encoder": self.encoder,
+                            "features": stamps(sorted(self.layout.features_dir(self.encoder).glob("*.h5"))),
+                            "labels": content_digest(cfg.labels), "write_scores": cfg.write_scores})
+
+    def outputs_exist(self) -> bool:
+        return self.layout.predictions_csv.exists() and self.layout.patient_predictions_csv.exists()
+
+    def process(self, key: str) -> list[SlideOutcome]:
+        self.result = predict_run(replace(self.cfg, encoder=self.encoder), self.progress)
+        return [SlideOutcome(sid, n_tiles=n, seconds=sec) for sid, n, sec in self.result.slides]
+
+
+def run_predict(cfg: PredictConfig, progress: Progress | None = None,
+                status: Callable[[str], None] | None = None) -> StageSummary:
+    """Predict every slide of the RUN unless the tables are up to date with the same inputs (``cfg.force``
+    redoes them). ``figures``: predictions_csv, patient_predictions_csv, scores_dir."""
+    stage = PredictStage(cfg, status)
+    summary = run_cohort(stage, stage.layout, force=cfg.force, progress=progress)
+    summary.figures.update(predictions_csv=str(stage.layout.predictions_csv),
+                           patient_predictions_csv=str(stage.layout.patient_predictions_csv),
+                           scores_dir=str(stage.layout.scores_dir(stage.component)) if cfg.write_scores else "")
+    return summary
 
 
 def _default_encoder(run: str | Path, trained_name: str) -> str | None:
@@ -147,10 +217,9 @@ def evaluate_run(cfg: EvaluateConfig) -> tuple[Path, dict[str, Any]]:
     labels CSV: ``RUN/evaluation/<model>/metrics.json`` and ``metrics.md``; returns (folder, metrics)."""
     import json
 
-    import pandas as pd
     import yaml
 
-    from wsi_pipeline.formats import write_text_atomic
+    from wsi_pipeline.formats import read_predictions_csv, write_text_atomic
     from wsi_pipeline.mil.model_io import ModelDir
     from wsi_pipeline.mil.report import evaluate_heldout, metrics_markdown
     from wsi_pipeline.runfolder.layout import RunLayout
@@ -166,7 +235,7 @@ def evaluate_run(cfg: EvaluateConfig) -> tuple[Path, dict[str, Any]]:
             f"{layout.predictions_csv}: no predictions of model {name!r} (last `wsi predict` used {used!r}); "
             f"run `wsi predict {cfg.run} --model {cfg.model}` first"
         )
-    slides = pd.read_csv(layout.predictions_csv, dtype={"slide_id": str, PATIENT_ID: str})
+    slides = read_predictions_csv(layout.predictions_csv)
     metrics = evaluate_heldout({name: slides}, read_labels_table(cfg.labels), card.target_specs, cfg.n_bootstrap,
                                cfg.seed)
     out = layout.evaluation_dir(name)

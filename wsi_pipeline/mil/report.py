@@ -18,7 +18,7 @@ from wsi_pipeline.evaluate.bootstrap import (
     bootstrap_weights,
     paired_difference,
 )
-from wsi_pipeline.formats import write_text_atomic
+from wsi_pipeline.formats import write_oof_predictions_csv, write_text_atomic
 from wsi_pipeline.mil.data import EncoderInfo
 from wsi_pipeline.mil.model_io import ModelCard, ModelDir, VariantCard
 from wsi_pipeline.mil.tables import (
@@ -220,7 +220,7 @@ def write_training_outputs(
     write_text_atomic(mdir.config_yaml, yaml.safe_dump(resolved, sort_keys=False))
     write_text_atomic(mdir.metrics_json, json.dumps(metrics, indent=2))
     write_text_atomic(mdir.metrics_md, metrics_markdown(f"Out-of-fold metrics — {name}", metrics, specs))
-    write_text_atomic(mdir.oof_csv, pd.concat(oof_rows, ignore_index=True).to_csv(index=False))
+    write_oof_predictions_csv(mdir.oof_csv, pd.concat(oof_rows, ignore_index=True))
     history = {v.name: {str(r.fold): r.history for r in sorted(results, key=lambda r: r.fold) if r.variant == v.name}
                for v in variants}
     write_text_atomic(mdir.root / "history.json", json.dumps(history, indent=1))

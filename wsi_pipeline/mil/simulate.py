@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_pipeline.formats import A_EMBED_DIM, A_ENCODER, A_TARGET_MPP, write_features_h5, write_text_atomic
+from wsi_pipeline.formats import A_EMBED_DIM, A_ENCODER, A_TARGET_MPP, write_features_h5, write_labels_csv
 from wsi_pipeline.runfolder.layout import RunLayout
 
 PHENOTYPES = ("desert", "excluded", "inflamed")
@@ -122,5 +122,4 @@ def simulate_feature_cohort(run: str | Path, labels_csv: str | Path, spec: SimSp
     for col in ("response", "immune_phenotype", "til_fraction"):
         miss = rng.random(len(df)) < spec.missing_fraction
         df[col] = df[col].astype(object).where(~miss, "")
-    write_text_atomic(labels_csv, df.to_csv(index=False))
-    return Path(labels_csv)
+    return write_labels_csv(labels_csv, df)

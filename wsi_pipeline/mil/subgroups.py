@@ -33,7 +33,7 @@ from wsi_pipeline.evaluate.subgroups import (
     plot_responder_rates,
     responder_table,
 )
-from wsi_pipeline.formats import write_text_atomic
+from wsi_pipeline.formats import read_oof_predictions_csv, read_predictions_csv, write_text_atomic
 from wsi_pipeline.mil.config import SubgroupsConfig
 from wsi_pipeline.mil.model_io import ModelCard, ModelDir
 from wsi_pipeline.mil.report import SUBGROUP_LABELS
@@ -53,8 +53,6 @@ class SubgroupsResult:
 
 
 def _patient_predictions(cfg: SubgroupsConfig, card: ModelCard, mdir: ModelDir, labels_df: Any) -> tuple[Any, str]:
-    import pandas as pd
-
     layout = RunLayout(cfg.run)
     source = cfg.source
     if source == "auto":
@@ -64,13 +62,13 @@ def _patient_predictions(cfg: SubgroupsConfig, card: ModelCard, mdir: ModelDir, 
     if source == "oof":
         if not mdir.oof_csv.exists():
             raise ConfigError(f"{mdir.oof_csv}: missing; re-run `wsi train`")
-        oof = pd.read_csv(mdir.oof_csv, dtype={PATIENT_ID: str})
+        oof = read_oof_predictions_csv(mdir.oof_csv)
         return oof[oof["model"] == card.main_variant].reset_index(drop=True), source
     if source != "predictions":
         raise ConfigError(f"--source {cfg.source!r}: use auto, oof or predictions")
     if not layout.predictions_csv.exists():
         raise ConfigError(f"{layout.predictions_csv}: no predictions; run `wsi predict {cfg.run} --model {cfg.model}`")
-    slides = pd.read_csv(layout.predictions_csv, dtype={SLIDE_ID: str, PATIENT_ID: str})
+    slides = read_predictions_csv(layout.predictions_csv)
     pmap = dict(zip(labels_df.index.astype(str), labels_df[PATIENT_ID].astype(str), strict=True))
     slides[PATIENT_ID] = [pmap.get(s, p) for s, p in zip(slides[SLIDE_ID], slides[PATIENT_ID], strict=True)]
     return patient_frame(slides, specs), source
@@ -100,9 +98,7 @@ def run_subgroups(cfg: SubgroupsConfig) -> SubgroupsResult:
     if card.subgroups.get("target") == resp.name:
         cutoffs = list(card.subgroups["cutoffs"])
     else:  # another binary target: tertiles of its OOF predictions (still fixed on the training folds)
-        import pandas as pd
-
-        oof = pd.read_csv(mdir.oof_csv)
+        oof = read_oof_predictions_csv(mdir.oof_csv)
         p = oof.loc[oof["model"] == card.main_variant, f"{resp.name}_prob"].dropna().to_numpy()
         cutoffs = np.quantile(p, [1 / 3, 2 / 3]).tolist()
     order = list(card.subgroups.get("labels", SUBGROUP_LABELS))

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_pipeline import formats as F
 from wsi_pipeline.errors import LabelsError
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ REGRESSION = "regression"
 SURVIVAL = "survival"
 TARGET_KINDS = (BINARY, MULTICLASS, REGRESSION, SURVIVAL)
 
-SLIDE_ID = "slide_id"
-PATIENT_ID = "patient_id"
+SLIDE_ID = F.SLIDE_ID
+PATIENT_ID = F.PATIENT_ID
 
 _SPEC_RE = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*:\s*([A-Za-z]+)\s*(?:\(([^)]*)\))?\s*$")
 _TRUE = {"1", "1.0", "true", "yes", "y", "t", "positive", "pos"}
@@ -200,28 +201,12 @@ class Labels:
 
 
 def read_labels_table(path: str | Path) -> Any:
-    """The labels CSV as a DataFrame indexed by slide_id (strings), with a patient_id column."""
-    import pandas as pd
-
-    path = Path(path)
-    if not path.exists():
-        raise LabelsError(f"{path}: labels CSV not found")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=["", "NA", "NaN", "nan", "null", "None"])
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise LabelsError(f"{path}: cannot parse CSV ({e})") from e
-    if SLIDE_ID not in df.columns:
-        raise LabelsError(f"{path}: no '{SLIDE_ID}' column (columns: {list(df.columns)}); add one")
-    df[SLIDE_ID] = df[SLIDE_ID].astype(str).str.strip()
-    if df[SLIDE_ID].duplicated().any():
-        dup = df.loc[df[SLIDE_ID].duplicated(), SLIDE_ID].tolist()[:5]
-        raise LabelsError(f"{path}: duplicate slide_id(s) {dup}; one row per slide")
-    if PATIENT_ID not in df.columns:
-        log.info("%s: no patient_id column; every slide is its own patient", path)
-        df[PATIENT_ID] = df[SLIDE_ID]
-    df[PATIENT_ID] = df[PATIENT_ID].fillna(df[SLIDE_ID]).astype(str).str.strip()
-    df.attrs["path"] = str(path)
-    return df.set_index(SLIDE_ID, drop=False)
+    """The labels CSV as text columns (the one parsing rule of :func:`wsi_pipeline.formats.read_labels_csv`),
+    indexed by slide_id (kept as a column too)."""
+    df = F.read_labels_csv(path)
+    out = df.set_index(SLIDE_ID, drop=False)
+    out.attrs["path"] = df.attrs["path"]
+    return out
 
 
 def _is_boolean_vocab(values: Sequence[str]) -> bool:

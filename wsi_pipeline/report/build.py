@@ -16,6 +16,7 @@ from wsi_pipeline.report import sections as S
 from wsi_pipeline.report.config import ReportConfig
 from wsi_pipeline.report.html import Section, esc, page
 from wsi_pipeline.report.inputs import ReportData, evaluation_tables, load_report_data
+from wsi_pipeline.runfolder.executor import Progress, StageSummary
 from wsi_pipeline.runfolder.status import STATUS_FAILED
 
 log = logging.getLogger(__name__)
@@ -94,3 +95,56 @@ def build_report(cfg: ReportConfig) -> ReportResult:
     dt = time.perf_counter() - t0
     log.info("report: %s (%d sections, %.1f s)", out, len(sections), dt)
     return ReportResult(path=out, sections=[s.id for s in sections], notes=notes, seconds=dt)
+
+
+class ReportStage:
+    """``wsi report`` as a cohort stage (:mod:`wsi_pipeline.runfolder.executor`): rebuilt when anything it
+    shows changed — tables, labels, the model, slide outcomes, heatmaps, analyses — or its options."""
+
+    name = "report"
+    component = ""
+
+    def __init__(self, cfg: ReportConfig) -> None:
+        from wsi_pipeline.runfolder.layout import RunLayout
+
+        self.cfg = cfg.validate()
+        self.layout = RunLayout(cfg.run)
+        self.result: ReportResult | None = None
+
+    def key(self) -> str:
+        from dataclasses import asdict
+
+        from wsi_pipeline.formats import params_hash
+        from wsi_pipeline.runfolder.digest import content_digest, folder_digest, stamps, status_digest
+
+        lay = self.layout
+        shown = sorted(lay.root.glob("heatmaps/*/index.json"))
+        for folder in (lay.analysis_dir, lay.root / "subgroups", lay.root / "evaluation"):
+            shown += sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+        return params_hash({
+            "config": asdict(self.cfg), "labels": content_digest(self.cfg.labels),
+            "tables": [content_digest(p) for p in (lay.predictions_csv, lay.patient_predictions_csv, lay.tme_csv)],
+            "predict_config": content_digest(lay.command_config_yaml("predict")),
+            "model": folder_digest(self.cfg.model) if self.cfg.model else "",
+            "status": status_digest(lay.slides_csv), "shown": stamps(shown), "version": __version__})
+
+    def outputs_exist(self) -> bool:
+        return Path(self.cfg.out).exists() if self.cfg.out else self.layout.report_html.exists()
+
+    def process(self, key: str) -> list:
+        self.result = build_report(self.cfg)
+        return []
+
+
+def run_report(cfg: ReportConfig, force: bool = False, progress: Progress | None = None) -> StageSummary:
+    """Build the report unless it is up to date with the same inputs. ``figures``: path, sections."""
+    from wsi_pipeline.runfolder.executor import run_cohort
+
+    stage = ReportStage(cfg)
+    if not stage.layout.root.is_dir():
+        raise ConfigError(f"{stage.layout.root}: RUN folder not found")
+    summary = run_cohort(stage, stage.layout, force=force, progress=progress)
+    summary.figures["path"] = str(Path(cfg.out) if cfg.out else stage.layout.report_html)
+    if stage.result is not None:
+        summary.figures["sections"] = stage.result.sections
+    return summary

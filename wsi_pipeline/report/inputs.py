@@ -12,9 +12,9 @@ a patient's prediction is the mean of its slide predictions, patients taken from
 
 from __future__ import annotations
 
-import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from wsi_pipeline.errors import FormatError, LabelsError
+from wsi_pipeline import formats as F
+from wsi_pipeline.errors import LabelsError
 from wsi_pipeline.mil.targets import (
     BINARY,
     MULTICLASS,
@@ -64,13 +65,9 @@ class ReportData:
         return Path(self.cfg.out) if self.cfg.out else self.layout.report_html
 
 
-def _read_csv(path: Path) -> pd.DataFrame | None:
-    if not path.exists():
-        return None
-    try:
-        return pd.read_csv(path, dtype={SLIDE_ID: str, PATIENT_ID: str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise FormatError(path, f"cannot parse CSV ({e}); re-run the command that wrote it") from e
+def _read_optional(read: Callable[[Path], pd.DataFrame], path: Path) -> pd.DataFrame | None:
+    """A table of the RUN folder through its owner's reader; None when the file does not exist."""
+    return read(path) if path.exists() else None
 
 
 def find_model_dir(cfg: ReportConfig, layout: RunLayout) -> Path | None:
@@ -93,14 +90,11 @@ def find_model_dir(cfg: ReportConfig, layout: RunLayout) -> Path | None:
 def read_card(model_dir: Path | None) -> dict[str, Any] | None:
     if model_dir is None:
         return None
-    path = model_dir / "model.json"
+    path = model_dir / F.MODEL_JSON
     if not path.exists():
         log.warning("%s: no model card; targets are inferred from predictions.csv", path)
         return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(path, f"unreadable model card ({e})") from e
+    return F.read_model_json(path)
 
 
 def _binary_classes(preds: pd.DataFrame | None, name: str) -> list[str]:
@@ -143,9 +137,9 @@ def infer_targets(predictions: pd.DataFrame, labels: pd.DataFrame | None) -> lis
 def load_report_data(cfg: ReportConfig) -> ReportData:
     layout = RunLayout(cfg.run)
     data = ReportData(cfg=cfg, layout=layout, status=read_status(layout.slides_csv))
-    data.predictions = _read_csv(layout.predictions_csv)
-    data.patient_predictions = _read_csv(layout.patient_predictions_csv)
-    data.tme = _read_csv(layout.tme_csv)
+    data.predictions = _read_optional(F.read_predictions_csv, layout.predictions_csv)
+    data.patient_predictions = _read_optional(F.read_patient_predictions_csv, layout.patient_predictions_csv)
+    data.tme = _read_optional(F.read_tme_csv, layout.tme_csv)
     if cfg.labels:
         data.labels = read_labels_table(cfg.labels)
     data.model_dir = find_model_dir(cfg, layout)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from wsi_pipeline import formats as F
-from wsi_pipeline.errors import SlideError, WSIPipelineError
+from wsi_pipeline.errors import SlideError
 from wsi_pipeline.review import raster as R
 from wsi_pipeline.review.config import HeatmapConfig
 from wsi_pipeline.review.scores import (
@@ -26,6 +25,7 @@ from wsi_pipeline.review.scores import (
     scored_slide_ids,
     slide_paths_from_status,
 )
+from wsi_pipeline.runfolder.executor import Progress, SlideItem, SlideOutcome, StageSummary, run_per_slide
 from wsi_pipeline.runfolder.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -40,17 +40,6 @@ class HeatmapResult:
     skipped: bool = False
     seconds: float = 0.0
     index: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class HeatmapSummary:
-    done: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
 
 
 # ---------------------------------------------------------------- slide access
@@ -100,8 +89,13 @@ def tissue_outlines(layout: RunLayout, sc: SlideScores, l0_per_px: tuple[float, 
 
 # ---------------------------------------------------------------- one slide
 def resume_key(layout: RunLayout, sc_paths: tuple[Path, Path], model: str, cfg: HeatmapConfig) -> str:
-    stamps = {str(p.name): [p.stat().st_size, p.stat().st_mtime_ns] for p in sc_paths}
-    return F.params_hash({**cfg.params(), "model": model, "inputs": stamps})
+    """The options, the model, and the tiles and scores files: by their own resume keys where they have one
+    (a re-predicted slide with unchanged scores keeps its heatmaps), else by size and modification time."""
+    inputs = {}
+    for p in sc_paths:
+        stamp = F.read_h5_attrs(p).get(F.A_PARAMS_HASH) or [p.stat().st_size, p.stat().st_mtime_ns]
+        inputs[p.name] = stamp
+    return F.params_hash({**cfg.params(), "model": model, "inputs": inputs})
 
 
 def is_done(layout: RunLayout, slide_id: str, key: str) -> bool:
@@ -122,20 +116,30 @@ def heatmap_slide(
     slide_paths: dict[str, str] | None = None,
 ) -> HeatmapResult:
     """All review outputs of one slide; skipped when ``index.json`` says they are up to date."""
-    from wsi_pipeline.review import render
-    from wsi_pipeline.review.export import export_slide_geojson, measurement_name
-    from wsi_pipeline.review.zarr_io import write_heatmap_zarr
-
-    t0 = time.perf_counter()
     cfg.validate()
     layout = RunLayout(run_root)
     model = model or resolve_model_name(layout, cfg.model)
-    key = resume_key(layout, (layout.tiles_h5(slide_id), layout.scores_h5(model, slide_id)), model, cfg) \
-        if layout.scores_h5(model, slide_id).exists() and layout.tiles_h5(slide_id).exists() else ""
+    key = slide_key(layout, slide_id, model, cfg)
     if key and not cfg.force and is_done(layout, slide_id, key):
         index = json.loads(layout.heatmap_index_json(slide_id).read_text())
         return HeatmapResult(slide_id, int(index.get("n_tiles", 0)), skipped=True, index=index)
+    return render_slide(layout, slide_id, model, cfg, key, slide_paths)
 
+
+def slide_key(layout: RunLayout, slide_id: str, model: str, cfg: HeatmapConfig) -> str:
+    """The resume key of one slide's heatmaps ('' when its tiles or scores are missing)."""
+    tiles, scores = layout.tiles_h5(slide_id), layout.scores_h5(model, slide_id)
+    return resume_key(layout, (tiles, scores), model, cfg) if scores.exists() and tiles.exists() else ""
+
+
+def render_slide(layout: RunLayout, slide_id: str, model: str, cfg: HeatmapConfig, key: str,
+                 slide_paths: dict[str, str] | None = None) -> HeatmapResult:
+    """Write every review output of one slide, ``index.json`` (stamped with ``key``) last."""
+    from wsi_pipeline.review import render
+    from wsi_pipeline.review.qupath import export_slide_geojson, measurement_name
+    from wsi_pipeline.review.zarr_io import write_heatmap_zarr
+
+    t0 = time.perf_counter()
     sc = load_slide_scores(layout, slide_id, model, cfg.targets, attention=cfg.attention,
                            slide_paths=slide_paths if slide_paths is not None else slide_paths_from_status(layout))
     grid = R.grid_for_tiles(sc.l0_xy, sc.tile_size_l0, sc.level0_size, cfg.max_cells)
@@ -225,50 +229,40 @@ def _galleries(layout: RunLayout, sc: SlideScores, slide: Any, key: str, label: 
 
 
 # ---------------------------------------------------------------- a RUN folder
+class HeatmapStage:
+    """Heatmaps as a per-slide stage (:mod:`wsi_pipeline.runfolder.executor`), one component per model."""
+
+    name = STAGE
+
+    def __init__(self, layout: RunLayout, model: str, cfg: HeatmapConfig, slide_paths: dict[str, str]) -> None:
+        self.layout, self.component, self.cfg, self.slide_paths = layout, model, cfg, slide_paths
+
+    def key(self, item: SlideItem) -> str:
+        return slide_key(self.layout, item.slide_id, self.component, self.cfg)
+
+    def done(self, item: SlideItem, key: str) -> SlideOutcome | None:
+        if not key or not is_done(self.layout, item.slide_id, key):
+            return None
+        index = json.loads(self.layout.heatmap_index_json(item.slide_id).read_text())
+        return SlideOutcome(item.slide_id, n_tiles=int(index.get("n_tiles", 0)))
+
+    def process(self, item: SlideItem, key: str) -> SlideOutcome:
+        res = render_slide(self.layout, item.slide_id, self.component, self.cfg, key, self.slide_paths)
+        return SlideOutcome(item.slide_id, n_tiles=res.n_tiles, seconds=res.seconds)
+
+
 def run_heatmaps(
     run_root: str | Path,
     cfg: HeatmapConfig,
     slide_ids: list[str] | None = None,
-    on_slide: Callable[[HeatmapResult | None, str, str | None], None] | None = None,
-) -> HeatmapSummary:
+    progress: Progress | None = None,
+) -> StageSummary:
     """Heatmaps for every slide with scores of the model (or ``slide_ids``); failures are recorded in
-    RUN/slides.csv (stage "heatmap") and the batch goes on. ``on_slide(result, slide_id, error)`` reports."""
-    from wsi_pipeline.runfolder.status import STATUS_DONE, STATUS_FAILED, STATUS_SKIPPED, SlideStatus, update_status
-
+    RUN/slides.csv (stage "heatmap", component = the model) and the batch goes on."""
     cfg.validate()
     layout = RunLayout(run_root)
     model = resolve_model_name(layout, cfg.model)
     paths = slide_paths_from_status(layout)
-    recorded = _recorded_slides(layout, model)  # read once: slides.csv grows with the batch
-    summary = HeatmapSummary()
-    for sid in slide_ids or scored_slide_ids(layout, model):
-        t0 = time.perf_counter()
-        try:
-            res = heatmap_slide(run_root, sid, cfg, model=model, slide_paths=paths)
-        except (WSIPipelineError, OSError, ValueError) as e:
-            log.error("%s: heatmap failed: %s", sid, e)
-            summary.failed.append((sid, str(e)))
-            update_status(layout.slides_csv, SlideStatus(
-                sid, STAGE, path=paths.get(sid, ""), component=model, status=STATUS_FAILED, error=str(e),
-                error_type=type(e).__name__, seconds=round(time.perf_counter() - t0, 2)))
-            if on_slide:
-                on_slide(None, sid, str(e))
-            continue
-        (summary.skipped if res.skipped else summary.done).append(sid)
-        if not res.skipped:
-            update_status(layout.slides_csv, SlideStatus(
-                sid, STAGE, path=paths.get(sid, ""), component=model, status=STATUS_DONE, n_tiles=res.n_tiles,
-                seconds=round(res.seconds, 2)))
-        elif sid not in recorded:
-            update_status(layout.slides_csv, SlideStatus(sid, STAGE, path=paths.get(sid, ""), component=model,
-                                                         status=STATUS_SKIPPED, n_tiles=res.n_tiles))
-        if on_slide:
-            on_slide(res, sid, None)
-    return summary
-
-
-def _recorded_slides(layout: RunLayout, model: str) -> set[str]:
-    """Slides that already have a heatmap row for ``model`` in RUN/slides.csv."""
-    from wsi_pipeline.runfolder.status import read_status
-
-    return {r.slide_id for r in read_status(layout.slides_csv) if r.stage == STAGE and r.component == model}
+    items = [SlideItem(sid, paths.get(sid, "")) for sid in slide_ids or scored_slide_ids(layout, model)]
+    return run_per_slide(HeatmapStage(layout, model, cfg, paths), items, layout, workers=0, force=cfg.force,
+                         progress=progress)

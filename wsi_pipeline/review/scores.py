@@ -7,7 +7,6 @@ per class (``immune_phenotype.inflamed``) plus a per-tile top class; attention m
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from dataclasses import dataclass, field
@@ -17,7 +16,15 @@ from typing import Any
 import numpy as np
 
 from wsi_pipeline.errors import ConfigError, FormatError, TilesNotFoundError
-from wsi_pipeline.formats import A_CLASS_NAMES, A_SLIDE_PATH, A_TARGETS, read_scores_h5, read_tiles_h5
+from wsi_pipeline.formats import (
+    A_CLASS_NAMES,
+    A_SLIDE_PATH,
+    A_TARGETS,
+    read_predictions_csv,
+    read_scores_h5,
+    read_slides_csv,
+    read_tiles_h5,
+)
 from wsi_pipeline.runfolder.layout import RunLayout, safe_name
 
 log = logging.getLogger(__name__)
@@ -97,13 +104,9 @@ def resolve_model_name(layout: RunLayout, model: str | Path | None) -> str:
 def slide_paths_from_status(layout: RunLayout) -> dict[str, str]:
     """slide_id → slide path from RUN/slides.csv (the tiling stage's row wins)."""
     out: dict[str, str] = {}
-    if not layout.slides_csv.exists():
-        return out
-    with open(layout.slides_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in sorted(rows, key=lambda r: r.get("stage") == "tile"):  # "tile" rows last → they win
-        if r.get("slide_id") and r.get("path"):
-            out[r["slide_id"]] = r["path"]
+    for r in sorted(read_slides_csv(layout.slides_csv), key=lambda r: r.stage == "tile"):  # "tile" rows win
+        if r.slide_id and r.path:
+            out[r.slide_id] = r.path
     return out
 
 
@@ -111,8 +114,8 @@ def read_predictions(layout: RunLayout) -> dict[str, dict[str, str]]:
     """slide_id → row of RUN/predictions.csv (strings), {} when there is none."""
     if not layout.predictions_csv.exists():
         return {}
-    with open(layout.predictions_csv, newline="") as f:
-        return {r["slide_id"]: r for r in csv.DictReader(f) if r.get("slide_id")}
+    rows = read_predictions_csv(layout.predictions_csv, text=True).to_dict("records")
+    return {r["slide_id"]: r for r in rows if r["slide_id"]}
 
 
 def scored_slide_ids(layout: RunLayout, model: str) -> list[str]:

@@ -4,8 +4,6 @@ viewer screenshot; the scores mean nothing clinically."""
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +54,7 @@ def build_scored_run(
     replaces the default response pattern; ``hot`` then sets the response of chosen tiles."""
     from wsi_pipeline.config import TilingConfig
     from wsi_pipeline.runfolder.status import SlideStatus, update_status
-    from wsi_pipeline.tiling.runner import tile_slide
+    from wsi_pipeline.tiling.stage import tile_slide
 
     layout = RunLayout(root)
     cfg = tiling if tiling is not None else TilingConfig()
@@ -90,14 +88,12 @@ def _append_prediction(layout: RunLayout, slide_id: str, scores: dict[str, np.nd
         row[f"immune_phenotype_prob_{name}"] = round(float(p), 4)
     row["immune_phenotype_pred"] = PHENOTYPES[int(np.argmax(probs))]
     row["til_fraction_pred"] = round(float(np.mean(scores["til_fraction"])), 4)
+    import pandas as pd
+
     rows: dict[str, dict[str, object]] = {}
     if layout.predictions_csv.exists():
-        with open(layout.predictions_csv, newline="") as f:
-            rows = {r["slide_id"]: r for r in csv.DictReader(f)}
+        old = F.read_predictions_csv(layout.predictions_csv, text=True).to_dict("records")
+        rows = {str(r["slide_id"]): r for r in old}
     rows[slide_id] = row
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(row))
-    w.writeheader()
-    for sid in sorted(rows):
-        w.writerow({k: rows[sid].get(k, "") for k in row})
-    F.write_text_atomic(layout.predictions_csv, buf.getvalue())
+    table = pd.DataFrame([rows[sid] for sid in sorted(rows)], columns=list(row))
+    F.write_predictions_csv(layout.predictions_csv, table)

@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from wsi_pipeline import formats as F
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
@@ -31,23 +33,28 @@ class RunLayout:
 
     @property
     def slides_csv(self) -> Path:
-        return self.root / "slides.csv"
+        return self.root / F.SLIDES_CSV
 
     @property
     def predictions_csv(self) -> Path:
-        return self.root / "predictions.csv"
+        return self.root / F.PREDICTIONS_CSV
 
     @property
     def patient_predictions_csv(self) -> Path:
-        return self.root / "patient_predictions.csv"
+        return self.root / F.PATIENT_PREDICTIONS_CSV
 
     @property
     def tme_csv(self) -> Path:
-        return self.root / "tme.csv"
+        return self.root / F.TME_CSV
 
     @property
     def report_html(self) -> Path:
         return self.root / "report.html"
+
+    def stage_record_json(self, stage: str, component: str = "") -> Path:
+        """The record of a cohort stage's last run (its resume key): ``stages/<stage>[--<component>].json``."""
+        name = f"{stage}--{safe_name(component)}" if component else stage
+        return self.root / "stages" / f"{name}.json"
 
     @property
     def lock_file(self) -> Path:
@@ -95,6 +102,10 @@ class RunLayout:
 
     def tme_h5(self, slide_id: str) -> Path:
         return self.tme_dir / f"{slide_id}.h5"
+
+    def tme_record_json(self, slide_id: str) -> Path:
+        """The TME stage's per-slide record (resume key + the slide's tme.csv row), written last."""
+        return self.tme_dir / f"{slide_id}.json"
 
     def tme_map_png(self, slide_id: str) -> Path:
         return self.tme_dir / f"{slide_id}_classmap.png"

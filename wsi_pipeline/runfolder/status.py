@@ -1,41 +1,31 @@
-"""RUN/slides.csv: one row per (slide, stage) with status, error, figures. Safe under concurrent writers
-(processes of one machine and ranks on a shared file system) through an exclusive lock file."""
+"""RUN/slides.csv: one row per (slide, stage, component) with status, error, figures. Safe under concurrent
+writers (processes of one machine and ranks on a shared file system) through an exclusive lock file.
+
+The file format (columns, the :class:`SlideStatus` row, reading and writing) is owned by
+:mod:`wsi_pipeline.formats.tables`; this module keeps the locking and the update rules."""
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import fcntl
-import io
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from wsi_pipeline.formats import write_text_atomic
+from wsi_pipeline.formats import (
+    SLIDES_COLUMNS,
+    STATUS_DONE,
+    STATUS_FAILED,
+    STATUS_SKIPPED,
+    SlideStatus,
+    read_slides_csv,
+    write_slides_csv,
+)
 
-STATUS_DONE = "done"
-STATUS_FAILED = "failed"
-STATUS_SKIPPED = "skipped"  # done earlier with the same parameters
+__all__ = ["COLUMNS", "STATUS_DONE", "STATUS_FAILED", "STATUS_SKIPPED", "SlideStatus", "failed", "read_status",
+           "update_status"]
 
-
-@dataclass
-class SlideStatus:
-    slide_id: str
-    stage: str
-    path: str = ""
-    status: str = STATUS_DONE
-    error: str = ""
-    error_type: str = ""
-    n_tiles: int | str = ""
-    slide_mpp: float | str = ""
-    seconds: float | str = ""
-    updated: str = ""
-    component: str = ""  # what the row is about within its stage: the encoder of "extract", the model of "heatmap"
-
-
-_FIELDS = [f.name for f in fields(SlideStatus)]
-COLUMNS = ["slide_id", "stage", "component"] + [c for c in _FIELDS if c not in ("slide_id", "stage", "component")]
+COLUMNS = list(SLIDES_COLUMNS)
 
 
 def _key(r: SlideStatus) -> tuple[str, str, str]:
@@ -54,14 +44,8 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def read_status(path: str | Path) -> list[SlideStatus]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            rows.append(SlideStatus(**{k: r.get(k, "") or "" for k in COLUMNS}))
-    return rows
+    """Every row of the status table; [] when there is none yet."""
+    return read_slides_csv(path)
 
 
 def update_status(path: str | Path, *records: SlideStatus) -> None:
@@ -81,12 +65,7 @@ def update_status(path: str | Path, *records: SlideStatus) -> None:
             changed = True
         if not changed:
             return
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=COLUMNS)
-        w.writeheader()
-        for key in sorted(table):
-            w.writerow(asdict(table[key]))
-        write_text_atomic(path, buf.getvalue())
+        write_slides_csv(path, [table[key] for key in sorted(table)])
 
 
 def _same(a: SlideStatus, b: SlideStatus) -> bool:

@@ -2,15 +2,15 @@
 
 Protocol (documented in the report it returns):
 
-* split: :func:`wsi_pipeline.ssl.data.source_split` — by source image parsed from file names (classes with
-  fewer than ``min_sources`` sources, or names without a source, by tile), seeded; ``--inner-split-seed``
+* split: :func:`wsi_pipeline.tiles.split.source_split` — by source image parsed from file names (classes
+  with fewer than ``min_sources`` sources, or names without a source, by tile), seeded; ``--inner-split-seed``
   evaluates on a second split of the training side instead (model selection that leaves the held-out
   sources for the final figure);
-* scale: a tile at folder MPP ``m`` is resized by ``m / e`` to the encoder's MPP ``e`` and fed **at that
-  size** to encoders that accept any size (CNNs with global pooling, ViTs built with
-  ``dynamic_img_size``); encoders with a fixed input are fed a centre crop (tile larger than
-  ``input_size``) or a white-padded tile (smaller) of ``input_size`` px — never a rescaled one, so the
-  physical scale is always the encoder's;
+* scale: :mod:`wsi_pipeline.tiles.transform` — a tile at folder MPP ``m`` is resized by ``m / e`` to the
+  encoder's MPP ``e`` and fed **at that size** to encoders that accept any size (CNNs with global pooling,
+  ViTs built with ``dynamic_img_size``); encoders with a fixed input are fed a centre crop (tile larger
+  than ``input_size``) or a reflect-padded tile (smaller) of ``input_size`` px (a tile within 5 % of it is
+  resized to it), so the physical scale is the encoder's — the rule ``wsi tissue-train`` and ``wsi tme`` use;
 * k-NN: k = 20 nearest training tiles by cosine similarity, **weighted** vote with weights
   exp(cos / 0.07) (the DINO protocol); linear probe: multinomial logistic regression (L2, C = 1) on
   features standardised with the training mean/std;
@@ -34,7 +34,10 @@ import numpy as np
 
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.ssl.config import EvalConfig
-from wsi_pipeline.ssl.data import LabelledTiles, load_labelled_folder, read_rgb, source_split
+from wsi_pipeline.tiles.embed import embed_tiles
+from wsi_pipeline.tiles.folders import LabelledTiles, load_labelled_folder, read_rgb
+from wsi_pipeline.tiles.split import source_split
+from wsi_pipeline.tiles.transform import FIT_NATIVE, choose_fit, encoder_inputs
 
 if TYPE_CHECKING:
     from wsi_pipeline.encoders.base import Encoder
@@ -44,76 +47,6 @@ log = logging.getLogger(__name__)
 KNN_TEMPERATURE = 0.07
 HIST_BINS = 16
 BOOTSTRAP_ROUNDS = 1000  # source-bootstrap rounds for the 95 % intervals
-
-
-# ---------------------------------------------------------------- scale
-def accepts_any_size(encoder: Encoder) -> bool:
-    """CNN trunks, and ViTs built with ``dynamic_img_size=True``, take inputs of any size."""
-    trunk = encoder.trunk
-    pe = getattr(trunk, "patch_embed", None)
-    if pe is not None:
-        return bool(getattr(trunk, "dynamic_img_size", False) or getattr(pe, "dynamic_img_size", False))
-    return encoder.is_cnn
-
-
-def rescale_tile(img: np.ndarray, data_mpp: float, encoder_mpp: float) -> np.ndarray:
-    """Resize by ``data_mpp / encoder_mpp`` (e.g. 150 px @0.495 → 148 px @0.5)."""
-    from wsi_pipeline.slide.base import resize_rgb
-
-    f = data_mpp / encoder_mpp
-    h, w = img.shape[:2]
-    nw, nh = max(1, round(w * f)), max(1, round(h * f))
-    return resize_rgb(img, (nw, nh))
-
-
-def fit_to_size(img: np.ndarray, size: int) -> np.ndarray:
-    """Centre crop to ``size`` where larger, pad with white where smaller (scale unchanged)."""
-    h, w = img.shape[:2]
-    y0, x0 = max(0, (h - size) // 2), max(0, (w - size) // 2)
-    img = img[y0 : y0 + size, x0 : x0 + size]
-    h, w = img.shape[:2]
-    if (h, w) == (size, size):
-        return img
-    out = np.full((size, size, 3), 255, np.uint8)
-    py, px = (size - h) // 2, (size - w) // 2
-    out[py : py + h, px : px + w] = img
-    return out
-
-
-def prepare_tiles(images: Sequence[np.ndarray], data_mpp: float, encoder: Encoder) -> list[np.ndarray]:
-    out = [rescale_tile(im, data_mpp, encoder.meta.mpp) for im in images]
-    if not accepts_any_size(encoder):
-        out = [fit_to_size(im, encoder.meta.input_size) for im in out]
-    return out
-
-
-def embed_at_scale(encoder: Encoder, tiles: Sequence[np.ndarray], batch_size: int = 64, precision: str = "bf16",
-                   device: str = "cpu") -> np.ndarray:
-    """Embed uint8 HWC tiles *at their own size* (grouped by size; normalised with the encoder's mean/std)."""
-    import torch
-
-    from wsi_pipeline.encoders.base import autocast, prepare_for_inference, resolve_device
-
-    dev = resolve_device(device)
-    enc = prepare_for_inference(encoder, dev)
-    mean = torch.tensor(enc.meta.mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(enc.meta.std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-    out = np.empty((len(tiles), enc.embed_dim), np.float32)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, t in enumerate(tiles):
-        by_shape.setdefault(t.shape, []).append(i)
-    with torch.inference_mode():
-        for idx in by_shape.values():
-            for s in range(0, len(idx), batch_size):
-                chunk = idx[s : s + batch_size]
-                x = torch.from_numpy(np.stack([tiles[i] for i in chunk])).to(dev)
-                x = (x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
-                if enc.is_cnn:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(dev, precision):
-                    y = enc(x)
-                out[chunk] = y.float().cpu().numpy()
-    return out
 
 
 # ---------------------------------------------------------------- probes
@@ -303,12 +236,13 @@ def evaluate_encoder(cfg: EvalConfig) -> dict[str, Any]:
     encoder = create_encoder(cfg.encoder, cfg.weights, device="cpu")
     name = cfg.encoder or encoder.meta.name
     images = _load_images(tiles)
-    tiles_in = prepare_tiles(images, cfg.data_mpp, encoder)
+    fit = choose_fit(encoder)
+    tiles_in = encoder_inputs(images, cfg.data_mpp, encoder, fit)
     log.info("eval-encoder: %d tiles (%d train / %d test), %s at %.3g µm/px, tiles %s px", len(tiles),
              (~is_test).sum(), is_test.sum(), encoder.meta.name, encoder.meta.mpp,
              sorted({t.shape[0] for t in tiles_in})[:3])
     labels = tiles.labels
-    feats = embed_at_scale(encoder, tiles_in, cfg.batch_size, cfg.precision, cfg.device)
+    feats = embed_tiles(encoder, tiles_in, cfg.batch_size, cfg.precision, cfg.device)
     report: dict[str, Any] = {
         "encoder": encoder.meta.name,
         "arch": encoder.meta.arch,
@@ -316,7 +250,8 @@ def evaluate_encoder(cfg: EvalConfig) -> dict[str, Any]:
         "data": str(cfg.data),
         "data_mpp": cfg.data_mpp,
         "tile_px_fed": sorted({int(t.shape[0]) for t in tiles_in}),
-        "fed_at": "rescaled tile size" if accepts_any_size(encoder) else f"centre crop/pad to {encoder.meta.input_size}",
+        "fed_at": ("rescaled tile size" if fit == FIT_NATIVE
+                   else f"centre crop/reflect-pad to {encoder.meta.input_size}"),
         "stain_norm": encoder.meta.extra.get("stain_norm"),  # part of the encoder: the random-init baseline has it too
         "classes": list(tiles.class_names),
         "n_train": int((~is_test).sum()),
@@ -331,7 +266,7 @@ def evaluate_encoder(cfg: EvalConfig) -> dict[str, Any]:
     rknn = rlin = None
     if cfg.random_init:
         rnd = random_init_like(name, encoder, cfg.seed)
-        rfeats = embed_at_scale(rnd, tiles_in, cfg.batch_size, cfg.precision, cfg.device)
+        rfeats = embed_tiles(rnd, tiles_in, cfg.batch_size, cfg.precision, cfg.device)
         rknn, rlin = probe_predictions(rfeats, labels, is_test, n_classes, cfg.k, cfg.seed)
         r = prediction_scores(y_te, rknn, rlin, tiles.class_names)
         report["random_init_knn_balanced_accuracy"] = r["knn_balanced_accuracy"]

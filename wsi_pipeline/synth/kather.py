@@ -55,8 +55,8 @@ class KatherDataError(WSIPipelineError):
 
 def parse_source(file_name: str) -> str:
     """Source-image id of a kather16 tile name, e.g. ``CRC-Prim-HE-07_022`` (the name pattern of
-    :data:`wsi_pipeline.ssl.data.KATHER_NAME`, which the source split uses too)."""
-    from wsi_pipeline.ssl.data import KATHER_NAME
+    :data:`wsi_pipeline.tiles.folders.KATHER_NAME`, which the source split uses too)."""
+    from wsi_pipeline.tiles.folders import KATHER_NAME
 
     m = KATHER_NAME.match(Path(file_name).name)
     if not m:
@@ -92,13 +92,14 @@ def split_kather_by_source(kather_dir: str | Path, test_fraction: float = 0.3, s
                            min_sources: int = 8) -> Any:
     """Every tile with its side of the kather16 train/test split (column ``split``: ``train``/``test``).
 
-    This is :func:`wsi_pipeline.ssl.data.source_split` — the one split of the project, used to pretrain
+    This is :func:`wsi_pipeline.tiles.split.source_split` — the one split of the project, used to pretrain
     the demo encoder and to fit the shipped tissue classifier (seed 0, test fraction 0.3) — presented as
     a table. Classes with ≥ ``min_sources`` source images are split by source image (a source is on one
     side for all of them); the others (on kather16: :data:`SPLIT_BY_TILE_CLASSES`) tile by tile. Column
     ``split_unit`` says which rule applied (``source`` or ``tile``).
     """
-    from wsi_pipeline.ssl.data import LabelledTiles, source_split
+    from wsi_pipeline.tiles.folders import LabelledTiles
+    from wsi_pipeline.tiles.split import source_split
 
     tiles = list_kather_tiles(kather_dir)
     class_index = {c: i for i, c in enumerate(KATHER_CLASSES)}

@@ -32,7 +32,7 @@ def mask_polygons(
     mask: np.ndarray, mask_l0_per_px: tuple[float, float], tolerance: float = 1.0
 ) -> list[list[Ring]]:
     """One polygon per connected tissue component: [exterior, hole, hole, ...] as level-0 (x, y) rings
-    (orientation and closing are normalised by :mod:`wsi_pipeline.qupath` when written)."""
+    (orientation and closing are normalised by :mod:`wsi_pipeline.formats.geojson` when written)."""
     from scipy import ndimage as ndi
 
     labels, _ = ndi.label(mask)

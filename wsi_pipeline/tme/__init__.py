@@ -7,10 +7,10 @@ Modules
 * ``config``: :class:`~wsi_pipeline.tme.config.TMEConfig` (class roles, spatial parameters, rules),
   :class:`~wsi_pipeline.tme.config.TissueTrainConfig`.
 * ``classifier``: the classifier folder (``classifier.json`` + ``model.safetensors``), fitting, scale check.
-* ``embed``: embedding tiles at the classifier's µm/px (resize by scale only; never stretch a tile).
+  Tiles are embedded at the classifier's µm/px by :mod:`wsi_pipeline.tiles` (resize by scale only).
 * ``spatial``: tile grid, tumour region, peri-tumoural band, per-slide metrics (pure).
 * ``rules``: the immune-phenotype rule table (pure).
-* ``render``: class-map PNG and QuPath GeoJSON (via :mod:`wsi_pipeline.qupath`).
+* ``render``: class-map PNG and QuPath GeoJSON (colours: :mod:`wsi_pipeline.tiles.palette`).
 
 Outputs of ``wsi tme RUN``
 --------------------------
@@ -29,6 +29,7 @@ Using the read-out downstream
 ``tme.csv`` is keyed by ``slide_id``. ``wsi report`` and the analyses (``wsi predictive``,
 ``wsi evolution``) read it from the RUN folder. For ``wsi train`` (TME columns as targets or covariates),
 join it to the labels: ``wsi tme RUN --labels labels.csv`` writes ``RUN/labels_with_tme.csv`` (every label
-row, plus ``tme_<column>``), or in Python ``labels.merge(pd.read_csv("RUN/tme.csv").add_prefix("tme_")
-.rename(columns={"tme_slide_id": "slide_id"}), on="slide_id", how="left")``.
+row, plus ``tme_<column>``), or in Python ``labels.merge(F.read_tme_csv("RUN/tme.csv").add_prefix("tme_")
+.rename(columns={"tme_slide_id": "slide_id"}), on="slide_id", how="left")`` with
+``from wsi_pipeline import formats as F`` (the reader keeps ``slide_id`` as text).
 """

@@ -14,7 +14,6 @@ Physical scale is part of the model: :meth:`TissueClassifier.check_scale` refuse
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,19 +22,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsi_pipeline.errors import ConfigError, FormatError, ScaleMismatchError, WeightsError
+from wsi_pipeline import formats as F
+from wsi_pipeline.errors import ConfigError, ScaleMismatchError, WeightsError
 
 if TYPE_CHECKING:
     from torch import nn
 
 log = logging.getLogger(__name__)
 
-CLASSIFIER_JSON = "classifier.json"
+CLASSIFIER_JSON = F.CLASSIFIER_JSON
 WEIGHTS_FILE = "model.safetensors"
-CLASSIFIER_FORMAT_VERSION = 1
+CLASSIFIER_FORMAT_VERSION = F.CLASSIFIER_JSON_VERSION
 DEFAULT_CLASSIFIER = "wsip-tissue-kather16"  # shipped under models/
 HEADS = ("linear", "mlp")
-_REQUIRED = ("class_names", "encoder", "embed_dim", "mpp", "head")
 
 
 @dataclass
@@ -48,7 +47,7 @@ class TissueClassifier:
     hidden: int = 256
     tile_um: float = 0.0  # field of view of one training tile (µm), informative
     input_size: int = 0  # encoder input size (px)
-    fit: str = ""  # how training tiles met the encoder input: resize | pad-reflect | crop
+    fit: str = ""  # how training tiles met the encoder input: native | pad (wsi_pipeline.tiles.transform)
     encoder_weights_sha256: str = ""
     state: dict[str, np.ndarray] = field(default_factory=dict)  # feat_mean, feat_std, head.* weights
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -132,14 +131,12 @@ class TissueClassifier:
         """Write ``classifier.json`` + ``model.safetensors`` into ``out_dir`` (atomic per file)."""
         from safetensors.numpy import save_file
 
-        from wsi_pipeline.formats import atomic_path, write_text_atomic
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.state.items()}
-        with atomic_path(out / WEIGHTS_FILE) as tmp:
+        with F.atomic_path(out / WEIGHTS_FILE) as tmp:
             save_file(tensors, str(tmp), metadata={"encoder": self.encoder, "mpp": f"{self.mpp:g}"})
-        write_text_atomic(out / CLASSIFIER_JSON, json.dumps(self.to_json(), indent=2) + "\n")
+        F.write_classifier_json(out / CLASSIFIER_JSON, self.to_json())
         self.path = str(out)
         return out
 
@@ -183,16 +180,7 @@ def load_classifier(name_or_path: str | Path | None = None) -> TissueClassifier:
 
     folder = resolve_classifier(name_or_path)
     jpath = folder / CLASSIFIER_JSON
-    try:
-        meta = json.loads(jpath.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(jpath, f"not valid JSON ({e}); re-run `wsi tissue-train`") from e
-    missing = [k for k in _REQUIRED if k not in meta]
-    if missing:
-        raise FormatError(jpath, f"missing keys {missing}; re-run `wsi tissue-train`")
-    if int(meta.get("format_version", 1)) > CLASSIFIER_FORMAT_VERSION:
-        raise FormatError(jpath, f"format_version {meta['format_version']} is newer than this wsi-pipeline "
-                                 f"understands ({CLASSIFIER_FORMAT_VERSION}); upgrade wsi-pipeline")
+    meta = F.read_classifier_json(jpath)
     wpath = folder / WEIGHTS_FILE
     try:
         state = load_file(str(wpath))

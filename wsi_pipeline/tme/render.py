@@ -7,27 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_pipeline.tiles.palette import class_colours
 from wsi_pipeline.tme.spatial import class_column
-
-# fixed colours for the kather16 classes (keys are class_column() names); others get qupath.class_color
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "tumor": (220, 20, 40),
-    "tumour": (220, 20, 40),
-    "stroma": (0, 175, 175),
-    "complex": (250, 150, 20),
-    "lympho": (30, 30, 230),
-    "lymphocytes": (30, 30, 230),
-    "debris": (110, 60, 20),
-    "mucosa": (150, 220, 40),
-    "adipose": (255, 240, 0),
-    "empty": (170, 170, 170),
-}
-
-
-def class_colours(class_names: Sequence[str]) -> dict[str, tuple[int, int, int]]:
-    from wsi_pipeline.qupath import class_color
-
-    return {c: PALETTE.get(class_column(c), class_color(c)) for c in class_names}
 
 
 def class_map_png(
@@ -120,7 +101,7 @@ def classified_tiles_geojson(
 ) -> Path:
     """QuPath detections, one square per tile, classified by its top class; measurements are the class
     probabilities (``p_<class>``) plus ``extra`` per-tile values (compartments, distances)."""
-    from wsi_pipeline.qupath import tile_polygons_feature_collection, write_geojson
+    from wsi_pipeline.formats.geojson import tile_polygons_feature_collection, write_geojson
 
     labels = np.asarray(probs).argmax(axis=1)
     meas = {f"p_{class_column(c)}": probs[:, i] for i, c in enumerate(class_names)}

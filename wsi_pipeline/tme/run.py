@@ -5,7 +5,7 @@ Per slide (tiles from ``RUN/tiles/<slide_id>.h5``):
 1. **features** at the classifier's µm/px: ``RUN/features/<encoder>/<slide_id>.h5`` when it was made by the
    classifier's encoder (same weights checksum) at the same µm/px (``target_mpp × tile_size / input_size``
    within ``mpp_tolerance``); otherwise each tile's own level-0 extent is read from the slide at the
-   classifier's µm/px and embedded exactly as the training tiles were (:mod:`wsi_pipeline.tme.embed`).
+   classifier's µm/px and embedded exactly as the training tiles were (:mod:`wsi_pipeline.tiles.transform`).
 2. **probabilities** → ``RUN/tme/<slide_id>.h5`` (``coords`` + ``probs`` N×C, aligned with the tiles file;
    resumable: kept while classifier, encoder and tiles are unchanged).
 3. **metrics** on the tile grid (:mod:`wsi_pipeline.tme.spatial`) and the **immune phenotype**
@@ -20,8 +20,6 @@ covariates in ``wsi train``.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +28,7 @@ import numpy as np
 
 from wsi_pipeline import formats as F
 from wsi_pipeline.errors import ConfigError, ScaleMismatchError, TilesNotFoundError
+from wsi_pipeline.runfolder.executor import Progress, SlideItem, SlideOutcome, StageSummary, run_per_slide
 from wsi_pipeline.runfolder.layout import RunLayout
 from wsi_pipeline.tme.classifier import TissueClassifier
 from wsi_pipeline.tme.config import FOOTPRINT_AUTO_RATIO, TMEConfig
@@ -90,10 +89,11 @@ def embed_slide_tiles(
 ) -> np.ndarray:
     """Read each tile's level-0 extent from its slide at the encoder's µm/px (the extraction reader,
     :func:`wsi_pipeline.features.reader.open_tile_reader`) and embed it as the classifier's training tiles
-    were (resize by scale only, then :func:`~wsi_pipeline.tme.embed.fit_tile`). With ``centre_um`` > 0 only
+    were (resize by scale only, then :func:`~wsi_pipeline.tiles.transform.fit_tile`). With ``centre_um`` > 0 only
     the tile's centre square of that many µm is embedded (the classifier's field of view)."""
     from wsi_pipeline.features.reader import ReadSpec, open_tile_reader
-    from wsi_pipeline.tme.embed import embed_fitted, fit_tile, scaled_size
+    from wsi_pipeline.tiles.embed import embed_tiles
+    from wsi_pipeline.tiles.transform import fit_tile, scaled_size
 
     path = tiles.attrs.get(F.A_SLIDE_PATH)
     if not path or not Path(path).exists():
@@ -112,7 +112,7 @@ def embed_slide_tiles(
         for s in range(0, len(tiles), batch_size):
             batch = reader.read_many(l0_xy[s : s + batch_size])
             imgs = [fit_tile(im, encoder.meta.input_size, fit) for im in batch]
-            out[s : s + len(imgs)] = embed_fitted(encoder, imgs, batch_size, precision, device)
+            out[s : s + len(imgs)] = embed_tiles(encoder, imgs, batch_size, precision, device)
     return out
 
 
@@ -273,12 +273,9 @@ def tile_stride_l0(tiles: F.TileSet) -> float:
         return infer_stride_l0(tiles.l0_xy) or float(tiles.tile_size_l0)
 
 
-def slide_row(ctx: TMEContext, slide_id: str) -> dict[str, Any]:
-    """Everything for one slide: probabilities, metrics, phenotype, PNG and GeoJSON; returns the CSV row."""
-    from wsi_pipeline.tme.rules import immune_phenotype
-    from wsi_pipeline.tme.spatial import compartments, grid_metrics, rasterise
-
-    layout, clf, cfg = ctx.layout, ctx.clf, ctx.cfg
+def run_tiles(layout: RunLayout, clf: TissueClassifier, cfg: TMEConfig, slide_id: str) -> tuple[F.TileSet, str]:
+    """The tiles the TME classifies for one slide (the RUN tiles, or its own :func:`fov_grid`) and the
+    footprint used."""
     tiles_path = layout.tiles_h5(slide_id)
     if not tiles_path.exists():
         raise TilesNotFoundError(f"{tiles_path}: no tiles for {slide_id}; run `wsi tile` first")
@@ -286,6 +283,16 @@ def slide_row(ctx: TMEContext, slide_id: str) -> dict[str, Any]:
     footprint = resolve_footprint(cfg, clf, tiles)
     if footprint == "grid":
         tiles = fov_grid(tiles, clf.tile_um, clf.mpp)
+    return tiles, footprint
+
+
+def slide_row(ctx: TMEContext, slide_id: str) -> dict[str, Any]:
+    """Everything for one slide: probabilities, metrics, phenotype, PNG and GeoJSON; returns the CSV row."""
+    from wsi_pipeline.tme.rules import immune_phenotype
+    from wsi_pipeline.tme.spatial import compartments, grid_metrics, rasterise
+
+    layout, clf, cfg = ctx.layout, ctx.clf, ctx.cfg
+    tiles, footprint = run_tiles(layout, clf, cfg, slide_id)
     probs, source = slide_probs(ctx, slide_id, tiles, footprint)
     labels = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
     roles = cfg.roles.resolve(clf.class_names)
@@ -299,14 +306,7 @@ def slide_row(ctx: TMEContext, slide_id: str) -> dict[str, Any]:
     row.update(metrics)
     row.update({"classifier": Path(clf.path).name, "classifier_mpp": clf.mpp, "feature_source": source,
                 "tiles_target_mpp": tiles.target_mpp})
-    render_key = F.params_hash({"probs": F.read_h5_attrs(layout.tme_h5(slide_id)).get(F.A_PARAMS_HASH),
-                                "spatial": cfg.spatial, "rules": cfg.rules, "png": cfg.write_png,
-                                "geojson": cfg.write_geojson, "thumb": cfg.thumbnail_max})
-    key_file = layout.tme_dir / f".{slide_id}.render_key"
-    rendered = (key_file.exists() and key_file.read_text() == render_key
-                and (not cfg.write_png or layout.tme_map_png(slide_id).exists())
-                and (not cfg.write_geojson or layout.tme_geojson(slide_id).exists()))
-    if len(tiles) and (cfg.write_png or cfg.write_geojson) and not rendered:
+    if len(tiles) and (cfg.write_png or cfg.write_geojson):
         comp = compartments(grid.labels, roles, grid.stride_um, cfg.spatial)
         per_tile = {
             "tumour_region": comp.tumour_region[grid.rows, grid.cols].astype(np.float64),
@@ -325,8 +325,38 @@ def slide_row(ctx: TMEContext, slide_id: str) -> dict[str, Any]:
 
             classified_tiles_geojson(layout.tme_geojson(slide_id), tiles.l0_xy, tiles.tile_size_l0, probs,
                                      clf.class_names, per_tile)
-        F.write_text_atomic(key_file, render_key)  # outputs up to date: a re-run leaves them alone
     return row
+
+
+class TMEStage:
+    """The TME read-out as a per-slide stage (:mod:`wsi_pipeline.runfolder.executor`), in this process (it
+    holds the classifier's encoder). A slide's record ``tme/<slide_id>.json`` (written last) holds its
+    resume key and its ``tme.csv`` row."""
+
+    name = STAGE
+    component = ""
+
+    def __init__(self, ctx: TMEContext) -> None:
+        self.ctx = ctx
+
+    def key(self, item: SlideItem) -> str:
+        ctx = self.ctx
+        tiles, _ = run_tiles(ctx.layout, ctx.clf, ctx.cfg, item.slide_id)
+        cfg = ctx.cfg
+        return F.params_hash({"probs": ctx.resume_key(str(tiles.attrs.get(F.A_PARAMS_HASH, ""))),
+                              "spatial": cfg.spatial, "rules": cfg.rules, "roles": cfg.roles, "png": cfg.write_png,
+                              "geojson": cfg.write_geojson, "thumb": cfg.thumbnail_max, "n": len(tiles)})
+
+    def done(self, item: SlideItem, key: str) -> SlideOutcome | None:
+        rec = F.read_stage_record(self.ctx.layout.tme_record_json(item.slide_id))
+        if self.ctx.cfg.overwrite or rec.get("key") != key or not isinstance(rec.get("row"), dict):
+            return None
+        return SlideOutcome(item.slide_id, n_tiles=rec["row"].get("n_tiles"), value=rec["row"])
+
+    def process(self, item: SlideItem, key: str) -> SlideOutcome:
+        row = slide_row(self.ctx, item.slide_id)
+        F.write_stage_record(self.ctx.layout.tme_record_json(item.slide_id), {"key": key, "row": row})
+        return SlideOutcome(item.slide_id, n_tiles=row.get("n_tiles"), value=row)
 
 
 def _thumbnail(layout: RunLayout, slide_id: str, tiles: F.TileSet, max_size: int) -> tuple[np.ndarray, float]:
@@ -347,42 +377,23 @@ def _thumbnail(layout: RunLayout, slide_id: str, tiles: F.TileSet, max_size: int
 
 
 # ---------------------------------------------------------------- the run
-@dataclass
-class TMESummary:
-    rows: list[dict[str, Any]]
-    failed: list[tuple[str, str]]
-    csv_path: Path
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-
 def write_tme_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
-    """``tme.csv``: one row per slide; ``slide_id`` and the headline read-outs first."""
-    import pandas as pd
-
-    df = pd.DataFrame(rows)
-    if len(df):
-        first = [c for c in FIRST_COLUMNS if c in df.columns]
-        cols = first + [c for c in df.columns if c not in FIRST_COLUMNS]
-        df = df[cols].sort_values("slide_id")
-    F.write_text_if_changed(path, df.to_csv(index=False, float_format="%.6g"))
-    return Path(path)
+    """``tme.csv`` (format owned by :func:`wsi_pipeline.formats.write_tme_csv`): one row per slide;
+    ``slide_id`` and the headline read-outs first."""
+    return F.write_tme_csv(path, rows, leading=FIRST_COLUMNS)
 
 
 def run_tme(
     run_root: str | Path,
     cfg: TMEConfig,
     slide_ids: list[str] | None = None,
-    on_result: Callable[[str, bool, str], None] | None = None,
-) -> TMESummary:
+    progress: Progress | None = None,
+) -> StageSummary:
     """TME read-out for every tiled slide of ``run_root`` (or ``slide_ids``); failures are recorded in
-    RUN/slides.csv (stage ``tme``) and the others go on. Writes RUN/tme.csv and RUN/configs/tme.yaml."""
+    RUN/slides.csv (stage ``tme``) and the others go on. Writes RUN/tme.csv (the rows of every slide read
+    so far) and RUN/configs/tme.yaml. The summary's values are the rows; ``figures["csv"]`` the table."""
     from wsi_pipeline.encoders.base import resolve_device
-    from wsi_pipeline.errors import WSIPipelineError
     from wsi_pipeline.runfolder.resolved import save_resolved
-    from wsi_pipeline.runfolder.status import STATUS_DONE, STATUS_FAILED, SlideStatus, update_status
     from wsi_pipeline.tme.classifier import WEIGHTS_FILE, load_classifier
 
     cfg.validate()
@@ -395,34 +406,15 @@ def run_tme(
     clf_sha = F.file_sha256(Path(clf.path) / WEIGHTS_FILE)
     ctx = TMEContext(layout, clf, cfg, clf_sha, str(resolve_device(cfg.device)))
     save_resolved(run_root, STAGE, {"tme": cfg, "classifier_path": clf.path, "classifier_mpp": clf.mpp})
-    rows: list[dict[str, Any]] = []
-    failed: list[tuple[str, str]] = []
-    for sid in ids:
-        t0 = time.perf_counter()
-        try:
-            row = slide_row(ctx, sid)
-        except (WSIPipelineError, OSError, ValueError, KeyError) as e:  # one bad slide: record, go on
-            log.warning("%s: TME failed: %s", sid, e)
-            failed.append((sid, str(e)))
-            update_status(layout.slides_csv, SlideStatus(sid, STAGE, status=STATUS_FAILED, error=str(e),
-                                                         error_type=type(e).__name__,
-                                                         seconds=round(time.perf_counter() - t0, 2)))
-            if on_result:
-                on_result(sid, False, str(e))
-            continue
-        rows.append(row)
-        update_status(layout.slides_csv, SlideStatus(sid, STAGE, status=STATUS_DONE, n_tiles=row["n_tiles"],
-                                                     seconds=round(time.perf_counter() - t0, 2)))
-        if on_result:
-            on_result(sid, True, "")
+    summary = run_per_slide(TMEStage(ctx), [SlideItem(sid) for sid in ids], layout, workers=0,
+                            progress=progress)
+    rows = list(summary.values().values())
     if slide_ids is not None and layout.tme_csv.exists():  # keep the other slides' rows
-        import pandas as pd
-
-        old = pd.read_csv(layout.tme_csv)
+        old = F.read_tme_csv(layout.tme_csv)
         done = {r["slide_id"] for r in rows}
         rows = [r for r in old.to_dict("records") if r["slide_id"] not in done] + rows
-    write_tme_csv(layout.tme_csv, rows)
-    return TMESummary(rows, failed, layout.tme_csv)
+    summary.figures["csv"] = str(write_tme_csv(layout.tme_csv, rows))
+    return summary
 
 
 # ---------------------------------------------------------------- joining the read-out to labels
@@ -433,14 +425,8 @@ def join_tme_to_labels(
     read-out get empty cells); TME columns are prefixed (``tme_til_fraction``, ``tme_immune_phenotype``, …)
     so they never overwrite a label. The result is a labels CSV for `wsi train` (TME columns as targets or
     as ``--covariates``)."""
-    from wsi_pipeline.analysis.tables import SLIDE_ID, read_labels, read_slide_table
-    from wsi_pipeline.errors import FormatError
-
-    labels = read_labels(labels_csv)
-    tme = read_slide_table(tme_csv)
-    if tme is None:
-        raise FormatError(tme_csv, "no TME table; run `wsi tme RUN` first")
-    tme = tme.rename(columns={c: f"{prefix}{c}" for c in tme.columns if c != SLIDE_ID})
-    joined = labels.merge(tme, on=SLIDE_ID, how="left")
-    F.write_text_atomic(out_csv, joined.to_csv(index=False, float_format="%.6g"))
-    return Path(out_csv)
+    labels = F.read_labels_csv(labels_csv)  # label cells kept as written (text), ids stripped
+    tme = F.read_tme_csv(tme_csv)
+    tme = tme.rename(columns={c: f"{prefix}{c}" for c in tme.columns if c != F.SLIDE_ID})
+    joined = labels.merge(tme, on=F.SLIDE_ID, how="left")
+    return F.write_labels_csv(out_csv, joined, float_format="%.6g")

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_pipeline.tiles.folders import class_key
 from wsi_pipeline.tme.config import (
     ROLE_LYMPHOCYTES,
     ROLE_NON_TISSUE,
@@ -148,12 +149,9 @@ def _ratio(num: float, den: float) -> float:
 
 
 def class_column(class_name: str) -> str:
-    """Column suffix for a class: '01_TUMOR' → 'tumor', 'Complex stroma' → 'complex_stroma'."""
-    import re
-
-    name = re.sub(r"^\d+[_\-\s]*", "", class_name.strip())
-    name = re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()
-    return name or class_name
+    """Column suffix for a class: '01_TUMOR' → 'tumor', 'Complex stroma' → 'complex_stroma'
+    (:func:`wsi_pipeline.tiles.folders.class_key`, the key of the class palette too)."""
+    return class_key(class_name)
 
 
 def grid_metrics(

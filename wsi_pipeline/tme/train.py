@@ -1,8 +1,8 @@
 """``wsi tissue-train``: fit the tile tissue classifier on frozen encoder features of a labelled folder.
 
-Steps: list ``DATA/<class>/*`` tiles → split by source image (:func:`wsi_pipeline.ssl.data.source_split`, the
+Steps: list ``DATA/<class>/*`` tiles → split by source image (:func:`wsi_pipeline.tiles.split.source_split`, the
 same split as ``wsi eval-encoder``) → embed every tile at the encoder's µm/px (resized by
-``data_mpp / encoder_mpp`` only, :mod:`wsi_pipeline.tme.embed`) → fit a linear/MLP head on the training side
+``data_mpp / encoder_mpp`` only, :mod:`wsi_pipeline.tiles.transform`) → fit a linear/MLP head on the training side
 → held-out balanced accuracy, confusion matrix and a colour-histogram baseline on the test side → save.
 """
 
@@ -43,7 +43,7 @@ def colour_baseline(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from wsi_pipeline.ssl.data import read_rgb
+    from wsi_pipeline.tiles.folders import read_rgb
 
     feats = colour_features([read_rgb(p) for p in paths])
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced",
@@ -81,7 +81,7 @@ def _cache_path(cfg: TissueTrainConfig, encoder: Any, fit: str, paths: list[Any]
 def _embed_with_cache(
     cfg: TissueTrainConfig, encoder: Any, fit: str, paths: list[Any], device: str, tick: Callable[[int], None]
 ) -> np.ndarray:
-    from wsi_pipeline.tme.embed import embed_image_files
+    from wsi_pipeline.tiles.embed import embed_image_files
 
     cache = _cache_path(cfg, encoder, fit, paths)
     if cache is not None and cache.exists():
@@ -115,8 +115,9 @@ def train_tissue_classifier(
 
     from wsi_pipeline.encoders import create_encoder
     from wsi_pipeline.encoders.base import resolve_device
-    from wsi_pipeline.ssl.data import load_labelled_folder, read_rgb, source_split
-    from wsi_pipeline.tme.embed import choose_fit, scaled_size
+    from wsi_pipeline.tiles.folders import load_labelled_folder, read_rgb
+    from wsi_pipeline.tiles.split import source_split
+    from wsi_pipeline.tiles.transform import choose_fit, scaled_size
 
     cfg.validate()
     t0 = time.perf_counter()

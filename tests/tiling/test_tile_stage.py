@@ -20,7 +20,7 @@ from wsi_pipeline.config import TilingConfig
 from wsi_pipeline.runfolder.batch import Shard
 from wsi_pipeline.runfolder.layout import RunLayout
 from wsi_pipeline.runfolder.status import read_status
-from wsi_pipeline.tiling.runner import tile_slide, tile_slides, unique_slide_ids
+from wsi_pipeline.tiling.stage import run_tile, tile_slide, unique_slide_ids
 
 
 def _wsi(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -53,7 +53,7 @@ def test_tile_generated_slide_outputs(small_svs: Path, tmp_path: Path) -> None:
     for p in (layout.mask_png("blob"), layout.thumbnail_png("blob"), layout.grid_png("blob")):
         assert Image.open(p).size[0] > 0
     gj = json.loads(layout.tissue_geojson("blob").read_text())
-    from wsi_pipeline.qupath import validate_feature_collection
+    from wsi_pipeline.formats.geojson import validate_feature_collection
 
     assert validate_feature_collection(gj) == []
     assert len(gj["features"]) == 1
@@ -112,7 +112,7 @@ def test_shards_partition_the_batch(small_svs: Path, cmu_svs: Path, generic_tiff
     done = []
     for i in range(2):
         layout = RunLayout(tmp_path / f"r{i}")
-        s = tile_slides(paths, layout, cfg, workers=0, shard=Shard(i, 2))
+        s = run_tile(paths, layout.root, cfg, workers=0, shard=Shard(i, 2))
         done.append(set(s.done))
     assert done[0].isdisjoint(done[1]) and len(done[0] | done[1]) == 3
 

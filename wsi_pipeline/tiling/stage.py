@@ -1,12 +1,12 @@
-"""Tile one slide: tissue mask → tile grid → RUN/tiles/<slide_id>.h5 plus mask, thumbnails and GeoJSON.
-And the batch over many slides, with crash isolation, resume and sharding."""
+"""The tiling stage: tissue mask → tile grid → RUN/tiles/<slide_id>.h5 plus mask, thumbnails and GeoJSON, per
+slide, run over many slides by the stage executor (crash isolation, resume, status rows, sharding)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,10 @@ import numpy as np
 
 from wsi_pipeline import formats as F
 from wsi_pipeline.config import TilingConfig
+from wsi_pipeline.runfolder.batch import Shard
+from wsi_pipeline.runfolder.executor import Progress, SlideItem, SlideOutcome, StageSummary, run_per_slide
 from wsi_pipeline.runfolder.layout import RunLayout
+from wsi_pipeline.runfolder.status import STATUS_SKIPPED
 from wsi_pipeline.slide.base import Slide
 from wsi_pipeline.tiling.grid import TileSpec, select_tiles
 from wsi_pipeline.tiling.tissue import DETECTOR_VERSION, TissueParams, detect_tissue
@@ -35,17 +38,6 @@ class TissueMap:
     @property
     def mask_mpp(self) -> float:
         return self.l0_per_px[0]
-
-
-@dataclass
-class TileResult:
-    slide_id: str
-    path: str
-    n_tiles: int
-    slide_mpp: float
-    seconds: float = 0.0
-    skipped: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def tissue_level(slide: Slide, tissue_mpp: float) -> int:
@@ -117,40 +109,69 @@ def is_done(layout: RunLayout, slide_id: str, key: str) -> bool:
     return out.exists() and F.read_h5_attrs(out).get(F.A_PARAMS_HASH) == key
 
 
-def tile_slide(path: str | Path, layout: RunLayout, cfg: TilingConfig, slide_id: str | None = None,
-               force: bool = False) -> TileResult:
-    """Tile one slide into ``layout``; skip when its outputs exist with the same parameters."""
-    from wsi_pipeline.slide import open_slide, slide_id_from_path
+@dataclass
+class TileStage:
+    """Tiling as a per-slide stage (:mod:`wsi_pipeline.runfolder.executor`): item = (slide_id, slide file)."""
 
-    t0 = time.perf_counter()
-    slide_id = slide_id or slide_id_from_path(path)
-    with open_slide(path, mpp=cfg.force_slide_mpp, mpp_fallback=cfg.slide_mpp,
-                    mpp_from_objective=cfg.mpp_from_objective) as slide:
-        mpp = slide.mpp
-        key = resume_key(path, cfg, mpp)
-        if not force and is_done(layout, slide_id, key):
-            n = len(F.read_tiles_h5(layout.tiles_h5(slide_id)))
-            return TileResult(slide_id, str(path), n, mpp, skipped=True)
-        timings: dict[str, float] = {}
-        t = time.perf_counter()
-        tmap = tissue_map(slide, cfg)
-        timings["tissue"] = time.perf_counter() - t
-        t = time.perf_counter()
-        l0_xy = tile_coordinates(slide, tmap, cfg)
-        timings["grid"] = time.perf_counter() - t
-        attrs = tile_attrs(slide, cfg, key)
-        attrs[F.A_SLIDE_ID] = attrs[F.A_NAME] = slide_id
-        _write_side_outputs(slide, layout, slide_id, tmap, l0_xy, attrs[F.A_PATCH_SIZE_L0])
-        # the tiles file last: its presence marks the slide done
-        F.write_tiles_h5(layout.tiles_h5(slide_id), l0_xy, attrs)
-    return TileResult(slide_id, str(path), len(l0_xy), mpp, time.perf_counter() - t0, timings=timings)
+    layout: RunLayout
+    cfg: TilingConfig
+    name: str = STAGE
+    component: str = ""
+
+    def _open(self, path: str | Path) -> Slide:
+        from wsi_pipeline.slide import open_slide
+
+        cfg = self.cfg
+        return open_slide(path, mpp=cfg.force_slide_mpp, mpp_fallback=cfg.slide_mpp,
+                          mpp_from_objective=cfg.mpp_from_objective)
+
+    def key(self, item: SlideItem) -> str:
+        with self._open(item.path) as slide:
+            return resume_key(item.path, self.cfg, slide.mpp)
+
+    def done(self, item: SlideItem, key: str) -> SlideOutcome | None:
+        if not is_done(self.layout, item.slide_id, key):
+            return None
+        tiles = F.read_tiles_h5(self.layout.tiles_h5(item.slide_id))
+        return SlideOutcome(item.slide_id, n_tiles=len(tiles), slide_mpp=tiles.slide_mpp)
+
+    def process(self, item: SlideItem, key: str) -> SlideOutcome:
+        t0 = time.perf_counter()
+        layout, slide_id = self.layout, item.slide_id
+        with self._open(item.path) as slide:
+            tmap = tissue_map(slide, self.cfg)
+            l0_xy = tile_coordinates(slide, tmap, self.cfg)
+            attrs = tile_attrs(slide, self.cfg, key)
+            attrs[F.A_SLIDE_ID] = attrs[F.A_NAME] = slide_id
+            _write_side_outputs(slide, layout, slide_id, tmap, l0_xy, attrs[F.A_PATCH_SIZE_L0])
+            # the tiles file last: its presence marks the slide done
+            F.write_tiles_h5(layout.tiles_h5(slide_id), l0_xy, attrs)
+            mpp = slide.mpp
+        return SlideOutcome(slide_id, path=str(Path(item.path).resolve()), n_tiles=len(l0_xy), slide_mpp=mpp,
+                            seconds=time.perf_counter() - t0)
+
+
+def tile_slide(path: str | Path, layout: RunLayout, cfg: TilingConfig, slide_id: str | None = None,
+               force: bool = False) -> SlideOutcome:
+    """Tile one slide into ``layout`` in this process (skipped when its outputs exist with the same
+    parameters); errors are raised, not recorded."""
+    from wsi_pipeline.slide import slide_id_from_path
+
+    stage = TileStage(layout, cfg.validate())
+    item = SlideItem(slide_id or slide_id_from_path(path), str(Path(path).resolve()))
+    key = stage.key(item)
+    prev = None if force else stage.done(item, key)
+    if prev is not None:
+        prev.status, prev.path = STATUS_SKIPPED, item.path
+        return prev
+    return stage.process(item, key)
 
 
 def _write_side_outputs(slide: Slide, layout: RunLayout, slide_id: str, tmap: TissueMap, l0_xy: np.ndarray,
                         tile_size_l0: int) -> None:
     from PIL import Image
 
-    from wsi_pipeline import qupath
+    from wsi_pipeline.formats import geojson
     from wsi_pipeline.tiling.contours import mask_polygons
     from wsi_pipeline.tiling.overlay import draw_tile_grid
 
@@ -160,10 +181,10 @@ def _write_side_outputs(slide: Slide, layout: RunLayout, slide_id: str, tmap: Ti
     grid = draw_tile_grid(thumb, l0_xy, tile_size_l0, thumb_l0_per_px)
     _save_png(layout.grid_png(slide_id), Image.fromarray(grid))
     polygons = mask_polygons(tmap.mask, tmap.l0_per_px)
-    feats = [qupath.polygon_feature(rings, object_type="annotation", classification="Tissue",
+    feats = [geojson.polygon_feature(rings, object_type="annotation", classification="Tissue",
                                     measurements={"area_um2": _polygon_area_um2(rings, slide.mpp)})
              for rings in polygons]
-    qupath.write_geojson(layout.tissue_geojson(slide_id), qupath.feature_collection(feats))
+    geojson.write_geojson(layout.tissue_geojson(slide_id), geojson.feature_collection(feats))
 
 
 def _polygon_area_um2(rings: Sequence[Sequence[tuple[float, float]]], mpp: float) -> float:
@@ -194,67 +215,34 @@ def unique_slide_ids(paths: Sequence[Path]) -> list[str]:
     return ids
 
 
-@dataclass
-class BatchSummary:
-    done: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (slide_id, error)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-
 def preload_tiling_modules() -> None:
     """Import what tiling one slide needs (scipy.ndimage, skimage.measure, Pillow, the slide backends) in
     the parent process, so forked per-slide workers inherit them instead of importing them again (~1–4 s each)."""
     import importlib
 
-    for name in ("scipy.ndimage", "skimage.measure", "PIL.Image", "wsi_pipeline.slide", "wsi_pipeline.qupath",
-                 "wsi_pipeline.tiling.contours", "wsi_pipeline.tiling.overlay"):
+    for name in ("scipy.ndimage", "skimage.measure", "PIL.Image", "wsi_pipeline.slide",
+                 "wsi_pipeline.formats.geojson", "wsi_pipeline.tiling.contours", "wsi_pipeline.tiling.overlay"):
         importlib.import_module(name)
 
 
-def tile_slides(
-    paths: Sequence[Path],
-    layout: RunLayout,
-    cfg: TilingConfig,
-    workers: int = 1,
-    shard: Any = None,
-    force: bool = False,
-    on_result: Callable[[str, bool, str], None] | None = None,
-) -> BatchSummary:
-    """Tile many slides: crash-isolated workers, one status row per slide, never stopping on a failure."""
-    from wsi_pipeline.runfolder.batch import Shard, map_isolated
-    from wsi_pipeline.runfolder.status import STATUS_DONE, STATUS_FAILED, SlideStatus, update_status
-
-    cfg.validate()
+def slide_items(paths: Sequence[str | Path]) -> list[SlideItem]:
+    """One item per slide file, with unique slide ids (see :func:`unique_slide_ids`)."""
     paths = [Path(p) for p in paths]
-    items = list(zip(unique_slide_ids(paths), paths, strict=True))
-    items = (shard or Shard()).select(items)
-    summary = BatchSummary()
+    return [SlideItem(sid, str(p.resolve())) for sid, p in zip(unique_slide_ids(paths), paths, strict=True)]
 
-    def work(item: tuple[str, Path]) -> TileResult:
-        sid, p = item
-        return tile_slide(p, layout, cfg, slide_id=sid, force=force)
 
-    if workers > 0 and len(items) > 1:
-        preload_tiling_modules()  # each slide runs in a fresh fork: import once here, not once per slide
-    for out in map_isolated(work, items, workers=workers):
-        sid, p = out.item
-        if out.ok:
-            res: TileResult = out.value
-            (summary.skipped if res.skipped else summary.done).append(sid)
-            if not res.skipped:
-                update_status(layout.slides_csv, SlideStatus(
-                    slide_id=sid, stage=STAGE, path=str(p.resolve()), status=STATUS_DONE,
-                    n_tiles=res.n_tiles, slide_mpp=round(res.slide_mpp, 6), seconds=round(res.seconds, 3)))
-        else:
-            summary.failed.append((sid, out.error))
-            log.info("%s failed: %s", sid, out.error)
-            update_status(layout.slides_csv, SlideStatus(
-                slide_id=sid, stage=STAGE, path=str(p.resolve()), status=STATUS_FAILED, error=out.error,
-                error_type=out.error_type, seconds=round(out.seconds, 3)))
-        if on_result:
-            on_result(sid, out.ok, out.error)
-    return summary
+def run_tile(
+    paths: Sequence[str | Path],
+    run_root: str | Path,
+    cfg: TilingConfig,
+    *,
+    workers: int = 1,
+    shard: Shard | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> StageSummary:
+    """Tile many slides: crash-isolated workers, one status row per slide, never stopping on a failure."""
+    cfg.validate()
+    items = (shard or Shard()).select(slide_items(paths))
+    return run_per_slide(TileStage(RunLayout(run_root), cfg), items, RunLayout(run_root), workers=workers,
+                         force=force, progress=progress, before_fork=preload_tiling_modules)

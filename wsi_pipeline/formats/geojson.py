@@ -13,7 +13,9 @@ numbers are read as plain (x, y): exterior rings have a positive shoelace area (
 holes a negative one. (On screen, with y pointing down, that exterior looks clockwise; QuPath does not
 care either way.)
 
-Shared by the review export (per-tile scores), the tissue-contour export and the TME class-map export.
+Shared by the review export of per-tile scores (:mod:`wsi_pipeline.review.qupath`), the tissue-contour
+export of tiling and the TME class-map export; the tile-grid builder lives here, not in review, because the
+TME stage (a lower layer than review) writes tile grids too. No format version: QuPath reads plain GeoJSON.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from wsi_pipeline.errors import FormatError
-from wsi_pipeline.formats import atomic_path
+from wsi_pipeline.formats.atomic import atomic_path
 
 OBJECT_TYPES = ("annotation", "detection", "tile", "cell")
 

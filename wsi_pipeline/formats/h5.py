@@ -1,15 +1,12 @@
-"""Every on-disk format of a RUN folder, defined once: dataset and attribute names, format version,
-atomic writers and validating readers.
+"""The HDF5 files of a RUN folder (tiles, features, per-tile scores, TME probabilities): dataset and
+attribute names, format version, atomic writers and validating readers.
 
 Coordinates are always level-0 pixels (x, y) of a tile's top-left corner.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ import numpy as np
 
 from wsi_pipeline._version import __version__
 from wsi_pipeline.errors import FormatError
+from wsi_pipeline.formats.atomic import atomic_path
 
 FORMAT_VERSION = 1
 
@@ -61,48 +59,6 @@ A_TARGETS = "targets"
 A_CLASS_NAMES = "class_names"
 
 TILE_ATTRS_REQUIRED = (A_TARGET_MPP, A_SLIDE_MPP, A_TILE_SIZE, A_PATCH_SIZE_L0, A_LEVEL0_W, A_LEVEL0_H)
-
-
-# ---------------------------------------------------------------- atomic writes
-@contextlib.contextmanager
-def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``final``; rename it onto ``final`` only if the block succeeds.
-
-    A file that exists under its final name is therefore always complete.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600; outputs are shared with the team
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-        raise
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def write_text_if_changed(path: str | Path, text: str) -> bool:
-    """Write ``text`` atomically unless the file already holds exactly it (keeps mtimes of unchanged
-    outputs, so resumable stages downstream see nothing new). Returns whether it wrote."""
-    p = Path(path)
-    if p.exists() and p.read_text() == text:
-        return False
-    write_text_atomic(p, text)
-    return True
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def _attr_value(v: Any) -> Any:
@@ -331,23 +287,3 @@ def read_tme_h5(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any
         raise FormatError(path, f"not a TME file ({e}); re-run `wsi tme`") from e
     _check_version(path, out[2])
     return out
-
-
-# ---------------------------------------------------------------- misc
-def params_hash(params: Mapping[str, Any]) -> str:
-    """Stable short hash of a parameter mapping: the resume key stored in every output."""
-    import hashlib
-    import json
-
-    blob = json.dumps(dict(params), sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()

@@ -1,41 +1,23 @@
 """QuPath export of per-tile scores: one detection polygon per tile, measurements = every channel's score,
-classification = the top class of a multiclass target. Builds on :mod:`wsi_pipeline.qupath`."""
+classification = the top class of a multiclass target. Builds on the GeoJSON primitives of
+:mod:`wsi_pipeline.formats.geojson`."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
-from wsi_pipeline import qupath
 from wsi_pipeline.errors import WSIPipelineError
+from wsi_pipeline.formats import geojson
 from wsi_pipeline.review.scores import SlideScores, load_slide_scores, resolve_model_name, scored_slide_ids
 from wsi_pipeline.runfolder.layout import RunLayout
+from wsi_pipeline.tiles.palette import class_colours
 
 log = logging.getLogger(__name__)
-
-# colours QuPath users expect for common phenotype / tissue names; anything else gets qupath.class_color
-KNOWN_CLASS_COLORS: Mapping[str, tuple[int, int, int]] = MappingProxyType({
-    "inflamed": (220, 50, 47),
-    "excluded": (240, 160, 20),
-    "desert": (38, 110, 210),
-    "tumor": (200, 0, 0),
-    "tumour": (200, 0, 0),
-    "stroma": (150, 200, 150),
-    "immune": (160, 90, 160),
-    "lymphocytes": (160, 90, 160),
-    "necrosis": (50, 50, 50),
-    "other": (255, 200, 0),
-})
-
-
-def class_colors(names: list[str]) -> dict[str, tuple[int, int, int]]:
-    return {n: KNOWN_CLASS_COLORS.get(n.lower(), qupath.class_color(n)) for n in names}
 
 
 def measurement_name(label: str) -> str:
@@ -53,16 +35,16 @@ def tile_scores_feature_collection(sc: SlideScores, classify_target: str | None 
         names = sc.class_names[target]
         top = sc.top_class[target]
         classes = [names[i] if i >= 0 else None for i in top.tolist()]
-        colors = class_colors(names)
-    return qupath.tile_polygons_feature_collection(
+        colors = class_colours(names)
+    return geojson.tile_polygons_feature_collection(
         sc.l0_xy, sc.tile_size_l0, measurements, classes=classes, class_colors=colors, object_type="detection"
     )
 
 
 def export_slide_geojson(sc: SlideScores, out: Path, classify_target: str | None = None) -> Path:
     fc = tile_scores_feature_collection(sc, classify_target)
-    qupath.check_feature_collection(fc, out)
-    return qupath.write_geojson(out, fc)
+    geojson.check_feature_collection(fc, out)
+    return geojson.write_geojson(out, fc)
 
 
 @dataclass
