@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from wsi_pipeline.config import TilingConfig
-    from wsi_pipeline.slide import open_slide
+    from wsi_pipeline.slide.open import open_slide
     from wsi_pipeline.synth.bench import make_bench_slide
     from wsi_pipeline.tiling.grid import TileSpec, select_tiles
     from wsi_pipeline.tiling.stage import tissue_level

@@ -57,7 +57,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("WSI_SHARED_DATA", REPO.parent / "shared" / "data"))
 TARGETS = "response:binary,immune_phenotype:multiclass,til_fraction:regression,os:survival(os_months,os_event)"
-DEFAULT_MODELS = ["abmil@1", "transmil@1", "chowder@1", "meanpool@1", "abmil@0", "meanpool@0"]
+DEFAULT_MODELS = ["auto@1", "abmil@1", "transmil@1", "chowder@1", "meanpool@1", "abmil@0", "meanpool@0"]
 REFERENCE_ENCODER = "timm:resnet18"
 REFERENCE = "reference: rand-ResNet18 mean+LR"
 RANDOM_INIT_SEED = 0
@@ -115,7 +115,7 @@ def cached_params(kind: str, split: str, out: Path) -> dict[str, Any]:
     import numpy as np
     import pandas as pd
 
-    from wsi_pipeline.formats import read_labels_csv
+    from wsi_pipeline.formats.tables import read_labels_csv
 
     if (out / "cohort.json").exists():
         p = json.loads((out / "cohort.json").read_text())
@@ -124,7 +124,7 @@ def cached_params(kind: str, split: str, out: Path) -> dict[str, Any]:
         p = {"kind": kind, "split": split, "n_patients": int(lab["patient_id"].nunique()),
              "seed": (SYNTH_SEEDS if kind == "synthetic" else KATHER_SEEDS)[split]}
         if kind == "synthetic":
-            from wsi_pipeline.slide import open_slide
+            from wsi_pipeline.slide.open import open_slide
 
             with open_slide(out / f"{lab['slide_id'].iloc[0]}.svs") as sl:
                 p["size_l0"] = list(sl.dimensions)
@@ -141,7 +141,8 @@ def cached_params(kind: str, split: str, out: Path) -> dict[str, Any]:
 
 def build_cohort(kind: str, split: str, out: Path, params: dict[str, Any]) -> Path:
     """Write the slides + labels.csv of one cohort (kept when it exists with the same parameters)."""
-    from wsi_pipeline.formats import write_labels_csv, write_text_atomic
+    from wsi_pipeline.formats.atomic import write_text_atomic
+    from wsi_pipeline.formats.tables import write_labels_csv
 
     labels, meta = out / "labels.csv", out / "cohort.json"
     if labels.exists():
@@ -189,7 +190,7 @@ def encoder_weights(work: Path, encoder: str) -> str | None:
     import torch
     from safetensors.torch import save_file
 
-    from wsi_pipeline.formats import atomic_path
+    from wsi_pipeline.formats.atomic import atomic_path
     from wsi_pipeline.runfolder.layout import safe_name
 
     path = work / "random-init" / f"{safe_name(encoder)}-seed{RANDOM_INIT_SEED}.safetensors"
@@ -222,7 +223,7 @@ def extract(run: Path, encoder: str, weights: str | None) -> tuple[str, str]:
     returns (encoder name, weights checksum)."""
     from wsi_pipeline.features.config import ExtractConfig
     from wsi_pipeline.features.extract import run_extract
-    from wsi_pipeline.formats import A_WEIGHTS_SHA256, read_h5_attrs
+    from wsi_pipeline.formats.h5 import A_WEIGHTS_SHA256, read_h5_attrs
     from wsi_pipeline.runfolder.layout import RunLayout
 
     t0 = time.perf_counter()
@@ -235,7 +236,7 @@ def extract(run: Path, encoder: str, weights: str | None) -> tuple[str, str]:
             f"{e.figures['encoder']} "
             f"in {time.perf_counter() - t0:.0f}s ({len(e.skipped)} slides cached)")
     first = sorted(RunLayout(run).features_dir(e.figures["encoder"]).glob("*.h5"))[0]
-    return e.encoder, str(read_h5_attrs(first).get(A_WEIGHTS_SHA256, ""))
+    return e.figures["encoder"], str(read_h5_attrs(first).get(A_WEIGHTS_SHA256, ""))
 
 
 # ---------------------------------------------------------------- models
@@ -265,10 +266,11 @@ def models_dir(cohort_dir: Path, encoder: str, weights_sha: str) -> Path:
 def train_and_predict(spec: str, cohort_dir: Path, encoder: str, weights_sha: str, a: argparse.Namespace
                       ) -> tuple[Any, dict[str, Any], Path]:
     """Train ``spec`` on the train cohort (cached when the settings match) and predict the test cohort."""
-    from wsi_pipeline.formats import read_model_json, read_predictions_csv
+    from wsi_pipeline.formats.cards import read_model_json
+    from wsi_pipeline.formats.tables import read_predictions_csv
     from wsi_pipeline.mil.config import PredictConfig, TrainConfig
     from wsi_pipeline.mil.predict import predict_run
-    from wsi_pipeline.mil.train import train_cv
+    from wsi_pipeline.mil.train import run_train
 
     head, rings, over = parse_model(spec)
     head_kwargs = {k.split(".", 1)[1]: v for k, v in over.items() if k.startswith("head.")}
@@ -277,13 +279,17 @@ def train_and_predict(spec: str, cohort_dir: Path, encoder: str, weights_sha: st
     cfg = {"run": str(cohort_dir / "train"), "labels": str(cohort_dir / "train_slides" / "labels.csv"),
            "targets": TARGETS, "model_out": str(mdir), "head": head, "folds": a.folds, "epochs": a.epochs,
            "context_rings": rings, "baseline": False, "seed": a.seed, "encoder": encoder,
-           "threads": a.threads, "n_bootstrap": a.n_boot, "head_kwargs": head_kwargs, **over}
-    key = json.dumps({**cfg, "weights_sha256": weights_sha, "threads": None}, sort_keys=True)
+           "threads": a.threads, "n_bootstrap": a.n_boot, "head_kwargs": head_kwargs, "calibration": a.calibration,
+           **over}
+    from wsi_pipeline.formats.cards import MODEL_JSON_VERSION
+
+    key = json.dumps({**cfg, "weights_sha256": weights_sha, "threads": None, "model_json": MODEL_JSON_VERSION},
+                     sort_keys=True)
     key_file = mdir / "eval_key.json"
     if not (mdir / "model.json").exists() or not key_file.exists() or key_file.read_text() != key:
         shutil.rmtree(mdir, ignore_errors=True)
         t0 = time.perf_counter()
-        train_cv(TrainConfig(**cfg))
+        run_train(TrainConfig(**cfg))
         key_file.write_text(key)
         log(f"trained {model_label(spec)} in {time.perf_counter() - t0:.0f}s")
     predict_run(PredictConfig(run=str(cohort_dir / "test"), model=str(mdir), encoder=encoder,
@@ -306,7 +312,7 @@ def linear_predictions(cohort_dir: Path, encoder: str, specs: list) -> Any:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from wsi_pipeline.formats import read_features_h5
+    from wsi_pipeline.formats.h5 import read_features_h5
     from wsi_pipeline.mil.tables import slide_frame
     from wsi_pipeline.mil.targets import encode_labels, read_labels_table
     from wsi_pipeline.runfolder.layout import RunLayout
@@ -396,12 +402,15 @@ def run_cohort(kind: str, a: argparse.Namespace) -> dict[str, Any]:
 
     frames: dict[str, Any] = {}
     oof: dict[str, Any] = {}
+    thresholds: dict[str, dict[str, float]] = {}  # each model's recorded t_pred cut-offs (balanced accuracy)
     specs = None
     for spec in a.models:
         pred, oof_m, mdir = train_and_predict(spec, cdir, encoder, sha, a)
         frames[model_label(spec)] = pred
         oof[model_label(spec)] = oof_m
-        specs = ModelDir(mdir).read_card().target_specs
+        card = ModelDir(mdir).read_card()
+        specs = card.target_specs
+        thresholds[model_label(spec)] = dict(card.variants[card.main_variant].thresholds)
     if specs is None:
         raise SystemExit("no --models given")
     t_train = time.perf_counter()
@@ -410,7 +419,8 @@ def run_cohort(kind: str, a: argparse.Namespace) -> dict[str, Any]:
     frames[REFERENCE] = linear_predictions(cdir, ref_encoder, specs)
     pairs = [(m, REFERENCE) for m in frames if m != REFERENCE]
     labels = read_labels_table(cdir / "test_slides" / "labels.csv")
-    metrics = evaluate_heldout(frames, labels, specs, n_boot=a.n_boot, seed=a.seed, pairs=pairs)
+    metrics = evaluate_heldout(frames, labels, specs, n_boot=a.n_boot, seed=a.seed, pairs=pairs,
+                               thresholds=thresholds)
     n_tr = read_labels_table(cdir / "train_slides" / "labels.csv")["patient_id"].nunique()
     title = (f"{kind} cohort: held-out test metrics (encoder {encoder}; trained on {n_tr} train patients, "
              f"{a.folds}-fold CV ensembles, ≤ {a.epochs} epochs)")
@@ -445,6 +455,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--encoder", default=None, help="encoder (default: the shipped default encoder)")
     ap.add_argument("--reference-encoder", default=REFERENCE_ENCODER,
                     help=f"encoder of the linear reference (default {REFERENCE_ENCODER}, random init)")
+    ap.add_argument("--calibration", default="auto",
+                    help="post-hoc calibration of `wsi train` (auto, platt, temperature, isotonic, none)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--n-boot", type=int, default=1000, help="patient-level bootstrap resamples (>= 1000)")
@@ -460,7 +472,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if a.n_boot < 1000:
         ap.error("--n-boot must be >= 1000")
     if a.encoder is None:
-        from wsi_pipeline.encoders import default_encoder_name
+        from wsi_pipeline.encoders.registry import default_encoder_name
 
         a.encoder = default_encoder_name()
     a.out = a.out or a.work / f"{a.tag}.md"

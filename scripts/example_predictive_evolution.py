@@ -49,7 +49,7 @@ from typing import Any
 
 import pandas as pd
 
-from wsi_pipeline.formats import read_labels_csv
+from wsi_pipeline.formats.tables import read_labels_csv
 from wsi_pipeline.synth.cohort import CohortParams, OutcomeModel, WriteOptions, labels_frame, plan_cohort, write_cohort
 
 SEED = 319

@@ -2,8 +2,9 @@
 """Write a synthetic H&E-like cohort: Aperio-style .svs pyramids (MPP in the metadata), labels.csv and
 truth/<slide_id>.npz class maps. The generative model is documented in wsi_pipeline/synth/cohort.py.
 
-Example (the committed data_samples/):
-    python scripts/make_synthetic_slides.py --out data_samples --n 6 --seed 7 --size 3000 2500 \
+Example (a small two-arm cohort with on-treatment slides; `data_samples/` is built by
+scripts/make_data_samples.py from real kather16 tiles instead):
+    python scripts/make_synthetic_slides.py --out /tmp/synth --n 6 --seed 7 --size 3000 2500 \
         --multi-slide-fraction 0.2 --two-arms --timepoint-fraction 0.2
 """
 

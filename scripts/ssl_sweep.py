@@ -78,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from wsi_pipeline.ssl.config import EvalConfig
-    from wsi_pipeline.ssl.evaluate import evaluate_encoder, format_table, write_report
-    from wsi_pipeline.ssl.trainer import ssl_train
+    from wsi_pipeline.ssl.evaluate import format_table, run_eval_encoder, write_report
+    from wsi_pipeline.ssl.trainer import run_ssl_train
 
     root = a.out / a.variant
     cal = root / "calibration"
     shutil.rmtree(cal, ignore_errors=True)
     t0 = time.perf_counter()
-    ssl_train(make_config(a.variant, a.data, a.mpp, cal, 100_000, a.batch_size, a.workers, a.lr,
+    run_ssl_train(make_config(a.variant, a.data, a.mpp, cal, 100_000, a.batch_size, a.workers, a.lr,
                           a.calibration_steps, a.stain_norm))
     rate = images_per_second(cal / "train_log.csv", a.batch_size, skip=10)
     steps = max(50, int(a.budget_s * rate / a.batch_size))
@@ -94,13 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(cal, ignore_errors=True)
     enc = root / "encoder"
     t1 = time.perf_counter()
-    res = ssl_train(make_config(a.variant, a.data, a.mpp, enc, steps, a.batch_size, a.workers, a.lr,
+    res = run_ssl_train(make_config(a.variant, a.data, a.mpp, enc, steps, a.batch_size, a.workers, a.lr,
                                 stain_norm=a.stain_norm))
     train_s = time.perf_counter() - t1
     print(f"[{a.variant}] trained {res.steps_done} steps in {train_s:.0f} s; last loss {res.losses[-1]:.4f}",
           flush=True)
     shutil.rmtree(enc / "ckpt", ignore_errors=True)
-    rep = evaluate_encoder(EvalConfig(encoder=str(enc), data=a.data, data_mpp=a.mpp, seed=0))
+    rep = run_eval_encoder(EvalConfig(encoder=str(enc), data=a.data, data_mpp=a.mpp, seed=0))
     rep["sweep"] = {"variant": a.variant, "steps": res.steps_done, "train_seconds": round(train_s, 1),
                     "img_per_s_calibration": round(rate, 1), "validation": "source split of the training sources"}
     write_report(root / "validation.json", rep)

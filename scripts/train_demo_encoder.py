@@ -184,7 +184,7 @@ each tile's colour inside the encoder, during training and use alike, is what mo
 
 def _stage_training(stage: int) -> dict:
     """The ``training`` block of a stage's exported encoder.json ({} when that stage has not run)."""
-    from wsi_pipeline.formats import read_encoder_json
+    from wsi_pipeline.formats.cards import read_encoder_json
 
     path = stage_out(stage) / "encoder.json"
     return read_encoder_json(path)["training"] if path.exists() else {}
@@ -209,7 +209,7 @@ def _stage_line(stage: int, tr: dict, n_train: int) -> tuple[str, str]:
 def write_model_card(out: Path, report: dict) -> None:
     import json
 
-    from wsi_pipeline.formats import read_encoder_json
+    from wsi_pipeline.formats.cards import read_encoder_json
     from wsi_pipeline.ssl.evaluate import format_table
 
     meta = read_encoder_json(out)
@@ -261,9 +261,9 @@ def write_model_card(out: Path, report: dict) -> None:
 
 def evaluate(min_sources: int, json_name: str) -> dict:
     from wsi_pipeline.ssl.config import EvalConfig
-    from wsi_pipeline.ssl.evaluate import evaluate_encoder
+    from wsi_pipeline.ssl.evaluate import run_eval_encoder
 
-    return evaluate_encoder(EvalConfig(encoder=str(OUT), data=str(DATA), data_mpp=0.495, seed=0, device="cpu",
+    return run_eval_encoder(EvalConfig(encoder=str(OUT), data=str(DATA), data_mpp=0.495, seed=0, device="cpu",
                                        min_sources=min_sources, json_path=str(OUT / json_name)))
 
 
@@ -276,14 +276,14 @@ def main() -> int:
     import json
 
     from wsi_pipeline.ssl.evaluate import format_table
-    from wsi_pipeline.ssl.trainer import ssl_train
+    from wsi_pipeline.ssl.trainer import run_ssl_train
 
     if args.card_only:
         write_model_card(OUT, json.loads((OUT / "eval_kather16.json").read_text()))
         return 0
     if not args.eval_only:
         for stage in range(1, len(STAGES) + 1):
-            res = ssl_train(stage_config(stage))
+            res = run_ssl_train(stage_config(stage))
             print(f"stage {stage}: {res.steps_done} steps in {res.seconds / 60:.1f} min; encoder in {res.out_dir}")
     report = evaluate(8, "eval_kather16.json")
     print(format_table(report))

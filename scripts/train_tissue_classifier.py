@@ -1,15 +1,18 @@
 """Train the shipped tile tissue classifier ``models/wsip-tissue-kather16`` and write its model card.
 
-A linear head on frozen features of the demo encoder (``wsip-dino-r10``), fitted on the TRAIN source images
+An MLP head on frozen features of the demo encoder (``wsip-dino-r10``), fitted on the TRAIN source images
 of Kather et al. 2016 (``../shared/data/kather16``; source split seed 0, 30 % of each class's tiles held out
 by source image — the split of ``wsi eval-encoder`` and of the demo encoder's pretraining), evaluated on the
 held-out sources. Tiles are embedded at the encoder's 0.5 µm/px (150 px @ 0.495 → 148 px, not stretched).
+The head also sees context windows: windows of random mosaics of the training tiles, computed as ``wsi tme``
+computes its dense map, labelled with their class-area fractions; its soft confusion matrix (grouped CV on the
+training sources) is stored for the area correction of ``wsi tme``.
 
     nice python scripts/train_tissue_classifier.py
     nice python scripts/train_tissue_classifier.py --encoder timm:resnet18 --out /tmp/clf   # plumbing only
 
-Same as ``wsi tissue-train --data ../shared/data/kather16 --mpp 0.495 --encoder wsip-dino-r10
---out models/wsip-tissue-kather16`` plus the model card. The head is fitted on the training sources only, so
+Same as ``wsi tissue-train --data ../shared/data/kather16 --mpp 0.495 --encoder wsip-dino-r10 --head mlp
+--epochs 400 --context-mosaics 24 --area-correction --out models/wsip-tissue-kather16`` plus the model card. The head is fitted on the training sources only, so
 ``scripts/eval_tme.py`` can build its held-out mosaics from the test sources.
 """
 
@@ -30,9 +33,10 @@ OUT = REPO / "models" / "wsip-tissue-kather16"
 
 CARD = """# {name}: tile tissue classifier (8 colorectal tissue classes)
 
-A {head} head on frozen features of the demo encoder `{encoder}` ({embed_dim}-d), classifying a tile into
-the 8 classes of Kather et al. 2016: {classes}.
-Used by `wsi tme` for tissue-composition maps, TIL fraction and the spatial immune phenotype.
+A{n_} {head} head on frozen features of the demo encoder `{encoder}` ({embed_dim}-d), classifying a tile (a
+74-µm field of view) into the 8 classes of Kather et al. 2016: {classes}.
+Used by `wsi tme` for its dense tissue-class maps (one window per 16-µm cell), composition, TIL fraction and
+the spatial immune phenotype.
 
 **For demonstrations and tests only. Not for clinical use.**
 
@@ -49,6 +53,20 @@ never stretched to the nominal {input_size}-px input. `wsi tme` checks the scale
 {n_test} held-out tiles from source images not used for training (07_ADIPOSE and 08_EMPTY have too few
 source images and are split by tile).{encoder_note}
 The head is fitted on the training tiles only ({fit_on}).
+
+## Training data: tiles and context windows
+The head is fitted on the training tiles (one-hot targets) and on {n_windows} context windows ({context}):
+windows of {n_mosaics} random mosaics of the training tiles (each tile rescaled to 0.5 µm/px, rotated and
+flipped at random, {grid} cells per mosaic), computed exactly as `wsi tme` computes its dense map (the
+encoder's feature map over the mosaic, averaged over each window's {window_cells} × {window_cells} cells of
+{cell_px} px), with the window's class-area fractions as soft targets. A head trained on pure tiles only calls
+a mixed window by its most conspicuous class, so its averaged probabilities under-count lymphocytes and
+adipose tissue in mixed fields; with the context windows they estimate areas. Tiles and windows weigh equally
+(context weight {context_weight}); classes are balanced by their total target mass.
+
+Area correction: the head's soft confusion matrix, by 4-fold cross-validation over the training source images
+(each fold's head refit with every context window), is stored in `classifier.json` (`area_correction`);
+`wsi tme` inverts it on each slide's expected class areas (non-negative least squares, total kept).
 
 ## Evaluation (held-out source images)
 - balanced accuracy: **{bacc:.3f}** (accuracy {acc:.3f}, n = {n_eval})
@@ -68,9 +86,12 @@ Confusion matrix (rows = truth, columns = predicted):
 {confusion}
 ```
 
+Context windows of {n_eval_mosaics} mosaics of the held-out tiles ({n_eval_windows} windows): area-fraction MAE
+{window_mae:.3f} per window, {composition_mae:.3f} per mosaic (mean of its windows against the mosaic's truth).
+
 ## Recipe
-`nice python scripts/train_tissue_classifier.py` ({head} head, class-balanced cross-entropy, full-batch
-AdamW, {epochs} steps, lr {lr}, weight decay {wd}; features standardised). CPU, {seconds:.0f} s.
+`nice python scripts/train_tissue_classifier.py` ({head} head{hidden_note}, class-balanced soft cross-entropy,
+full-batch AdamW, {epochs} steps, lr {lr}, weight decay {wd}; features standardised). CPU, {seconds:.0f} s.
 Then `nice python scripts/eval_tme.py --json models/{name}/eval_tme.json --card models/{name}/README.md`
 adds the held-out mosaic evaluation below. A retrained demo encoder (new weights checksum) needs both
 steps again: `wsi tme` refuses a classifier whose encoder weights changed.
@@ -95,18 +116,26 @@ def write_card(clf: TissueClassifier, out: Path) -> Path:
     cfg = tr["config"]
     recall_rows = "\n".join(f"| {c} | {r:.3f} |" if r is not None else f"| {c} | – |"
                             for c, r in held["per_class_recall"].items())
+    ctx = tr.get("context") or {}
+    ctx_eval = clf.metrics.get("held_out_context") or {}
     text = CARD.format(
-        name=out.name, head=clf.head, encoder=clf.encoder, embed_dim=clf.embed_dim,
-        classes=", ".join(clf.class_names), mpp=clf.mpp, scaled=tr["scaled_tile_px"], fit=clf.fit,
-        input_size=clf.input_size, sha=clf.encoder_weights_sha256[:16] or "random-init", n_tiles=tr["n_tiles"],
-        seed=tr["split"]["seed"], test_fraction=tr["split"]["test_fraction"], n_train=tr["n_train"],
-        n_test=tr["n_test"], fit_on=tr["fit_on"], bacc=held["balanced_accuracy"], acc=held["accuracy"],
-        n_eval=held["n"], colour=clf.metrics["colour_baseline_held_out"]["balanced_accuracy"],
+        name=out.name, head=clf.head, n_=("n" if clf.head[0] in "aeiou" else ""), encoder=clf.encoder,
+        embed_dim=clf.embed_dim, classes=", ".join(clf.class_names), mpp=clf.mpp, scaled=tr["scaled_tile_px"],
+        fit=clf.fit, input_size=clf.input_size, sha=clf.encoder_weights_sha256[:16] or "random-init",
+        n_tiles=tr["n_tiles"], seed=tr["split"]["seed"], test_fraction=tr["split"]["test_fraction"],
+        n_train=tr["n_train"], n_test=tr["n_test"], fit_on=tr["fit_on"], bacc=held["balanced_accuracy"],
+        acc=held["accuracy"], n_eval=held["n"], colour=clf.metrics["colour_baseline_held_out"]["balanced_accuracy"],
         train_bacc=clf.metrics["train_balanced_accuracy"], recall_rows=recall_rows,
         confusion=format_confusion(held), epochs=cfg["epochs"], lr=cfg["lr"], wd=cfg["weight_decay"],
-        seconds=tr["seconds"],
+        seconds=tr["seconds"], hidden_note=f", {clf.hidden} hidden units" if clf.head == "mlp" else "",
         encoder_note=(" The demo encoder was pretrained (without labels) on the same training sources."
                       if clf.encoder == "wsip-dino-r10" else ""),
+        n_windows=ctx.get("n_mosaics", 0) * ctx.get("windows_per_mosaic", 0), context=ctx.get("method", "none"),
+        n_mosaics=ctx.get("n_mosaics", 0), grid="×".join(str(v) for v in ctx.get("grid", [])),
+        window_cells=ctx.get("window_cells", 0), cell_px=ctx.get("cell_px", 0), context_weight=cfg["context_weight"],
+        n_eval_mosaics=ctx_eval.get("n_mosaics", 0), n_eval_windows=ctx_eval.get("n_windows", 0),
+        window_mae=ctx_eval.get("window_mae", float("nan")), composition_mae=ctx_eval.get("composition_mae",
+                                                                                         float("nan")),
     )
     path = out / "README.md"
     path.write_text(text)
@@ -119,8 +148,10 @@ def main() -> int:
     ap.add_argument("--weights", default=None)
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--out", default=str(OUT))
-    ap.add_argument("--head", default="linear", choices=("linear", "mlp"))
-    ap.add_argument("--epochs", type=int, default=300)
+    ap.add_argument("--head", default="mlp", choices=("linear", "mlp"))
+    ap.add_argument("--epochs", type=int, default=400)
+    ap.add_argument("--context-mosaics", type=int, default=24, help="random mosaics of training tiles (0 = none)")
+    ap.add_argument("--no-area-correction", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache", default=str(REPO / "runs" / "tissue-features"),
                     help="cache of embedded training tiles ('' = none)")
@@ -128,12 +159,13 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from wsi_pipeline.tme.classifier import format_confusion
     from wsi_pipeline.tme.config import TissueTrainConfig
-    from wsi_pipeline.tme.train import train_tissue_classifier
+    from wsi_pipeline.tme.train import run_tissue_train
 
     cfg = TissueTrainConfig(encoder=args.encoder, weights=args.weights, data=args.data, out=args.out, mpp=0.495,
                             head=args.head, epochs=args.epochs, device=args.device, seed=0, test_fraction=0.3,
-                            feature_cache=args.cache)
-    clf = train_tissue_classifier(cfg)
+                            feature_cache=args.cache, context_mosaics=args.context_mosaics,
+                            area_correction=not args.no_area_correction)
+    clf = run_tissue_train(cfg)
     card = write_card(clf, Path(args.out))
     held = clf.metrics["held_out"]
     print(f"held-out balanced accuracy {held['balanced_accuracy']:.3f} (accuracy {held['accuracy']:.3f}, "

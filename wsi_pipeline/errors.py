@@ -30,7 +30,8 @@ class SlideNotFoundError(SlideError, FileNotFoundError):
     """The slide path does not exist."""
 
     def __init__(self, path: str | Path) -> None:
-        super().__init__(path, "no such file", "check the path")
+        super().__init__(path, "no such file or folder",
+                         f"check the path (a relative path starts from the current folder, {Path.cwd()})")
 
 
 class UnsupportedFormatError(SlideError):

@@ -102,7 +102,7 @@ def resolve_model_dir(model: str) -> Path:
 
 def model_encoder(model_dir: Path) -> tuple[str, float | None]:
     """(encoder name, tile µm/px) the model was trained on, read from its card without importing torch."""
-    from wsi_pipeline.formats import read_model_json
+    from wsi_pipeline.formats.cards import read_model_json
 
     enc = read_model_json(model_dir)["encoder"]
     return str(enc["name"]), enc.get("target_mpp")
@@ -111,16 +111,24 @@ def model_encoder(model_dir: Path) -> tuple[str, float | None]:
 def run_pipeline(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
     """Run every stage over ``cfg.slides`` into ``cfg.out``; per-slide failures never stop the run."""
     from wsi_pipeline.runfolder.resolved import save_resolved
-    from wsi_pipeline.slide import find_slides
+    from wsi_pipeline.slide.open import find_slides
 
     t0 = time.perf_counter()
     cfg.tiling.validate()
     paths = find_slides([cfg.slides], recursive=cfg.recursive)
     if not paths:
         raise ConfigError(f"{cfg.slides}: no slide files found (see `wsi info` for supported formats)")
+    if cfg.labels:
+        from wsi_pipeline.formats.tables import read_labels_csv
+
+        read_labels_csv(cfg.labels)  # a bad labels file fails now, before hours of work, not at the predict stage
     model_dir = resolve_model_dir(cfg.model)
     model_enc, model_mpp = model_encoder(model_dir)
     encoder = cfg.encoder or model_enc
+    if cfg.encoder:
+        from wsi_pipeline.encoders.registry import get_encoder_meta
+
+        get_encoder_meta(cfg.encoder)  # an unknown --encoder fails now, not after tiling
     if model_mpp and abs(float(model_mpp) - cfg.tiling.target_mpp) > 0.05 * float(model_mpp):
         raise ConfigError(f"model {model_dir.name} was trained on tiles at {model_mpp} µm/px; "
                           f"--target-mpp {cfg.tiling.target_mpp} would feed it another scale")

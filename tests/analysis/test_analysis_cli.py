@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner, Result
 
-from wsi_pipeline.analysis.simulate import run_tables_from_truth, simulate_cohort_tables, write_cohort_tables
+from wsi_pipeline.analysis.simulate import simulate_cohort_tables, write_cohort_tables
 from wsi_pipeline.cli import build_app
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.runfolder.layout import RunLayout
+from wsi_pipeline.synth.run_tables import run_tables_from_truth
 
 N_PATIENTS = 100
 JSON_KEYS = {"interaction_estimate", "interaction_ci_low", "interaction_ci_high", "interaction_p",

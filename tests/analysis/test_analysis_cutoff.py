@@ -8,13 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wsi_pipeline import formats as F
 from wsi_pipeline.analysis.config import PredictiveConfig
 from wsi_pipeline.analysis.cutoff import CutoffSpec, dichotomise, learn_cutoff, parse_cutoff
 from wsi_pipeline.analysis.predictive import prepare_cohort
 from wsi_pipeline.analysis.simulate import simulate_cohort_tables, write_cohort_tables
 from wsi_pipeline.analysis.tables import Sources
 from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.formats import api as F
 
 
 def test_parse_cutoff() -> None:

@@ -156,7 +156,7 @@ def test_train_with_covariates_compares_image_and_covariates(example: tuple[Path
     res = CliRunner().invoke(build_app(), [
         "train", str(run), "--labels", str(labels_csv), "--targets", "response:binary", "--covariates", "age,stage",
         "--model-out", str(model), "--folds", "2", "--epochs", "4", "--no-baseline", "--threads", "1",
-        "--n-bootstrap", "200", "--seed", "0"])
+        "--n-bootstrap", "200", "--seed", "0", "--head", "abmil"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     card = json.loads((model / "model.json").read_text())
     assert card["main_variant"] == "abmil+cov"

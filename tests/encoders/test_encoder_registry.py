@@ -10,16 +10,16 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from wsi_pipeline.encoders import (
-    Encoder,
-    EncoderMeta,
+from wsi_pipeline.encoders.base import Encoder
+from wsi_pipeline.encoders.convert import timm_vit_to_hf
+from wsi_pipeline.encoders.meta import EncoderMeta
+from wsi_pipeline.encoders.registry import (
     create_encoder,
     default_encoder_name,
     get_encoder_meta,
     get_entry,
     list_encoders,
 )
-from wsi_pipeline.encoders.convert import timm_vit_to_hf
 from wsi_pipeline.encoders.weights import load_weights
 from wsi_pipeline.errors import UnknownNameError, WeightsError
 
@@ -101,7 +101,7 @@ def test_preprocess_normalises_and_resizes() -> None:
 def test_timm_weights_roundtrip_safetensors_and_nested_pth(tmp_path) -> None:
     from safetensors.torch import save_file
 
-    from wsi_pipeline.formats import file_sha256
+    from wsi_pipeline.formats.hashing import file_sha256
 
     src = create_encoder("timm:vit_tiny_patch16_224")
     state = {k: v.contiguous() for k, v in src.trunk.state_dict().items()}

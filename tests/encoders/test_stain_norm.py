@@ -109,8 +109,8 @@ def test_restained_tile_gives_nearly_the_same_features(kather_dir: Path) -> None
 
 
 def test_stain_norm_round_trips_through_encoder_json(tmp_path: Path, kather_dir: Path) -> None:
-    from wsi_pipeline.encoders import create_encoder
     from wsi_pipeline.encoders.project import build_backbone, save_project_encoder
+    from wsi_pipeline.encoders.registry import create_encoder
 
     spec = fit_reinhard_target(kather_tiles(kather_dir, 1))
     folder = save_project_encoder(tmp_path / "enc", build_backbone("resnet10t"), {

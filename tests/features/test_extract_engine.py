@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_pipeline import formats as F
 from wsi_pipeline.errors import ConfigError
-from wsi_pipeline.features import ExtractConfig, run_extract
+from wsi_pipeline.features.config import ExtractConfig
+from wsi_pipeline.features.extract import run_extract
+from wsi_pipeline.formats import api as F
 from wsi_pipeline.runfolder.layout import RunLayout
 from wsi_pipeline.runfolder.status import read_status
-from wsi_pipeline.slide import open_slide
+from wsi_pipeline.slide.open import open_slide
 
 ENCODER = "timm:resnet18"
 REPO = Path(__file__).resolve().parents[2]
@@ -79,7 +80,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, slides: dict, weights: P
 
 
 def test_features_follow_tiles_order_and_match_the_encoder(tmp_path: Path, slides: dict, weights: Path) -> None:
-    from wsi_pipeline.encoders import create_encoder
+    from wsi_pipeline.encoders.registry import create_encoder
     from wsi_pipeline.tiles.embed import embed_images
 
     sub = {k: slides[k] for k in ("cmu", "generic")}
@@ -243,8 +244,9 @@ def test_encoders_command_lists_presets() -> None:
 
 
 def test_extract_slide_features_in_memory(small_svs: Path, weights: Path) -> None:
-    from wsi_pipeline.encoders import create_encoder
-    from wsi_pipeline.features import ReadSpec, extract_slide_features
+    from wsi_pipeline.encoders.registry import create_encoder
+    from wsi_pipeline.features.extract import extract_slide_features
+    from wsi_pipeline.features.reader import ReadSpec
 
     xy, attrs = _grid(small_svs, 5)
     enc = create_encoder(ENCODER, str(weights))
@@ -261,8 +263,8 @@ def test_a_reader_process_crash_fails_only_its_slide(tmp_path: Path, slides: dic
 
     real_getitem = D.SlideBatchDataset.__getitem__
 
-    def dies_on_generic(self, i):
-        if "generic" in self.sources[self.items[i][0]].slide_path:
+    def dies_on_generic(self, i):  # items are batches of (slide, positions) segments
+        if any("generic" in self.sources[si].slide_path for si, _ in self.items[i]):
             os._exit(3)
         return real_getitem(self, i)
 
@@ -278,7 +280,7 @@ def test_sigchld_suppression_is_scoped_to_our_loaders() -> None:
     the process get torch's usual behaviour afterwards."""
     from torch.utils.data._utils import signal_handling
 
-    from wsi_pipeline.features.extract import _no_async_worker_errors
+    from wsi_pipeline.features.engine import _no_async_worker_errors
 
     if not hasattr(signal_handling, "_SIGCHLD_handler_set"):
         pytest.skip("this torch has no _SIGCHLD_handler_set flag")

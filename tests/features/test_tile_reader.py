@@ -10,7 +10,7 @@ import pytest
 
 from wsi_pipeline.features.dataset import plan_batches, read_order
 from wsi_pipeline.features.reader import ReadSpec, open_tile_reader
-from wsi_pipeline.slide import open_slide
+from wsi_pipeline.slide.open import open_slide
 
 
 def _coords(dims: tuple[int, int], step: int, n: int, seed: int = 0) -> np.ndarray:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_pipeline import formats as F
 from wsi_pipeline.errors import FormatError
+from wsi_pipeline.formats import api as F
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
@@ -38,7 +38,8 @@ def test_model_json_reads_legacy_cards_and_refuses_newer_ones(tmp_path: Path) ->
     (tmp_path / "model.json").write_text(json.dumps(legacy))  # written before format_version existed
     assert F.read_model_json(tmp_path)["version"] == 1
     (tmp_path / "model.json").write_text(json.dumps({**legacy, "format_version": F.MODEL_JSON_VERSION + 1}))
-    with pytest.raises(FormatError, match=r"model\.json: format_version 2 is newer .*upgrade wsi-pipeline"):
+    newer = F.MODEL_JSON_VERSION + 1
+    with pytest.raises(FormatError, match=rf"model\.json: format_version {newer} is newer .*upgrade wsi-pipeline"):
         F.read_model_json(tmp_path)
 
 

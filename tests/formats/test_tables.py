@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wsi_pipeline import formats as F
 from wsi_pipeline.errors import FormatError, LabelsError
+from wsi_pipeline.formats import api as F
 
 PADDED = (
     " slide_id , patient_id ,response, til_fraction ,arm\n"

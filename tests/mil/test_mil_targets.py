@@ -58,3 +58,21 @@ def test_labels_errors_name_the_file(tmp_path):
     (tmp_path / "nos.csv").write_text("patient_id,response\np,1\n")
     with pytest.raises(LabelsError, match="slide_id"):
         load_labels(tmp_path / "nos.csv", parse_targets("response:binary"))
+
+
+def test_regression_bounds_are_declared_or_detected(tmp_path):
+    specs = parse_targets("til_fraction:regression[0,1],count:regression(n)[0,],z:regression[,],y:regression")
+    assert [s.bounds for s in specs] == [(0.0, 1.0), (0.0, None), (None, None), None]
+    assert specs[1].column == "n"
+    assert specs[0].to_dict()["bounds"] == [0.0, 1.0]
+    assert targets_from_config([{"name": "t", "kind": "regression", "bounds": [0, 1]}])[0].bounds == (0.0, 1.0)
+    np.testing.assert_array_equal(specs[0].clamp(np.array([-0.08, 0.5, 1.2])), [0.0, 0.5, 1.0])
+    np.testing.assert_array_equal(specs[1].clamp(np.array([-1.0, 7.0])), [0.0, 7.0])
+    for bad in ("r:binary[0,1]", "t:regression[1,0]", "t:regression[a,1]", "t:regression[0]"):
+        with pytest.raises(LabelsError):
+            parse_targets(bad)
+
+    csv = tmp_path / "labels.csv"
+    csv.write_text("slide_id,frac,score,declared\na,0.0,-2.5,0.2\nb,0.31,4.0,0.4\nc,,1.0,0.3\n")
+    lab = load_labels(csv, parse_targets("frac:regression,score:regression,declared:regression[,]"))
+    assert [t.bounds for t in lab.targets] == [(0.0, 1.0), (None, None), (None, None)]

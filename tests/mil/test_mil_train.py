@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from wsi_pipeline.cli import build_app
 from wsi_pipeline.errors import ConfigError, LabelsError, ScaleMismatchError
-from wsi_pipeline.formats import read_features_h5, read_scores_h5, write_features_h5
+from wsi_pipeline.formats.h5 import read_features_h5, read_scores_h5, write_features_h5
 from wsi_pipeline.mil.config import EvaluateConfig, PredictConfig
-from wsi_pipeline.mil.predict import evaluate_run, predict_run
+from wsi_pipeline.mil.predict import predict_run, run_evaluate
 from wsi_pipeline.mil.simulate import SimSpec, simulate_feature_cohort
 
 TARGETS = "response:binary,immune_phenotype:multiclass,til_fraction:regression,os:survival(os_months,os_event)"
@@ -44,7 +44,7 @@ def trained(cohort, tmp_path_factory) -> Path:
     run, labels = cohort
     model = tmp_path_factory.mktemp("models") / "abmil-demo"
     _invoke("train", run, "--labels", labels, "--targets", TARGETS, "--model-out", model, "--folds", "3",
-            "--epochs", "25", "--seed", "1", "--threads", "1", "--n-bootstrap", "300")
+            "--epochs", "25", "--seed", "1", "--threads", "1", "--n-bootstrap", "300", "--head", "abmil")
     return model
 
 
@@ -136,7 +136,7 @@ def test_heldout_cohort_evaluate_and_subgroups(trained, tmp_path):
     labels = simulate_feature_cohort(tmp_path / "test", tmp_path / "test_labels.csv", spec)
     run = tmp_path / "test"
     with pytest.raises(ConfigError, match="wsi predict"):
-        evaluate_run(EvaluateConfig(run=str(run), model=str(trained), labels=str(labels)))
+        run_evaluate(EvaluateConfig(run=str(run), model=str(trained), labels=str(labels)))
     _invoke("predict", run, "--model", trained, "--labels", labels)
     out = _invoke("evaluate", run, "--model", trained, "--labels", labels, "--n-bootstrap", "300")
     assert "Held-out metrics" in out
@@ -232,14 +232,14 @@ def test_ddp_two_ranks_match_single_process(cohort, tmp_path):
 
 def test_train_config_errors(cohort, tmp_path):
     from wsi_pipeline.mil.config import TrainConfig
-    from wsi_pipeline.mil.train import train_cv
+    from wsi_pipeline.mil.train import run_train
 
     run, labels = cohort
     base = {"run": str(run), "labels": str(labels), "targets": "response:binary", "model_out": str(tmp_path / "m")}
     with pytest.raises(ConfigError, match="available: abmil"):
-        train_cv(TrainConfig(**base, head="nope"))
+        run_train(TrainConfig(**base, head="nope"))
     with pytest.raises(ConfigError, match="--folds"):
-        train_cv(TrainConfig(**base, folds=1))
+        run_train(TrainConfig(**base, folds=1))
     # the flag the message names exists on the CLI and reaches the config
     res = CliRunner().invoke(build_app(), ["train", str(run), "--labels", str(labels), "--targets", "response:binary",
                                            "--model-out", str(tmp_path / "m"), "--batch-bags", "0"])
@@ -247,9 +247,9 @@ def test_train_config_errors(cohort, tmp_path):
     other = tmp_path / "other.csv"
     other.write_text("slide_id,response\nX1,1\nX2,0\n")
     with pytest.raises(LabelsError, match="no slide_id matches"):
-        train_cv(TrainConfig(**{**base, "labels": str(other)}))
+        run_train(TrainConfig(**{**base, "labels": str(other)}))
     with pytest.raises(LabelsError, match="needs column"):
-        train_cv(TrainConfig(**{**base, "targets": "nothere:binary"}))
+        run_train(TrainConfig(**{**base, "targets": "nothere:binary"}))
 
 
 def test_encoder_weights_checksum_is_recorded_and_checked():

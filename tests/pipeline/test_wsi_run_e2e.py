@@ -63,3 +63,27 @@ def test_wsi_run_end_to_end_with_a_corrupt_slide(tmp_path: Path) -> None:
     assert before == after, "a second run must not redo any work"
     summary = yaml.safe_load((run / "config.yaml").read_text())["summary"]
     assert all(stage["done"] == 0 for stage in summary.values()), summary
+
+    # --labels on the existing RUN: every stage that depends on the labels is redone, nothing else
+    labels = tmp_path / "labels.csv"
+    shutil.copy(REPO / "data_samples" / "labels.csv", labels)
+    r3 = subprocess.run([sys.executable, "-m", "wsi_pipeline", "run", str(slides), "--out", str(run), "--workers", "2",
+                         "--labels", str(labels)], capture_output=True, text=True, timeout=1200)
+    assert r3.returncode == 1, r3.stderr[-3000:]
+    summary = yaml.safe_load((run / "config.yaml").read_text())["summary"]
+    assert {k for k, v in summary.items() if v["done"]} == {"predict", "report"}, summary
+    truth = pd.read_csv(labels, dtype=str).set_index("slide_id")
+    preds = pd.read_csv(run / "predictions.csv", dtype=str).set_index("slide_id")
+    assert (preds["patient_id"] == truth.loc[preds.index, "patient_id"]).all()
+    html = (run / "report.html").read_text()
+    assert "No labels CSV given" not in html and "AUROC" in html
+    assert _snapshot(run)["heatmaps/P002_1/index.json"] == after["heatmaps/P002_1/index.json"]  # scores unchanged
+
+    # --force redoes tiling and everything that depends on it
+    r4 = subprocess.run([sys.executable, "-m", "wsi_pipeline", "run", str(slides), "--out", str(run), "--workers", "2",
+                         "--labels", str(labels), "--force", "--no-heatmaps"], capture_output=True, text=True,
+                        timeout=1200)
+    assert r4.returncode == 1, r4.stderr[-3000:]
+    summary = yaml.safe_load((run / "config.yaml").read_text())["summary"]
+    assert all(summary[s]["done"] >= 1 for s in ("tile", "extract", "predict", "tme", "report")), summary
+    assert summary["tile"]["done"] == 2 and summary["tile"]["failed"] == 1

@@ -16,7 +16,8 @@ from wsi_pipeline.analysis.config import EvolutionConfig, PredictiveConfig
 from wsi_pipeline.analysis.evolution import run_evolution
 from wsi_pipeline.analysis.predictive import run_predictive
 from wsi_pipeline.analysis.simulate import simulate_cohort_tables, write_cohort_tables
-from wsi_pipeline.formats import write_patient_predictions_csv, write_text_atomic
+from wsi_pipeline.formats.atomic import write_text_atomic
+from wsi_pipeline.formats.tables import write_patient_predictions_csv
 from wsi_pipeline.mil.tables import patient_frame
 from wsi_pipeline.report.inputs import infer_targets
 from wsi_pipeline.runfolder.layout import RunLayout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -67,8 +68,10 @@ def test_report_with_labels_has_every_section(fake_run: Any, tmp_path: Path) -> 
     assert set(refs.sections) >= ALL_SECTIONS
     html = res.path.read_text()
     for needle in ("AUROC", "calibration slope", "C-index", "Spearman", "responder rate", "Interaction OR",
-                   "Change scores", fake_run.failed_slide, "truncated JPEG tile", "CorruptSlideError"):
+                   "Change scores", fake_run.failed_slide, "truncated JPEG tile", "CorruptSlideError",
+                   "Kaplan–Meier by tertiles of the predicted risk"):
         assert needle in html, needle
+    assert re.search(r"predicted risk in this cohort \(descriptive cut-offs\); log-rank p = [0-9.e<-]+", html)
     # every slide's thumbnail is inlined (plus figures)
     n_slides = len((run / "predictions.csv").read_text().splitlines()) - 1
     assert html.count("class='thumb'") == n_slides
@@ -153,3 +156,53 @@ def test_model_card_supplies_targets_and_fixed_subgroup_cutoffs(fake_run: Any, t
     assert "Out-of-fold metrics at training" in html and "0.81" in html
     assert "til_fraction (regression" not in html  # not a target of this model
     assert "in-sample" not in html  # this RUN is not the model's training run
+
+
+def test_model_section_shows_calibration_head_choice_and_recorded_cut_off(fake_run: Any, tmp_path: Path) -> None:
+    """A calibrated model: reliability diagrams of its out-of-fold predictions before → after calibration
+    with ECE, slope, intercept and Brier; how --head auto chose the head; the main model flagged when it
+    loses to its baseline; the confusion matrix at the recorded t_pred cut-off."""
+    import json
+
+    import numpy as np
+    import yaml
+
+    from wsi_pipeline.evaluate.bootstrap import Truth, bootstrap_weights
+    from wsi_pipeline.mil.calibration import TargetCalibrator, fit_calibrator
+    from wsi_pipeline.mil.oof import before_after
+    from wsi_pipeline.mil.selection import choose_head
+    from wsi_pipeline.mil.targets import TargetSpec
+
+    run = tmp_path / "RUN"
+    shutil.copytree(fake_run.run, run)
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1.5, 60)
+    y = (rng.random(60) < 1 / (1 + np.exp(-z))).astype(int)
+    raw = 1 / (1 + np.exp(-(3 * z + 1.5)))
+    cal = TargetCalibrator(fit_calibrator("platt", TargetSpec("response", "binary", classes=["0", "1"]), raw, y))
+    fig = before_after(Truth("binary", y.astype(float)), raw, cal(raw), bootstrap_weights(60, 200, 0), cal)
+    sel = choose_head(["meanpool", "abmil"], {"meanpool": [{"response": 0.8}], "abmil": [{"response": 0.7}]},
+                      0.01, 3, 20)
+    model = tmp_path / "cal_model"
+    model.mkdir()
+    card = {"name": "cal_model", "main_variant": "meanpool", "encoder": {"name": "demo-encoder"},
+            "variants": {"meanpool": {"folds": [], "thresholds": {"response": 0.437},
+                                      "calibration": {"response": cal.to_dict()}}},
+            "targets": [{"name": "response", "kind": "binary", "column": "response", "classes": ["0", "1"]}],
+            "head_selection": sel.to_dict()}
+    (model / "model.json").write_text(json.dumps(card))
+    (model / "metrics.json").write_text(json.dumps({
+        "models": {}, "calibration": {"models": {"meanpool": {"response": fig}}}, "head_selection": sel.to_dict(),
+        "baseline_check": {"main": "meanpool", "baseline": "meanpool-baseline", "main_score": 0.7,
+                           "baseline_score": 0.8, "loses_to_baseline": True}}))
+    layout = RunLayout(run)
+    layout.command_config_yaml("predict").parent.mkdir(parents=True, exist_ok=True)
+    layout.command_config_yaml("predict").write_text(yaml.safe_dump({"predict": {"model": str(model)}}))
+    res = build_report(ReportConfig(run=str(run), labels=str(fake_run.labels), n_boot=200))
+    html = res.path.read_text()
+    model_html = html[html.index("id='model'"):]
+    assert "Calibration of the out-of-fold predictions" in model_html and "before → after platt" in model_html
+    assert "chosen by <code>--head auto</code>" in model_html and "highest mean inner-CV score" in model_html
+    assert "scores below its own baseline" in model_html
+    assert "threshold 0.437" not in html  # figure titles are drawn, not text; the caption names the source
+    assert "threshold: the model&#x27;s recorded cut-off" in html or "threshold: the model's recorded cut-off" in html

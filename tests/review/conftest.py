@@ -27,7 +27,7 @@ class ReviewRun:
 
 
 def _build(root: Path, slide: Path) -> ReviewRun:
-    from wsi_pipeline import formats as F
+    from wsi_pipeline.formats import api as F
     from wsi_pipeline.review.synthetic import build_scored_run
     from wsi_pipeline.runfolder.layout import RunLayout
 

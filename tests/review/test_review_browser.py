@@ -1,7 +1,8 @@
 """End-to-end: the real viewer (uvicorn on a loopback port) driven in headless Debian Chromium with Selenium.
 
-Opens the slide list and a slide, toggles the heatmap and checks by pixels in screenshots that it appears
-and disappears at the hot tile's place, checks the tooltip value and the top-k jump.
+Opens the slide list and a slide, checks that the first target's heatmap is shown from the start, toggles it
+and checks by pixels in screenshots that it disappears and comes back at the hot tile's place, checks the
+tooltip value and the top-k jump.
 Runs in CI (CI set): a missing chromium there is a failure, not a skip.
 """
 
@@ -129,6 +130,9 @@ def test_viewer_overlay_tooltip_and_topk(live_server: str, driver, review_run) -
     _wait(drv, "return location.pathname === '/slide/blob'")
     _wait_ready(drv)
 
+    toggle = drv.find_element(By.ID, "overlay-toggle")
+    assert toggle.is_selected(), "a model's scores exist: the overlay is shown without ticking it"
+    assert Select(drv.find_element(By.ID, "channel")).first_selected_option.get_attribute("value") == "response"
     Select(drv.find_element(By.ID, "channel")).select_by_value("response")
     drv.execute_script("const o = document.getElementById('opacity'); o.value = 100;"
                        "o.dispatchEvent(new Event('input'));")
@@ -139,20 +143,19 @@ def test_viewer_overlay_tooltip_and_topk(live_server: str, driver, review_run) -
     zoom = drv.execute_script("return wsiViewer.state.zoom;")
     assert review_run.tile_size_l0 * zoom > 40, "a tile should cover enough screen pixels to test"
 
-    off = _screenshot(drv)
-    toggle = drv.find_element(By.ID, "overlay-toggle")
-    toggle.click()
-    _wait_ready(drv)
     on = _screenshot(drv)
     toggle.click()
     _wait_ready(drv)
-    off_again = _screenshot(drv)
+    off = _screenshot(drv)
+    toggle.click()
+    _wait_ready(drv)
+    on_again = _screenshot(drv)
 
     top_colour = colormap_lut("RdYlBu_r")[-1].astype(int)  # the hot tile is the slide's top percentile
     on_px, off_px = _patch(on, hot["x"], hot["y"]), _patch(off, hot["x"], hot["y"])
     assert np.abs(on_px - top_colour).max() < 12, (on_px, top_colour)  # opacity 100%: the heat colour
     assert np.abs(off_px - top_colour).max() > 60, off_px  # without overlay: tissue, not heat
-    assert np.abs(_patch(off_again, hot["x"], hot["y"]) - off_px).max() < 4  # gone again
+    assert np.abs(_patch(on_again, hot["x"], hot["y"]) - on_px).max() < 4  # back again
     # glass outside every tile is never coloured
     assert np.abs(_patch(on, glass["x"], glass["y"]) - _patch(off, glass["x"], glass["y"])).max() < 4
     # the overlay covers the tiles only: more of the image changes than the hot tile, but not all of it
@@ -185,7 +188,6 @@ def test_viewer_overlay_tooltip_and_topk(live_server: str, driver, review_run) -
     # legend drawn with the channel's label
     assert "response" in drv.find_element(By.ID, "legend-label").text
     if os.environ.get("WSI_VIEWER_SCREENSHOT"):
-        toggle.click()
         drv.execute_script("const o = document.getElementById('opacity'); o.value = 55;"
                            "o.dispatchEvent(new Event('input')); wsiViewer.fitView();")
         _wait_ready(drv)

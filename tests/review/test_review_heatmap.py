@@ -102,7 +102,7 @@ def test_overlay_png_is_aligned(heat, review_run) -> None:
 
 
 def test_figure_png_is_aligned(heat, review_run, small_svs) -> None:
-    from wsi_pipeline.slide import open_slide
+    from wsi_pipeline.slide.open import open_slide
 
     _, layout, index = heat
     ch = _channel(index, "response")
@@ -186,7 +186,7 @@ def test_cli_heatmap_and_export(review_run, tmp_path: Path) -> None:
 def test_scores_with_other_coordinates_than_the_tiles_file(review_run, tmp_path: Path) -> None:
     """Scores computed on a subset of the tiles (e.g. features of readable tiles only) map by their own
     coordinates."""
-    from wsi_pipeline import formats as F
+    from wsi_pipeline.formats import api as F
     from wsi_pipeline.review.scores import load_slide_scores
 
     root = tmp_path / "run"

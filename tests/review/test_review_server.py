@@ -10,6 +10,8 @@ from PIL import Image
 
 from wsi_pipeline.review.config import ViewerConfig
 
+LOCAL = "http://127.0.0.1"  # the viewer answers only to loopback names (and --host / --allow-host)
+
 
 @pytest.fixture(scope="module")
 def client(review_run):
@@ -17,7 +19,7 @@ def client(review_run):
 
     from wsi_pipeline.review.server import create_app
 
-    with TestClient(create_app(review_run.root, ViewerConfig(tile_cache=64))) as c:
+    with TestClient(create_app(review_run.root, ViewerConfig(tile_cache=64)), base_url=LOCAL) as c:
         yield c
 
 
@@ -135,7 +137,7 @@ def test_run_without_scores_still_lists_slides(review_run, tmp_path) -> None:
 
     root = tmp_path / "run"
     shutil.copytree(review_run.root, root, ignore=shutil.ignore_patterns("scores"))
-    with TestClient(create_app(root)) as c:
+    with TestClient(create_app(root), base_url=LOCAL) as c:
         assert c.get("/api/slides").json()["slides"][0]["has_scores"] is False
         assert c.get("/api/slides/blob").json()["channels"] == []
         assert c.get("/api/slides/blob/tiles").status_code == 404
@@ -155,10 +157,77 @@ def test_non_openslide_slide_is_served_through_the_adapter(tmp_path) -> None:
     Image.fromarray(img).save(slide)
     run = build_scored_run(tmp_path / "run", slide, tiling=TilingConfig(slide_mpp=0.5, min_tissue_area_um2=100))
     assert len(run.l0_xy) > 0
-    with TestClient(create_app(tmp_path / "run")) as c:
+    with TestClient(create_app(tmp_path / "run"), base_url=LOCAL) as c:
         info = c.get("/api/slides/plain").json()
         assert (info["width"], info["height"]) == (800, 600)
         whole = np.asarray(Image.open(io.BytesIO(c.get("/dzi/plain_files/8/0_0.jpeg").content)).convert("RGB"))
         assert whole.shape == (150, 200, 3)  # level 8 of 10 (2^10 ≥ 800): 800/4 × 600/4 in one tile
         assert abs(int(whole[75, 100, 0]) - 190) < 12 and abs(int(whole[5, 5, 0]) - 240) < 12
         assert c.get("/api/slides/plain/overlay/response.png").status_code == 200
+
+
+@pytest.mark.parametrize("host", ["attacker.example", "attacker.example:8000", "127.0.0.1.attacker.example",
+                                  "localhost.attacker.example", "", "testserver"])
+def test_other_host_names_are_refused(client, host: str) -> None:
+    """DNS rebinding: a page on attacker.example whose name resolves to 127.0.0.1 gets nothing."""
+    for url in ("/", "/api/slides", "/api/slides/blob"):
+        r = client.get(url, headers={"Host": host})
+        assert r.status_code == 400, (url, r.status_code)
+        assert "not allowed" in r.text and "DNS rebinding" in r.text and "--allow-host" in r.text
+        assert "blob" not in r.text
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:8000", "localhost:8000", "LOCALHOST", "[::1]:8000",
+                                  "localhost."])
+def test_loopback_host_names_are_served(client, host: str) -> None:
+    assert client.get("/api/slides", headers={"Host": host}).status_code == 200
+
+
+def test_host_given_and_allowed_names_are_served(review_run) -> None:
+    from fastapi.testclient import TestClient
+
+    from wsi_pipeline.review.server import allowed_hosts, create_app
+
+    cfg = ViewerConfig(host="10.1.2.3", allow_hosts=["viewer.lab.example"])
+    assert {"10.1.2.3", "viewer.lab.example", "localhost", "127.0.0.1", "::1"} <= allowed_hosts(cfg)
+    with TestClient(create_app(review_run.root, cfg), base_url=LOCAL) as c:
+        for host in ("10.1.2.3:8000", "viewer.lab.example", "localhost:8000"):
+            assert c.get("/api/slides", headers={"Host": host}).status_code == 200, host
+        assert c.get("/api/slides", headers={"Host": "attacker.example"}).status_code == 400
+
+
+def test_wsi_view_prints_its_url_once_the_port_is_bound(review_run, tmp_path) -> None:
+    """The URL `wsi view` prints answers at once; a second viewer on the same port is a typed error."""
+    import http.client
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "wsi_pipeline", "view", str(review_run.root), "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"wsi view: http://127.0.0.1:{port}/"), (line, proc.stderr.read() if proc.poll() else "")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # no retry: bound when printed
+        conn.request("GET", "/api/slides")
+        assert conn.getresponse().status == 200
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/api/slides", headers={"Host": "attacker.example"})
+        resp = conn.getresponse()
+        assert resp.status == 400 and b"DNS rebinding" in resp.read()
+        conn.close()
+
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and "wsi view:" not in second.stdout
+        assert f"cannot listen on 127.0.0.1:{port}" in second.stderr and "--port" in second.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -8,21 +8,24 @@ from pathlib import Path
 import pytest
 
 from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.formats import tables as F
 from wsi_pipeline.runfolder.batch import Shard, map_isolated, parse_shard
 from wsi_pipeline.runfolder.layout import RunLayout, safe_name
-from wsi_pipeline.runfolder.status import SlideStatus, failed, read_status, update_status
+from wsi_pipeline.runfolder.status import SlideStatus, compact_status, failed, read_status, update_status
 
 
 def test_status_upsert_and_no_churn(tmp_path: Path) -> None:
     p = tmp_path / "slides.csv"
     update_status(p, SlideStatus("a", "tile", n_tiles=3), SlideStatus("b", "tile", status="failed", error="boom"))
     update_status(p, SlideStatus("a", "extract", n_tiles=3))
-    rows = read_status(p)
+    rows = read_status(p)  # the journal merged before any compaction
     assert [(r.slide_id, r.stage) for r in rows] == [("a", "extract"), ("a", "tile"), ("b", "tile")]
     assert [r.slide_id for r in failed(p)] == ["b"]
+    assert compact_status(p).written and read_status(p) == rows == F.read_slides_csv(p)
+    assert not list((tmp_path / "status").glob("*.jsonl")) + list((tmp_path / "status").glob("*.folding"))
     before = p.stat().st_mtime_ns
     update_status(p, SlideStatus("b", "tile", status="failed", error="boom", seconds=9.0))  # same failure again
-    assert p.stat().st_mtime_ns == before
+    assert not compact_status(p).written and p.stat().st_mtime_ns == before
     update_status(p, SlideStatus("b", "tile", n_tiles=5))  # fixed
     assert not failed(p)
 
@@ -34,6 +37,7 @@ def test_status_rows_per_component(tmp_path: Path) -> None:
     update_status(p, SlideStatus("a", "extract", component="uni", status="failed", error="WeightsError: x"))
     rows = {r.component: r for r in read_status(p) if r.stage == "extract"}
     assert set(rows) == {"phikon", "uni"} and rows["phikon"].status == "done" and rows["uni"].status == "failed"
+    compact_status(p)
     assert p.read_text().splitlines()[0].startswith("slide_id,stage,component,")
     legacy = tmp_path / "legacy.csv"  # a slides.csv written before the component column existed still reads
     legacy.write_text("slide_id,stage,path,status,error,error_type,n_tiles,slide_mpp,seconds,updated\n"

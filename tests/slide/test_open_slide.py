@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from wsi_pipeline.errors import CorruptSlideError, MissingMPPError, SlideNotFoundError, UnsupportedFormatError
-from wsi_pipeline.slide import open_slide
+from wsi_pipeline.slide.open import open_slide
 
 
 def test_aperio_mpp_and_levels(cmu_svs: Path) -> None:
@@ -81,7 +81,7 @@ def test_read_region_at_mpp_picks_coarsest_sufficient_level(generic_tiff: Path) 
         assert tile.shape == (112, 112, 3) and tile.dtype == np.uint8
         # same physical area read from level 0 and shrunk
         ref = s.read_region((400, 400), 0, (224, 224))
-        from wsi_pipeline.slide import resize_rgb
+        from wsi_pipeline.slide.base import resize_rgb
 
         assert np.abs(resize_rgb(ref, (112, 112)).astype(int) - tile.astype(int)).mean() < 6
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from wsi_pipeline import formats as F
+from wsi_pipeline.formats import api as F
 
 REPO = Path(__file__).resolve().parents[2]
 FOLDER = REPO / "models" / "wsip-dino-r10"
 
 
 def test_shipped_encoder_is_the_default_small_and_recorded() -> None:
-    from wsi_pipeline.encoders import create_encoder, default_encoder_name
+    from wsi_pipeline.encoders.registry import create_encoder, default_encoder_name
 
     assert default_encoder_name() == "wsip-dino-r10"
     assert (FOLDER / "model.safetensors").stat().st_size <= 25e6
@@ -34,9 +34,9 @@ def test_shipped_encoder_is_the_default_small_and_recorded() -> None:
 def test_shipped_encoder_beats_random_init_on_held_out_sources(kather_dir: Path) -> None:
     """A small, fixed subsample of the eval-encoder protocol (the full run is recorded in eval_kather16.json)."""
     from wsi_pipeline.ssl.config import EvalConfig
-    from wsi_pipeline.ssl.evaluate import evaluate_encoder
+    from wsi_pipeline.ssl.evaluate import run_eval_encoder
 
-    r = evaluate_encoder(EvalConfig(encoder="wsip-dino-r10", data=str(kather_dir), data_mpp=0.495, seed=0,
+    r = run_eval_encoder(EvalConfig(encoder="wsip-dino-r10", data=str(kather_dir), data_mpp=0.495, seed=0,
                                     device="cpu", max_per_class=40, colour_baseline=False))
     assert r["split"]["mode_per_class"]["01_TUMOR"] == "source"
     assert r["knn_balanced_accuracy"] > r["random_init_knn_balanced_accuracy"] + 0.03, r

@@ -71,7 +71,7 @@ def test_flip_rot_and_blur_are_per_image() -> None:
 def test_run_folder_source_reads_tiles_from_slides(cmu_svs: Path, tmp_path: Path) -> None:
     from wsi_pipeline.config import TilingConfig
     from wsi_pipeline.runfolder.layout import RunLayout
-    from wsi_pipeline.slide import open_slide
+    from wsi_pipeline.slide.open import open_slide
     from wsi_pipeline.tiling.stage import tile_slide
 
     layout = RunLayout(tmp_path / "RUN")
@@ -82,9 +82,9 @@ def test_run_folder_source_reads_tiles_from_slides(cmu_svs: Path, tmp_path: Path
         _, x, y = src.entries[3]
         np.testing.assert_array_equal(src.read(3), s.read_region_at_mpp((int(x), int(y)), 1.0, 64))
     from wsi_pipeline.ssl.config import SSLConfig
-    from wsi_pipeline.ssl.trainer import ssl_train
+    from wsi_pipeline.ssl.trainer import run_ssl_train
 
-    res = ssl_train(SSLConfig(
+    res = run_ssl_train(SSLConfig(
         data=str(layout.root), out=str(tmp_path / "enc"), arch="resnet10t", steps=2, batch_size=4, out_dim=32,
         hidden_dim=32, bottleneck_dim=16, augment=A.AugmentConfig(global_size=32, local_size=16, n_local=1, mpp=1.0),
         max_tiles_per_slide=20, threads=1, checkpoint_every=0,

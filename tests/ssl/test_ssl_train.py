@@ -45,13 +45,13 @@ def tiny_config(data: Path, out: Path, steps: int, **kw) -> SSLConfig:
 
 
 def test_loss_falls_and_export_loads_through_registry(tiny_tiles: Path, tmp_path: Path) -> None:
-    from wsi_pipeline.encoders import create_encoder
     from wsi_pipeline.encoders.project import load_project_encoder
-    from wsi_pipeline.ssl.trainer import ssl_train
+    from wsi_pipeline.encoders.registry import create_encoder
+    from wsi_pipeline.ssl.trainer import run_ssl_train
     from wsi_pipeline.tiles.embed import embed_images
 
     out = tmp_path / "enc"
-    res = ssl_train(tiny_config(tiny_tiles, out, steps=40))
+    res = run_ssl_train(tiny_config(tiny_tiles, out, steps=40))
     assert res.completed and res.steps_done == 40 and len(res.losses) == 40
     assert all(np.isfinite(res.losses)) and len(res.kl) == 40
     # DINO loss = teacher entropy + KL(teacher ‖ student). From identical init the centring first flattens
@@ -85,14 +85,14 @@ def test_loss_falls_and_export_loads_through_registry(tiny_tiles: Path, tmp_path
 
 
 def test_exact_resume_equals_straight_run(tiny_tiles: Path, tmp_path: Path) -> None:
-    from wsi_pipeline.ssl.trainer import ssl_train
+    from wsi_pipeline.ssl.trainer import run_ssl_train
 
     n, k = 6, 3
     # the straight run also loads its batches in 2 worker processes: batches depend on (seed, step) only
-    straight = ssl_train(tiny_config(tiny_tiles, tmp_path / "a", n, checkpoint_every=2, workers=2))
-    part1 = ssl_train(tiny_config(tiny_tiles, tmp_path / "b", n, checkpoint_every=2, stop_at_step=k))
+    straight = run_ssl_train(tiny_config(tiny_tiles, tmp_path / "a", n, checkpoint_every=2, workers=2))
+    part1 = run_ssl_train(tiny_config(tiny_tiles, tmp_path / "b", n, checkpoint_every=2, stop_at_step=k))
     assert not part1.completed and part1.steps_done == k
-    part2 = ssl_train(tiny_config(tiny_tiles, tmp_path / "b", n, checkpoint_every=2, resume=True))
+    part2 = run_ssl_train(tiny_config(tiny_tiles, tmp_path / "b", n, checkpoint_every=2, resume=True))
     assert part2.completed and len(part2.losses) == n - k
     assert part1.losses + part2.losses == straight.losses
     sa = torch.load(straight.checkpoint, map_location="cpu", weights_only=False)
@@ -107,7 +107,7 @@ def test_exact_resume_equals_straight_run(tiny_tiles: Path, tmp_path: Path) -> N
     from wsi_pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match="different settings"):
-        ssl_train(tiny_config(tiny_tiles, tmp_path / "b", n, resume=True, lr=0.5))
+        run_ssl_train(tiny_config(tiny_tiles, tmp_path / "b", n, resume=True, lr=0.5))
 
 
 def test_ssl_train_cli_and_eval_encoder(tiny_tiles: Path, kather_dir: Path, tmp_path: Path) -> None:
@@ -179,7 +179,7 @@ def test_torchrun_two_ranks_gloo(tiny_tiles: Path, tmp_path: Path) -> None:
     p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "ssl-train done at step 3/3" in p.stdout
-    from wsi_pipeline.encoders import create_encoder
+    from wsi_pipeline.encoders.registry import create_encoder
 
     enc = create_encoder(str(out))
     ckpt = torch.load(out / "checkpoints" / "checkpoint.pt", map_location="cpu", weights_only=False)
@@ -211,10 +211,10 @@ def test_stain_norm_and_init_from_are_trained_exported_and_resumed(tiny_tiles: P
     student and teacher, and is exported with the encoder; --init-from starts from an encoder's weights."""
     import json
 
-    from wsi_pipeline.encoders import create_encoder
     from wsi_pipeline.encoders.project import build_backbone, save_project_encoder
+    from wsi_pipeline.encoders.registry import create_encoder
     from wsi_pipeline.errors import WeightsError
-    from wsi_pipeline.ssl.trainer import build_models, init_backbone_weights, ssl_train
+    from wsi_pipeline.ssl.trainer import build_models, init_backbone_weights, run_ssl_train
 
     torch.manual_seed(123)
     start = build_backbone("vit_tiny_patch16_224", {**TINY_VIT, "dynamic_img_size": True})
@@ -229,10 +229,10 @@ def test_stain_norm_and_init_from_are_trained_exported_and_resumed(tiny_tiles: P
     with pytest.raises(WeightsError, match="--arch"):
         init_backbone_weights(build_backbone("resnet10t"), str(init), "resnet10t")
 
-    straight = ssl_train(cfg)
-    part1 = ssl_train(tiny_config(tiny_tiles, tmp_path / "b", 4, checkpoint_every=2, stain_norm="reinhard-lab",
+    straight = run_ssl_train(cfg)
+    part1 = run_ssl_train(tiny_config(tiny_tiles, tmp_path / "b", 4, checkpoint_every=2, stain_norm="reinhard-lab",
                                   stain_fit_tiles=8, init_from=str(init), stop_at_step=2))
-    part2 = ssl_train(tiny_config(tiny_tiles, tmp_path / "b", 4, checkpoint_every=2, stain_norm="reinhard-lab",
+    part2 = run_ssl_train(tiny_config(tiny_tiles, tmp_path / "b", 4, checkpoint_every=2, stain_norm="reinhard-lab",
                                   stain_fit_tiles=8, init_from=str(init), resume=True))
     assert part1.losses + part2.losses == straight.losses
     meta = json.loads((tmp_path / "a" / "encoder.json").read_text())

@@ -13,9 +13,13 @@ from wsi_pipeline.synth.kather import (
     KATHER_CLASSES,
     SPLIT_BY_TILE_CLASSES,
     KatherDataError,
+    KatherWriteOptions,
+    MosaicParams,
     build_kather_mosaic_cohort,
+    kather_cohort_params,
     parse_source,
     split_kather_by_source,
+    write_kather_cohort,
 )
 from wsi_pipeline.synth.layout import lymph_geometry
 
@@ -140,3 +144,49 @@ def test_mosaic_pixels_follow_the_class_map(mosaics: tuple[Path, pd.DataFrame]) 
     cells = img.reshape(cm.shape[0], 150, cm.shape[1], 150, 3).mean(axis=(1, 3)).mean(axis=2)
     assert cells[cm == 0].mean() > 220  # 08_EMPTY is near-white background
     assert cells[cm == 4].mean() < cells[cm == 0].mean() - 60  # lymphocyte tiles are dark
+
+
+def test_mosaic_survival_is_drawn_from_phenotype_and_tumour_fraction(mosaics: tuple[Path, pd.DataFrame]) -> None:
+    out, _ = mosaics
+    labels = pd.read_csv(out / "labels.csv")
+    om = MosaicParams().outcome
+    assert om.os_til_log_hr == 0.0  # what the mosaic shows: phenotype and tumour fraction
+    for _, r in labels.iterrows():
+        t = np.load(out / "truth" / f"{r.slide_id}.npz")
+        h = om.os_log_hazard(float(t["til_fraction"]), float(t["tumour_fraction"]), r.immune_phenotype)
+        assert r.os_true_log_hazard == pytest.approx(h, abs=1e-3)
+    assert om.os_log_hazard(0.1, 0.3, "inflamed") < om.os_log_hazard(0.1, 0.3, "desert")
+    assert om.os_log_hazard(0.1, 0.4, "excluded") > om.os_log_hazard(0.1, 0.2, "excluded")
+
+
+def test_kather_cohort_follows_the_cohort_model(kather_dir: Path, tmp_path: Path) -> None:
+    """write_kather_cohort: plan_cohort's patients, arms and on-treatment slides, class maps filled with tiles
+    of the chosen split; cropped to the tissue; the truth keeps the keys of the synthetic slides' truth."""
+    import openslide
+
+    from wsi_pipeline.synth.cohort import labels_frame, plan_cohort
+    from wsi_pipeline.synth.slides import save_truth
+
+    params = kather_cohort_params(3, seed=2, grid=(10, 12), two_arms=True, timepoint_fraction=1.0,
+                                  multi_slide_fraction=0.0)
+    df = write_kather_cohort(kather_dir, tmp_path, params, KatherWriteOptions(split="test", crop_to_tissue=True))
+    pd.testing.assert_frame_equal(df, labels_frame(plan_cohort(params)))
+    assert set(df.timepoint) == {"baseline", "on_treatment"} and "os_true_log_hazard" in df.columns
+    table = pd.read_csv(tmp_path / "tile_split.csv")
+    split_of = dict(zip(table.file, table.split, strict=True))
+    class_of = dict(zip(table.file, table.class_name, strict=True))
+    planned = {p.spec.slide_id: p.spec for p in plan_cohort(params)}
+    save_truth(next(iter(planned.values())), tmp_path / "reference.npz")
+    reference_keys = set(np.load(tmp_path / "reference.npz").files)
+    for sid in df.slide_id:
+        t = np.load(tmp_path / "truth" / f"{sid}.npz")
+        cm, tiles = t["class_map"], t["tiles"]
+        assert reference_keys <= set(t.files) and float(t["cell_px"]) == 150
+        assert cm.shape == tiles.shape and (cm[0] != 0).any() and (cm[:, 0] != 0).any()  # tissue at the top-left
+        full = planned[sid].class_map
+        assert (full != 0).sum() == (cm != 0).sum()  # only glass was cropped
+        assert {split_of[f] for f in tiles.ravel()} == {"test"}
+        assert all(class_of[f] == CLASS_FOLDERS[c] for f, c in zip(tiles.ravel(), cm.ravel(), strict=True))
+        with openslide.OpenSlide(str(tmp_path / f"{sid}.svs")) as s:
+            assert s.dimensions == (cm.shape[1] * 150, cm.shape[0] * 150)
+            assert float(s.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.495)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_pipeline.encoders import create_encoder
+from wsi_pipeline.encoders.registry import create_encoder
 from wsi_pipeline.tiles.embed import embed_image_files, embed_images, embed_tiles, shape_batches
 from wsi_pipeline.tiles.transform import FIT_NATIVE, FIT_PAD, encoder_inputs
 

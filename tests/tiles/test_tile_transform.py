@@ -91,8 +91,8 @@ def test_fit_follows_what_the_encoder_accepts() -> None:
     import timm
     import torch
 
-    from wsi_pipeline.encoders import create_encoder
     from wsi_pipeline.encoders.base import Encoder
+    from wsi_pipeline.encoders.registry import create_encoder
 
     torch.manual_seed(0)
     cnn = create_encoder("timm:resnet10t")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from wsi_pipeline.config import TilingConfig
-from wsi_pipeline.slide import open_slide
+from wsi_pipeline.slide.open import open_slide
 from wsi_pipeline.synth.layout import TissueClass
 from wsi_pipeline.tiling.grid import TileSpec, select_tiles
 from wsi_pipeline.tiling.stage import tissue_map

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from wsi_pipeline import formats as F
 from wsi_pipeline.cli import build_app
+from wsi_pipeline.formats import api as F
 from wsi_pipeline.formats.geojson import read_geojson, validate_feature_collection
 from wsi_pipeline.runfolder.layout import RunLayout
 from wsi_pipeline.runfolder.status import read_status
@@ -42,7 +42,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, kather_dir: Path) -> dict[st
     import torch
     from safetensors.torch import save_file
 
-    from wsi_pipeline.encoders import create_encoder
+    from wsi_pipeline.encoders.registry import create_encoder
     from wsi_pipeline.synth.pyramid import array_painter, write_pyramid_tiff
     from wsi_pipeline.tiles.folders import load_labelled_folder, read_rgb
 
@@ -63,7 +63,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, kather_dir: Path) -> dict[st
         img[r * 150 : (r + 1) * 150, c * 150 : (c + 1) * 150] = read_rgb(tiles.paths[pick])
     slide = write_pyramid_tiff(root / "slides" / "mosaic.svs", array_painter(img), (900, 900), mpp=0.495,
                                downsamples=(1, 4))
-    return {"root": root, "weights": weights, "clf": clf_dir, "slide": slide}
+    return {"root": root, "weights": weights, "clf": clf_dir, "slide": slide, "kather": kather_dir}
 
 
 def test_tissue_train_records_classes_encoder_and_scale(setup: dict[str, Path]) -> None:
@@ -96,12 +96,12 @@ def test_tme_on_aligned_tiles_embeds_from_the_slide(setup: dict[str, Path]) -> N
              "--allow-mpp-mismatch", "--device", "cpu", "--num-workers", "0", "--precision", "fp32"])
     # the classifier's encoder has no default weights: a random init would not match its checksum
     res = CliRunner().invoke(build_app(), ["tme", str(run), "--classifier", str(setup["clf"]), "--no-reuse-features",
-                                           "--device", "cpu"])
+                                           "--device", "cpu", "--footprint", "tile"])
     assert res.exit_code != 0
     assert any(r.stage == "tme" and r.status == "failed" and "checksum" in r.error
                for r in read_status(layout.slides_csv))
     _invoke(["tme", str(run), "--classifier", str(setup["clf"]), "--encoder-weights", str(setup["weights"]),
-             "--device", "cpu"])
+             "--device", "cpu", "--footprint", "tile"])
     tiles = F.read_tiles_h5(layout.tiles_h5("mosaic"))
     xy, probs, attrs = F.read_tme_h5(layout.tme_h5("mosaic"))
     np.testing.assert_array_equal(xy, tiles.l0_xy)
@@ -131,7 +131,8 @@ def test_tme_on_aligned_tiles_embeds_from_the_slide(setup: dict[str, Path]) -> N
 
     # a second run reuses the stored probabilities; new rules only rewrite the table
     before = layout.tme_h5("mosaic").stat().st_mtime_ns
-    _invoke(["tme", str(run), "--classifier", str(setup["clf"]), "--band-um", "500", "--device", "cpu"])
+    _invoke(["tme", str(run), "--classifier", str(setup["clf"]), "--band-um", "500", "--device", "cpu",
+             "--footprint", "tile"])
     assert layout.tme_h5("mosaic").stat().st_mtime_ns == before
     assert pd.read_csv(layout.tme_csv).iloc[0]["n_margin_tiles"] >= row["n_margin_tiles"]
 
@@ -139,7 +140,8 @@ def test_tme_on_aligned_tiles_embeds_from_the_slide(setup: dict[str, Path]) -> N
     labels = setup["root"] / "labels.csv"
     pd.DataFrame({"slide_id": ["mosaic", "other"], "til_fraction": [0.3, 0.1], "response": [1, 0]}).to_csv(
         labels, index=False)
-    _invoke(["tme", str(run), "--classifier", str(setup["clf"]), "--labels", str(labels), "--device", "cpu"])
+    _invoke(["tme", str(run), "--classifier", str(setup["clf"]), "--labels", str(labels), "--device", "cpu",
+             "--footprint", "tile"])
     joined = pd.read_csv(layout.tme_labels_csv)
     assert list(joined["slide_id"]) == ["mosaic", "other"] and list(joined["til_fraction"]) == [0.3, 0.1]
     assert joined.loc[0, "tme_til_fraction"] == pytest.approx(row["til_fraction"])
@@ -162,7 +164,7 @@ def test_tme_reuses_run_features_at_the_classifier_scale(setup: dict[str, Path],
     run = default_run
     layout = RunLayout(run)
     args = ["tme", str(run), "--classifier", str(setup["clf"]), "--encoder-weights", str(setup["weights"]),
-            "--device", "cpu"]
+            "--device", "cpu", "--footprint", "tile"]
     _invoke(args)
     _, from_features, attrs = F.read_tme_h5(layout.tme_h5("mosaic"))
     assert attrs["feature_source"] == "run-features"
@@ -177,7 +179,7 @@ def test_footprint_classifies_tile_centres_at_the_training_field_of_view(setup: 
                                                                          default_run: Path) -> None:
     """Tiles much wider than the classifier's training tiles straddle several tissue cells: `--footprint
     classifier` classifies each tile's centre over the training field of view, read from the slide, instead
-    of reusing whole-tile features; `auto` picks the TME's own grid for tiles > 1.25× wider."""
+    of reusing whole-tile features; `auto` is the dense map whatever the tile size."""
     from wsi_pipeline.tme.classifier import load_classifier
     from wsi_pipeline.tme.config import TMEConfig
     from wsi_pipeline.tme.run import resolve_footprint
@@ -187,15 +189,16 @@ def test_footprint_classifies_tile_centres_at_the_training_field_of_view(setup: 
     tiles = F.read_tiles_h5(layout.tiles_h5("mosaic"))
     clf = load_classifier(str(setup["clf"]))
     assert clf.tile_um == pytest.approx(74.25)
-    assert resolve_footprint(TMEConfig(), clf, tiles) == "tile"  # auto: not wide enough
+    assert resolve_footprint(TMEConfig(), clf, tiles) == "dense"  # auto: the dense map
     assert resolve_footprint(TMEConfig(footprint="classifier"), clf, tiles) == "classifier"
     assert resolve_footprint(TMEConfig(footprint="tile"), clf, tiles) == "tile"
     assert resolve_footprint(TMEConfig(footprint="grid"), clf, tiles) == "grid"
     wide = F.TileSet(tiles.l0_xy, {**tiles.attrs, F.A_PATCH_SIZE_L0: 227})  # 112 µm: 1.5×
-    assert resolve_footprint(TMEConfig(), clf, wide) == "grid"
+    assert resolve_footprint(TMEConfig(), clf, wide) == "dense"
+    assert resolve_footprint(TMEConfig(footprint="dense"), clf, wide) == "dense"
     args = ["tme", str(run), "--classifier", str(setup["clf"]), "--encoder-weights", str(setup["weights"]),
             "--device", "cpu", "--overwrite"]
-    _invoke(args)
+    _invoke([*args, "--footprint", "tile"])
     _, whole, _ = F.read_tme_h5(layout.tme_h5("mosaic"))
     _invoke([*args, "--footprint", "classifier"])
     _, centre, attrs = F.read_tme_h5(layout.tme_h5("mosaic"))
@@ -283,3 +286,43 @@ def test_grid_footprint_classifies_the_area_at_the_field_of_view(setup: dict[str
     assert len(shared) >= 0.8 * len(xy)
     a, b = zip(*shared, strict=True)
     np.testing.assert_allclose(probs[list(a)], aprobs[list(b)], atol=2e-3)
+
+
+def test_context_trained_classifier_and_the_default_dense_read_out(setup: dict[str, Path]) -> None:
+    """`wsi tissue-train --context-mosaics --area-correction` records how its context windows were computed and
+    its soft confusion matrix; `wsi tme` with every default then reads the slide as a dense map with the same
+    windows, corrects the composition and writes class polygons."""
+    from wsi_pipeline.tme.classifier import load_classifier
+
+    clf_dir = setup["root"] / "clf_ctx"
+    out = _invoke(["tissue-train", "--data", str(setup["kather"]), "--out", str(clf_dir), "--encoder", ENCODER,
+                   "--weights", str(setup["weights"]), "--max-per-class", "6", "--epochs", "30", "--device", "cpu",
+                   "--context-mosaics", "2", "--context-windows", "40", "--area-correction"])
+    assert "held-out context windows" in out
+    clf = load_classifier(clf_dir)
+    ctx = clf.training["context"]
+    assert ctx["method"] == "fcn" and ctx["window_cells"] == 5 and ctx["cell_px"] == 32 and ctx["n_mosaics"] == 2
+    m = np.asarray(clf.area_correction["matrix"])
+    assert m.shape == (8, 8) and np.allclose(m.sum(1), 1.0, atol=1e-3)
+    assert 0 <= clf.metrics["held_out_context"]["composition_mae"] <= 1
+
+    run = setup["root"] / "run_dense"
+    _invoke(["tile", str(setup["slide"]), "--out", str(run), "--min-tissue", "0", "--workers", "0"])
+    _invoke(["tme", str(run), "--classifier", str(clf_dir), "--encoder-weights", str(setup["weights"]),
+             "--device", "cpu"])
+    layout = RunLayout(run)
+    row = pd.read_csv(layout.tme_csv).iloc[0]
+    assert row["footprint"] == "dense" and row["feature_source"] == "slide-dense-fcn" and bool(row["area_corrected"])
+    dense = F.read_tme_dense(layout.tme_h5("mosaic"))
+    assert dense is not None and dense.cell_um == pytest.approx(16.0)
+    frac = [float(v) for c, v in row.items() if str(c).startswith("area_frac_")]
+    assert len(frac) == 7 and sum(frac) == pytest.approx(1.0, abs=1e-6)
+    fc = read_geojson(layout.tme_geojson("mosaic"))
+    assert validate_feature_collection(fc) == []
+    assert all(f["geometry"]["type"] == "MultiPolygon" for f in fc["features"])
+    # without the correction the composition is the map's raw expected areas (til_fraction_soft)
+    _invoke(["tme", str(run), "--classifier", str(clf_dir), "--encoder-weights", str(setup["weights"]),
+             "--device", "cpu", "--no-area-correction"])
+    raw = pd.read_csv(layout.tme_csv).iloc[0]
+    assert not bool(raw["area_corrected"]) and raw["til_fraction"] == pytest.approx(raw["til_fraction_soft"])
+

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_pipeline import formats as F
+from wsi_pipeline.formats import api as F
 from wsi_pipeline.tme.classifier import DEFAULT_CLASSIFIER, load_classifier, resolve_classifier
 
 
@@ -26,7 +26,7 @@ def test_shipped_classifier_pins_the_shipped_encoder_and_its_scale() -> None:
 
 
 def test_shipped_classifier_on_held_out_kather_tiles(kather_dir: Path) -> None:
-    from wsi_pipeline.encoders import create_encoder
+    from wsi_pipeline.encoders.registry import create_encoder
     from wsi_pipeline.tiles.embed import embed_image_files
     from wsi_pipeline.tiles.folders import load_labelled_folder
 

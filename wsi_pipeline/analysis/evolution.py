@@ -46,7 +46,7 @@ from wsi_pipeline.analysis.tables import (
     slide_frame,
 )
 from wsi_pipeline.errors import ConfigError, LabelsError
-from wsi_pipeline.formats import atomic_path, write_text_atomic
+from wsi_pipeline.formats.atomic import atomic_path, write_text_atomic
 from wsi_pipeline.runfolder.layout import RunLayout
 
 log = logging.getLogger(__name__)

@@ -10,13 +10,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from wsi_pipeline.analysis.stats import SHORT, GroupEffect
-from wsi_pipeline.formats import atomic_path
+from wsi_pipeline.analysis.stats import SHORT, CohortAnalysis, GroupEffect
+from wsi_pipeline.formats.atomic import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from wsi_pipeline.analysis.predictive import PredictiveResult
 
 ARM_COLOURS = {"control": "#7f7f7f", "treated": "#d62728"}
 GROUP_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd")
@@ -51,9 +49,9 @@ def _plain_log_ticks(ax: Any) -> None:
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
 
-def forest_plot(result: PredictiveResult, path: str | Path) -> None:
-    """Treatment effect (OR/HR, treated vs control) per biomarker subgroup and overall, log scale."""
-    a = result.analysis
+def forest_plot(a: CohortAnalysis, treatment: dict[str, str], biomarker: str, path: str | Path) -> None:
+    """Treatment effect (OR/HR, treated vs control) per biomarker subgroup and overall, log scale;
+    ``treatment`` names the ``treated`` and ``control`` arms."""
     short = SHORT[a.fit.model]
     rows: list[GroupEffect] = a.effects
     fig = new_figure(8.0, 1.2 + 0.55 * (len(rows) + 1))
@@ -77,12 +75,12 @@ def forest_plot(result: PredictiveResult, path: str | Path) -> None:
         ax.set_xlim(min(lo, 1.0) / 1.3, max(hi, 1.0) * 1.3)
     ax.set_yticks(ys, [f"{g.group}\n(n={g.n})" for g in rows], fontsize=9)
     ax.set_ylim(0.4, len(rows) + 0.6)
-    c = result.cohort.treatment
+    c = treatment
     favours = "< 1 favours treated" if a.fit.model == "cox" else "> 1 favours treated"
     ax.set_xlabel(f"{short} ({c['treated']} vs {c['control']}, 95% CI) — {favours}")
     _plain_log_ticks(ax)
     t = a.fit.interaction
-    ax.set_title(f"Treatment effect by {result.cohort.biomarker.name}\ninteraction {short} {t.estimate:.3g} "
+    ax.set_title(f"Treatment effect by {biomarker}\ninteraction {short} {t.estimate:.3g} "
                  f"({t.ci_low:.3g}–{t.ci_high:.3g}), p = {t.p:.2g}", fontsize=10)
     ax.grid(axis="x", alpha=0.3, which="both")
     save_png(fig, path)

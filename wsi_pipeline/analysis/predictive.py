@@ -35,15 +35,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from wsi_pipeline import formats as F
 from wsi_pipeline.analysis.config import PredictiveConfig
 from wsi_pipeline.analysis.cutoff import Cutoff, dichotomise, learn_cutoff, parse_cutoff
 from wsi_pipeline.analysis.stats import (
     MODEL_COX,
     MODEL_LOGISTIC,
     SHORT,
+    CohortAnalysis,
     GroupEffect,
-    InteractionFit,
     binary_effect,
     fit_interaction,
     survival_effect,
@@ -63,7 +62,8 @@ from wsi_pipeline.analysis.tables import (
     slide_frame,
 )
 from wsi_pipeline.errors import ConfigError, FormatError, LabelsError
-from wsi_pipeline.formats import atomic_path, write_text_atomic
+from wsi_pipeline.formats import api as F
+from wsi_pipeline.formats.atomic import atomic_path, write_text_atomic
 from wsi_pipeline.runfolder.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -102,18 +102,6 @@ class Cohort:
     outcome: dict[str, str]  # column(s)
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class CohortAnalysis:
-    fit: InteractionFit
-    overall: GroupEffect | None
-    subgroups: list[GroupEffect]
-
-    @property
-    def effects(self) -> list[GroupEffect]:
-        """Subgroup effects, then the overall one: the rows of the tables and the forest plot."""
-        return [*self.subgroups, *([self.overall] if self.overall is not None else [])]
 
 
 @dataclass
@@ -520,7 +508,7 @@ def write_outputs(result: PredictiveResult, layout: RunLayout, json_out: str | P
         pd.DataFrame([g.to_dict() for g in a.effects]).to_csv(tmp, index=False)
     with atomic_path(layout.predictive_patients_csv) as tmp:
         c.data.to_csv(tmp, index=False)
-    plots.forest_plot(result, layout.predictive_forest_png)
+    plots.forest_plot(a, c.treatment, c.biomarker.name, layout.predictive_forest_png)
     if a.fit.model == MODEL_COX:
         plots.km_by_subgroup(c.data, define_subgroups(c), c.treatment, layout.predictive_effects_png,
                              effects=a.subgroups, time_label=c.outcome["time"])

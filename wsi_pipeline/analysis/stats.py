@@ -204,6 +204,20 @@ class GroupEffect:
         return asdict(self)
 
 
+@dataclass
+class CohortAnalysis:
+    """The interaction fit of a cohort and the treatment effect overall and per biomarker subgroup."""
+
+    fit: InteractionFit
+    overall: GroupEffect | None
+    subgroups: list[GroupEffect]
+
+    @property
+    def effects(self) -> list[GroupEffect]:
+        """Subgroup effects, then the overall one: the rows of the tables and the forest plot."""
+        return [*self.subgroups, *([self.overall] if self.overall is not None else [])]
+
+
 def wilson(count: int, n: int) -> tuple[float, float, float]:
     from statsmodels.stats.proportion import proportion_confint
 

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from wsi_pipeline import formats as F
 from wsi_pipeline.errors import ConfigError, FormatError, LabelsError
+from wsi_pipeline.formats import api as F
 from wsi_pipeline.runfolder.layout import RunLayout
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,9 @@ def register(app: typer.Typer) -> None:
                                          "folder; default: the shipped demo encoder."),
         weights: str = typer.Option(None, "--weights", "-w",
                                     help="Local weights file (.safetensors/.pth/.bin) or hf-hub:org/name."),
+        init_seed: int = typer.Option(None, "--init-seed",
+                                      help="Seed of the random initialisation of timm:<arch> without --weights "
+                                           "(default 0: the same network in every process and run)."),
         batch_size: int = typer.Option(32, "--batch-size", "-b", help="Tiles per batch."),
         num_workers: int = typer.Option(None, "--num-workers",
                                         help="Reader processes (default: cores-1 up to 16 with a GPU; 0 on "
@@ -38,6 +41,16 @@ def register(app: typer.Typer) -> None:
                                                 help="Run even if the tiles' µm/px differs from the encoder's."),
         no_fast_reader: bool = typer.Option(False, "--no-fast-reader",
                                             help="Read every slide through OpenSlide (slower)."),
+        decode: str = typer.Option("auto", "--decode",
+                                   help="JPEG tile decoding: cpu-full (full scale + area resize, the reference), "
+                                        "cpu-scaled (1/2, 1/4, 1/8 scale in the DCT when the target µm/px "
+                                        "allows), gpu (opt-in: nvJPEG on the model's GPU; measured slower "
+                                        "than cpu-scaled on an H200), auto (= cpu-scaled, on CPU and CUDA)."),
+        prefetch_batches: int = typer.Option(None, "--prefetch-batches",
+                                             help="Batches the reader processes may have ready ahead, all "
+                                                  "together: bounds the main process's batch buffers to "
+                                                  "(N + 2) x batch x tile² x 3 bytes (default: 2 per reader "
+                                                  "process, within 1 GiB)."),
         force: bool = typer.Option(False, "--force", help="Recompute slides already extracted."),
     ) -> None:
         """Embed every tile of every slide with an encoder into RUN/features/<encoder>/<slide_id>.h5."""
@@ -47,12 +60,12 @@ def register(app: typer.Typer) -> None:
         from wsi_pipeline.runfolder.resolved import save_resolved
 
         cfg = ExtractConfig(
-            encoder=encoder, weights=weights, batch_size=batch_size, num_workers=num_workers,
+            encoder=encoder, weights=weights, init_seed=init_seed, batch_size=batch_size, num_workers=num_workers,
             reader_threads=reader_threads, device=device,
             precision=precision, compile=compile_model, dtype=dtype, shard=shard,
             coords_dir=str(coords_dir) if coords_dir else None, slides_dir=str(slides_dir) if slides_dir else None,
             slide_mpp=slide_mpp, allow_mpp_mismatch=allow_mpp_mismatch, fast_reader=not no_fast_reader,
-            force=force,
+            decode=decode, prefetch_batches=prefetch_batches, force=force,
         ).validate()
         if _rank() == 0:
             save_resolved(run, "extract", {"extract": cfg})
@@ -69,7 +82,7 @@ def register(app: typer.Typer) -> None:
         """List the encoder presets and shipped project encoders with their metadata."""
         import json
 
-        from wsi_pipeline.encoders import get_encoder_meta, list_encoders
+        from wsi_pipeline.encoders.registry import get_encoder_meta, list_encoders
 
         metas = [get_encoder_meta(n) for n in list_encoders()]
         if as_json:

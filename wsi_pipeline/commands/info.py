@@ -18,19 +18,24 @@ def register(app: typer.Typer) -> None:
         mpp_from_objective: bool = typer.Option(False, "--mpp-from-objective",
                                                 help="Allow MPP = 10 / objective power when the file has none."),
     ) -> None:
-        """Show a slide's levels, vendor, objective power and MPP (µm per pixel)."""
-        from wsi_pipeline.slide import open_slide
+        """Show a slide's levels, vendor, objective power and MPP (µm per pixel).
+
+        Exits 0 once the slide is shown; a missing MPP is a warning here (tiling it needs --slide-mpp)."""
+        from wsi_pipeline.errors import MissingMPPError
+        from wsi_pipeline.slide.open import open_slide
 
         with open_slide(slide, mpp=force_slide_mpp, mpp_fallback=slide_mpp,
                         mpp_from_objective=mpp_from_objective) as s:
             data = s.info()
-            mpp_missing = data["mpp"] is None
             if as_json:
                 typer.echo(json.dumps(data, indent=2))
             else:
                 _print_table(data)
-            if mpp_missing:
-                s.mpp  # noqa: B018 - raises MissingMPPError with the fix
+            if data["mpp"] is None:
+                try:
+                    s.mpp  # noqa: B018 - raises MissingMPPError naming the fix
+                except MissingMPPError as e:
+                    typer.secho(f"warning: {e}", err=True, fg=typer.colors.YELLOW)
 
     def _print_table(data: dict) -> None:
         from rich.console import Console

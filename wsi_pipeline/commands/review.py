@@ -60,19 +60,24 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("", "--model", help="MIL model dir (or its name); default: the only one."),
         targets: list[str] = typer.Option(None, "--targets", help="Targets to export (comma-separated)."),
         attention: bool = typer.Option(False, "--attention", help="Also export MIL attention."),
+        slides: list[str] = typer.Option(None, "--slide", help="Only these slide ids (repeatable)."),
+        force: bool = typer.Option(False, "--force", help="Rewrite GeoJSON files that are up to date."),
     ) -> None:
         """QuPath GeoJSON per slide: one detection per tile with score measurements and the top class."""
         from rich.console import Console
 
-        from wsi_pipeline.review.qupath import export_qupath
+        from wsi_pipeline.commands.stageview import failure_footer, print_failures, stage_progress
+        from wsi_pipeline.review.qupath import run_export_qupath
 
-        summary = export_qupath(run, model or None, _split(targets), attention=attention)
-        console = Console(stderr=True)
-        console.print(f"QuPath GeoJSON: {len(summary.written)} written, {len(summary.failed)} failed "
-                      "(File → Import objects, or drag the .geojson onto the image in QuPath)")
-        for sid, err in summary.failed:
-            console.print(f"[red]{sid}[/red]: {err}")
-        if summary.failed:
+        with stage_progress() as progress:
+            summary = run_export_qupath(run, model or None, _split(targets), _split(slides) or None,
+                                        attention=attention, force=force, progress=progress)
+        Console(stderr=True).print(
+            f"QuPath GeoJSON: {len(summary.done)} written, {len(summary.skipped)} up to date, "
+            f"{len(summary.failed)} failed (File → Import objects, or drag the .geojson onto the image in QuPath)")
+        print_failures([summary])
+        failure_footer([summary], run)
+        if not summary.ok:
             raise typer.Exit(1)
 
     @app.command("view")
@@ -81,11 +86,13 @@ def register(app: typer.Typer) -> None:
         host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
         port: int = typer.Option(8000, "--port", help="Port to listen on."),
         model: str = typer.Option("", "--model", help="Scores of this model (name or dir); default: the only one."),
+        allow_host: list[str] = typer.Option(None, "--allow-host",
+                                             help="Also answer to this Host name (repeatable; e.g. behind a proxy). "
+                                                  "Others are refused: DNS-rebinding protection."),
     ) -> None:
         """Browse the run's slides in a deep-zoom viewer with heatmap overlays."""
         from wsi_pipeline.review.config import ViewerConfig
         from wsi_pipeline.review.server import serve
 
-        cfg = ViewerConfig(host=host, port=port, model=model).validate()
-        typer.echo(f"wsi view: http://{host}:{port}/  (Ctrl+C to stop)")
-        serve(run, cfg)
+        cfg = ViewerConfig(host=host, port=port, model=model, allow_hosts=_split(allow_host)).validate()
+        serve(run, cfg, on_ready=lambda url: typer.echo(f"wsi view: {url}  (Ctrl+C to stop)"))

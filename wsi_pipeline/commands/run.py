@@ -6,23 +6,28 @@ from pathlib import Path
 
 import typer
 
+from wsi_pipeline.commands.tiling_options import TilingOptions, tiling_options
+
 
 def register(app: typer.Typer) -> None:
     @app.command("run")
+    @tiling_options
     def run(
         slides: Path = typer.Argument(..., help="Folder of slides (or one slide file)."),
         out: Path = typer.Option(..., "--out", "-o", help="RUN folder (created; re-running resumes)."),
         model: str = typer.Option(None, "--model", help="MIL model folder or shipped name (default: the demo model)."),
         encoder: str = typer.Option(None, "--encoder", help="Feature encoder (default: the one the model was trained on)."),
+        weights: str = typer.Option(None, "--weights", "-w",
+                                    help="Local weights file (or hf-hub:org/name) of --encoder, when not shipped."),
         labels: Path = typer.Option(None, "--labels", help="labels.csv (slide_id, patient_id, targets): adds metrics."),
         config: Path = typer.Option(None, "--config", help="YAML with sections tiling/extract/heatmap/tme."),
-        target_mpp: float = typer.Option(None, "--target-mpp", help="Tile µm/px (must match the model)."),
-        slide_mpp: float = typer.Option(None, "--slide-mpp", help="Level-0 µm/px for slides whose file has none."),
         workers: int = typer.Option(None, "--workers", "-j", help="Parallel slides while tiling (default: cores)."),
         no_tme: bool = typer.Option(False, "--no-tme", help="Skip the TME read-out."),
         no_heatmaps: bool = typer.Option(False, "--no-heatmaps", help="Skip heatmaps."),
         no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML report."),
         recursive: bool = typer.Option(False, "--recursive", "-r", help="Search the folder recursively."),
+        force: bool = typer.Option(False, "--force", help="Redo tiling and everything that depends on it."),
+        tiling: TilingOptions = None,  # type: ignore[assignment] - filled by @tiling_options
     ) -> None:
         """Tile → extract → predict → TME → heatmaps → report. Resumable; failed slides are summarised."""
         from wsi_pipeline.pipeline import DEFAULT_MODEL, RunConfig, config_from_yaml, run_pipeline
@@ -32,16 +37,15 @@ def register(app: typer.Typer) -> None:
             cfg = config_from_yaml(config, cfg)
         overrides = {"model": model, "encoder": encoder, "labels": str(labels) if labels else None,
                      "workers": workers}
+        if weights is not None:
+            cfg.extract = {**cfg.extract, "weights": weights}
         for k, v in overrides.items():
             if v is not None:
                 setattr(cfg, k, v)
         cfg.tme, cfg.heatmaps, cfg.report = cfg.tme and not no_tme, cfg.heatmaps and not no_heatmaps, \
             cfg.report and not no_report
-        cfg.recursive = recursive
-        if target_mpp is not None:
-            cfg.tiling.target_mpp = target_mpp
-        if slide_mpp is not None:
-            cfg.tiling.slide_mpp = slide_mpp
+        cfg.recursive, cfg.force = recursive, force
+        cfg.tiling = tiling.apply(cfg.tiling)
         from wsi_pipeline.commands.stageview import failure_footer, print_failures, print_table, stage_progress
 
         with stage_progress() as progress:

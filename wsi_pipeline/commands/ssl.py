@@ -4,16 +4,30 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 import typer
+
+# `wsi ssl-train` option → SSLConfig field ("augment.<field>": a field of its augment section); an option not
+# listed here is the field of the same name
+_SSL_OPTION_FIELDS: dict[str, tuple[str, ...]] = {
+    "mpp": ("data_mpp",),
+    "train_mpp": ("augment.mpp",),
+    "color_jitter": ("augment.brightness", "augment.contrast", "augment.saturation"),
+    **{k: (f"augment.{k}",) for k in ("global_size", "local_size", "n_local", "zoom_min", "zoom_max",
+                                       "hed_sigma", "hed_bias", "hue", "gray_p")},
+}
 
 
 def register(app: typer.Typer) -> None:
     @app.command("ssl-train")
     def ssl_train_cmd(
-        data: Path = typer.Option(..., "--data", help="Image folder (recursive) or RUN folder with tiles/*.h5."),
-        out: Path = typer.Option(..., "--out", help="Encoder folder to write (encoder.json + model.safetensors)."),
+        ctx: typer.Context,
+        data: Path = typer.Option(None, "--data", help="Image folder (recursive) or RUN folder with tiles/*.h5 (or `data:` in --config)."),
+        out: Path = typer.Option(None, "--out", help="Encoder folder to write: encoder.json, model.safetensors and the resolved config.yaml (or `out:` in --config)."),
+        config: Path = typer.Option(None, "--config", "-c", help="YAML of SSLConfig fields, `augment:` a section of AugmentConfig fields (e.g. OUT/config.yaml of an earlier run); options given here override it."),
         arch: str = typer.Option("resnet10t", "--arch", help="timm architecture (vit_tiny_patch16_224, vit_small_patch16_224, resnet18, ...)."),
         timm_kwargs: str = typer.Option("{}", "--timm-kwargs", help='Extra timm.create_model arguments as JSON, e.g. \'{"depth": 6}\'.'),
         name: str = typer.Option("", "--name", help="Encoder name in encoder.json (default: the --out folder name)."),
@@ -63,34 +77,18 @@ def register(app: typer.Typer) -> None:
         description: str = typer.Option("", "--description", help="Description recorded in encoder.json."),
     ) -> None:
         """Pretrain a tile encoder with DINO self-distillation and export its teacher backbone."""
-        from wsi_pipeline.ssl.augment import AugmentConfig
-        from wsi_pipeline.ssl.config import SSLConfig
-        from wsi_pipeline.ssl.trainer import ssl_train
+        from wsi_pipeline.config import load_yaml
+        from wsi_pipeline.ssl.config import ssl_config_from_dict
+        from wsi_pipeline.ssl.trainer import run_ssl_train
 
-        try:
-            kwargs = json.loads(timm_kwargs)
-        except json.JSONDecodeError as e:
-            from wsi_pipeline.errors import ConfigError
-
-            raise ConfigError(f"--timm-kwargs {timm_kwargs!r} is not valid JSON ({e})") from e
-        cfg = SSLConfig(
-            data=str(data), out=str(out), arch=arch, timm_kwargs=kwargs, name=name, steps=steps, batch_size=batch_size,
-            augment=AugmentConfig(
-                global_size=global_size, local_size=local_size, n_local=n_local, mpp=train_mpp, hed_sigma=hed_sigma,
-                hed_bias=hed_bias, brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=hue,
-                gray_p=gray_p, zoom_min=zoom_min, zoom_max=zoom_max,
-            ),
-            data_mpp=mpp, subset=subset, split_seed=split_seed, test_fraction=test_fraction,
-            max_tiles_per_slide=max_tiles_per_slide, lr=lr, weight_decay=weight_decay,
-            weight_decay_end=weight_decay_end, momentum_teacher=momentum_teacher, teacher_temp=teacher_temp,
-            teacher_temp_start=teacher_temp_start, warmup_steps=warmup_steps,
-            out_dim=out_dim, koleo=koleo, clip_grad=clip_grad, precision=precision, device=device, seed=seed,
-            workers=workers, threads=threads, augment_on_device=augment_on_device, checkpoint_every=checkpoint_every,
-            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else "", resume=resume, stop_at_step=stop_at_step,
-            licence=licence, description=description, stain_norm=stain_norm, stain_fit_tiles=stain_fit_tiles,
-            init_from=init_from,
-        )
-        res = ssl_train(cfg)
+        options = {k: v for k, v in ctx.params.items() if k != "config"}
+        given = {k for k in options if _given(ctx, k)}
+        fields = _ssl_fields(options)
+        if config:  # the file, then the options given on the command line; defaults for the rest
+            fields = _merge(_merge(fields, load_yaml(config)), _ssl_fields(options, only=given))
+        cfg = ssl_config_from_dict(fields, config or "ssl-train")
+        steps = cfg.steps
+        res = run_ssl_train(cfg)
         import os
 
         if int(os.environ.get("RANK", "0")) == 0:
@@ -124,14 +122,14 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from wsi_pipeline.ssl.config import EvalConfig
-        from wsi_pipeline.ssl.evaluate import evaluate_encoder, interval_lines, table_rows
+        from wsi_pipeline.ssl.evaluate import interval_lines, run_eval_encoder, table_rows
 
         cfg = EvalConfig(
             encoder=encoder, data=str(data), weights=weights, data_mpp=mpp, seed=seed, test_fraction=test_fraction,
             min_sources=min_sources, k=k, batch_size=batch_size, precision=precision, device=device, random_init=not no_random_init,
             max_per_class=max_per_class, json_path=str(json_path) if json_path else "", inner_split_seed=inner_split_seed,
         )
-        report = evaluate_encoder(cfg)
+        report = run_eval_encoder(cfg)
         modes = list(report["split"]["mode_per_class"].values())
         n_tile = modes.count("tile")
         how = ("split by tile" if n_tile == len(modes) else "split by source image" if n_tile == 0
@@ -153,3 +151,44 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"wrote {json_path}")
         else:
             typer.echo(json.dumps({k_: v for k_, v in report.items() if k_.endswith("balanced_accuracy")}))
+
+
+def _ssl_fields(options: Mapping[str, Any], only: Collection[str] | None = None) -> dict[str, Any]:
+    """The SSLConfig fields (``augment`` a nested section) of the ``wsi ssl-train`` options (all, or ``only``)."""
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        if only is not None and name not in only:
+            continue
+        if name == "timm_kwargs":
+            value = _json_option("--timm-kwargs", value)
+        elif isinstance(value, Path):
+            value = str(value)
+        elif name == "checkpoint_dir" and value is None:
+            value = ""
+        for field in _SSL_OPTION_FIELDS.get(name, (name,)):
+            section, _, key = field.rpartition(".")
+            (out.setdefault(section, {}) if section else out)[key] = value
+    return out
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given (command line or environment), not left at its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with the keys of ``over``; a section (mapping) is merged key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def _json_option(option: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        from wsi_pipeline.errors import ConfigError
+
+        raise ConfigError(f"{option} {text!r} is not valid JSON ({e})") from e

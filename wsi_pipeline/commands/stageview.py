@@ -79,4 +79,5 @@ def failure_footer(summaries: Sequence[StageSummary], run: Any) -> None:
 
     failed = {o.slide_id for _, o in iter_failures(summaries)}
     if failed:
-        Console(stderr=True).print(f"[red]{len(failed)} slide(s) failed[/red] — causes above and in {run}/slides.csv")
+        Console(stderr=True).print(f"[red]{len(failed)} slide(s) failed[/red] — causes above, in {run}/slides.csv "
+                                   f"and from `wsi status {run}`")

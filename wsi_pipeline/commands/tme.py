@@ -25,6 +25,16 @@ def register(app: typer.Typer) -> None:
                                            help="Refit on all tiles after evaluating."),
         feature_cache: Path = typer.Option(None, "--feature-cache",
                                            help="Folder caching the embedded tiles (re-fits are instant)."),
+        context_mosaics: int = typer.Option(0, "--context-mosaics",
+                                            help="Also fit on windows of this many random mosaics of the training "
+                                                 "tiles, labelled with their class-area fractions (for the dense "
+                                                 "map of `wsi tme`; 0 = tiles only)."),
+        context_windows: int = typer.Option(600, "--context-windows", help="Windows sampled per mosaic."),
+        context_weight: float = typer.Option(1.0, "--context-weight",
+                                             help="Weight of all context windows relative to all tiles."),
+        area_correction: bool = typer.Option(False, "--area-correction",
+                                             help="Estimate the head's soft confusion matrix (grouped CV on the "
+                                                  "training sources) for `wsi tme` to correct class areas."),
         batch_size: int = typer.Option(64, "--batch-size"),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
         precision: str = typer.Option("fp32", "--precision", help="bf16, fp16 or fp32."),
@@ -36,13 +46,14 @@ def register(app: typer.Typer) -> None:
 
         from wsi_pipeline.tme.classifier import format_confusion
         from wsi_pipeline.tme.config import TissueTrainConfig
-        from wsi_pipeline.tme.train import train_tissue_classifier
+        from wsi_pipeline.tme.train import run_tissue_train
 
         cfg = TissueTrainConfig(
             encoder=encoder, data=str(data), out=str(out), weights=weights, mpp=mpp, head=head,
             test_fraction=test_fraction, seed=seed, epochs=epochs, max_per_class=max_per_class,
             final_fit_all=final_fit_all, batch_size=batch_size, device=device, precision=precision,
-            feature_cache=str(feature_cache or ""),
+            feature_cache=str(feature_cache or ""), context_mosaics=context_mosaics,
+            context_windows=context_windows, context_weight=context_weight, area_correction=area_correction,
         ).validate()
         with Progress(TextColumn("[bold]embed tiles"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       transient=True) as progress:
@@ -51,7 +62,7 @@ def register(app: typer.Typer) -> None:
             def tick(done: int, total: int) -> None:
                 progress.update(task, completed=done, total=total)
 
-            clf = train_tissue_classifier(cfg, progress=tick)
+            clf = run_tissue_train(cfg, progress=tick)
         c = Console()
         held = clf.metrics["held_out"]
         base = clf.metrics["colour_baseline_held_out"]
@@ -61,6 +72,10 @@ def register(app: typer.Typer) -> None:
                 f"(accuracy {held['accuracy']:.3f}, n={held['n']}); colour-only baseline "
                 f"{base['balanced_accuracy']:.3f}")
         c.print(format_confusion(held), markup=False, highlight=False)
+        ctx = clf.metrics.get("held_out_context")
+        if ctx:
+            c.print(f"held-out context windows: area-fraction MAE per window {ctx['window_mae']:.3f}, per mosaic "
+                    f"{ctx['composition_mae']:.3f} ({ctx['n_windows']} windows of {ctx['n_mosaics']} mosaics)")
 
     @app.command("tme")
     def tme(
@@ -80,11 +95,24 @@ def register(app: typer.Typer) -> None:
         encoder_weights: str = typer.Option(None, "--encoder-weights",
                                             help="Weights of the classifier's encoder."),
         footprint: str = typer.Option(None, "--footprint",
-                                      help="What is classified: auto (default: grid for tiles > 1.25× wider than "
-                                           "the classifier's field of view, else tile) | tile (each whole tile) | "
-                                           "classifier (each tile's centre over the field of view) | grid (the "
-                                           "TME's own grid of field-of-view cells over the area the RUN tiles "
-                                           "cover, read from the slide)."),
+                                      help="What is classified: dense (the default, also `auto`: overlapping "
+                                           "windows of the classifier's field of view, one per 16-µm cell, "
+                                           "combined into a class-probability map over the area the RUN tiles "
+                                           "cover) | grid (the TME's own grid of field-of-view cells anchored at "
+                                           "the tiles' corner) | tile (each whole tile, reusing RUN/features) | "
+                                           "classifier (each tile's centre over the field of view)."),
+        dense_method: str = typer.Option(None, "--dense-method",
+                                         help="How the dense map's windows are computed: auto (as the classifier "
+                                              "was trained) | fcn (the encoder's feature map over large regions, "
+                                              "CNN encoders) | window (each window embedded on its own)."),
+        no_area_correction: bool = typer.Option(False, "--no-area-correction",
+                                                help="Report the dense map's raw expected areas, without the "
+                                                     "classifier's confusion correction."),
+        fit_rules: bool = typer.Option(False, "--fit-rules",
+                                       help="After the read-out, fit the phenotype thresholds to --labels "
+                                            "(column immune_phenotype; 5-fold CV) and write them to "
+                                            "RUN/configs/tme-fit-rules.yaml for `wsi tme OTHER_RUN --config`; "
+                                            "this RUN's tme.csv keeps the rules it was read with."),
         no_reuse_features: bool = typer.Option(False, "--no-reuse-features",
                                                help="Always embed from the slides (ignore RUN/features)."),
         batch_size: int = typer.Option(64, "--batch-size"),
@@ -126,8 +154,12 @@ def register(app: typer.Typer) -> None:
                 inflamed_min_tumour_density=pick(inflamed_min, base.rules.inflamed_min_tumour_density),
                 excluded_min_margin_density=pick(excluded_min, base.rules.excluded_min_margin_density)),
             reuse_features=not no_reuse_features and base.reuse_features,
-            footprint=pick(footprint, base.footprint), batch_size=batch_size, device=device, precision=precision, overwrite=overwrite,
+            footprint=pick(footprint, base.footprint), dense_method=pick(dense_method, base.dense_method),
+            area_correction=base.area_correction and not no_area_correction,
+            batch_size=batch_size, device=device, precision=precision, overwrite=overwrite,
         ).validate()
+        if fit_rules and labels is None:
+            raise typer.BadParameter("--fit-rules needs --labels CSV (slide_id, immune_phenotype)")
         with stage_progress() as progress:
             summary = run_tme(run, cfg, progress=progress)
         c = Console(stderr=True)
@@ -138,6 +170,16 @@ def register(app: typer.Typer) -> None:
 
             target = labels_out or RunLayout(run).tme_labels_csv
             c.print(f"wrote {join_tme_to_labels(labels, summary.figures['csv'], target)} (labels + tme_* columns)")
+        if fit_rules and summary.ok:
+            from wsi_pipeline.tme.run import fit_rules_on_run
+
+            path, rep = fit_rules_on_run(run, labels, cfg)
+            f = rep["fitted"]
+            c.print(f"fitted phenotype rules on {rep['n_slides']} labelled slides: inflamed_min_tumour_density="
+                    f"{f['inflamed_min_tumour_density']:g}, excluded_min_margin_density="
+                    f"{f['excluded_min_margin_density']:g} (accuracy {rep['accuracy_base_rules']:.3f} with the "
+                    f"starting rules, {rep['accuracy_fitted_rules']:.3f} fitted, {rep['cv_accuracy']:.3f} in "
+                    f"{rep['folds']}-fold CV); wrote {path} — apply to another RUN with --config {path}")
         print_failures([summary])
         failure_footer([summary], run)
         if not summary.ok:

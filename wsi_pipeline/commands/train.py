@@ -19,7 +19,19 @@ def register(app: typer.Typer) -> None:
         model_out: Path = typer.Option(None, "--model-out", "-o", help="Output model directory."),
         config: Path = typer.Option(None, "--config", "-c",
                                     help="YAML with any TrainConfig field (targets as a list); options override."),
-        head: str = typer.Option(None, "--head", help="MIL head: abmil (default), transmil, chowder, meanpool."),
+        head: str = typer.Option(None, "--head",
+                                 help="MIL head: auto (default: chosen among --head-candidates by inner CV within "
+                                      "the training folds), abmil, transmil, chowder or meanpool."),
+        head_candidates: str = typer.Option(None, "--head-candidates",
+                                            help="Heads --head auto compares, simplest first (default "
+                                                 "meanpool,abmil)."),
+        selection_epochs: int = typer.Option(None, "--selection-epochs",
+                                             help="Maximum epochs of the --head auto inner-CV trainings "
+                                                  "(default 20)."),
+        calibration: str = typer.Option(None, "--calibration",
+                                        help="Post-hoc calibration fitted on the out-of-fold predictions: auto "
+                                             "(default: binary platt, multiclass temperature), platt, "
+                                             "temperature, isotonic or none."),
         folds: int = typer.Option(None, "--folds", help="Patient-level CV folds (default 5)."),
         seed: int = typer.Option(None, "--seed", help="Random seed (folds, initialisation, sampling)."),
         encoder: str = typer.Option(None, "--encoder", "-e", help="Features folder (default: the only one)."),
@@ -41,12 +53,13 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
         threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     ) -> None:
-        """Cross-validate a multi-task MIL model (+ mean-pool baseline); write weights, OOF predictions and
-        metrics with patient-level bootstrap CIs to --model-out."""
+        """Cross-validate a multi-task MIL model (+ mean-pool baseline): choose the head (--head auto), calibrate
+        on the out-of-fold predictions; write weights, calibrators, cut-offs, OOF predictions and metrics with
+        patient-level bootstrap CIs (before/after calibration) to --model-out."""
         from wsi_pipeline.config import from_dict, load_yaml
         from wsi_pipeline.mil.config import TrainConfig
         from wsi_pipeline.mil.covariates import parse_covariates
-        from wsi_pipeline.mil.train import train_cv
+        from wsi_pipeline.mil.train import run_train
 
         base: dict[str, Any] = load_yaml(config) if config else {}
         overrides = {
@@ -55,7 +68,9 @@ def register(app: typer.Typer) -> None:
             "encoder": encoder, "covariates": parse_covariates(covariates) if covariates else None,
             "epochs": epochs, "lr": lr, "context_rings": context_rings, "max_tiles": max_tiles,
             "batch_bags": batch_bags,
-            "n_bootstrap": n_bootstrap, "device": device, "threads": threads,
+            "n_bootstrap": n_bootstrap, "device": device, "threads": threads, "calibration": calibration,
+            "head_candidates": [h.strip() for h in head_candidates.split(",") if h.strip()] if head_candidates
+            else None, "selection_epochs": selection_epochs,
         }
         data = {**base, **{k: v for k, v in overrides.items() if v is not None}, "run": str(run)}
         if "covariates" in data:
@@ -63,7 +78,7 @@ def register(app: typer.Typer) -> None:
         if no_baseline:
             data["baseline"] = False
         cfg = from_dict(TrainConfig, data).validate()
-        result = _with_status("train", lambda cb: train_cv(cfg, progress=cb))
+        result = _with_status("train", lambda cb: run_train(cfg, progress=cb))
         if result is not None:
             typer.echo(result.model_dir.joinpath("metrics.md").read_text())
             typer.echo(f"model written to {result.model_dir} ({result.seconds:.0f}s)")
@@ -136,9 +151,9 @@ def _register_evaluate(app: typer.Typer) -> None:
     ) -> None:
         """Held-out metrics with patient-level bootstrap CIs of RUN/predictions.csv against a labels CSV."""
         from wsi_pipeline.mil.config import EvaluateConfig
-        from wsi_pipeline.mil.predict import evaluate_run
+        from wsi_pipeline.mil.predict import run_evaluate
 
-        out, _ = evaluate_run(EvaluateConfig(run=str(run), model=str(model), labels=str(labels),
+        out, _ = run_evaluate(EvaluateConfig(run=str(run), model=str(model), labels=str(labels),
                                              n_bootstrap=n_bootstrap, seed=seed))
         typer.echo((out / "metrics.md").read_text())
         typer.echo(f"written to {out}")

@@ -1,5 +1,5 @@
-"""The :class:`Encoder` module every registry entry produces, its metadata, preprocessing, devices and
-precision (in-memory tiles are embedded by :mod:`wsi_pipeline.tiles.embed`).
+"""The :class:`Encoder` module every registry entry produces (its metadata is in :mod:`.meta`), preprocessing,
+devices and precision (in-memory tiles are embedded by :mod:`wsi_pipeline.tiles.embed`).
 
 An encoder maps a *normalised* float NCHW batch at ``meta.input_size`` px and ``meta.mpp`` µm/px to an
 (N, ``meta.embed_dim``) feature matrix. :meth:`Encoder.preprocess` turns uint8 NHWC tiles into that batch.
@@ -10,52 +10,19 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from wsi_pipeline.encoders.meta import POOL_CLS, POOL_MODEL, POOLS, PRECISIONS, EncoderMeta
 from wsi_pipeline.encoders.stain import build_stain_norm
 from wsi_pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-PRECISIONS = ("bf16", "fp16", "fp32")
-
-# How an encoder turns its trunk's output into one vector per image.
-POOL_MODEL = "model"  # the trunk already returns (N, D)
-POOL_CLS = "cls"  # trunk returns tokens (N, T, D): class token
-POOL_CLS_MEAN = "cls+mean"  # concat(class token, mean of patch tokens after the prefix tokens) (Virchow)
-POOLS = (POOL_MODEL, POOL_CLS, POOL_CLS_MEAN)
-
-
-@dataclass(frozen=True)
-class EncoderMeta:
-    """What a user (and the feature files) need to know about an encoder."""
-
-    name: str
-    arch: str
-    embed_dim: int
-    input_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    mpp: float = 0.5  # µm/px of the tiles the encoder was trained on
-    licence: str = "unknown"
-    weights_source: str = ""  # 'hf-hub:org/name', a URL, 'project' or a local path
-    description: str = ""
-    pool: str = POOL_MODEL
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
+RANDOM_INIT = "random-init"  # weights id of a random initialisation (+ ":seed<N>" when seeded)
+DEFAULT_INIT_SEED = 0  # seed of `timm:<arch>` without weights: the same network in every process
 
 
 class Encoder(nn.Module):
@@ -63,8 +30,9 @@ class Encoder(nn.Module):
 
     ``forward(x)`` takes a normalised float NCHW batch and returns (N, embed_dim); encoders trained with a
     per-tile stain standardisation (``meta.extra["stain_norm"]``) apply it first.
-    ``weights_sha256`` is the checksum of the weights file loaded ('' for random initialisation) and
-    ``weights_path`` where it came from.
+    ``weights_sha256`` is the checksum of the weights file loaded ('' for random initialisation),
+    ``weights_path`` where it came from, and ``init_seed`` the seed of a random initialisation (None when
+    unknown); :attr:`weights_id` names the weights in features files and resume keys.
     """
 
     def __init__(
@@ -73,6 +41,7 @@ class Encoder(nn.Module):
         meta: EncoderMeta,
         weights_sha256: str = "",
         weights_path: str = "",
+        init_seed: int | None = None,
     ) -> None:
         super().__init__()
         if meta.pool not in POOLS:
@@ -81,6 +50,7 @@ class Encoder(nn.Module):
         self.meta = meta
         self.weights_sha256 = weights_sha256
         self.weights_path = weights_path
+        self.init_seed = init_seed
         self.register_buffer("_mean", torch.tensor(meta.mean, dtype=torch.float32).view(1, 3, 1, 1), False)
         self.register_buffer("_std", torch.tensor(meta.std, dtype=torch.float32).view(1, 3, 1, 1), False)
         # per-tile stain standardisation the encoder was trained with (encoder.json "stain_norm"), or None
@@ -105,6 +75,14 @@ class Encoder(nn.Module):
     @property
     def random_init(self) -> bool:
         return not self.weights_sha256
+
+    @property
+    def weights_id(self) -> str:
+        """The weights' identity in features files and resume keys: the weights file's checksum, or
+        ``random-init:seed<N>`` for a seeded random initialisation (``random-init`` when the seed is unknown)."""
+        if self.weights_sha256:
+            return self.weights_sha256
+        return RANDOM_INIT if self.init_seed is None else f"{RANDOM_INIT}:seed{self.init_seed}"
 
     @property
     def forward_spec(self) -> dict[str, Any]:

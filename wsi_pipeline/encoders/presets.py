@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from wsi_pipeline.encoders.base import IMAGENET_MEAN, IMAGENET_STD, POOL_CLS_MEAN, EncoderMeta
 from wsi_pipeline.encoders.convert import hf_dinov2_to_timm, hf_vit_to_timm
+from wsi_pipeline.encoders.meta import IMAGENET_MEAN, IMAGENET_STD, POOL_CLS_MEAN, EncoderMeta
 from wsi_pipeline.encoders.registry import register_encoder
 
 if TYPE_CHECKING:

@@ -17,11 +17,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wsi_pipeline import formats as F
 from wsi_pipeline.errors import WeightsError
+from wsi_pipeline.formats import api as F
 
 if TYPE_CHECKING:
     from torch import nn
@@ -39,11 +40,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def models_dir() -> Path:
-    """Folder of shipped encoders: ``$WSI_MODELS_DIR`` or ``<repo>/models`` next to the package."""
+    """Folder of the shipped models (encoders, tissue classifier, MIL model), in this order:
+
+    1. ``$WSI_MODELS_DIR`` when set;
+    2. ``wsi_pipeline/models/`` inside an installed package (a wheel or ``pip install .``), found with
+       :mod:`importlib.resources`: the build maps the checkout's top-level ``models/`` there as package data;
+    3. the top-level ``models/`` of a source checkout (editable installs, ``PYTHONPATH=<checkout>``).
+
+    When none exists, the installed location is returned, so that error messages name where models belong.
+    """
     env = os.environ.get(MODELS_DIR_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "models"
+    installed = Path(str(resources.files("wsi_pipeline") / "models"))
+    if installed.is_dir():
+        return installed
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "models").is_dir():
+        return checkout / "models"
+    return installed
 
 
 def is_project_encoder(path: str | Path) -> bool:

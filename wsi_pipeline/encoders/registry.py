@@ -5,7 +5,12 @@ Names resolve in this order:
 1. ``timm:<arch>`` — any timm architecture (``num_classes=0``), random init unless ``weights`` is given;
 2. a registered preset (``uni``, ``virchow2``, ``resnet50-trunc`` ... see :func:`list_encoders`);
 3. a path to a project encoder folder (``encoder.json`` + ``model.safetensors``, from ``wsi ssl-train``);
-4. a bare name of a folder under the models directory (``$WSI_MODELS_DIR`` or ``<repo>/models``).
+4. a bare name of a folder under the models directory (:func:`~wsi_pipeline.encoders.project.models_dir`:
+   ``$WSI_MODELS_DIR``, the models shipped in the installed package, or a checkout's ``models/``).
+
+Presets register themselves as timm's models do: :mod:`.presets` imports this module and decorates its
+builders with :func:`register_encoder`; this module never imports them. The package ``__init__`` imports
+:mod:`.presets`, so the registry is full whenever this module is imported by its full name.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from wsi_pipeline.errors import UnknownNameError, WeightsError
 if TYPE_CHECKING:
     from torch import nn
 
-    from wsi_pipeline.encoders.base import Encoder, EncoderMeta
+    from wsi_pipeline.encoders.base import Encoder
+    from wsi_pipeline.encoders.meta import EncoderMeta
     from wsi_pipeline.encoders.weights import Converter
 
 log = logging.getLogger(__name__)
@@ -86,12 +92,7 @@ def register_encoder(
     return deco
 
 
-def _ensure_presets() -> None:
-    import wsi_pipeline.encoders.presets  # noqa: F401 - registers the presets on first import
-
-
 def get_entry(name: str) -> EncoderEntry:
-    _ensure_presets()
     entry = _REGISTRY.get(_key(name))
     if entry is None:
         raise UnknownNameError(f"unknown encoder preset {name!r}; known: {', '.join(sorted(_REGISTRY))}")
@@ -100,7 +101,6 @@ def get_entry(name: str) -> EncoderEntry:
 
 def list_encoders(include_project: bool = True) -> list[str]:
     """Preset names, then project encoders found under the models directory. (Any ``timm:<arch>`` works too.)"""
-    _ensure_presets()
     names = sorted(e.meta.name for e in _REGISTRY.values())
     if include_project:
         from wsi_pipeline.encoders.project import list_project_encoders
@@ -111,7 +111,6 @@ def list_encoders(include_project: bool = True) -> list[str]:
 
 def get_encoder_meta(name: str) -> EncoderMeta:
     """Metadata of an encoder without building it (timm archs and project encoders: read from config)."""
-    _ensure_presets()
     if name.startswith(TIMM_PREFIX):
         return _timm_meta(name[len(TIMM_PREFIX):], None)
     if _key(name) in _REGISTRY:
@@ -140,19 +139,23 @@ def default_encoder_name() -> str:
     )
 
 
-def create_encoder(name: str | None = None, weights: str | None = None, device: str = "cpu") -> Encoder:
+def create_encoder(name: str | None = None, weights: str | None = None, device: str = "cpu",
+                   init_seed: int | None = None) -> Encoder:
     """Build an :class:`Encoder` by name (see module doc) in eval mode on ``device``.
 
     ``weights``: a local ``.safetensors``/``.pth``/``.bin`` state dict or ``hf-hub:org/name``. For presets
     with no ``weights``, the Hub is tried (offline failure raises :class:`WeightsError` saying how to pass
-    a local file); ``timm:<arch>`` without weights stays at random initialisation.
+    a local file); ``timm:<arch>`` without weights stays at random initialisation, seeded with ``init_seed``
+    (default :data:`~wsi_pipeline.encoders.base.DEFAULT_INIT_SEED`) on a private RNG: the same network in
+    every process, and the caller's RNG state untouched. ``encoder.weights_id`` then reads
+    ``random-init:seed<N>``.
     """
-    from wsi_pipeline.encoders.base import resolve_device
+    from wsi_pipeline.encoders.base import DEFAULT_INIT_SEED, resolve_device
 
     name = name or default_encoder_name()
-    _ensure_presets()
     if name.startswith(TIMM_PREFIX):
-        enc = _create_timm(name[len(TIMM_PREFIX):], weights)
+        seed = DEFAULT_INIT_SEED if init_seed is None else int(init_seed)
+        enc = _create_timm(name[len(TIMM_PREFIX):], weights, seed)
     elif _key(name) in _REGISTRY:
         enc = _create_preset(_REGISTRY[_key(name)], weights)
     else:
@@ -182,7 +185,7 @@ def _project_folder(name: str) -> Any:
 def _timm_meta(arch: str, model: Any) -> EncoderMeta:
     import timm
 
-    from wsi_pipeline.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderMeta
+    from wsi_pipeline.encoders.meta import IMAGENET_MEAN, IMAGENET_STD, EncoderMeta
 
     if model is None:
         if not timm.is_model(arch):
@@ -208,8 +211,9 @@ def _timm_meta(arch: str, model: Any) -> EncoderMeta:
     )
 
 
-def _create_timm(arch: str, weights: str | None) -> Encoder:
+def _create_timm(arch: str, weights: str | None, init_seed: int) -> Encoder:
     import timm
+    import torch
 
     from wsi_pipeline.encoders.base import Encoder
     from wsi_pipeline.encoders.weights import load_weights, resolve_weights_file
@@ -217,9 +221,12 @@ def _create_timm(arch: str, weights: str | None) -> Encoder:
     if not timm.is_model(arch):
         raise UnknownNameError(f"timm has no architecture {arch!r}; see `python -c \"import timm; print(timm.list_models())\"`")
     if weights is None:
-        trunk = timm.create_model(arch, pretrained=False, num_classes=0)
-        log.warning("encoder timm:%s at random initialisation (pass --weights for pretrained weights)", arch)
-        return Encoder(trunk, _timm_meta(arch, trunk))
+        with torch.random.fork_rng(devices=[]):  # built on the CPU: only its generator is used, then restored
+            torch.manual_seed(init_seed)
+            trunk = timm.create_model(arch, pretrained=False, num_classes=0)
+        log.warning("encoder timm:%s at random initialisation, seed %d (pass --weights for pretrained weights)",
+                    arch, init_seed)
+        return Encoder(trunk, _timm_meta(arch, trunk), init_seed=init_seed)
     path = resolve_weights_file(weights)
     trunk = _build_empty(lambda: timm.create_model(arch, pretrained=False, num_classes=0))
     loaded = load_weights(path, trunk, ignore_prefixes=("head.", "fc.", "classifier.", "head_dist."))
@@ -260,7 +267,7 @@ def _build_empty(build: Callable[[], Any]) -> Any:
 
 
 def _project_meta(cfg: dict[str, Any], folder: str) -> EncoderMeta:
-    from wsi_pipeline.encoders.base import EncoderMeta
+    from wsi_pipeline.encoders.meta import EncoderMeta
 
     return EncoderMeta(
         name=str(cfg["name"]),
@@ -282,7 +289,7 @@ def _create_project(folder: Any, weights: str | None) -> Encoder:
     from wsi_pipeline.encoders.base import Encoder
     from wsi_pipeline.encoders.project import load_project_encoder
     from wsi_pipeline.encoders.weights import load_weights
-    from wsi_pipeline.formats import file_sha256
+    from wsi_pipeline.formats.hashing import file_sha256
 
     trunk, cfg = load_project_encoder(folder)
     meta = _project_meta(cfg, str(folder))

@@ -137,6 +137,44 @@ class ReinhardStandardize(nn.Module):
         rgb = f_to_rgb(torch.baddbmm(d[:, :, None], b, f), self.from_xyz_w)
         return (rgb.reshape(xn.shape) - in_mean) / in_std
 
+    def forward_local(self, x: torch.Tensor, window_px: int, block_px: int = 8) -> torch.Tensor:
+        """The per-tile standardisation sliding with the pixel, for a feature map computed over a region larger
+        than a tile: each pixel is mapped with the L*a*b* moments of the ``window_px`` square centred on it
+        (what :meth:`forward` does to a tile of that size). The moments are box-filtered at ``block_px``
+        resolution (windows shrink at the region's edge) and the per-pixel gain and offset are interpolated
+        bilinearly; ``x`` is a normalised (N, 3, H, W) batch, H and W multiples of ``block_px``."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = self._standardise_local(x.float().contiguous(), int(window_px), int(block_px))
+        return out.to(x.dtype)
+
+    def _standardise_local(self, xn: torch.Tensor, window_px: int, block_px: int) -> torch.Tensor:
+        n, _, h, w = xn.shape
+        if h % block_px or w % block_px:
+            raise ValueError(f"forward_local: {w}×{h} px is not a multiple of the {block_px}-px block")
+        in_mean, in_std = self.in_mean.view(1, 3, 1, 1), self.in_std.view(1, 3, 1, 1)
+        f = rgb_to_f((xn * in_std + in_mean).clamp_(0.0, 1.0), self.to_xyz_w).reshape(n, 3, h, w)
+        pairs = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
+        prods = torch.stack([f[:, a] * f[:, b] for a, b in pairs], dim=1)
+        m = torch.nn.functional.avg_pool2d(torch.cat([f, prods], dim=1), block_px)
+        k = max(1, round(window_px / block_px)) | 1  # odd: centred
+        m = torch.nn.functional.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=False)
+        mean, second = m[:, :3], m[:, 3:]
+        cov = torch.empty((n, 3, 3, *m.shape[-2:]), dtype=m.dtype, device=m.device)
+        for i, (a, b) in enumerate(pairs):
+            cov[:, a, b] = cov[:, b, a] = second[:, i] - mean[:, a] * mean[:, b]
+        c = torch.tensor(_LAB_OFFSET, dtype=f.dtype, device=f.device).view(1, 3, 1, 1)
+        lab_mean = torch.einsum("ij,njhw->nihw", self.f_to_lab, mean) + c
+        npx = float(window_px * window_px)
+        lab_var = torch.einsum("ij,njkhw,ik->nihw", self.f_to_lab, cov, self.f_to_lab).clamp_min(0.0)
+        lab_std = (lab_var * npx / max(npx - 1.0, 1.0)).sqrt()
+        gain = (self.target_std.view(1, 3, 1, 1) / lab_std.clamp_min(1e-6)).clamp(max=self.max_gain)
+        offset = gain * (c - lab_mean) + self.target_mean.view(1, 3, 1, 1) - c
+        params = torch.nn.functional.interpolate(torch.cat([gain, offset], dim=1), size=(h, w), mode="bilinear",
+                                                 align_corners=False)
+        lab = torch.einsum("ij,njhw->nihw", self.f_to_lab, f) * params[:, :3] + params[:, 3:]
+        f2 = torch.einsum("ij,njhw->nihw", self.lab_to_f, lab).reshape(n, 3, -1)
+        return (f_to_rgb(f2, self.from_xyz_w).reshape(n, 3, h, w) - in_mean) / in_std
+
     def extra_repr(self) -> str:
         return f"target_mean={self.target_mean.tolist()}, target_std={self.target_std.tolist()}, max_gain={self.max_gain}"
 

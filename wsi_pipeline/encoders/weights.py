@@ -163,7 +163,7 @@ def load_weights(
     unexpected keys starting with ``ignore_prefixes`` are dropped silently, others with a warning.
     A ``model`` built on the ``meta`` device gets the loaded tensors assigned (no initialisation cost).
     """
-    from wsi_pipeline.formats import file_sha256
+    from wsi_pipeline.formats.hashing import file_sha256
 
     path = resolve_weights_file(weights, hub_files)
     state = read_state_dict_file(path)

@@ -27,6 +27,8 @@ SURVIVAL = "survival"
 PRIMARY_METRIC = {BINARY: "auroc", MULTICLASS: "auroc", REGRESSION: "spearman", SURVIVAL: "c_index"}
 # metrics where larger is better (the others: smaller is better, or closeness to a reference value)
 HIGHER_IS_BETTER = {"auroc", "balanced_accuracy", "spearman", "c_index"}
+# the calibration figures of a binary probability (before / after post-hoc calibration)
+CALIBRATION_METRICS = ("ece", "calibration_slope", "calibration_intercept", "brier")
 
 
 @dataclass
@@ -64,12 +66,15 @@ def ci_from(point: float, boot: np.ndarray, alpha: float = 0.05) -> MetricCI:
 
 @dataclass
 class Truth:
-    """Patient-level ground truth of one target; ``y`` is the class index, value or survival time."""
+    """Patient-level ground truth of one target; ``y`` is the class index, value or survival time.
+    ``threshold``: the cut-off of a binary probability for balanced accuracy (the model's recorded
+    ``t_pred`` cut-off; 0.5 when it has none)."""
 
     kind: str
     y: np.ndarray
     event: np.ndarray | None = None
     n_classes: int = 2
+    threshold: float = 0.5
 
 
 def metric_functions(truth: Truth) -> dict[str, Callable[[Any, np.ndarray], np.ndarray]]:
@@ -81,10 +86,12 @@ def metric_functions(truth: Truth) -> dict[str, Callable[[Any, np.ndarray], np.n
     y = truth.y
     if truth.kind == BINARY:
         yi = y.astype(int)
+        thr = truth.threshold
         fns: dict[str, Callable[[Any, np.ndarray], np.ndarray]] = {
             "auroc": lambda p, w: M.auroc(yi, p, w),
-            "balanced_accuracy": lambda p, w: M.balanced_accuracy(yi, (np.asarray(p) >= 0.5).astype(int), 2, w),
+            "balanced_accuracy": lambda p, w: M.balanced_accuracy(yi, (np.asarray(p) >= thr).astype(int), 2, w),
             "brier": lambda p, w: M.brier(yi, p, w),
+            "ece": lambda p, w: M.ece(yi, p, w),
             "calibration_slope": lambda p, w: M.calibration_slope_intercept(yi, p, w)[0],
             "calibration_intercept": lambda p, w: M.calibration_slope_intercept(yi, p, w)[1],
         }
@@ -126,6 +133,12 @@ def bootstrap_metrics(
         out["calibration_slope"] = ci_from(float(s1[0]), sb, alpha)
         out["calibration_intercept"] = ci_from(float(i1[0]), ib, alpha)
     return out
+
+
+def calibration_metrics(truth: Truth, pred: np.ndarray, weights: np.ndarray, alpha: float = 0.05
+                        ) -> dict[str, MetricCI]:
+    """The :data:`CALIBRATION_METRICS` of a binary probability with percentile CIs (multiclass: Brier)."""
+    return {k: v for k, v in bootstrap_metrics(truth, pred, weights, alpha).items() if k in CALIBRATION_METRICS}
 
 
 def paired_difference(

@@ -12,6 +12,8 @@ Conventions (the same as scikit-learn / lifelines, checked in tests/evaluate):
   ``roc_auc_score(multi_class="ovr", average="macro")``).
 - Balanced accuracy: mean recall over the classes present in the resample.
 - Brier score: binary ``mean((p - y)^2)``; multiclass ``mean(sum_c (p_c - [y = c])^2)`` (Brier 1950).
+- ECE (binary): expected calibration error over 10 equal-width bins of the predicted probability,
+  ``Σ_b (n_b / n)·|observed rate_b − mean prediction_b|`` (Naeini et al. 2015); 0 for perfect calibration.
 - Calibration (binary): logistic recalibration ``logit P(y=1) = a + b·logit(p)``; the slope is ``b``
   of that fit, the intercept is the calibration-in-the-large ``a`` of the fit with the slope fixed at 1
   (Van Calster et al., J Clin Epidemiol 2019). A perfectly calibrated model has slope 1, intercept 0.
@@ -171,6 +173,36 @@ def calibration_slope_intercept(
         (np.where(pos, x, -np.inf).max(1) <= np.where(neg, x, np.inf).min(1))
     bad = no_class | separated | ~np.isfinite(b) | (np.abs(b) > 1e3) | (step > 1e-6)
     return np.where(bad, np.nan, b), np.where(no_class, np.nan, c)
+
+
+ECE_BINS = 10
+
+
+def _bin_onehot(prob: np.ndarray, n_bins: int) -> np.ndarray:
+    p = np.clip(np.asarray(prob, dtype=np.float64), 0.0, 1.0)
+    return np.eye(n_bins)[np.minimum((p * n_bins).astype(int), n_bins - 1)]
+
+
+def ece(y: np.ndarray, prob: np.ndarray, w: np.ndarray | None = None, n_bins: int = ECE_BINS) -> np.ndarray:
+    """Expected calibration error of a binary probability (equal-width bins), per resample."""
+    y = np.asarray(y, dtype=np.float64)
+    p = np.asarray(prob, dtype=np.float64)
+    w = _as_weights(w, len(y))
+    onehot = _bin_onehot(p, n_bins)
+    gap = np.abs((w * y) @ onehot - (w * p) @ onehot).sum(1)
+    return gap / w.sum(1)
+
+
+def reliability_bins(y: np.ndarray, prob: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, list]:
+    """The points of a reliability diagram (the bins of :func:`ece`, empty bins left out): mean predicted
+    probability, observed fraction positive and number of samples per bin."""
+    y = np.asarray(y, dtype=np.float64)
+    p = np.asarray(prob, dtype=np.float64)
+    onehot = _bin_onehot(p, n_bins)
+    n = onehot.sum(0)
+    keep = n > 0
+    return {"mean_prob": ((p @ onehot)[keep] / n[keep]).tolist(),
+            "observed": ((y @ onehot)[keep] / n[keep]).tolist(), "n": n[keep].astype(int).tolist()}
 
 
 # ---------------------------------------------------------------- regression

@@ -100,7 +100,7 @@ def plot_responder_rates(table: Any, order: Sequence[str], path: str | Path, tit
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from wsi_pipeline.formats import atomic_path
+    from wsi_pipeline.formats.atomic import atomic_path
 
     levels = list(dict.fromkeys(table[cross_name].tolist()))
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(order), 3.6), dpi=120)
@@ -137,7 +137,7 @@ def plot_km(time: np.ndarray, event: np.ndarray, groups: np.ndarray, order: Sequ
     import matplotlib.pyplot as plt
     from lifelines import KaplanMeierFitter
 
-    from wsi_pipeline.formats import atomic_path
+    from wsi_pipeline.formats.atomic import atomic_path
 
     t = np.asarray(time, dtype=np.float64)
     e = np.asarray(event, dtype=np.float64)

@@ -1,17 +1,17 @@
-"""The extraction engine: tiles of many slides → encoder → ``RUN/features/<encoder>/<slide_id>.h5``.
+"""The extraction stage: tiles of many slides → encoder → ``RUN/features/<encoder>/<slide_id>.h5``.
 
-One DataLoader streams batches of all slides of this process's shard (reader processes prefetch while the
-model runs), features are put back in tiles-file order and each slide is written atomically as soon as
-its last batch is done. Slides already extracted with the same parameters are skipped; a slide that
+One DataLoader streams batches of all slides of this process's shard, batches running across slide
+boundaries (the loop: :mod:`wsi_pipeline.features.engine`); features are put back in tiles-file order and
+each slide is written atomically, on a writer thread, as soon as its last batch is done. Slides already extracted with the same parameters are skipped; a slide that
 cannot be read is recorded as failed in ``RUN/slides.csv`` and the others go on.
 """
 
 from __future__ import annotations
 
-import contextlib
+import heapq
 import logging
 import os
-import time
+import queue
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from wsi_pipeline import formats as F
-from wsi_pipeline.errors import ConfigError, TilesNotFoundError, WSIPipelineError
+from wsi_pipeline.errors import ConfigError, FormatError, TilesNotFoundError, WSIPipelineError
 from wsi_pipeline.features.config import ExtractConfig
-from wsi_pipeline.features.dataset import ReaderOptions, SlideSource
+from wsi_pipeline.features.engine import DecodePlan, resolve_decode, run_jobs
+from wsi_pipeline.features.job import SlideJob
 from wsi_pipeline.features.reader import ReadSpec
+from wsi_pipeline.features.writer import SlideWriter
+from wsi_pipeline.formats import api as F
+from wsi_pipeline.runfolder.batch import Shard
 from wsi_pipeline.runfolder.executor import Progress, SlideItem, SlideOutcome, StageSummary, run_streaming
 from wsi_pipeline.runfolder.layout import RunLayout
 from wsi_pipeline.runfolder.status import STATUS_FAILED
@@ -35,30 +38,22 @@ FEATURES_FORMAT = 1  # bump when the meaning of the features of a given encoder 
 MPP_WARN, MPP_ERROR = 0.05, 0.20  # relative mismatch of effective tile MPP vs the encoder's
 
 
-@dataclass
-class SlideJob:
-    slide_id: str
-    slide_path: str
-    tiles: F.TileSet
-    out_path: Path
-    params_hash: str = ""
-    seconds: float = 0.0  # wall time from its first batch to its last
-
-    @property
-    def n_tiles(self) -> int:
-        return len(self.tiles)
-
-    @property
-    def spec(self) -> ReadSpec:
-        return ReadSpec(self.tiles.target_mpp, self.tiles.tile_size, self.tiles.slide_mpp)
-
-
 # ---------------------------------------------------------------- planning
 def slide_paths_from_status(layout: RunLayout) -> dict[str, str]:
-    from wsi_pipeline.runfolder.status import STATUS_DONE, read_status
+    return {sid: path for sid, (path, _) in tiled_slides_from_status(layout).items() if path}
 
-    return {r.slide_id: r.path for r in read_status(layout.slides_csv)
-            if r.stage == "tile" and r.status == STATUS_DONE and r.path}
+
+def tiled_slides_from_status(layout: RunLayout) -> dict[str, tuple[str, int | None]]:
+    """slide_id → (slide path, tiles) of the slides whose tiling row is done or skipped (one read of the
+    status; tiles None where the row has no count)."""
+    from wsi_pipeline.runfolder.status import STATUS_DONE, STATUS_SKIPPED, read_status
+
+    out: dict[str, tuple[str, int | None]] = {}
+    for r in read_status(layout.slides_csv):
+        if r.stage == "tile" and r.status in (STATUS_DONE, STATUS_SKIPPED):
+            n = str(r.n_tiles)
+            out[r.slide_id] = (r.path, int(n) if n.isdigit() else None)
+    return out
 
 
 def _complete_tile_attrs(tiles: F.TileSet, slide_path: str, coords_file: Path,
@@ -66,14 +61,14 @@ def _complete_tile_attrs(tiles: F.TileSet, slide_path: str, coords_file: Path,
     """Fill target_mpp / slide_mpp / tile_size of foreign (CLAM, TRIDENT) coordinate files from the slide."""
     a = dict(tiles.attrs)
     if F.A_TILE_SIZE not in a:
-        raise F.FormatError(coords_file, "no patch_size / tile_size attribute; cannot know the tile size")
+        raise FormatError(coords_file, "no patch_size / tile_size attribute; cannot know the tile size")
     if F.A_SLIDE_MPP not in a:
         if a.get(F.A_LEVEL0_MAG):
             a[F.A_SLIDE_MPP] = 10.0 / float(a[F.A_LEVEL0_MAG])  # TRIDENT convention
         elif slide_mpp is not None:
             a[F.A_SLIDE_MPP] = float(slide_mpp)
         else:
-            from wsi_pipeline.slide import open_slide
+            from wsi_pipeline.slide.open import open_slide
 
             with open_slide(slide_path) as s:
                 a[F.A_SLIDE_MPP] = s.mpp_or_none or 1.0  # CLAM works in pixels: any consistent scale will do
@@ -102,73 +97,117 @@ def _slide_id_of_coords(path: Path) -> str:
     return stem[: -len("_patches")] if stem.endswith("_patches") else stem
 
 
-def plan_jobs(layout: RunLayout, encoder_name: str, cfg: ExtractConfig
+def plan_jobs(layout: RunLayout, encoder_name: str, cfg: ExtractConfig, shard: Shard | None = None
               ) -> tuple[list[SlideJob], list[tuple[str, WSIPipelineError]]]:
-    """Every slide to extract (all shards) and the slides that cannot even be planned (id, error)."""
+    """The slides of ``shard`` (default: all) to extract and those that cannot be planned (id, error).
+
+    In a RUN folder the shards are balanced on the tile counts of the status table's tiling rows (a tiles
+    file without one: its dataset's shape), so a rank reads only its own slides' tiles files."""
+    shard = shard or Shard()
+    if cfg.coords_dir is None:
+        return _plan_run(layout, encoder_name, shard)
+    jobs, bad = _plan_coords(layout, encoder_name, cfg)
+    return balanced_share(jobs, shard.index, shard.count), _share_bad(bad, shard)
+
+
+def _share_bad(bad: list[tuple[str, WSIPipelineError]], shard: Shard) -> list[tuple[str, WSIPipelineError]]:
+    return [b for i, b in enumerate(sorted(bad, key=lambda b: b[0])) if i % shard.count == shard.index]
+
+
+def _plan_coords(layout: RunLayout, encoder_name: str, cfg: ExtractConfig
+                 ) -> tuple[list[SlideJob], list[tuple[str, WSIPipelineError]]]:
+    """Every slide of a CLAM / TRIDENT coordinates folder (all shards), tiles read."""
+    from wsi_pipeline.slide.base import slide_id_from_path
+    from wsi_pipeline.slide.open import find_slides
+
     jobs: list[SlideJob] = []
     bad: list[tuple[str, WSIPipelineError]] = []
-    if cfg.coords_dir is not None:
-        from wsi_pipeline.slide import find_slides, slide_id_from_path
-
-        coords_dir, slides_dir = Path(cfg.coords_dir), Path(str(cfg.slides_dir))
-        files = find_coords_files(coords_dir)
-        if not files:
-            raise TilesNotFoundError(f"{coords_dir}: no coordinate .h5 files (CLAM patches/ or TRIDENT)")
-        slides = {slide_id_from_path(p): p for p in find_slides([slides_dir], recursive=True)}
-        for cf in files:
-            sid = _slide_id_of_coords(cf)
-            try:
-                tiles = F.read_tiles_h5(cf)
-                sid = str(tiles.attrs.get(F.A_SLIDE_ID) or sid)
-                if sid not in slides:
-                    raise TilesNotFoundError(f"{cf}: no slide named {sid}.* in {slides_dir}")
-                sp = str(slides[sid])
-                tiles = _complete_tile_attrs(tiles, sp, cf, cfg.slide_mpp)
-                jobs.append(SlideJob(sid, sp, tiles, layout.features_h5(encoder_name, sid)))
-            except WSIPipelineError as e:
-                bad.append((sid, e))
-        return jobs, bad
-    ids = layout.slide_ids_with_tiles()
-    if not ids:
-        raise TilesNotFoundError(f"{layout.tiles_dir}: no tiles files — run `wsi tile SLIDES --out {layout.root}` "
-                                 "first, or pass --coords-dir/--slides-dir for CLAM/TRIDENT coordinates")
-    paths = slide_paths_from_status(layout)
-    for sid in ids:
+    coords_dir, slides_dir = Path(cfg.coords_dir), Path(str(cfg.slides_dir))
+    files = find_coords_files(coords_dir)
+    if not files:
+        raise TilesNotFoundError(f"{coords_dir}: no coordinate .h5 files (CLAM patches/ or TRIDENT)")
+    slides = {slide_id_from_path(p): p for p in find_slides([slides_dir], recursive=True)}
+    for cf in files:
+        sid = _slide_id_of_coords(cf)
         try:
-            tiles = F.read_tiles_h5(layout.tiles_h5(sid))
-            missing = [k for k in F.TILE_ATTRS_REQUIRED if k not in tiles.attrs]
-            if missing:
-                raise F.FormatError(layout.tiles_h5(sid), f"missing tiling attributes {missing}; re-run `wsi tile`")
-            sp = paths.get(sid) or str(tiles.attrs.get(F.A_SLIDE_PATH) or "")
-            if not sp:
-                raise F.FormatError(layout.tiles_h5(sid), "no slide path (slides.csv or slide_path attr); re-run `wsi tile`")
+            tiles = F.read_tiles_h5(cf)
+            sid = str(tiles.attrs.get(F.A_SLIDE_ID) or sid)
+            if sid not in slides:
+                raise TilesNotFoundError(f"{cf}: no slide named {sid}.* in {slides_dir}")
+            sp = str(slides[sid])
+            tiles = _complete_tile_attrs(tiles, sp, cf, cfg.slide_mpp)
             jobs.append(SlideJob(sid, sp, tiles, layout.features_h5(encoder_name, sid)))
         except WSIPipelineError as e:
             bad.append((sid, e))
     return jobs, bad
 
 
+def _plan_run(layout: RunLayout, encoder_name: str, shard: Shard
+              ) -> tuple[list[SlideJob], list[tuple[str, WSIPipelineError]]]:
+    """This shard's slides of a RUN folder: one scan of RUN/tiles, one read of the status, sizes from its
+    tiling rows; then only this shard's tiles files are read."""
+    ids = layout.slide_ids_with_tiles()
+    if not ids:
+        raise TilesNotFoundError(f"{layout.tiles_dir}: no tiles files — run `wsi tile SLIDES --out {layout.root}` "
+                                 "first, or pass --coords-dir/--slides-dir for CLAM/TRIDENT coordinates")
+    rows = tiled_slides_from_status(layout)
+    sized: list[SlideJob] = []
+    bad: list[tuple[str, WSIPipelineError]] = []
+    for sid in ids:
+        path, n = rows.get(sid, ("", None))
+        try:
+            n = F.read_tiles_count(layout.tiles_h5(sid)) if n is None else n
+        except WSIPipelineError as e:
+            bad.append((sid, e))
+            continue
+        sized.append(SlideJob(sid, path, None, layout.features_h5(encoder_name, sid), size=n))
+    jobs: list[SlideJob] = []
+    mine_bad = _share_bad(bad, shard)
+    for job in balanced_share(sized, shard.index, shard.count):
+        try:
+            jobs.append(_with_tiles(layout, job))
+        except WSIPipelineError as e:
+            mine_bad.append((job.slide_id, e))
+    return jobs, mine_bad
+
+
+def _with_tiles(layout: RunLayout, job: SlideJob) -> SlideJob:
+    """``job`` with its tiles read and checked, and its slide path (the status's, else the tiles file's)."""
+    tiles_file = layout.tiles_h5(job.slide_id)
+    tiles = F.read_tiles_h5(tiles_file)
+    missing = [k for k in F.TILE_ATTRS_REQUIRED if k not in tiles.attrs]
+    if missing:
+        raise FormatError(tiles_file, f"missing tiling attributes {missing}; re-run `wsi tile`")
+    job.slide_path = job.slide_path or str(tiles.attrs.get(F.A_SLIDE_PATH) or "")
+    if not job.slide_path:
+        raise FormatError(tiles_file, "no slide path (slides.csv or slide_path attr); re-run `wsi tile`")
+    job.tiles = tiles
+    return job
+
+
 def balanced_share(jobs: Sequence[SlideJob], index: int, count: int) -> list[SlideJob]:
-    """This shard's slides: biggest first, each to the least-loaded shard (same answer on every rank)."""
+    """This shard's slides: biggest first, each to the least-loaded shard, ties to the lowest shard (same
+    answer on every rank)."""
     order = sorted(jobs, key=lambda j: (-j.n_tiles, j.slide_id))
-    loads = [0] * count
+    loads = [(0, i) for i in range(count)]  # a heap of (load, shard)
     mine = []
     for j in order:
-        r = min(range(count), key=lambda i: (loads[i], i))
-        loads[r] += max(1, j.n_tiles)
+        load, r = loads[0]
+        heapq.heapreplace(loads, (load + max(1, j.n_tiles), r))
         if r == index:
             mine.append(j)
     return mine
 
 
-def job_params(job: SlideJob, encoder: Any, cfg: ExtractConfig) -> dict[str, Any]:
-    """Everything that changes a slide's features: the resume key."""
+def job_params(job: SlideJob, encoder: Any, cfg: ExtractConfig, decode: str | None = None) -> dict[str, Any]:
+    """Everything that changes a slide's features: the resume key. ``decode``: the decode mode that runs
+    (:func:`~wsi_pipeline.features.engine.resolve_decode`; default ``cfg.decode``)."""
     import hashlib
 
     return {
         "features_format": FEATURES_FORMAT,
         "encoder": encoder.meta.name,
-        "weights_sha256": encoder.weights_sha256 or "random-init",
+        "weights_sha256": encoder.weights_id,  # the checksum, or random-init:seed<N>
         "encoder_forward": encoder.forward_spec,
         "coords_sha1": hashlib.sha1(np.ascontiguousarray(job.tiles.l0_xy).tobytes()).hexdigest(),
         "target_mpp": round(job.tiles.target_mpp, 6),
@@ -177,6 +216,7 @@ def job_params(job: SlideJob, encoder: Any, cfg: ExtractConfig) -> dict[str, Any
         "slide_path": os.path.basename(job.slide_path),
         "precision": cfg.precision,
         "dtype": cfg.dtype,
+        "decode": decode or cfg.decode,
     }
 
 
@@ -196,7 +236,8 @@ def check_mpp(jobs: Sequence[SlideJob], encoder: Any, allow: bool) -> None:
     msg = (f"encoder {meta.name} expects {meta.mpp:g} µm/px tiles but {j.slide_id} has {j.tiles.tile_size} px tiles "
            f"at {j.tiles.target_mpp:g} µm/px → {eff:.3g} µm/px at its {meta.input_size} px input")
     if rel > MPP_ERROR and not allow:
-        raise ConfigError(msg + f" — re-tile with `wsi tile --target-mpp {meta.mpp:g}`, or pass --allow-mpp-mismatch")
+        raise ConfigError(msg + f" — tile at --target-mpp {meta.mpp:g} (with a {meta.input_size} px --tile-size), "
+                                "or accept the mismatch with `wsi extract --allow-mpp-mismatch`")
     log.warning("%s", msg)
 
 
@@ -249,13 +290,13 @@ class ExtractStage:
 
     name = STAGE
 
-    def __init__(self, layout: RunLayout, encoder: Any, cfg: ExtractConfig, device: Any,
+    def __init__(self, layout: RunLayout, encoder: Any, cfg: ExtractConfig, device: Any, decode: DecodePlan,
                  jobs: Sequence[SlideJob], bad: Sequence[tuple[str, WSIPipelineError]]) -> None:
-        self.layout, self.encoder, self.cfg, self.device = layout, encoder, cfg, device
+        self.layout, self.encoder, self.cfg, self.device, self.decode = layout, encoder, cfg, device, decode
         self.component = encoder.meta.name
         self.jobs = {j.slide_id: j for j in jobs}
         self.bad = dict(bad)
-        self.stats: dict[str, float] = {}
+        self.stats: dict[str, Any] = {}
         self.tiles = 0
 
     def items(self) -> list[SlideItem]:
@@ -267,7 +308,7 @@ class ExtractStage:
             raise self.bad[item.slide_id]
         job = self.jobs[item.slide_id]
         remove_stale_temps(job.out_path)
-        job.params_hash = F.params_hash(job_params(job, self.encoder, self.cfg))
+        job.params_hash = F.params_hash(job_params(job, self.encoder, self.cfg, self.decode.key))
         return job.params_hash
 
     def done(self, item: SlideItem, key: str) -> SlideOutcome | None:
@@ -281,9 +322,17 @@ class ExtractStage:
 
     def stream(self, todo: Sequence[tuple[SlideItem, str]], emit_units: Callable[[int], None]
                ) -> Iterator[SlideOutcome]:
+        """Slides come out of the loop as their last batch is done and are written on a writer thread (the
+        loop never waits for a write); their outcomes are handed back here, on the calling thread."""
         jobs = [self.jobs[it.slide_id] for it, _ in todo]
-        for job, feats, err in run_jobs(jobs, self.encoder, self.cfg, self.device, emit_units, self.stats):
-            yield self._write(job, feats, err)
+        written: queue.SimpleQueue[SlideOutcome] = queue.SimpleQueue()
+        with SlideWriter(lambda job, feats, err: written.put(self._write(job, feats, err))) as writer:
+            for job, feats, err in run_jobs(jobs, self.encoder, self.cfg, self.device, emit_units, self.stats,
+                                            out_dtype=np.dtype(self.cfg.dtype), decode=self.decode):
+                writer.put(job, feats, err)
+                yield from _drain(written)
+        yield from _drain(written)
+        self.stats.update(writer_busy_s=writer.busy_s, writer_blocked_s=writer.blocked_s)
 
     def _write(self, job: SlideJob, feats: np.ndarray | None, err: str) -> SlideOutcome:
         out = SlideOutcome(job.slide_id, path=job.slide_path, n_tiles=job.n_tiles, slide_mpp=job.tiles.slide_mpp,
@@ -292,7 +341,7 @@ class ExtractStage:
             out.status, out.error, out.error_type = STATUS_FAILED, err, err.split(":", 1)[0]
             return out
         try:
-            write_slide_features(job, feats, self.encoder, self.cfg)
+            write_slide_features(job, feats, self.encoder, self.cfg, self.decode.key)
         except (WSIPipelineError, OSError, ValueError) as e:  # this slide's output only; the run goes on
             out.status, out.error_type = STATUS_FAILED, type(e).__name__
             out.error = f"{type(e).__name__}: cannot write {job.out_path} ({e})"
@@ -307,7 +356,8 @@ def run_extract(run_root: str | Path, cfg: ExtractConfig, progress: Progress | N
     The summary's ``figures``: ``encoder``, ``features_dir``, ``tiles`` (extracted), ``tiles_per_s``,
     ``wait_s`` (waiting for tiles: reading, or blocked on reader processes), ``compute_s`` (preprocess +
     forward; on CUDA only the launches)."""
-    from wsi_pipeline.encoders import create_encoder, default_encoder_name, resolve_device
+    from wsi_pipeline.encoders.base import resolve_device
+    from wsi_pipeline.encoders.registry import create_encoder, default_encoder_name
     from wsi_pipeline.runfolder.batch import parse_shard
 
     cfg.validate()
@@ -319,21 +369,24 @@ def run_extract(run_root: str | Path, cfg: ExtractConfig, progress: Progress | N
 
         device = torch.device("cuda", dist_info.local_rank)
         torch.cuda.set_device(device)
-    encoder = create_encoder(cfg.encoder or default_encoder_name(), cfg.weights, device="cpu")
-    jobs, bad = plan_jobs(layout, encoder.meta.name, cfg)
-    shard = parse_shard(cfg.shard)
-    mine = balanced_share(jobs, shard.index, shard.count)
-    bad = [b for i, b in enumerate(sorted(bad, key=lambda b: b[0])) if i % shard.count == shard.index]
-    check_mpp(jobs, encoder, cfg.allow_mpp_mismatch)  # every rank decides the same
-    stage = ExtractStage(layout, encoder, cfg, device, mine, bad)
+    encoder = create_encoder(cfg.encoder or default_encoder_name(), cfg.weights, device="cpu", init_seed=cfg.init_seed)
+    decode = resolve_decode(cfg.decode, device)
+    mine, bad = plan_jobs(layout, encoder.meta.name, cfg, parse_shard(cfg.shard))
+    check_mpp(mine, encoder, cfg.allow_mpp_mismatch)  # each rank checks the slides it extracts
+    stage = ExtractStage(layout, encoder, cfg, device, decode, mine, bad)
     summary = run_streaming(stage, stage.items(), layout, force=cfg.force, progress=progress)
     loop_s = stage.stats.get("loop_s", 0.0)
     summary.figures.update(encoder=encoder.meta.name, features_dir=str(layout.features_dir(encoder.meta.name)),
                            tiles=stage.tiles, tiles_per_s=stage.tiles / loop_s if loop_s > 0 else 0.0,
                            wait_s=stage.stats.get("wait_s", 0.0), compute_s=stage.stats.get("compute_s", 0.0),
-                           loop_s=loop_s)
+                           loop_s=loop_s, decode=decode.key, stats=dict(stage.stats))
     finish_distributed(dist_info, summary, device)
     return summary
+
+
+def _drain(q: queue.SimpleQueue[SlideOutcome]) -> Iterator[SlideOutcome]:
+    while not q.empty():
+        yield q.get()
 
 
 def remove_stale_temps(out_path: Path) -> None:
@@ -345,13 +398,15 @@ def remove_stale_temps(out_path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_slide_features(job: SlideJob, feats: np.ndarray, encoder: Any, cfg: ExtractConfig) -> None:
-    """Atomic write of ``features`` + ``coords`` (tiles-file order) with the encoder and tiling attrs."""
+def write_slide_features(job: SlideJob, feats: np.ndarray, encoder: Any, cfg: ExtractConfig,
+                         decode: str = "") -> None:
+    """Atomic write of ``features`` + ``coords`` (tiles-file order) with the encoder and tiling attrs, and
+    the decode mode the tiles were read with."""
     meta = encoder.meta
     t = job.tiles
     attrs = {
         F.A_ENCODER: meta.name,
-        F.A_WEIGHTS_SHA256: encoder.weights_sha256 or "random-init",
+        F.A_WEIGHTS_SHA256: encoder.weights_id,
         F.A_EMBED_DIM: int(meta.embed_dim),
         F.A_INPUT_SIZE: int(meta.input_size),
         F.A_PRECISION: cfg.precision,
@@ -368,197 +423,12 @@ def write_slide_features(job: SlideJob, feats: np.ndarray, encoder: Any, cfg: Ex
         "encoder_arch": meta.arch,
         "encoder_licence": meta.licence,
         "features_format": FEATURES_FORMAT,
+        "decode": decode or cfg.decode,
     }
     for k in (F.A_LEVEL0_W, F.A_LEVEL0_H):
         if k in t.attrs:
             attrs[k] = int(t.attrs[k])
     F.write_features_h5(job.out_path, feats.astype(cfg.dtype, copy=False), t.l0_xy, attrs)
-
-
-# ---------------------------------------------------------------- the loop
-def default_num_workers(device_type: str) -> int:
-    """GPU: reader processes on all but one core, prefetching while the GPU computes. CPU: none — the
-    model's threads use every core, so the next batch is read between forward passes, by the same number
-    of threads (a reader process would preempt one compute thread and stall the other at each barrier)."""
-    from wsi_pipeline.runfolder.batch import default_workers
-
-    cores = default_workers()
-    return max(1, min(16, cores - 1)) if device_type == "cuda" else 0
-
-
-def run_jobs(
-    jobs: Sequence[SlideJob],
-    encoder: Any,
-    cfg: ExtractConfig,
-    device: Any,
-    on_progress: Callable[[int], None] | None = None,
-    stats: dict[str, float] | None = None,
-) -> Iterator[tuple[SlideJob, np.ndarray | None, str]]:
-    """Yield ``(job, features in tiles-file order, '')`` per slide, or ``(job, None, error)``.
-
-    ``stats`` (if given) receives ``wait_s``: seconds spent waiting for tiles (reading in this process, or
-    blocked on the reader processes), ``compute_s``: seconds in preprocess + forward (CPU; on CUDA only the
-    launches), and ``loop_s``: seconds of the whole loop.
-
-    Empty slides yield a (0, D) array. A reader-process crash fails the slide being read and the loader
-    restarts with the remaining slides.
-    """
-    import torch
-
-    from wsi_pipeline.encoders.base import autocast, prepare_for_inference
-    from wsi_pipeline.features.dataset import SlideBatchDataset, plan_batches
-
-    model = prepare_for_inference(encoder, device)
-    channels_last = encoder.is_cnn
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed tile size: let cuDNN pick the fastest kernels
-        torch.backends.cuda.matmul.allow_tf32 = True
-    fwd: Callable[[Any], Any] = model
-    if cfg.compile:
-        fwd = torch.compile(model, dynamic=False)
-    sources = [SlideSource(j.slide_path, j.tiles.l0_xy, j.spec, j.tiles.tile_size_l0 or 1) for j in jobs]
-    for j in jobs:
-        if j.n_tiles == 0:
-            yield j, np.zeros((0, encoder.embed_dim), dtype=np.float32), ""
-    items = plan_batches(sources, cfg.batch_size)
-    remaining = {si: sum(1 for s, _ in items if s == si) for si in range(len(jobs))}
-    buffers: dict[int, np.ndarray] = {}
-    started: dict[int, float] = {}
-    failed: set[int] = set()
-    num_workers = default_num_workers(device.type) if cfg.num_workers is None else cfg.num_workers
-    threads = cfg.reader_threads or (torch.get_num_threads() if num_workers == 0 else 1)
-    options = ReaderOptions(cfg.fast_reader, cfg.reduced_decode, cfg.cache_tiles, threads)
-    pending: tuple[int, Any, Any] | None = None  # (source, positions, device output) awaiting copy-back
-
-    def finish(si: int, positions: Any, y: Any) -> Iterator[tuple[SlideJob, np.ndarray | None, str]]:
-        if si in failed:
-            return
-        out = y.float().cpu().numpy()
-        buf = buffers.get(si)
-        if buf is None:
-            buf = buffers[si] = np.empty((jobs[si].n_tiles, out.shape[1]), dtype=np.float32)
-        idx = positions.numpy()
-        buf[idx] = out[: len(idx)]
-        remaining[si] -= 1
-        if on_progress:
-            on_progress(len(idx))
-        if remaining[si] == 0:
-            jobs[si].seconds = time.perf_counter() - started.get(si, time.perf_counter())
-            yield jobs[si], buffers.pop(si), ""
-
-    def fail(si: int, err: str) -> Iterator[tuple[SlideJob, np.ndarray | None, str]]:
-        if si in failed:
-            return
-        failed.add(si)
-        buffers.pop(si, None)
-        yield jobs[si], None, err
-
-    todo = list(items)
-    waited, computed, t_loop = 0.0, 0.0, time.perf_counter()
-    careful = 0  # after a reader crash: this many items are read one at a time, to find the culprit
-    while todo:
-        if careful:
-            chunk, rest = todo[:careful], todo[careful:]
-            ds = SlideBatchDataset(sources, chunk, options)
-            loader = _make_loader(ds, 1, 1, device.type == "cuda")
-        else:
-            chunk, rest = todo, []
-            ds = SlideBatchDataset(sources, chunk, options)
-            loader = _make_loader(ds, num_workers, cfg.prefetch_factor, device.type == "cuda")
-        pos = 0
-        try:
-            with torch.inference_mode():
-                with _no_async_worker_errors():
-                    it = iter(loader)  # workers start here
-                while True:
-                    t_wait = time.perf_counter()
-                    try:
-                        si, positions, tiles, err = next(it)
-                    except StopIteration:
-                        break
-                    waited += time.perf_counter() - t_wait
-                    pos += 1
-                    si = int(si)
-                    if err:
-                        yield from fail(si, err)
-                        continue
-                    if si in failed:
-                        continue
-                    started.setdefault(si, time.perf_counter())
-                    t_compute = time.perf_counter()
-                    x = tiles.to(device, non_blocking=True)
-                    n = x.shape[0]
-                    if cfg.compile and n < cfg.batch_size:  # keep one static shape for the compiled graph
-                        x = torch.cat([x, x[-1:].expand(cfg.batch_size - n, *x.shape[1:])])
-                    x = model.preprocess(x)
-                    if channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with autocast(device, cfg.precision):
-                        y = fwd(x)
-                    computed += time.perf_counter() - t_compute  # on CUDA: launch time only (asynchronous)
-                    if pending is not None:  # copy back the previous batch while this one runs
-                        yield from finish(*pending)
-                    pending = (si, positions, y)
-                if pending is not None:
-                    yield from finish(*pending)
-                    pending = None
-            todo, careful = [it for it in rest if it[0] not in failed], 0
-        except RuntimeError as e:
-            if "DataLoader worker" not in str(e) or num_workers == 0:
-                raise
-            if pending is not None:
-                yield from finish(*pending)
-                pending = None
-            left = [it for it in chunk[pos:] if it[0] not in failed] + [it for it in rest if it[0] not in failed]
-            if careful:  # one item in flight: the one that was not delivered killed the reader
-                culprit = chunk[min(pos, len(chunk) - 1)][0]
-                log.warning("%s: the reader process died on this slide (%s)", jobs[culprit].slide_path, e)
-                yield from fail(culprit, f"WorkerCrash: the reader process died reading this slide ({e})")
-                careful = max(0, careful - pos - 1)
-                todo = [it for it in left if it[0] != culprit]
-            else:  # prefetching: the culprit is among the next few items; re-read them one at a time
-                log.warning("a reader process died (%s); re-reading the next batches one at a time", e)
-                careful = num_workers * cfg.prefetch_factor + 2
-                todo = left
-        finally:
-            ds.close()
-    if stats is not None:
-        stats.update(wait_s=waited, compute_s=computed, loop_s=time.perf_counter() - t_loop)
-    if items and waited > 0.1 * (time.perf_counter() - t_loop):
-        log.info("waited for tiles %.0f%% of the time: reading is a bottleneck (try more --num-workers)",
-                 100 * waited / (time.perf_counter() - t_loop))
-
-
-def _make_loader(ds: Any, num_workers: int, prefetch_factor: int, pin: bool) -> Any:
-    from torch.utils.data import DataLoader
-
-    from wsi_pipeline.features.dataset import worker_init
-
-    kwargs: dict[str, Any] = {"batch_size": None, "shuffle": False, "num_workers": num_workers, "pin_memory": pin}
-    if num_workers > 0:
-        kwargs.update(prefetch_factor=prefetch_factor, worker_init_fn=worker_init, persistent_workers=False,
-                      multiprocessing_context="fork")
-    return DataLoader(ds, **kwargs)
-
-
-@contextlib.contextmanager
-def _no_async_worker_errors() -> Iterator[None]:
-    """While our loader's workers start, keep PyTorch from installing its SIGCHLD handler, which raises
-    "DataLoader worker exited" at an arbitrary point of the main thread (even while a features file is being
-    written). Without it the loader still reports a dead worker, synchronously, from ``next()`` (within
-    ~5 s), where the engine can attribute it to a slide and go on. The flag (private to torch, hence the
-    ``hasattr`` guard) is restored afterwards, so other DataLoaders of the process behave as usual."""
-    from torch.utils.data._utils import signal_handling
-
-    if not hasattr(signal_handling, "_SIGCHLD_handler_set"):
-        yield
-        return
-    before = signal_handling._SIGCHLD_handler_set
-    signal_handling._SIGCHLD_handler_set = True
-    try:
-        yield
-    finally:
-        signal_handling._SIGCHLD_handler_set = before
 
 
 # ---------------------------------------------------------------- single slide, in memory
@@ -571,7 +441,7 @@ def extract_slide_features(
     device: str = "auto",
 ) -> np.ndarray:
     """Features (N, D) float32 of the tiles ``l0_xy`` of one slide, in the given order (nothing written)."""
-    from wsi_pipeline.encoders import resolve_device
+    from wsi_pipeline.encoders.base import resolve_device
 
     cfg = (cfg or ExtractConfig()).validate()
     attrs = {F.A_TARGET_MPP: spec.target_mpp, F.A_SLIDE_MPP: spec.slide_mpp, F.A_TILE_SIZE: spec.tile_size,

@@ -4,10 +4,11 @@ Two readers with one interface (:class:`TileReader`):
 
 * :class:`JpegTiffReader` — for TIFF pyramids whose level is stored as JPEG tiles (Aperio SVS, generic
   tiled TIFF): reads each stored tile's bytes once (tifffile offsets, ``os.pread``), decodes it with
-  libjpeg-turbo (imagecodecs; optionally at 1/2, 1/4 or 1/8 scale in the DCT when the target MPP is that
-  much coarser than the level) into a small LRU, and cuts the output tiles from the decoded pixels.
+  libjpeg-turbo (:mod:`wsi_pipeline.features.decode`; at 1/2, 1/4 or 1/8 scale in the DCT when the target
+  MPP is that much coarser than the level and the decode mode is ``cpu-scaled``) into a small LRU, and cuts the output tiles from the decoded pixels.
   Colour handling follows the TIFF photometric tag like libtiff/OpenSlide (Aperio's RGB-coded JPEGs are
-  decoded without YCbCr conversion).
+  decoded without YCbCr conversion). With ``decode='gpu'`` it also hands out the compressed tiles and their
+  layout (:meth:`JpegTiffReader.jpeg_batch`) for decoding on the GPU.
 * :class:`SlideTileReader` — anything else (JPEG 2000, DICOM, MRXS, NDPI, ...) through
   :meth:`Slide.read_region_at_mpp` (OpenSlide / tifffile backends).
 
@@ -17,7 +18,6 @@ to JPEG/resampling noise; out-of-slide pixels are white.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections import OrderedDict
@@ -37,7 +37,6 @@ FAST_VENDORS = ("aperio", "generic-tiff")
 WHITE = 255
 JPEG = 7
 PHOTOMETRIC_RGB = 2
-PHOTOMETRIC_YCBCR = 6
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ class SlideTileReader(TileReader):
     kind = "slide"
 
     def __init__(self, path: str | Path, spec: ReadSpec, slide: Any = None, threads: int = 1) -> None:
-        from wsi_pipeline.slide import open_slide
+        from wsi_pipeline.slide.open import open_slide
 
         self.spec = spec
         self.slide = slide if slide is not None else open_slide(path, mpp=spec.slide_mpp)
@@ -129,35 +128,50 @@ class _LevelGeometry:
 
 
 class JpegTiffReader(TileReader):
-    """Fast reader for TIFF pyramids with JPEG tiles (see module doc)."""
+    """Fast reader for TIFF pyramids with JPEG tiles (see module doc).
+
+    ``decode``: ``cpu-scaled`` decodes at 1/2, 1/4 or 1/8 scale in the DCT when one output pixel covers that
+    many level pixels; ``cpu-full`` always decodes at full scale and resizes (the reference pixels);
+    ``gpu`` hands out the compressed tiles in :meth:`jpeg_batch` for the GPU to decode, and reads like
+    ``cpu-scaled`` in :meth:`read` (for slides whose tiles the GPU does not decode right).
+    """
 
     kind = "tiff-jpeg"
 
     def __init__(self, path: str | Path, spec: ReadSpec, slide: Any, page: Any, geometry: _LevelGeometry,
-                 cache_tiles: int = 256, reduced_decode: bool = True, threads: int = 1) -> None:
+                 cache_tiles: int = 256, decode: str = "cpu-scaled", threads: int = 1) -> None:
+        from wsi_pipeline.features.decode import simplejpeg_module
+
         self.path = Path(path)
         self.spec = spec
         self.slide = slide  # kept open for the geometry; pixels come from the TIFF
         self.geo = geometry
+        self.decode = decode
         self._tw, self._th = int(page.tilewidth), int(page.tilelength)
         self._ntx = -(-int(page.imagewidth) // self._tw)
         self._nty = -(-int(page.imagelength) // self._th)
         self._offsets = np.asarray(page.dataoffsets, dtype=np.int64)
         self._counts = np.asarray(page.databytecounts, dtype=np.int64)
         self._tables: bytes | None = page.jpegtables
-        self._colorspace, self._outcolorspace, self._raw_rgb = _jpeg_colorspace(page)
+        self.raw_rgb = _raw_rgb(page)
+        self._sj = simplejpeg_module()
         self._fd = os.open(str(self.path), os.O_RDONLY)
         self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
         self._cache_tiles = max(4, int(cache_tiles))
         # decode at 1/r in the DCT when one output px covers >= r level px (power of two, r <= 8)
         r = 1
-        if reduced_decode:
+        if decode in ("cpu-scaled", "gpu"):
             while r < 8 and geometry.scale >= 2 * r * (1 - 1e-6) and self._tw % (2 * r) == 0 and self._th % (2 * r) == 0:
                 r *= 2
         self._reduce = r
         self.decoded_tiles = 0
         self._frozen = False  # True while pool threads cut tiles from the cache (no LRU bookkeeping then)
         self._start_pool(threads)
+
+    @property
+    def reduce(self) -> int:
+        """The DCT scale denominator used for aligned output tiles (1 = full decode)."""
+        return self._reduce
 
     # ---- stored tiles
     def _stored(self, tx: int, ty: int, r: int) -> np.ndarray:
@@ -178,39 +192,45 @@ class JpegTiffReader(TileReader):
         while len(self._cache) > self._cache_tiles:
             self._cache.popitem(last=False)
 
-    def _load(self, key: tuple[int, int, int]) -> np.ndarray:
-        """Read and decode one stored tile (thread-safe: ``os.pread`` and a GIL-free decoder)."""
-        tx, ty, r = key
+    def _stream(self, tx: int, ty: int) -> bytes | None:
+        """The stored tile's standalone JPEG (tables spliced in), or None for a sparse (empty) tile."""
+        from wsi_pipeline.features.decode import standalone_jpeg
+
         idx = ty * self._ntx + tx
         nbytes = int(self._counts[idx])
-        self.decoded_tiles += 1
         if nbytes == 0:  # sparse tile: OpenSlide shows it as transparent → white
-            return np.full((self._th // r, self._tw // r, 3), WHITE, np.uint8)
+            return None
         data = os.pread(self._fd, nbytes, int(self._offsets[idx]))
         if len(data) < nbytes:
             raise CorruptSlideError(
                 self.path, f"tile ({tx}, {ty}) of level {self.geo.level} lies beyond the end of the file",
                 "the file is truncated; copy it again",
             )
-        return self._decode(data, r, tx, ty)
-
-    def _decode(self, data: bytes, r: int, tx: int, ty: int) -> np.ndarray:
-        import imagecodecs
-
         try:
-            if r == 1:
-                arr = imagecodecs.jpeg8_decode(data, tables=self._tables, colorspace=self._colorspace,
-                                               outcolorspace=self._outcolorspace)
-            else:
-                arr = _pil_decode_scaled(data, self._tables, r, self._raw_rgb)
-        except (ValueError, RuntimeError, OSError, imagecodecs.DelayedImportError) as e:
-            raise CorruptSlideError(
-                self.path, f"JPEG tile ({tx}, {ty}) of level {self.geo.level} does not decode ({e})",
-                "the file is damaged; re-copy or re-export it",
-            ) from e
+            return standalone_jpeg(data, self._tables, self.raw_rgb)
+        except ValueError as e:
+            raise self._corrupt(tx, ty, e) from e
+
+    def _corrupt(self, tx: int, ty: int, e: Exception) -> CorruptSlideError:
+        return CorruptSlideError(self.path, f"JPEG tile ({tx}, {ty}) of level {self.geo.level} does not decode ({e})",
+                                 "the file is damaged; re-copy or re-export it")
+
+    def _load(self, key: tuple[int, int, int]) -> np.ndarray:
+        """Read and decode one stored tile (thread-safe: ``os.pread`` and a GIL-free decoder)."""
+        from wsi_pipeline.features.decode import decode_cpu
+
+        tx, ty, r = key
+        self.decoded_tiles += 1
+        th, tw = self._th // r, self._tw // r
+        jpeg = self._stream(tx, ty)
+        if jpeg is None:
+            return np.full((th, tw, 3), WHITE, np.uint8)
+        try:
+            arr = decode_cpu(jpeg, r, (self._tw, self._th), self._sj)
+        except ValueError as e:
+            raise self._corrupt(tx, ty, e) from e
         if arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=2)
-        th, tw = self._th // r, self._tw // r
         if arr.shape[0] != th or arr.shape[1] != tw:  # libjpeg rounds scaled sizes up; crop or pad
             fixed = np.full((th, tw, 3), WHITE, np.uint8)
             h, w = min(th, arr.shape[0]), min(tw, arr.shape[1])
@@ -219,7 +239,7 @@ class JpegTiffReader(TileReader):
         return arr[..., :3]
 
     # ---- output tiles
-    def _plan(self, l0_xy: Sequence[int]) -> tuple[int, int, int, int, float, float]:
+    def _plan(self, l0_xy: Sequence[int], allow_reduce: bool = True) -> tuple[int, int, int, int, float, float]:
         """(lx, ly, size, r, ax, ay): the level region [lx, lx+size)² read at 1/r scale, and the fractional
         level position (OpenSlide places regions at l0 / downsample with bilinear filtering)."""
         g = self.geo
@@ -230,7 +250,7 @@ class JpegTiffReader(TileReader):
         size = g.region
         if ax or ay:
             return lx, ly, size + 1, 1, ax, ay
-        r = self._reduce
+        r = self._reduce if allow_reduce else 1
         if r > 1 and (lx % r or ly % r or size % r):
             r = 1  # sub-pixel misalignment at reduced scale: decode at full scale for this tile
         return lx, ly, size, r, 0.0, 0.0
@@ -277,11 +297,14 @@ class JpegTiffReader(TileReader):
     def _region(self, lx: int, ly: int, size: int, r: int) -> np.ndarray:
         """Level pixels [lx, lx+size)² at 1/r scale; white outside the level."""
         out_side = size // r
-        out = np.full((out_side, out_side, 3), WHITE, np.uint8)
+        out = np.empty((out_side, out_side, 3), np.uint8)
         x0, y0 = max(lx, 0), max(ly, 0)
         x1, y1 = min(lx + size, self.geo.width), min(ly + size, self.geo.height)
         if x1 <= x0 or y1 <= y0:
+            out.fill(WHITE)
             return out
+        if x0 > lx or y0 > ly or x1 < lx + size or y1 < ly + size:
+            out.fill(WHITE)  # only partly inside the level
         tw, th = self._tw, self._th
         for ty in range(y0 // th, (y1 - 1) // th + 1):
             for tx in range(x0 // tw, (x1 - 1) // tw + 1):
@@ -293,6 +316,51 @@ class JpegTiffReader(TileReader):
                     tile[(iy0 - ty * th) // r:(iy1 - ty * th) // r, (ix0 - tx * tw) // r:(ix1 - tx * tw) // r]
         return out
 
+    # ---- compressed tiles, for decoding elsewhere (the GPU)
+    def jpeg_batch(self, l0_xy: np.ndarray) -> JpegBatch:
+        """The stored tiles that the output tiles ``l0_xy`` need, still compressed (standalone JPEGs), and
+        where each output tile lies in them: see :class:`JpegBatch`. No decoding here."""
+        n = len(l0_xy)
+        plans = [self._plan(xy, allow_reduce=False) for xy in l0_xy]
+        tw, th = self._tw, self._th
+        index: dict[tuple[int, int], int] = {}
+        streams: list[bytes] = []
+        origin = np.zeros((n, 2), np.int64)
+        side = np.zeros(n, np.int64)
+        shift = np.zeros((n, 2), np.float32)
+        first = np.zeros((n, 2), np.int64)
+        spans = []
+        for i, (lx, ly, size, _, ax, ay) in enumerate(plans):
+            origin[i], side[i], shift[i] = (lx, ly), size, (ax, ay)
+            tx0, ty0 = max(lx, 0) // tw, max(ly, 0) // th
+            first[i] = (tx0, ty0)
+            keys = self._stored_keys(lx, ly, size, 1)
+            spans.append(keys)
+        ny = max([1 + max((k[1] for k in ks), default=0) - int(first[i, 1]) for i, ks in enumerate(spans)] or [1])
+        nx = max([1 + max((k[0] for k in ks), default=0) - int(first[i, 0]) for i, ks in enumerate(spans)] or [1])
+        table = np.full((n, max(1, ny), max(1, nx)), -1, np.int32)
+        for i, ks in enumerate(spans):
+            for tx, ty, _ in ks:
+                k = index.get((tx, ty))
+                if k is None:
+                    stream = self._stream(tx, ty)
+                    k = -1
+                    if stream is not None:
+                        k = index[(tx, ty)] = len(streams)
+                        streams.append(stream)
+                    else:
+                        index[(tx, ty)] = -1
+                table[i, ty - first[i, 1], tx - first[i, 0]] = k
+        self.decoded_tiles += len(streams)
+        lengths = np.fromiter((len(s) for s in streams), np.int64, len(streams))
+        offsets = np.zeros(len(streams) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        data = np.frombuffer(bytearray(b"".join(streams)), np.uint8)  # writable: it becomes a tensor
+        return JpegBatch(data=data, offsets=offsets, tile_wh=np.array([tw, th], np.int64),
+                         level_wh=np.array([self.geo.width, self.geo.height], np.int64), origin=origin, side=side,
+                         shift=shift, first_tile=first, table=table, out_size=int(self.spec.tile_size),
+                         raw_rgb=bool(self.raw_rgb))
+
     def close(self) -> None:
         super().close()
         if self._fd >= 0:
@@ -300,6 +368,36 @@ class JpegTiffReader(TileReader):
             self._fd = -1
         self._cache.clear()
         self.slide.close()
+
+
+@dataclass
+class JpegBatch:
+    """Compressed stored tiles of one slide level and the layout of the output tiles over them.
+
+    ``data[offsets[k]:offsets[k+1]]`` is stored tile k as a standalone JPEG. Output tile i is the level region
+    ``[origin[i], origin[i] + side[i])²`` (x, y), sampled at ``+ shift[i]`` px (bilinear; region one px
+    larger then) and resized to ``out_size``². ``table[i, a, b]`` is the stored tile at column
+    ``first_tile[i, 0] + b``, row ``first_tile[i, 1] + a`` (-1: white). Level pixels outside ``level_wh`` are
+    white."""
+
+    data: np.ndarray  # uint8 (total bytes,)
+    offsets: np.ndarray  # int64 (K + 1,)
+    tile_wh: np.ndarray  # int64 (2,) stored tile width, height
+    level_wh: np.ndarray  # int64 (2,)
+    origin: np.ndarray  # int64 (n, 2) level x, y of each region
+    side: np.ndarray  # int64 (n,) region side in level px
+    shift: np.ndarray  # float32 (n, 2) fractional level position (ax, ay)
+    first_tile: np.ndarray  # int64 (n, 2) column, row of table[i, 0, 0]
+    table: np.ndarray  # int32 (n, ny, nx)
+    out_size: int
+    raw_rgb: bool
+
+    def __len__(self) -> int:
+        return len(self.side)
+
+    @property
+    def n_streams(self) -> int:
+        return len(self.offsets) - 1
 
 
 # ---------------------------------------------------------------- helpers
@@ -312,39 +410,12 @@ def _bilinear_shift(region: np.ndarray, ax: float, ay: float, size: int) -> np.n
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def _jpeg_colorspace(page: Any) -> tuple[int | None, int | None, bool]:
-    """(jpeg colorspace, output colorspace, raw_rgb) following the TIFF tags like libtiff does."""
+def _raw_rgb(page: Any) -> bool:
+    """True when the tiles are RGB-coded JPEGs that libtiff reads without colour conversion (Aperio:
+    photometric RGB without JFIF marker)."""
     photometric = int(page.photometric)
     jfif = bool(getattr(page, "is_jfif", False))
-    if photometric == PHOTOMETRIC_YCBCR:
-        return None, PHOTOMETRIC_RGB, False
-    if photometric == PHOTOMETRIC_RGB and not jfif:  # Aperio: RGB-coded JPEG without markers
-        return PHOTOMETRIC_RGB, PHOTOMETRIC_RGB, True
-    return None, PHOTOMETRIC_RGB, False
-
-
-def _pil_decode_scaled(data: bytes, tables: bytes | None, r: int, raw_rgb: bool) -> np.ndarray:
-    """Decode a (possibly abbreviated) JPEG stream at 1/r scale in the DCT (libjpeg-turbo via Pillow)."""
-    from PIL import Image
-
-    if tables:
-        data = tables[:-2] + data[2:]  # tables' SOI..(EOI dropped) + tile's stream after its SOI
-    im = Image.open(io.BytesIO(data))
-    w, h = im.size
-    if raw_rgb and not _has_adobe_rgb(data):
-        im.draft("YCbCr", (w // r, h // r))  # no colour conversion: the components are R, G, B already
-    else:
-        im.draft("RGB", (w // r, h // r))
-    arr = np.asarray(im)
-    if im.size != (w // r, h // r):
-        raise ValueError(f"DCT scaling gave {im.size}, expected {(w // r, h // r)}")
-    return arr
-
-
-def _has_adobe_rgb(data: bytes) -> bool:
-    """True if the stream carries an Adobe APP14 marker with transform 0 (libjpeg then decodes it as RGB)."""
-    i = data.find(b"\xff\xeeAdobe", 0, 4096)
-    return i >= 0 and len(data) > i + 15 and data[i + 15] == 0
+    return photometric == PHOTOMETRIC_RGB and not jfif
 
 
 def level_geometry(slide: Any, spec: ReadSpec) -> _LevelGeometry:
@@ -375,10 +446,14 @@ def _find_jpeg_page(tif: Any, width: int, height: int) -> Any:
 
 
 def open_tile_reader(path: str | Path, spec: ReadSpec, fast: bool = True, cache_tiles: int = 256,
-                     reduced_decode: bool = True, threads: int = 1) -> TileReader:
+                     reduced_decode: bool = True, threads: int = 1, decode: str | None = None) -> TileReader:
     """The fastest reader that can read ``path`` exactly (see module doc). ``threads`` > 1 decodes the tiles
-    of one :meth:`~TileReader.read_many` call in parallel."""
-    from wsi_pipeline.slide import open_slide
+    of one :meth:`~TileReader.read_many` call in parallel. ``decode``: ``cpu-scaled``, ``cpu-full`` or
+    ``gpu`` (:mod:`wsi_pipeline.features.decode`); None: ``cpu-scaled`` if ``reduced_decode`` else
+    ``cpu-full``."""
+    if decode is None:
+        decode = "cpu-scaled" if reduced_decode else "cpu-full"
+    from wsi_pipeline.slide.open import open_slide
 
     slide = open_slide(path, mpp=spec.slide_mpp)
     if not fast or getattr(slide, "backend", "") != "openslide" or slide.vendor not in FAST_VENDORS:
@@ -392,7 +467,7 @@ def open_tile_reader(path: str | Path, spec: ReadSpec, fast: bool = True, cache_
             if page is not None:
                 # materialise what the reader needs before the file closes
                 _ = (page.dataoffsets, page.databytecounts, page.jpegtables)
-                reader = JpegTiffReader(path, spec, slide, page, geo, cache_tiles, reduced_decode, threads)
+                reader = JpegTiffReader(path, spec, slide, page, geo, cache_tiles, decode, threads)
                 log.debug("%s: fast JPEG reader on level %d (decode 1/%d)", path, geo.level, reader._reduce)
                 return reader
     except (tifffile.TiffFileError, OSError, ValueError) as e:

@@ -30,9 +30,25 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+def write_text_atomic(path: str | Path, text: str, durable: bool = False) -> None:
+    """Write ``text`` atomically; ``durable``: also on disk (the file fsync'd before the rename, its folder
+    after) when this returns, for a file whose sources are deleted next (the status compaction)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    if durable:
+        fsync_dir(Path(path).parent)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make the names in ``folder`` (files created, renamed or deleted) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text_if_changed(path: str | Path, text: str) -> bool:

@@ -9,13 +9,24 @@ refused: upgrade wsi-pipeline), the required keys and the types the code relies 
 =================  =======  ====================================================================
 file               version  required keys
 =================  =======  ====================================================================
-model.json         1        name, main_variant, targets (list), encoder (object with name),
+model.json         2        name, main_variant, targets (list), encoder (object with name),
                             variants (object); cards written before ``format_version`` carry
                             their version as ``version`` and are read as such
 encoder.json       1        name, arch, embed_dim, input_size, mean, std, mpp
 classifier.json    1        class_names, encoder, embed_dim, mpp, head
 stages/<s>.json    1        (free-form record of a cohort stage's last run)
 =================  =======  ====================================================================
+
+model.json, optional keys (version 2; a version-1 card lacks them and is read with their defaults):
+
+- ``variants.<v>.calibration``: target → ``{"method": platt|temperature|isotonic|none, "multiclass":
+  bool, "params": {...}}``, the post-hoc calibrator fitted on the variant's out-of-fold predictions
+  (:mod:`wsi_pipeline.mil.calibration`); absent: the probabilities are used as the heads give them.
+- ``variants.<v>.thresholds``: binary target → cut-off of ``t_pred`` (``t_prob`` ≥ cut-off), chosen on the
+  calibrated out-of-fold predictions; absent: 0.5.
+- ``subgroups``: ``{"target", "cutoffs": [low|intermediate, intermediate|high], "labels", "source"}``.
+- ``head_selection``: how the main head was chosen (``--head auto``: candidates, per-fold inner-CV scores,
+  the criterion, the choice and why; an explicit ``--head``: ``{"requested": head}``).
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from wsi_pipeline.formats.atomic import write_text_atomic
 VERSION_KEY = "format_version"
 
 MODEL_JSON = "model.json"
-MODEL_JSON_VERSION = 1
+MODEL_JSON_VERSION = 2  # 2: regression targets carry their bounds; calibration, thresholds, head_selection
 MODEL_JSON_REQUIRED = ("name", "main_variant", "targets", "encoder", "variants")
 _MODEL_FIX = "re-run `wsi train`"
 
@@ -114,8 +125,26 @@ def read_model_json(path: str | Path) -> dict[str, Any]:
         raise FormatError(path, f"'encoder' must be an object with a 'name'; {_MODEL_FIX}")
     if not isinstance(doc["targets"], list) or not isinstance(doc["variants"], dict):
         raise FormatError(path, f"'targets' must be a list and 'variants' an object; {_MODEL_FIX}")
+    for name, v in doc["variants"].items():
+        _check_calibration(path, name, v)
     doc.pop(VERSION_KEY, None)
     return doc
+
+
+def _check_calibration(path: Path, variant: str, v: Any) -> None:
+    """The optional ``calibration`` and ``thresholds`` blocks of one variant (see the module docstring)."""
+    if not isinstance(v, dict):
+        raise FormatError(path, f"variant {variant!r} must be an object; {_MODEL_FIX}")
+    cal = v.get("calibration", {})
+    bad = not isinstance(cal, dict) or any(
+        not isinstance(c, dict) or not isinstance(c.get("method"), str) or not isinstance(c.get("params", {}), dict)
+        for c in cal.values())
+    if bad:
+        raise FormatError(path, f"variant {variant!r}: 'calibration' must map targets to "
+                                f"{{method, multiclass, params}}; {_MODEL_FIX}")
+    thr = v.get("thresholds", {})
+    if not isinstance(thr, dict) or any(not isinstance(t, (int, float)) for t in thr.values()):
+        raise FormatError(path, f"variant {variant!r}: 'thresholds' must map targets to numbers; {_MODEL_FIX}")
 
 
 def write_model_json(path: str | Path, card: Mapping[str, Any]) -> Path:

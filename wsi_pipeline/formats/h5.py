@@ -1,4 +1,4 @@
-"""The HDF5 files of a RUN folder (tiles, features, per-tile scores, TME probabilities): dataset and
+"""The HDF5 files of a RUN folder (tiles, features, per-tile scores, TME probabilities and dense maps): dataset and
 attribute names, format version, atomic writers and validating readers.
 
 Coordinates are always level-0 pixels (x, y) of a tile's top-left corner.
@@ -25,6 +25,8 @@ DS_FEATURES = "features"  # N×D float16/float32
 DS_SCORES_GROUP = "scores"  # group: one dataset per target (N or N×C)
 DS_ATTENTION_GROUP = "attention"  # group: one dataset per target (N), MIL attention weights
 DS_TME_PROBS = "probs"  # N×C tissue-class probabilities
+DS_TME_DENSE = "dense_probs"  # H×W×C float16: the dense class-probability map (`wsi tme --footprint dense`)
+DS_TME_DENSE_AREA = "dense_area"  # H×W uint8: 1 where the cell centre lies in a RUN tile
 
 # ---- attribute names ----
 A_FORMAT_VERSION = "format_version"
@@ -57,6 +59,12 @@ A_PRECISION = "precision"
 A_MODEL = "model"
 A_TARGETS = "targets"
 A_CLASS_NAMES = "class_names"
+# dense TME map (on the DS_TME_DENSE dataset): cell (i, j) covers level-0 x ∈ origin_x + [j, j+1)·cell_l0, y likewise
+A_DENSE_ORIGIN_L0 = "origin_level0"  # (x, y) level-0 corner of cell (0, 0)
+A_DENSE_CELL_L0 = "cell_level0"  # cell side in level-0 pixels (float)
+A_DENSE_CELL_UM = "cell_um"
+A_DENSE_WINDOW_UM = "window_um"  # side of the classified windows (one per cell, overlapping)
+A_DENSE_METHOD = "method"  # fcn (fully convolutional) | window (each window embedded on its own)
 
 TILE_ATTRS_REQUIRED = (A_TARGET_MPP, A_SLIDE_MPP, A_TILE_SIZE, A_PATCH_SIZE_L0, A_LEVEL0_W, A_LEVEL0_H)
 
@@ -155,11 +163,27 @@ def read_tiles_h5(path: str | Path) -> TileSet:
                 raise FormatError(path, f"no '{DS_COORDS}' dataset; is this a tiles/coords .h5 file?")
             ds = f[DS_COORDS]
             l0_xy = np.asarray(ds[:], dtype=np.int64).reshape(-1, 2)
-            attrs = {**read_attrs(f), **read_attrs(ds)}
+            attrs = read_attrs(f)
+            if A_PARAMS_HASH not in attrs:  # ours carry the same attrs on both; CLAM / TRIDENT on the dataset
+                attrs.update(read_attrs(ds))
     except OSError as e:
         raise FormatError(path, f"cannot read HDF5 file ({e}); delete it and re-run the tiling") from e
     _check_version(path, attrs)
     return TileSet(l0_xy=l0_xy, attrs=normalise_foreign_tile_attrs(attrs))
+
+
+def read_tiles_count(path: str | Path) -> int:
+    """The number of tiles in a tiles/coords file without reading them (planning a cohort)."""
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if DS_COORDS not in f:
+                raise FormatError(path, f"no '{DS_COORDS}' dataset; is this a tiles/coords .h5 file?")
+            return int(f[DS_COORDS].shape[0])
+    except OSError as e:
+        raise FormatError(path, f"cannot read HDF5 file ({e}); delete it and re-run the tiling") from e
 
 
 def normalise_foreign_tile_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -267,13 +291,57 @@ def read_scores_h5(path: str | Path) -> ScoreSet:
     return ScoreSet(l0_xy=l0_xy, scores=scores, attention=att, attrs=attrs)
 
 
-def write_tme_h5(path: str | Path, l0_xy: np.ndarray, probs: np.ndarray, attrs: Mapping[str, Any]) -> None:
+@dataclass
+class TMEDenseMap:
+    """The dense class-probability map of one slide as stored in ``RUN/tme/<slide_id>.h5``."""
+
+    probs: np.ndarray  # H×W×C float32
+    area: np.ndarray  # H×W bool
+    origin_l0: tuple[float, float]
+    cell_l0: float
+    cell_um: float
+    window_um: float
+    method: str
+
+
+def write_tme_h5(path: str | Path, l0_xy: np.ndarray, probs: np.ndarray, attrs: Mapping[str, Any],
+                 dense: TMEDenseMap | None = None) -> None:
+    """``coords`` + ``probs`` (per classified tile, or per RUN tile for the dense footprint), and the dense
+    map when there is one (float16, compressed)."""
     import h5py
 
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset(DS_COORDS, data=np.asarray(l0_xy, dtype=np.int64).reshape(-1, 2))
         f.create_dataset(DS_TME_PROBS, data=np.asarray(probs, dtype=np.float32))
+        if dense is not None:
+            opts = {"compression": "gzip", "compression_opts": 4} if dense.probs.size else {}
+            ds = f.create_dataset(DS_TME_DENSE, data=np.asarray(dense.probs, dtype=np.float16), **opts)
+            _write_attrs(ds, {A_DENSE_ORIGIN_L0: np.asarray(dense.origin_l0, np.float64),
+                              A_DENSE_CELL_L0: float(dense.cell_l0), A_DENSE_CELL_UM: float(dense.cell_um),
+                              A_DENSE_WINDOW_UM: float(dense.window_um), A_DENSE_METHOD: dense.method})
+            f.create_dataset(DS_TME_DENSE_AREA, data=np.asarray(dense.area, dtype=np.uint8), **opts)
         _write_attrs(f, {**base_attrs(), **attrs})
+
+
+def read_tme_dense(path: str | Path) -> TMEDenseMap | None:
+    """The dense map of a TME file (None when it has none: a footprint other than dense)."""
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if DS_TME_DENSE not in f:
+                return None
+            ds = f[DS_TME_DENSE]
+            a = read_attrs(ds)
+            origin = np.asarray(a[A_DENSE_ORIGIN_L0], np.float64).ravel()
+            out = TMEDenseMap(np.asarray(ds[:], np.float32), np.asarray(f[DS_TME_DENSE_AREA][:]).astype(bool),
+                              (float(origin[0]), float(origin[1])), float(a[A_DENSE_CELL_L0]),
+                              float(a[A_DENSE_CELL_UM]), float(a[A_DENSE_WINDOW_UM]), str(a[A_DENSE_METHOD]))
+            _check_version(path, read_attrs(f))
+    except (OSError, KeyError, IndexError) as e:
+        raise FormatError(path, f"not a TME file with a dense map ({e}); re-run `wsi tme`") from e
+    return out
 
 
 def read_tme_h5(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

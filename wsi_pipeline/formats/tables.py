@@ -21,11 +21,14 @@ Violations raise :class:`~wsi_pipeline.errors.LabelsError` naming the file, the 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+import operator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,9 +78,11 @@ TME = CsvFormat(
     "other read-out; sorted by slide_id; floats with 6 significant digits",
 )
 OOF_PREDICTIONS = CsvFormat(
-    "oof_predictions.csv", 1, ("model", PATIENT_ID), "`wsi train`",
+    "oof_predictions.csv", 2, ("model", PATIENT_ID), "`wsi train`",
     "in a model folder: one row per (model variant, patient): model, patient_id, fold, n_slides, the "
-    "out-of-fold prediction columns of predictions.csv, then the truth (t_true, or t_time + t_event)",
+    "out-of-fold prediction columns of predictions.csv (probabilities calibrated, cross-fitted; t_pred at the "
+    "variant's recorded cut-off), the uncalibrated probabilities of each calibrated target "
+    "(<probability column>_uncalibrated; version 2), then the truth (t_true, or t_time + t_event)",
 )
 
 LABELS_CSV = LABELS.name
@@ -287,9 +292,34 @@ SLIDES_COLUMNS = ("slide_id", "stage", "component",
 SLIDES = CsvFormat(
     "slides.csv", 2, ("slide_id", "stage"), "the stage again (delete the broken file first)",
     "one row per (slide_id, stage, component) with status, error, figures; version 1 had no 'component' "
-    "column and is read as component ''",
+    "column and is read as component ''. The compacted view of the status journals (formats.journal): "
+    "'updated' is ISO 8601 local time to the microsecond with UTC offset (rows written before the journals: "
+    "to the second, no offset)",
 )
 SLIDES_CSV = SLIDES.name
+_ROW_CELLS = operator.attrgetter(*SLIDES_COLUMNS)
+
+
+def updated_text(t_ns: int) -> str:
+    """The ``updated`` cell of a status row recorded at Unix time ``t_ns`` (ns): ISO 8601 local time to the
+    microsecond with its UTC offset, e.g. ``2026-03-01T12:00:00.123456+01:00``."""
+    sec, ns = divmod(int(t_ns), 1_000_000_000)
+    return datetime.fromtimestamp(sec).astimezone().replace(microsecond=ns // 1000).isoformat()
+
+
+def updated_us(text: str) -> int:
+    """Unix time in microseconds of an ``updated`` cell; a cell without UTC offset (version 1 rows, to the
+    second) is local time; an empty or unreadable cell is 0 (older than any record)."""
+    try:
+        dt = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return 0
+    if dt.tzinfo is None:
+        dt = dt.astimezone()
+    return (dt - _EPOCH) // timedelta(microseconds=1)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def read_slides_csv(path: str | Path) -> list[SlideStatus]:
@@ -297,19 +327,47 @@ def read_slides_csv(path: str | Path) -> list[SlideStatus]:
     path = Path(path)
     if not path.exists():
         return []
+    with _slides_rows(path) as (rows, pos):
+        width = len(pos)
+        get = operator.itemgetter(*(pos.get(c, width) for c in _STATUS_FIELDS))  # a missing column: ''
+        pad = [""] * (width + 1)
+        return [SlideStatus(*get(cells + pad[len(cells):])) for cells in rows]
+
+
+def read_slides_keys(path: str | Path) -> set[tuple[str, str, str]]:
+    """The (slide_id, stage, component) of every row of ``slides.csv`` (which rows exist), without building
+    the rows; empty when there is no file yet."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    with _slides_rows(path) as (rows, pos):
+        width = len(pos)
+        get = operator.itemgetter(*(pos.get(c, width) for c in ("slide_id", "stage", "component")))
+        pad = [""] * (width + 1)
+        return {get(cells + pad[len(cells):]) for cells in rows}
+
+
+@contextlib.contextmanager
+def _slides_rows(path: Path) -> Iterator[tuple[Iterator[list[str]], dict[str, int]]]:
+    """The non-empty rows of ``slides.csv`` as cell lists, and each column's position; the header checked."""
     with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
+        reader = csv.reader(f)
+        header = next(reader, [])
         if header and any(c not in header for c in SLIDES.required):
             raise FormatError(path, f"not a status table (header {header}); re-run {SLIDES.written_by}")
-        return [SlideStatus(**{k: r.get(k, "") or "" for k in SLIDES_COLUMNS}) for r in reader]
+        yield (cells for cells in reader if cells), {c: i for i, c in enumerate(header)}
 
 
-def write_slides_csv(path: str | Path, rows: Iterable[SlideStatus]) -> None:
-    """Write ``slides.csv`` (current version) atomically, rows in the order given."""
+def slides_csv_text(rows: Iterable[SlideStatus]) -> str:
+    """The text of ``slides.csv`` (current version) holding ``rows`` in the order given."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(SLIDES_COLUMNS))
-    w.writeheader()
-    for r in rows:
-        w.writerow(asdict(r))
-    write_text_atomic(path, buf.getvalue())
+    w = csv.writer(buf, lineterminator="\r\n")
+    w.writerow(SLIDES_COLUMNS)
+    w.writerows(map(_ROW_CELLS, rows))
+    return buf.getvalue()
+
+
+def write_slides_csv(path: str | Path, rows: Iterable[SlideStatus], durable: bool = False) -> None:
+    """Write ``slides.csv`` (current version) atomically, rows in the order given; ``durable``: on disk
+    (fsync'd, with its folder) before this returns."""
+    write_text_atomic(path, slides_csv_text(rows), durable=durable)

@@ -16,13 +16,23 @@ class TrainConfig:
     ``context_rings``: spatial context blocks appended to every tile embedding (0 = none; see mil.data).
     ``max_tiles``: random tiles per bag per training step (0 = all); prediction always uses every tile.
     ``baseline``: also train the mean-pool baseline (raw embeddings, no context) and report it beside.
+    ``head``: a registered head, or ``auto``: chosen among ``head_candidates`` (in order of simplicity) by an
+    inner ``selection_folds``-fold CV of ≤ ``selection_epochs`` epochs within each outer fold's training
+    patients; a later candidate must beat a simpler one by more than ``selection_margin`` (mil.selection).
+    ``calibration``: post-hoc calibration of the classification outputs, fitted on the out-of-fold
+    predictions: auto (binary platt, multiclass temperature), platt, temperature, isotonic or none.
     """
 
     run: str = ""
     labels: str = ""
     targets: Any = ""
     model_out: str = ""
-    head: str = "abmil"
+    head: str = "auto"
+    head_candidates: list[str] = field(default_factory=lambda: ["meanpool", "abmil"])
+    selection_folds: int = 3
+    selection_epochs: int = 20
+    selection_margin: float = 0.01
+    calibration: str = "auto"
     folds: int = 5
     seed: int = 0
     encoder: str | None = None
@@ -66,10 +76,18 @@ class TrainConfig:
             (self.batch_bags >= 1, f"--batch-bags must be >= 1 (got {self.batch_bags})"),
             (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1) (got {self.val_fraction})"),
             (self.n_bootstrap >= 1, f"--n-bootstrap must be >= 1 (got {self.n_bootstrap})"),
+            (self.selection_folds >= 2, f"selection_folds must be >= 2 (got {self.selection_folds})"),
+            (self.selection_epochs >= 1, f"--selection-epochs must be >= 1 (got {self.selection_epochs})"),
+            (self.selection_margin >= 0, f"selection_margin must be >= 0 (got {self.selection_margin})"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        from wsi_pipeline.mil.calibration import calibration_choices
+
+        if self.calibration not in calibration_choices():
+            raise ConfigError(f"--calibration {self.calibration!r}: unknown; use one of "
+                              f"{', '.join(calibration_choices())}")
         return self
 
 
@@ -83,6 +101,7 @@ class PredictConfig:
     write_scores: bool = True
     device: str = "auto"
     force: bool = False  # predict even when the tables are up to date with the same inputs
+    calibrated: bool = True  # apply the calibrators recorded at training (False: the raw fold average)
 
 
 @dataclass
@@ -105,3 +124,15 @@ class EvaluateConfig:
     labels: str = ""
     n_bootstrap: int = 1000
     seed: int = 0
+
+
+def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg`` as written next to its outputs (``MODEL/config.yaml``, ``RUN/resolved_config.yaml``): targets
+    given as a YAML list or mapping are spelled out as specs."""
+    from wsi_pipeline.config import to_dict
+    from wsi_pipeline.mil.targets import targets_from_config
+
+    d = to_dict(cfg)
+    if not isinstance(cfg.targets, str):
+        d["targets"] = [t.to_dict() for t in targets_from_config(cfg.targets)]
+    return d

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from wsi_pipeline.errors import ConfigError, FormatError
-from wsi_pipeline.formats import A_ENCODER, A_TARGET_MPP, A_WEIGHTS_SHA256, read_features_h5, read_h5_attrs
+from wsi_pipeline.formats.h5 import A_ENCODER, A_TARGET_MPP, A_WEIGHTS_SHA256, read_features_h5, read_h5_attrs
 from wsi_pipeline.mil.grid import grid_rc, ring_offsets
 from wsi_pipeline.runfolder.layout import RunLayout
 

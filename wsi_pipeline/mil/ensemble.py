@@ -1,4 +1,9 @@
-"""Building a variant's model, running it on one bag, and the fold ensemble used for prediction."""
+"""Building a variant's model, running it on one bag, and the fold ensemble used for prediction.
+
+The ensemble calibrates each fold model's probabilities (values and per-tile scores) with the variant's
+post-hoc calibrators recorded at training, as that model's out-of-fold predictions were calibrated
+(:class:`~wsi_pipeline.mil.calibration.TargetCalibrator`), then averages them; a model folder written before
+calibrators existed averages uncalibrated probabilities, as it always did."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import torch
 from torch import nn
 
 from wsi_pipeline.errors import ConfigError, LabelsError
+from wsi_pipeline.mil.calibration import TargetCalibrator, calibrator_from_dict
 from wsi_pipeline.mil.covariates import CovariateEncoder, CovariatesOnly
 from wsi_pipeline.mil.data import Bag
 from wsi_pipeline.mil.heads import MILOutput, create_head
@@ -78,10 +84,20 @@ def average(preds: Sequence[SlidePrediction]) -> SlidePrediction:
     )
 
 
-class Ensemble:
-    """The fold models of one variant of a model directory; predictions are averaged over folds."""
+def calibrate(pred: SlidePrediction, calibrators: dict[str, TargetCalibrator], member: int) -> SlidePrediction:
+    """Calibrated copy of fold model ``member``'s prediction: values and per-tile scores of every calibrated
+    target; attention is left as it is."""
+    vals = {k: calibrators[k](v, member) if k in calibrators else v for k, v in pred.values.items()}
+    tiles = {k: calibrators[k](v, member) if k in calibrators else v for k, v in pred.tile_scores.items()}
+    return SlidePrediction(vals, tiles, pred.attention)
 
-    def __init__(self, model_dir: str | Path, variant: str | None = None, device: str = "auto") -> None:
+
+class Ensemble:
+    """The fold models of one variant of a model directory; each fold model's predictions are calibrated
+    with the variant's calibrators, then averaged over folds (``calibrated=False``: the raw fold average)."""
+
+    def __init__(self, model_dir: str | Path, variant: str | None = None, device: str = "auto",
+                 calibrated: bool = True) -> None:
         self.dir = ModelDir(model_dir)
         self.card: ModelCard = self.dir.read_card()
         self.specs = self.card.target_specs
@@ -96,6 +112,15 @@ class Ensemble:
             model = build_model(self.variant, self.specs, enc.dim if enc else 0)
             load_weights(self.dir.root / fc.weights, model)
             self.members.append((fc, model.to(self.device).eval(), enc))
+        where = str(self.dir.model_json)
+        self.calibrators: dict[str, TargetCalibrator] = {
+            t: calibrator_from_dict(d, where) for t, d in self.variant.calibration.items()} if calibrated else {}
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Binary target → ``t_pred`` cut-off recorded at training (calibrated probabilities; absent → 0.5).
+        Uncalibrated predictions use 0.5."""
+        return dict(self.variant.thresholds) if self.calibrators else {}
 
     @property
     def needs_covariates(self) -> bool:
@@ -117,5 +142,6 @@ class Ensemble:
             for fc, model, enc in self.members:
                 cov = enc.transform(covariate_rows)[0] if (enc is not None and self.needs_covariates) else None
                 out = forward_bag(model, bag if self.variant.image else None, self.variant.in_dim, cov, self.device)
-                preds.append(output_to_prediction(out, self.specs, fc.regression_scalers, tiles))
+                preds.append(calibrate(output_to_prediction(out, self.specs, fc.regression_scalers, tiles),
+                                       self.calibrators, fc.fold))
         return average(preds)

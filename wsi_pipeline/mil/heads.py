@@ -8,7 +8,7 @@ covariates are fused late: each target's classifier adds a linear term in the (s
 
 Heads (registered names):
 
-- ``abmil`` (default): gated attention MIL (Ilse et al. 2018) with one attention branch per target over
+- ``abmil``: gated attention MIL (Ilse et al. 2018) with one attention branch per target over
   a shared encoder. The classifier is linear, so the slide logit is exactly the attention-weighted mean
   of the per-tile logits (classifier applied to each tile embedding): the tile scores explain the slide.
 - ``transmil``: TransMIL (Shao et al. 2021): two Nyström-attention transformer layers (landmarks, no N×N

@@ -75,7 +75,7 @@ def multitask_loss(
 
 def to_prediction(spec: TargetSpec, logits: np.ndarray, scaler: Sequence[float] | None = None) -> np.ndarray:
     """Logits (… × n_out) → prediction: binary P(positive) (…), multiclass probabilities (… × C),
-    regression value in label units (…), survival risk = log relative hazard (…)."""
+    regression value in label units (…, clamped into the target's bounds), survival risk = log relative hazard (…)."""
     logits = np.asarray(logits, dtype=np.float64)
     if spec.kind == BINARY:
         return 1.0 / (1.0 + np.exp(-logits[..., 0]))
@@ -85,7 +85,7 @@ def to_prediction(spec: TargetSpec, logits: np.ndarray, scaler: Sequence[float] 
         return e / e.sum(axis=-1, keepdims=True)
     if spec.kind == REGRESSION:
         mean, std = scaler if scaler is not None else (0.0, 1.0)
-        return logits[..., 0] * std + mean
+        return spec.clamp(logits[..., 0] * std + mean)  # a bounded target (a fraction) stays in its bounds
     if spec.kind == SURVIVAL:
         return logits[..., 0]
     raise ValueError(spec.kind)

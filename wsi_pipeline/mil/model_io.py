@@ -3,8 +3,9 @@
 ```
 DIR/
   config.yaml                      resolved TrainConfig
-  model.json                       model card: targets + class names, encoder (name, dim, µm/px), variants,
-                                   per-fold scalers / covariate encoders, subgroup cut-offs, patient folds
+  model.json                       model card: targets + class names, encoder (name, dim, µm/px), variants
+                                   (per-fold scalers / covariate encoders, calibrators, t_pred cut-offs),
+                                   subgroup cut-offs, patient folds, how the head was chosen
   weights/<variant>/fold<k>.safetensors
   metrics.json · metrics.md        pooled out-of-fold metrics with patient-level bootstrap CIs
   oof_predictions.csv              one row per (model, patient): out-of-fold predictions and truth
@@ -20,12 +21,12 @@ from typing import Any
 
 from torch import nn
 
-from wsi_pipeline import formats as F
 from wsi_pipeline.errors import FormatError, WeightsError
+from wsi_pipeline.formats import api as F
 from wsi_pipeline.mil.data import EncoderInfo
 from wsi_pipeline.mil.targets import TargetSpec
 
-MODEL_CARD_VERSION = F.MODEL_JSON_VERSION
+MODEL_CARD_VERSION = F.MODEL_JSON_VERSION  # 2: regression targets carry their bounds (see mil.targets)
 
 
 @dataclass
@@ -51,6 +52,8 @@ class VariantCard:
     covariates: bool = False
     context_rings: int = 0
     folds: list[FoldCard] = field(default_factory=list)
+    calibration: dict[str, dict[str, Any]] = field(default_factory=dict)  # target → calibrator (mil.calibration)
+    thresholds: dict[str, float] = field(default_factory=dict)  # binary target → t_pred cut-off (default 0.5)
 
 
 @dataclass
@@ -62,6 +65,7 @@ class ModelCard:
     variants: dict[str, VariantCard]
     covariate_columns: list[str] = field(default_factory=list)
     subgroups: dict[str, Any] = field(default_factory=dict)
+    head_selection: dict[str, Any] = field(default_factory=dict)
     patient_folds: dict[str, int] = field(default_factory=dict)
     train_run: str = ""
     labels: str = ""
@@ -121,9 +125,28 @@ class ModelDir:
     def read_card(self) -> ModelCard:
         d = F.read_model_json(self.model_json)  # checks the file, its version and the required keys
         try:
-            return ModelCard.from_dict(d)
+            card = ModelCard.from_dict(d)
         except (TypeError, KeyError, AttributeError) as e:
             raise FormatError(self.model_json, f"unreadable model card ({e}); re-run `wsi train`") from e
+        if card.version < 2:  # newer than supported: refused by F.read_model_json
+            self._add_legacy_bounds(card)
+        return card
+
+    def _add_legacy_bounds(self, card: ModelCard) -> None:
+        """Version-1 cards predate bounds: a regression target gets the bounds that training detects today,
+        from the training labels the directory keeps (``oof_predictions.csv``, column ``<target>_true``)."""
+        import pandas as pd
+
+        from wsi_pipeline.mil.targets import REGRESSION, detect_bounds
+
+        todo = [t for t in card.targets if t.get("kind") == REGRESSION and "bounds" not in t]
+        if not todo:
+            return
+        oof = pd.read_csv(self.oof_csv) if self.oof_csv.is_file() else pd.DataFrame()
+        for t in todo:
+            col = f"{t['name']}_true"
+            if col in oof.columns:
+                t["bounds"] = list(detect_bounds(pd.to_numeric(oof[col], errors="coerce").to_numpy(float)))
 
 
 def save_weights(path: str | Path, module: nn.Module) -> None:

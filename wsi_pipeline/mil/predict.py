@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline.errors import ConfigError, LabelsError, ScaleMismatchError
-from wsi_pipeline.formats import A_CLASS_NAMES, A_ENCODER, A_MODEL, A_TARGET_MPP, A_TARGETS, ScoreSet
+from wsi_pipeline.formats.h5 import A_CLASS_NAMES, A_ENCODER, A_MODEL, A_TARGET_MPP, A_TARGETS, ScoreSet
 from wsi_pipeline.mil.config import EvaluateConfig, PredictConfig
 from wsi_pipeline.mil.data import BagStore, EncoderInfo
 from wsi_pipeline.mil.ensemble import Ensemble
@@ -86,7 +86,8 @@ def score_attrs(ens: Ensemble, info: EncoderInfo) -> dict[str, Any]:
 def scores_key(model_digest: str, ens: Ensemble, features_h5: Path, covariates: Any) -> str:
     """What one slide's per-tile scores depend on: the model (its files), the variant, the slide's features
     (their own resume key) and, for a model with covariates, the slide's covariate row."""
-    from wsi_pipeline.formats import A_PARAMS_HASH, params_hash, read_h5_attrs
+    from wsi_pipeline.formats.h5 import A_PARAMS_HASH, read_h5_attrs
+    from wsi_pipeline.formats.hashing import params_hash
 
     rows = None if covariates is None else covariates.to_dict("records")
     return params_hash({"model": model_digest, "variant": ens.variant.name, "covariates": rows,
@@ -96,18 +97,13 @@ def scores_key(model_digest: str, ens: Ensemble, features_h5: Path, covariates: 
 def predict_run(cfg: PredictConfig, progress: Callable[[str], None] | None = None) -> PredictResult:
     import numpy as np
 
-    from wsi_pipeline.formats import (
-        A_PARAMS_HASH,
-        read_h5_attrs,
-        write_patient_predictions_csv,
-        write_predictions_csv,
-        write_scores_h5,
-    )
+    from wsi_pipeline.formats.h5 import A_PARAMS_HASH, read_h5_attrs, write_scores_h5
+    from wsi_pipeline.formats.tables import write_patient_predictions_csv, write_predictions_csv
     from wsi_pipeline.runfolder.digest import folder_digest
     from wsi_pipeline.runfolder.resolved import save_resolved
 
     t0 = time.perf_counter()
-    ens = Ensemble(cfg.model, cfg.variant, cfg.device)
+    ens = Ensemble(cfg.model, cfg.variant, cfg.device, calibrated=cfg.calibrated)
     trained = ens.card.encoder_info
     store = BagStore(cfg.run, cfg.encoder or _default_encoder(cfg.run, trained.name), ens.variant.context_rings,
                      cache_mb=0)
@@ -146,10 +142,12 @@ def predict_run(cfg: PredictConfig, progress: Callable[[str], None] | None = Non
             write_scores_h5(out, ScoreSet(bag.l0_xy, scores, {k: v.astype(np.float32) for k, v in sp.attention.items()},
                                           {**attrs, "slide_id": sid, A_PARAMS_HASH: key}))
         done.append((sid, len(bag.l0_xy), time.perf_counter() - t1))
-    slides = slide_frame(slide_ids, [patient_of[s] for s in slide_ids], preds, ens.specs)
+    slides = slide_frame(slide_ids, [patient_of[s] for s in slide_ids], preds, ens.specs, ens.thresholds)
     write_predictions_csv(layout.predictions_csv, slides)
-    write_patient_predictions_csv(layout.patient_predictions_csv, patient_frame(slides, ens.specs))
-    save_resolved(cfg.run, "predict", {"predict": cfg, "model": {"name": ens.name, "variant": ens.variant.name}})
+    patients = patient_frame(slides, ens.specs, thresholds=ens.thresholds)
+    write_patient_predictions_csv(layout.patient_predictions_csv, patients)
+    save_resolved(cfg.run, "predict", {"predict": cfg, "model": {"name": ens.name, "variant": ens.variant.name,
+                                                            "calibrated": bool(ens.calibrators)}})
     return PredictResult(layout.predictions_csv, layout.patient_predictions_csv,
                          layout.scores_dir(ens.name) if cfg.write_scores else None, len(slide_ids),
                          time.perf_counter() - t0, done)
@@ -163,7 +161,7 @@ class PredictStage:
     name = STAGE
 
     def __init__(self, cfg: PredictConfig, progress: Callable[[str], None] | None = None) -> None:
-        from wsi_pipeline.formats import read_model_json
+        from wsi_pipeline.formats.cards import read_model_json
         from wsi_pipeline.mil.data import resolve_encoder
         from wsi_pipeline.runfolder.layout import RunLayout
 
@@ -175,13 +173,14 @@ class PredictStage:
         self.result: PredictResult | None = None
 
     def key(self) -> str:
-        from wsi_pipeline.formats import params_hash
+        from wsi_pipeline.formats.hashing import params_hash
         from wsi_pipeline.runfolder.digest import content_digest, folder_digest, stamps
 
         cfg = self.cfg
         return params_hash({"model": folder_digest(cfg.model), "variant": cfg.variant, "encoder": self.encoder,
                             "features": stamps(sorted(self.layout.features_dir(self.encoder).glob("*.h5"))),
-                            "labels": content_digest(cfg.labels), "write_scores": cfg.write_scores})
+                            "labels": content_digest(cfg.labels), "write_scores": cfg.write_scores,
+                            "calibrated": cfg.calibrated})
 
     def outputs_exist(self) -> bool:
         return self.layout.predictions_csv.exists() and self.layout.patient_predictions_csv.exists()
@@ -212,14 +211,15 @@ def _default_encoder(run: str | Path, trained_name: str) -> str | None:
 
 
 
-def evaluate_run(cfg: EvaluateConfig) -> tuple[Path, dict[str, Any]]:
+def run_evaluate(cfg: EvaluateConfig) -> tuple[Path, dict[str, Any]]:
     """Held-out metrics of ``RUN/predictions.csv`` (written by ``wsi predict`` with this model) against a
     labels CSV: ``RUN/evaluation/<model>/metrics.json`` and ``metrics.md``; returns (folder, metrics)."""
     import json
 
     import yaml
 
-    from wsi_pipeline.formats import read_predictions_csv, write_text_atomic
+    from wsi_pipeline.formats.atomic import write_text_atomic
+    from wsi_pipeline.formats.tables import read_predictions_csv
     from wsi_pipeline.mil.model_io import ModelDir
     from wsi_pipeline.mil.report import evaluate_heldout, metrics_markdown
     from wsi_pipeline.runfolder.layout import RunLayout
@@ -229,15 +229,18 @@ def evaluate_run(cfg: EvaluateConfig) -> tuple[Path, dict[str, Any]]:
     card = mdir.read_card()
     name = mdir.root.resolve().name
     pred_cfg = layout.command_config_yaml("predict")
-    used = (yaml.safe_load(pred_cfg.read_text()) or {}).get("model", {}).get("name") if pred_cfg.exists() else None
+    used_model = (yaml.safe_load(pred_cfg.read_text()) or {}).get("model", {}) if pred_cfg.exists() else {}
+    used = used_model.get("name")
     if not layout.predictions_csv.exists() or used != name:
         raise ConfigError(
             f"{layout.predictions_csv}: no predictions of model {name!r} (last `wsi predict` used {used!r}); "
             f"run `wsi predict {cfg.run} --model {cfg.model}` first"
         )
     slides = read_predictions_csv(layout.predictions_csv)
+    variant = card.variants.get(used_model.get("variant") or card.main_variant)
+    thresholds = dict(variant.thresholds) if variant is not None and used_model.get("calibrated", True) else {}
     metrics = evaluate_heldout({name: slides}, read_labels_table(cfg.labels), card.target_specs, cfg.n_bootstrap,
-                               cfg.seed)
+                               cfg.seed, thresholds={name: thresholds})
     out = layout.evaluation_dir(name)
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     write_text_atomic(out / "metrics.md", metrics_markdown(f"Held-out metrics — {name}", metrics, card.target_specs))

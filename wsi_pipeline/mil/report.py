@@ -1,4 +1,5 @@
-"""Assembling the cross-validation results: OOF tables, metrics with CIs, comparisons, model card."""
+"""Assembling the cross-validation results: calibrated OOF tables, metrics with CIs (before/after
+calibration), comparisons, how the head was chosen, cut-offs, model card."""
 
 from __future__ import annotations
 
@@ -13,26 +14,35 @@ from wsi_pipeline.errors import LabelsError
 from wsi_pipeline.evaluate.bootstrap import (
     PRIMARY_METRIC,
     MetricCI,
-    Truth,
     bootstrap_metrics,
     bootstrap_weights,
     paired_difference,
 )
-from wsi_pipeline.formats import write_oof_predictions_csv, write_text_atomic
+from wsi_pipeline.formats.atomic import write_text_atomic
+from wsi_pipeline.formats.tables import write_oof_predictions_csv
 from wsi_pipeline.mil.data import EncoderInfo
 from wsi_pipeline.mil.model_io import ModelCard, ModelDir, VariantCard
+from wsi_pipeline.mil.oof import (
+    CALIBRATION_PROTOCOL,
+    THRESHOLD_RULE,
+    VariantOOF,
+    before_after,
+    calibration_rows,
+    variant_oof,
+)
+from wsi_pipeline.mil.selection import HeadSelection, baseline_check, fixed_head, selection_markdown
 from wsi_pipeline.mil.tables import (
     patient_frame,
     patient_truth,
     prediction_array,
-    slide_frame,
     truth_columns,
+    truth_for,
 )
 from wsi_pipeline.mil.targets import BINARY, MULTICLASS, PATIENT_ID, SURVIVAL, TargetSpec
 
 if TYPE_CHECKING:
     from wsi_pipeline.mil.config import TrainConfig
-    from wsi_pipeline.mil.train import Cohort, FoldResult, Variant
+    from wsi_pipeline.mil.cv import Cohort, FoldResult, Variant
 
 log = logging.getLogger(__name__)
 
@@ -40,32 +50,23 @@ SUBGROUP_LABELS = ["low", "intermediate", "high"]
 METRIC_TITLES = {
     "auroc": "AUROC", "balanced_accuracy": "balanced acc.", "brier": "Brier", "calibration_slope": "cal. slope",
     "calibration_intercept": "cal. intercept", "spearman": "Spearman ρ", "mae": "MAE", "c_index": "C-index",
+    "ece": "ECE",
 }
 
 
-def truth_for(spec: TargetSpec, truth: Any) -> tuple[Truth, np.ndarray]:
-    """Patient truth of one target and the mask of patients that have it."""
-    y = truth[spec.name].to_numpy(dtype=np.float64)
-    mask = ~np.isnan(y)
-    if spec.kind == SURVIVAL:
-        ev = truth[f"{spec.name}_event"].to_numpy(dtype=np.float64)
-        mask &= ~np.isnan(ev)
-        return Truth(SURVIVAL, y[mask], event=ev[mask].astype(int)), mask
-    n_classes = len(spec.classes) if spec.kind == MULTICLASS else 2
-    return Truth(spec.kind, y[mask], n_classes=n_classes), mask
-
-
 def evaluate_frames(
-    frames: dict[str, Any], truth: Any, specs: Sequence[TargetSpec], n_boot: int, seed: int
+    frames: dict[str, Any], truth: Any, specs: Sequence[TargetSpec], n_boot: int, seed: int,
+    thresholds: dict[str, dict[str, float]] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], np.ndarray]:
-    """Metrics with CIs of every model's patient-level predictions (frames aligned on ``truth.index``)."""
+    """Metrics with CIs of every model's patient-level predictions (frames aligned on ``truth.index``);
+    ``thresholds[model][t]``: the binary cut-off for balanced accuracy (default 0.5)."""
     weights = bootstrap_weights(len(truth), n_boot, seed)
     out: dict[str, dict[str, Any]] = {}
     for name, fr in frames.items():
         fr = fr.set_index(PATIENT_ID).loc[truth.index]
         res: dict[str, Any] = {}
         for s in specs:
-            tr, mask = truth_for(s, truth)
+            tr, mask = truth_for(s, truth, (thresholds or {}).get(name, {}).get(s.name, 0.5))
             if mask.sum() < 2:
                 continue
             pred = prediction_array(fr, s)[mask]
@@ -138,6 +139,16 @@ def metrics_markdown(title: str, metrics: dict[str, Any], specs: Sequence[Target
                   "|---|---|" + "---|" * len(keys)]
         lines += [f"| {m} | {r['n']} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for m, r in rows]
         lines.append("")
+    if metrics.get("thresholds"):
+        thr = metrics["thresholds"]
+        cut = "; ".join(f"{m}: " + ", ".join(f"{t} {v:.3f}" for t, v in d.items()) for m, d in thr["models"].items()
+                        if d)
+        if cut:
+            lines += [f"Balanced accuracy at the recorded `t_pred` cut-offs ({cut}); {thr['rule']}.", ""]
+    if metrics.get("calibration"):
+        lines += calibration_rows(metrics["calibration"], specs)
+    if metrics.get("head_selection") or metrics.get("baseline_check"):
+        lines += selection_markdown(metrics.get("head_selection") or {}, metrics.get("baseline_check") or {})
     if metrics["comparisons"]:
         lines += ["## Paired comparisons (same bootstrap resamples)", "",
                   "| target | metric | model A − model B | difference (95% CI) |", "|---|---|---|---|"]
@@ -149,7 +160,8 @@ def metrics_markdown(title: str, metrics: dict[str, Any], specs: Sequence[Target
 
 
 def subgroup_cutoffs(frame: Any, specs: Sequence[TargetSpec]) -> dict[str, Any]:
-    """Tertiles of the OOF patient-level probability of the first binary target (fixed at training)."""
+    """Tertiles of the calibrated OOF patient-level probability of the first binary target (fixed at
+    training, recorded in the model card)."""
     t = next((s for s in specs if s.kind == BINARY), None)
     if t is None:
         return {}
@@ -159,33 +171,33 @@ def subgroup_cutoffs(frame: Any, specs: Sequence[TargetSpec]) -> dict[str, Any]:
         return {}
     q = np.quantile(p, [1 / 3, 2 / 3]).tolist()
     return {"target": t.name, "cutoffs": q, "labels": SUBGROUP_LABELS,
-            "source": "tertiles of the out-of-fold patient-level probabilities of the main model"}
+            "source": "tertiles of the calibrated out-of-fold patient-level probabilities of the main model"}
 
 
 def write_training_outputs(
     cfg: TrainConfig, cohort: Cohort, info: EncoderInfo, variants: Sequence[Variant],
-    results: Sequence[FoldResult], mdir: ModelDir,
+    results: Sequence[FoldResult], mdir: ModelDir, selection: HeadSelection | None = None,
 ) -> tuple[ModelCard, dict[str, Any]]:
     import pandas as pd
     import yaml
 
-    from wsi_pipeline.mil.train import resolved_config
+    from wsi_pipeline.mil.config import resolved_config
     from wsi_pipeline.runfolder.resolved import save_resolved
 
     specs = cohort.specs
     labels = cohort.labels
-    slide_fold = {s: cohort.folds[cohort.patient_of[s]] for s in labels.slide_ids}
-    frames: dict[str, Any] = {}
+    selection = selection or fixed_head(variants[0].head)
+    oofs: dict[str, VariantOOF] = {}
     for v in variants:
         oof: dict[str, dict[str, np.ndarray]] = {}
         for r in results:
-            if r.variant == v.name:
+            if r.variant == v.name and r.inner < 0:
                 oof.update(r.oof)
-        sl = slide_frame(labels.slide_ids, labels.patient_ids, [oof[s] for s in labels.slide_ids], specs)
-        sl.insert(0, "fold", [slide_fold[s] for s in labels.slide_ids])
-        frames[v.name] = patient_frame(sl, specs, extra_first=("fold",))
+        oofs[v.name] = variant_oof(v.name, oof, cohort, cfg.calibration)
+    frames = {n: o.calibrated for n, o in oofs.items()}
+    thresholds = {n: o.thresholds for n, o in oofs.items()}
     truth = patient_truth(labels)
-    models, weights = evaluate_frames(frames, truth, specs, cfg.n_bootstrap, cfg.seed)
+    models, weights = evaluate_frames(frames, truth, specs, cfg.n_bootstrap, cfg.seed, thresholds)
     comparisons = compare(frames, truth, specs, comparison_pairs(variants), weights)
     metrics = {
         "cohort": {"n_patients": len(truth), "n_slides": len(labels.slide_ids), "folds": cfg.folds,
@@ -195,11 +207,16 @@ def write_training_outputs(
                     "from patient-level bootstrap resamples shared by all models",
         "models": models,
         "comparisons": comparisons,
+        "calibration": {"requested": cfg.calibration, "protocol": CALIBRATION_PROTOCOL,
+                        "models": calibration_figures(oofs, truth, specs, weights)},
+        "thresholds": {"rule": THRESHOLD_RULE, "models": thresholds},
+        "head_selection": selection.to_dict(),
+        "baseline_check": baseline_check(models, variants[0].name, specs),
     }
     tc = truth_columns(truth, specs)
     oof_rows = []
-    for name, fr in frames.items():
-        f2 = fr.set_index(PATIENT_ID).join(tc).reset_index()
+    for name, o in oofs.items():
+        f2 = o.table().set_index(PATIENT_ID).join(tc).reset_index()
         f2.insert(0, "model", name)
         oof_rows.append(f2)
     name = mdir.root.resolve().name
@@ -208,11 +225,13 @@ def write_training_outputs(
         folds = sorted((r.card for r in results if r.variant == v.name), key=lambda c: c.fold)
         in_dim = info.embed_dim * (1 + v.context_rings) if v.image else 0
         vcards[v.name] = VariantCard(v.name, v.head, v.head_kwargs, in_dim, v.image, v.covariates,
-                                     v.context_rings, folds)
+                                     v.context_rings, folds,
+                                     calibration={t: c.to_dict() for t, c in oofs[v.name].calibrators.items()},
+                                     thresholds=oofs[v.name].thresholds)
     card = ModelCard(
         name=name, main_variant=variants[0].name, targets=[s.to_dict() for s in specs], encoder=info.to_dict(),
         variants=vcards, covariate_columns=list(cfg.covariates),
-        subgroups=subgroup_cutoffs(frames[variants[0].name], specs),
+        subgroups=subgroup_cutoffs(frames[variants[0].name], specs), head_selection=selection.to_dict(),
         patient_folds=dict(sorted(cohort.folds.items())), train_run=str(cohort.store.layout.root.resolve()),
         labels=str(cfg.labels), seed=cfg.seed,
     )
@@ -229,12 +248,34 @@ def write_training_outputs(
     return card, metrics
 
 
+def calibration_figures(oofs: dict[str, VariantOOF], truth: Any, specs: Sequence[TargetSpec],
+                        weights: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Per variant and calibrated target: the figures before (uncalibrated OOF) and after (cross-fitted
+    calibrated OOF) calibration, on the shared patient-bootstrap resamples."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, o in oofs.items():
+        raw = o.raw.set_index(PATIENT_ID).loc[truth.index]
+        cal = o.calibrated.set_index(PATIENT_ID).loc[truth.index]
+        res = {}
+        for s in specs:
+            if s.name not in o.calibrators:
+                continue
+            tr, mask = truth_for(s, truth)
+            if mask.sum() < 2:
+                continue
+            res[s.name] = before_after(tr, prediction_array(raw, s)[mask], prediction_array(cal, s)[mask],
+                                       weights[:, mask], o.calibrators[s.name])
+        out[name] = res
+    return out
+
+
 def evaluate_heldout(
     slide_frames: dict[str, Any], labels_df: Any, specs: Sequence[TargetSpec], n_boot: int = 1000, seed: int = 0,
-    pairs: Sequence[tuple[str, str]] = (),
+    pairs: Sequence[tuple[str, str]] = (), thresholds: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Held-out metrics with patient-level bootstrap CIs for one or more models' slide predictions
     (``RUN/predictions.csv`` tables) against a labels table; the same resamples for every model.
+    ``thresholds[model][t]``: the model's recorded binary cut-off (balanced accuracy; default 0.5).
 
     Patients come from the labels (``patient_id``); targets whose columns the labels lack are skipped.
     """
@@ -253,9 +294,9 @@ def evaluate_heldout(
     for name, f in slide_frames.items():
         f = f[f[SLIDE_ID].astype(str).isin(slides)].copy()
         f[PATIENT_ID] = [pmap[s] for s in f[SLIDE_ID].astype(str)]
-        frames[name] = patient_frame(f, specs)
+        frames[name] = patient_frame(f, specs, thresholds=(thresholds or {}).get(name))
     truth = patient_truth(lab)
-    models, weights = evaluate_frames(frames, truth, specs, n_boot, seed)
+    models, weights = evaluate_frames(frames, truth, specs, n_boot, seed, thresholds)
     return {
         "cohort": {"n_patients": len(truth), "n_slides": len(slides), "n_bootstrap": n_boot, "seed": seed},
         "protocol": "held-out patient-level predictions (mean of slide predictions); percentile CIs from "

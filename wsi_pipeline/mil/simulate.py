@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_pipeline.formats import A_EMBED_DIM, A_ENCODER, A_TARGET_MPP, write_features_h5, write_labels_csv
+from wsi_pipeline.formats.h5 import A_EMBED_DIM, A_ENCODER, A_TARGET_MPP, write_features_h5
+from wsi_pipeline.formats.tables import write_labels_csv
 from wsi_pipeline.runfolder.layout import RunLayout
 
 PHENOTYPES = ("desert", "excluded", "inflamed")

@@ -33,7 +33,8 @@ from wsi_pipeline.evaluate.subgroups import (
     plot_responder_rates,
     responder_table,
 )
-from wsi_pipeline.formats import read_oof_predictions_csv, read_predictions_csv, write_text_atomic
+from wsi_pipeline.formats.atomic import write_text_atomic
+from wsi_pipeline.formats.tables import read_oof_predictions_csv, read_predictions_csv
 from wsi_pipeline.mil.config import SubgroupsConfig
 from wsi_pipeline.mil.model_io import ModelCard, ModelDir
 from wsi_pipeline.mil.report import SUBGROUP_LABELS

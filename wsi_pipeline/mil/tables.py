@@ -1,8 +1,9 @@
 """Prediction tables: slide rows, patient rows and their column names (one definition for OOF files and
 ``RUN/predictions.csv``).
 
-Columns per target t: binary ``t_prob`` (P of the positive class) and ``t_pred`` (class name, threshold
-0.5); multiclass ``t_prob_<class>`` for every class and ``t_pred`` (argmax); regression ``t_pred``;
+Columns per target t: binary ``t_prob`` (P of the positive class, calibrated when the model has a
+calibrator) and ``t_pred`` (class name: positive when ``t_prob`` ≥ the model's recorded cut-off, 0.5 for a
+model without one); multiclass ``t_prob_<class>`` for every class and ``t_pred`` (argmax); regression ``t_pred``;
 survival ``t_risk`` (log relative hazard; higher = earlier event).
 
 Patient-level prediction = mean of the patient's slide predictions (probabilities, values, risks), then
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_pipeline.evaluate.bootstrap import Truth
 from wsi_pipeline.mil.targets import BINARY, MULTICLASS, PATIENT_ID, REGRESSION, SLIDE_ID, SURVIVAL, Labels, TargetSpec
 
 
@@ -36,17 +38,19 @@ def prediction_columns(spec: TargetSpec) -> list[str]:
     return [*cols, f"{spec.name}_pred"] if spec.is_classification else cols
 
 
-def _pred_labels(spec: TargetSpec, values: np.ndarray) -> list[str]:
+def pred_labels(spec: TargetSpec, values: np.ndarray, threshold: float = 0.5) -> list[str]:
+    """Predicted class names: binary ``values`` (P positive) against ``threshold``; multiclass arg-max."""
     if spec.kind == BINARY:
-        return [spec.classes[1] if v >= 0.5 else spec.classes[0] for v in values]
+        return [spec.classes[1] if v >= threshold else spec.classes[0] for v in values]
     return [spec.classes[i] for i in np.argmax(values, axis=1)]
 
 
 def slide_frame(
     slide_ids: Sequence[str], patient_ids: Sequence[str], preds: Sequence[Mapping[str, np.ndarray]],
-    specs: Sequence[TargetSpec],
+    specs: Sequence[TargetSpec], thresholds: Mapping[str, float] | None = None,
 ) -> Any:
-    """One row per slide. ``preds[i][t]``: binary/regression/survival scalar, multiclass C probabilities."""
+    """One row per slide. ``preds[i][t]``: binary/regression/survival scalar, multiclass C probabilities;
+    ``thresholds[t]``: the cut-off of binary target t (default 0.5)."""
     import pandas as pd
 
     data: dict[str, Any] = {SLIDE_ID: list(slide_ids), PATIENT_ID: list(patient_ids)}
@@ -55,12 +59,15 @@ def slide_frame(
         for j, col in enumerate(prob_columns(s)):
             data[col] = vals[:, j]
         if s.is_classification:
-            data[f"{s.name}_pred"] = _pred_labels(s, vals[:, 0] if s.kind == BINARY else vals)
+            data[f"{s.name}_pred"] = pred_labels(s, vals[:, 0] if s.kind == BINARY else vals,
+                                                 (thresholds or {}).get(s.name, 0.5))
     return pd.DataFrame(data, columns=[SLIDE_ID, PATIENT_ID, *[c for s in specs for c in prediction_columns(s)]])
 
 
-def patient_frame(slides: Any, specs: Sequence[TargetSpec], extra_first: Sequence[str] = ()) -> Any:
-    """Mean of slide predictions per patient (sorted by patient_id), with ``n_slides``."""
+def patient_frame(slides: Any, specs: Sequence[TargetSpec], extra_first: Sequence[str] = (),
+                  thresholds: Mapping[str, float] | None = None) -> Any:
+    """Mean of slide predictions per patient (sorted by patient_id), with ``n_slides``; ``t_pred`` from the
+    mean with ``thresholds[t]`` (binary; default 0.5)."""
     import pandas as pd
 
     num_cols = [c for s in specs for c in prob_columns(s)]
@@ -72,7 +79,8 @@ def patient_frame(slides: Any, specs: Sequence[TargetSpec], extra_first: Sequenc
     for s in specs:
         if s.is_classification:
             vals = out[prob_columns(s)].to_numpy()
-            out[f"{s.name}_pred"] = _pred_labels(s, vals[:, 0] if s.kind == BINARY else vals)
+            out[f"{s.name}_pred"] = pred_labels(s, vals[:, 0] if s.kind == BINARY else vals,
+                                                (thresholds or {}).get(s.name, 0.5))
     out = out.reset_index()
     order = [*extra_first, PATIENT_ID, "n_slides", *[c for s in specs for c in prediction_columns(s)]]
     return pd.DataFrame(out, columns=order)
@@ -116,6 +124,19 @@ def patient_truth(labels: Labels) -> Any:
                     row[s.name] = np.nan
         rows[str(pid)] = row
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis(PATIENT_ID)
+
+
+def truth_for(spec: TargetSpec, truth: Any, threshold: float = 0.5) -> tuple[Truth, np.ndarray]:
+    """Patient truth of one target (rows of :func:`patient_truth`) and the mask of patients that have it;
+    ``threshold``: the binary ``t_pred`` cut-off used for balanced accuracy."""
+    y = truth[spec.name].to_numpy(dtype=np.float64)
+    mask = ~np.isnan(y)
+    if spec.kind == SURVIVAL:
+        ev = truth[f"{spec.name}_event"].to_numpy(dtype=np.float64)
+        mask &= ~np.isnan(ev)
+        return Truth(SURVIVAL, y[mask], event=ev[mask].astype(int)), mask
+    n_classes = len(spec.classes) if spec.kind == MULTICLASS else 2
+    return Truth(spec.kind, y[mask], n_classes=n_classes, threshold=threshold), mask
 
 
 def truth_columns(truth: Any, specs: Sequence[TargetSpec]) -> Any:

@@ -8,6 +8,12 @@ event columns: ``os:survival(os_months,os_event)``. The same list can come from 
       - {name: response, kind: binary}
       - {name: immune_phenotype, kind: multiclass}
       - {name: os, kind: survival, time: os_months, event: os_event}
+      - {name: til_fraction, kind: regression, bounds: [0, 1]}
+
+A regression target may be bounded: ``til_fraction:regression[0,1]`` (``[0,]`` for a lower bound only, ``[,]``
+for none). Undeclared, a target whose training labels all lie in [0, 1] is taken as a fraction and bounded to
+[0, 1]. Predictions of a bounded target, at slide and tile level, are clamped into its bounds (the heads' link
+is the identity on the standardised target); the bounds are stored with the model.
 
 Class names of binary and multiclass targets come from the data (sorted; for binary the positive class is
 the second: 0/1, false/true, no/yes, or the later of two sorted strings) and are stored with the model.
@@ -25,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from wsi_pipeline import formats as F
 from wsi_pipeline.errors import LabelsError
+from wsi_pipeline.formats import api as F
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +45,9 @@ TARGET_KINDS = (BINARY, MULTICLASS, REGRESSION, SURVIVAL)
 SLIDE_ID = F.SLIDE_ID
 PATIENT_ID = F.PATIENT_ID
 
-_SPEC_RE = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*:\s*([A-Za-z]+)\s*(?:\(([^)]*)\))?\s*$")
+_SPEC_RE = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*:\s*([A-Za-z]+)\s*(?:\(([^)]*)\))?\s*(?:\[([^\]]*)\])?\s*$")
+FRACTION_BOUNDS = (0.0, 1.0)  # the bounds of an undeclared regression target whose labels all lie in [0, 1]
+Bounds = tuple[float | None, float | None]  # (low, high); None = open on that side
 _TRUE = {"1", "1.0", "true", "yes", "y", "t", "positive", "pos"}
 _FALSE = {"0", "0.0", "false", "no", "n", "f", "negative", "neg"}
 
@@ -54,10 +62,13 @@ class TargetSpec:
     time: str = ""  # survival time column
     event: str = ""  # survival event column (1 = event, 0 = censored)
     classes: list[str] = field(default_factory=list)
+    bounds: Bounds | None = None  # regression: (low, high) predictions are clamped into; None = not declared
 
     def __post_init__(self) -> None:
         if self.kind not in TARGET_KINDS:
             raise LabelsError(f"target {self.name!r}: unknown kind {self.kind!r}; use one of {', '.join(TARGET_KINDS)}")
+        if self.bounds is not None:
+            self.bounds = _check_bounds(self.name, self.kind, self.bounds)
         if self.kind == SURVIVAL:
             if not (self.time and self.event):
                 raise LabelsError(
@@ -88,11 +99,19 @@ class TargetSpec:
             d["column"] = self.column
         if self.classes:
             d["classes"] = list(self.classes)
+        if self.bounds is not None:
+            d["bounds"] = list(self.bounds)
         return d
+
+    def clamp(self, values: np.ndarray) -> np.ndarray:
+        """``values`` clamped into :attr:`bounds` (unchanged when there are none)."""
+        if self.bounds is None or self.bounds == (None, None):
+            return values
+        return np.clip(values, self.bounds[0], self.bounds[1])
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TargetSpec:
-        known = {"name", "kind", "column", "time", "event", "classes"}
+        known = {"name", "kind", "column", "time", "event", "classes", "bounds"}
         unknown = set(d) - known
         if unknown or "name" not in d or "kind" not in d:
             raise LabelsError(f"target entry {dict(d)!r}: needs name and kind; allowed keys {sorted(known)}")
@@ -100,15 +119,44 @@ class TargetSpec:
             name=str(d["name"]), kind=str(d["kind"]), column=str(d.get("column", "") or ""),
             time=str(d.get("time", "") or ""), event=str(d.get("event", "") or ""),
             classes=[str(c) for c in d.get("classes", [])],
+            bounds=None if d.get("bounds") is None else tuple(d["bounds"]),  # type: ignore[arg-type]
         )
+
+
+def _check_bounds(name: str, kind: str, bounds: Any) -> Bounds:
+    if kind != REGRESSION:
+        raise LabelsError(f"target {name!r}: bounds are for regression targets only (it is {kind})")
+    try:
+        low, high = (None if b is None else float(b) for b in bounds)
+    except (TypeError, ValueError) as e:
+        raise LabelsError(f"target {name!r}: bounds {bounds!r} must be [low, high] (numbers or empty)") from e
+    if low is not None and high is not None and not low < high:
+        raise LabelsError(f"target {name!r}: bounds [{low:g}, {high:g}] need low < high")
+    return low, high
+
+
+def _parse_bounds(text: str, part: str) -> Bounds:
+    sides = [s.strip() for s in text.split(",")]
+    if len(sides) != 2:
+        raise LabelsError(f"--targets: {part!r}: bounds are [LOW,HIGH], e.g. til_fraction:regression[0,1]")
+    return tuple(None if s == "" else s for s in sides)  # type: ignore[return-value]
+
+
+def detect_bounds(values: np.ndarray) -> Bounds:
+    """Bounds of an undeclared regression target: [0, 1] when every label lies there (a fraction), else none."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size and v.min() >= FRACTION_BOUNDS[0] and v.max() <= FRACTION_BOUNDS[1]:
+        return FRACTION_BOUNDS
+    return (None, None)
 
 
 def _split_top_level(text: str) -> list[str]:
     parts, depth, cur = [], 0, []
     for ch in text:
-        if ch == "(":
+        if ch in "([":
             depth += 1
-        elif ch == ")":
+        elif ch in ")]":
             depth -= 1
         if ch == "," and depth == 0:
             parts.append("".join(cur))
@@ -130,6 +178,9 @@ def parse_targets(text: str) -> list[TargetSpec]:
                 "NAME:survival(TIME,EVENT), e.g. response:binary,os:survival(os_months,os_event)"
             )
         name, kind, args = m.group(1), m.group(2).lower(), [a.strip() for a in (m.group(3) or "").split(",") if a.strip()]
+        bounds = None if m.group(4) is None else _parse_bounds(m.group(4), part)
+        if bounds is not None and kind != REGRESSION:
+            raise LabelsError(f"--targets: {part!r}: [LOW,HIGH] bounds are for regression targets only")
         if kind == SURVIVAL:
             if len(args) != 2:
                 raise LabelsError(f"--targets: {part!r}: survival needs (TIME_COLUMN,EVENT_COLUMN)")
@@ -137,7 +188,7 @@ def parse_targets(text: str) -> list[TargetSpec]:
         else:
             if len(args) > 1:
                 raise LabelsError(f"--targets: {part!r}: {kind} takes at most one column name")
-            specs.append(TargetSpec(name, kind, column=args[0] if args else name))
+            specs.append(TargetSpec(name, kind, column=args[0] if args else name, bounds=bounds))
     _check_unique(specs)
     return specs
 
@@ -278,6 +329,11 @@ def encode_labels(df: Any, targets: list[TargetSpec], fit_classes: bool = True) 
             events[t.name] = np.where(np.isnan(values[t.name]), np.nan, ev)
         elif t.kind == REGRESSION:
             values[t.name] = _to_float(df[t.column], t.column, path)
+            if fit_classes and t.bounds is None:
+                t.bounds = detect_bounds(values[t.name])
+                if t.bounds != (None, None):
+                    log.info("%s: regression target %r: every label lies in [0, 1], so predictions are kept in "
+                             "[0, 1]; declare %s:regression[,] for no bounds", path, t.name, t.name)
         else:
             raw = df[t.column]
             present = [v.strip() for v in raw.dropna().tolist()]

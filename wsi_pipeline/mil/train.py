@@ -13,7 +13,13 @@ Protocol (what the metrics mean):
 3. Patient-level OOF prediction = mean of the patient's slide predictions. Metrics are computed on the
    pooled OOF patient predictions, with percentile CIs from ``n_bootstrap`` patient-level resamples
    (the same resamples for every model, so differences are paired).
-4. The final model is the ensemble of the fold models (predictions averaged).
+4. The final model is the ensemble of the fold models (predictions averaged), calibrated: per
+   classification target a post-hoc calibrator fitted on the OOF predictions (``--calibration``; the
+   reported "after" OOF figures are cross-fitted, see :mod:`wsi_pipeline.mil.oof`), and the ``t_pred`` and
+   subgroup cut-offs chosen on the calibrated OOF predictions; all recorded in the model card.
+
+Head: ``--head auto`` (the default) chooses among ``head_candidates`` by an inner cross-validation inside
+each outer fold's training patients (:mod:`wsi_pipeline.mil.selection`); an explicit ``--head`` wins.
 
 Models trained in one run ("variants"): the chosen head (with the spatial context features), the
 mean-pool baseline on the raw embeddings (``baseline``), and with ``covariates``: the covariates-only
@@ -32,22 +38,21 @@ import os
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from wsi_pipeline.config import to_dict
 from wsi_pipeline.errors import ConfigError, LabelsError
 from wsi_pipeline.mil.config import TrainConfig
 from wsi_pipeline.mil.covariates import CovariateEncoder, fit_covariates
+from wsi_pipeline.mil.cv import Cohort, FoldResult, Variant
 from wsi_pipeline.mil.data import Bag, BagStore, subsample
 from wsi_pipeline.mil.model_io import FoldCard, ModelCard, ModelDir, VariantCard, save_weights
+from wsi_pipeline.mil.selection import AUTO, HeadSelection, choose_head, criterion_scores, fixed_head
 from wsi_pipeline.mil.targets import (
     REGRESSION,
-    Labels,
-    TargetSpec,
     load_labels,
     stratify_target,
     targets_from_config,
@@ -60,28 +65,13 @@ COVARIATES_VARIANT = "covariates"
 
 
 @dataclass
-class Variant:
-    name: str
-    head: str
-    head_kwargs: dict[str, Any]
-    image: bool = True
-    covariates: bool = False
-    context_rings: int = 0
-
-
-@dataclass
 class FoldTask:
+    """One training: ``variant`` on the training patients of outer fold ``fold``; with ``inner`` ≥ 0, the
+    inner fold ``inner`` of the head selection inside that fold's training patients (not saved)."""
+
     variant: Variant
     fold: int
-
-
-@dataclass
-class FoldResult:
-    variant: str
-    fold: int
-    card: FoldCard
-    oof: dict[str, dict[str, np.ndarray]]  # slide_id → target → prediction
-    history: list[dict[str, float]] = field(default_factory=list)
+    inner: int = -1
 
 
 @dataclass
@@ -92,8 +82,10 @@ class TrainResult:
     seconds: float
 
 
-def plan_variants(cfg: TrainConfig, embed_dim: int) -> list[Variant]:
-    """The models trained by one ``wsi train`` call; the first is the main model."""
+def plan_variants(cfg: TrainConfig, embed_dim: int, head: str | None = None) -> list[Variant]:
+    """The models trained by one ``wsi train`` call with main head ``head`` (default ``cfg.head``); the first
+    is the main model."""
+    head = head or cfg.head
     kw: dict[str, Any] = {"hidden": cfg.hidden, "dropout": cfg.dropout, "norm_dim": embed_dim}
     if cfg.instance_encoder != "mlp" and cfg.context_rings > 0:
         kw.update(encoder=cfg.instance_encoder, context_dim=embed_dim * cfg.context_rings)
@@ -101,12 +93,12 @@ def plan_variants(cfg: TrainConfig, embed_dim: int) -> list[Variant]:
     base_kw = {"hidden": cfg.hidden, "dropout": cfg.dropout, "norm_dim": embed_dim}
     out: list[Variant] = []
     if cfg.covariates:
-        out.append(Variant(f"{cfg.head}+cov", cfg.head, kw, True, True, cfg.context_rings))
-        out.append(Variant(cfg.head, cfg.head, kw, True, False, cfg.context_rings))
+        out.append(Variant(f"{head}+cov", head, kw, True, True, cfg.context_rings))
+        out.append(Variant(head, head, kw, True, False, cfg.context_rings))
         out.append(Variant(COVARIATES_VARIANT, COVARIATES_VARIANT, {}, False, True, 0))
     else:
-        out.append(Variant(cfg.head, cfg.head, kw, True, False, cfg.context_rings))
-    if cfg.baseline and not (cfg.head == BASELINE_HEAD and cfg.context_rings == 0):
+        out.append(Variant(head, head, kw, True, False, cfg.context_rings))
+    if cfg.baseline and not (head == BASELINE_HEAD and cfg.context_rings == 0):
         out.append(Variant(f"{BASELINE_HEAD}-baseline", BASELINE_HEAD, base_kw, True, False, 0))
     return out
 
@@ -116,43 +108,6 @@ def _seed_of(*parts: object) -> int:
 
 
 # ---------------------------------------------------------------- cohort
-@dataclass
-class Cohort:
-    """The training cohort: slides with both features and labels."""
-
-    labels: Labels
-    store: BagStore
-    specs: list[TargetSpec]
-    patient_of: dict[str, str]
-    folds: dict[str, int]  # patient → fold
-    strata: dict[str, Any]
-    embed_dim: int = 0
-    _stats: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-
-    def slides_of(self, patients: set[str]) -> list[str]:
-        return [s for s in self.labels.slide_ids if self.patient_of[s] in patients]
-
-    def feature_stats(self, slides: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Per-dimension mean and std of the raw embeddings of every tile of ``slides`` (a fold's training
-        slides; cached, as every variant of a fold asks for the same ones). Dimensions (nearly) constant on
-        these tiles get std 1, not ~0, so a test tile that differs there is not blown up."""
-        key = tuple(sorted(slides))
-        if key not in self._stats:
-            d = self.embed_dim
-            s1, s2, n = np.zeros(d), np.zeros(d), 0
-            for sid in slides:
-                f = self.store.get(sid).features[:, :d].astype(np.float64)
-                s1 += f.sum(0)
-                s2 += (f * f).sum(0)
-                n += len(f)
-            mean = s1 / max(n, 1)
-            std = np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0.0))
-            floor = 1e-3 * float(np.median(std[std > 0])) if np.any(std > 0) else 0.0
-            std = np.where(std > max(floor, 1e-8), std, 1.0)
-            self._stats[key] = (mean.astype(np.float32), std.astype(np.float32))
-        return self._stats[key]
-
-
 def build_cohort(cfg: TrainConfig) -> Cohort:
     from wsi_pipeline.evaluate.splits import patient_folds, patient_strata
 
@@ -177,6 +132,19 @@ def build_cohort(cfg: TrainConfig) -> Cohort:
     strata = patient_strata(labels.patient_ids, labels.values[strat.name] if strat else None)
     folds = patient_folds(strata, cfg.folds, cfg.seed)
     return Cohort(labels, store, specs, dict(zip(labels.slide_ids, labels.patient_ids, strict=True)), folds, strata)
+
+
+def _patients(cohort: Cohort, cfg: TrainConfig, task: FoldTask) -> tuple[set[str], dict[str, Any]]:
+    """(held-out patients, training pool with strata) of a task: the outer fold, or an inner fold of the
+    head selection drawn inside the outer fold's training patients only."""
+    from wsi_pipeline.evaluate.splits import patient_folds
+
+    pool = {p: s for p, s in cohort.strata.items() if cohort.folds[p] != task.fold}
+    if task.inner < 0:
+        return {p for p, f in cohort.folds.items() if f == task.fold}, pool
+    inner = patient_folds(pool, cfg.selection_folds, _seed_of(cfg.seed, "select", task.fold))
+    test = {p for p, f in inner.items() if f == task.inner}
+    return test, {p: s for p, s in pool.items() if p not in test}
 
 
 # ---------------------------------------------------------------- one fold
@@ -221,10 +189,13 @@ class _FoldRunner:
         from wsi_pipeline.mil.ensemble import build_model, pick_device
 
         self.cfg, self.cohort, self.v, self.fold, self.dir = cfg, cohort, task.variant, task.fold, model_dir
+        self.inner = task.inner
+        self.epochs = cfg.epochs if task.inner < 0 else min(cfg.epochs, cfg.selection_epochs)
+        # seeds of the outer trainings are those of a run without selection (same models)
+        self.key: tuple[object, ...] = (self.fold,) if task.inner < 0 else (self.fold, "select", task.inner)
         self.device = pick_device(cfg.device)
-        test_p = {p for p, f in cohort.folds.items() if f == self.fold}
-        pool = {p: s for p, s in cohort.strata.items() if p not in test_p}
-        tr_p, va_p = inner_split(pool, cfg.val_fraction, seed=_seed_of(cfg.seed, "inner", self.fold))
+        test_p, pool = _patients(cohort, cfg, task)
+        tr_p, va_p = inner_split(pool, cfg.val_fraction, seed=_seed_of(cfg.seed, "inner", *self.key))
         self.train_slides = cohort.slides_of(set(tr_p))
         self.val_slides = cohort.slides_of(set(va_p))
         self.test_slides = cohort.slides_of(test_p)
@@ -238,7 +209,7 @@ class _FoldRunner:
             mat = self.cov_enc.transform(df)
             self.cov = {s: mat[i] for i, s in enumerate(cohort.labels.slide_ids)}
         self.in_dim = cohort.embed_dim * (1 + self.v.context_rings) if self.v.image else 0
-        seed = _seed_of(cfg.seed, self.v.name, self.fold)
+        seed = _seed_of(cfg.seed, self.v.name, *self.key)
         torch.manual_seed(seed)
         self.rng = np.random.default_rng(seed)
         vc = VariantCard(self.v.name, self.v.head, self.v.head_kwargs, self.in_dim, self.v.image,
@@ -277,7 +248,7 @@ class _FoldRunner:
             return {}
         self.model.eval()
         with torch.no_grad():
-            rng = np.random.default_rng(_seed_of(self.cfg.seed, "val", self.fold))
+            rng = np.random.default_rng(_seed_of(self.cfg.seed, "val", *self.key))
             logits = self._logits(self.val_slides, train=False, rng=rng)
             ys, evs = _batch_targets(self.cohort, self.val_slides, self.scalers)
             _, parts = multitask_loss(self.cohort.specs, logits, ys, evs)
@@ -296,7 +267,7 @@ class _FoldRunner:
         history: list[dict[str, float]] = []
         bad = 0
         order = list(self.train_slides)
-        for epoch in range(1, self.cfg.epochs + 1):
+        for epoch in range(1, self.epochs + 1):
             self.model.train()
             self.rng.shuffle(order)
             tot, nb = 0.0, 0
@@ -346,14 +317,16 @@ class _FoldRunner:
         t0 = time.perf_counter()
         best_epoch, best_val, history = self.fit()
         oof = self.predict_test()
-        rel = self.dir.weights_rel(self.v.name, self.fold)
-        save_weights(self.dir.root / rel, self.model)
+        rel = ""
+        if self.inner < 0:  # head-selection trainings only score their predictions
+            rel = self.dir.weights_rel(self.v.name, self.fold)
+            save_weights(self.dir.root / rel, self.model)
         card = FoldCard(self.fold, rel, self.scalers, self.cov_enc.to_dict() if self.cov_enc else None,
                         best_epoch, best_val, len(self.train_slides), len(self.val_slides), self.lr)
-        log.info("%s fold %d: best epoch %d (val loss %.4f), %d/%d/%d slides, %.1fs", self.v.name, self.fold,
-                 best_epoch, best_val, len(self.train_slides), len(self.val_slides), len(self.test_slides),
+        log.info("%s fold %s: best epoch %d (val loss %.4f), %d/%d/%d slides, %.1fs", self.v.name,
+                 self.fold if self.inner < 0 else f"{self.fold}/inner {self.inner}", best_epoch, best_val, len(self.train_slides), len(self.val_slides), len(self.test_slides),
                  time.perf_counter() - t0)
-        return FoldResult(self.v.name, self.fold, card, oof, history)
+        return FoldResult(self.v.name, self.fold, card, oof, history, self.inner)
 
 
 # ---------------------------------------------------------------- distributed
@@ -381,15 +354,64 @@ def _gather(results: list[FoldResult], world: int) -> list[FoldResult]:
 
 
 # ---------------------------------------------------------------- orchestration
-def train_cv(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> TrainResult | None:
+def _run_tasks(tasks: Sequence[FoldTask], cfg: TrainConfig, cohort: Cohort, mdir: ModelDir, rank: int, world: int,
+               progress: Callable[[str], None] | None) -> list[FoldResult]:
+    """Run this rank's share of ``tasks``; every rank gets every result back."""
+    results = []
+    for i, t in enumerate(tasks):
+        if i % world != rank:
+            continue
+        if progress:
+            where = f"fold {t.fold + 1}/{cfg.folds}" + (
+                f", head selection inner fold {t.inner + 1}/{cfg.selection_folds}" if t.inner >= 0 else "")
+            progress(f"{t.variant.name} {where}")
+        results.append(_FoldRunner(cfg, cohort, t, mdir).run())
+    return _gather(results, world)
+
+
+def select_head(cfg: TrainConfig, cohort: Cohort, embed_dim: int, mdir: ModelDir, rank: int = 0, world: int = 1,
+                progress: Callable[[str], None] | None = None) -> HeadSelection:
+    """``--head auto``: score every candidate by inner CV within each outer fold's training patients
+    (:mod:`wsi_pipeline.mil.selection`) and choose one."""
+    t0 = time.perf_counter()
+    cands = list(cfg.head_candidates)
+    variants = {c: plan_variants(cfg, embed_dim, c)[0] for c in cands}
+    tasks = [FoldTask(variants[c], k, j) for c in cands for k in range(cfg.folds) for j in range(cfg.selection_folds)]
+    results = _run_tasks(tasks, cfg, cohort, mdir, rank, world, progress)
+    per_fold: dict[str, list[dict[str, float]]] = {}
+    for c in cands:
+        per_fold[c] = []
+        for k in range(cfg.folds):
+            preds: dict[str, dict[str, np.ndarray]] = {}
+            for r in results:
+                if r.variant == variants[c].name and r.fold == k:
+                    preds.update(r.oof)
+            per_fold[c].append(criterion_scores(cohort, preds))
+    sel = choose_head(cands, per_fold, cfg.selection_margin, cfg.selection_folds,
+                      min(cfg.epochs, cfg.selection_epochs))
+    sel.seconds = round(time.perf_counter() - t0, 1)
+    log.info("--head auto: %s (%.0f s)", sel.reason, sel.seconds)
+    return sel
+
+
+def check_heads(cfg: TrainConfig) -> None:
+    from wsi_pipeline.mil.heads import list_heads
+
+    heads = list_heads()
+    if cfg.head != AUTO and cfg.head not in heads:
+        raise ConfigError(f"--head {cfg.head!r}: unknown; available: {', '.join(heads)} or {AUTO}")
+    bad = [h for h in cfg.head_candidates if h not in heads]
+    if cfg.head == AUTO and (bad or not cfg.head_candidates):
+        raise ConfigError(f"--head-candidates {','.join(cfg.head_candidates)}: unknown {bad or 'empty'}; "
+                          f"available: {', '.join(heads)}")
+
+
+def run_train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> TrainResult | None:
     """Run the whole protocol; returns the result on rank 0 (None on other ranks)."""
     import torch
 
-    from wsi_pipeline.mil.heads import list_heads
-
     cfg.validate()
-    if cfg.head not in list_heads():
-        raise ConfigError(f"--head {cfg.head!r}: unknown; available: {', '.join(list_heads())}")
+    check_heads(cfg)
     t0 = time.perf_counter()
     rank, world, own_group = _dist_info()
     if cfg.threads > 0:
@@ -400,20 +422,16 @@ def train_cv(cfg: TrainConfig, progress: Callable[[str], None] | None = None) ->
         cohort.embed_dim = info.embed_dim
         mdir = ModelDir(cfg.model_out)
         mdir.root.mkdir(parents=True, exist_ok=True)
-        variants = plan_variants(cfg, info.embed_dim)
+        selection = select_head(cfg, cohort, info.embed_dim, mdir, rank, world, progress) if cfg.head == AUTO \
+            else fixed_head(cfg.head)
+        variants = plan_variants(cfg, info.embed_dim, selection.chosen)
         tasks = [FoldTask(v, k) for v in variants for k in range(cfg.folds)]
-        mine = [t for i, t in enumerate(tasks) if i % world == rank]
-        results = []
-        for t in mine:
-            if progress:
-                progress(f"{t.variant.name} fold {t.fold + 1}/{cfg.folds}")
-            results.append(_FoldRunner(cfg, cohort, t, mdir).run())
-        results = _gather(results, world)
+        results = _run_tasks(tasks, cfg, cohort, mdir, rank, world, progress)
         out = None
         if rank == 0:
             from wsi_pipeline.mil.report import write_training_outputs
 
-            card, metrics = write_training_outputs(cfg, cohort, info, variants, results, mdir)
+            card, metrics = write_training_outputs(cfg, cohort, info, variants, results, mdir, selection)
             out = TrainResult(mdir.root, card, metrics, time.perf_counter() - t0)
         if world > 1:
             import torch.distributed as dist
@@ -426,9 +444,3 @@ def train_cv(cfg: TrainConfig, progress: Callable[[str], None] | None = None) ->
 
             dist.destroy_process_group()
 
-
-def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
-    d = to_dict(cfg)
-    if not isinstance(cfg.targets, str):
-        d["targets"] = [t.to_dict() for t in targets_from_config(cfg.targets)]
-    return d

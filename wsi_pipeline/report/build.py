@@ -10,7 +10,7 @@ from pathlib import Path
 
 from wsi_pipeline._version import __version__
 from wsi_pipeline.errors import ConfigError, WSIPipelineError
-from wsi_pipeline.formats import write_text_atomic
+from wsi_pipeline.formats.atomic import write_text_atomic
 from wsi_pipeline.mil.targets import PATIENT_ID, SLIDE_ID
 from wsi_pipeline.report import sections as S
 from wsi_pipeline.report.config import ReportConfig
@@ -114,7 +114,7 @@ class ReportStage:
     def key(self) -> str:
         from dataclasses import asdict
 
-        from wsi_pipeline.formats import params_hash
+        from wsi_pipeline.formats.hashing import params_hash
         from wsi_pipeline.runfolder.digest import content_digest, folder_digest, stamps, status_digest
 
         lay = self.layout

@@ -137,6 +137,33 @@ def calibration(y: np.ndarray, p: np.ndarray, text: str, title: str) -> bytes:
     return to_png(fig)
 
 
+def reliability(curves: Sequence[tuple[str, Sequence[float], Sequence[float], Sequence[int]]], text: str,
+                title: str) -> bytes:
+    """Reliability diagram of binned probabilities (``label, mean predicted, observed fraction, n`` per
+    curve; e.g. before and after calibration), marker area ∝ patients in the bin."""
+    fig = new_figure(4.8, 5.4)
+    grid = fig.add_gridspec(2, 1, height_ratios=[5, 1])
+    ax = fig.add_subplot(grid[0])
+    note = fig.add_subplot(grid[1])
+    note.axis("off")
+    note.text(0.0, 1.0, text, transform=note.transAxes, va="top", fontsize=7.5, family="monospace")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect")
+    for k, (label, mean_p, frac, n) in enumerate(curves):
+        size = 12 + 120 * np.asarray(n, dtype=float) / max(float(np.sum(n)), 1.0)
+        colour = PALETTE[k % len(PALETTE)]
+        ax.plot(mean_p, frac, color=colour, lw=1.5, alpha=0.8)
+        ax.scatter(mean_p, frac, s=size, color=colour, label=label, zorder=3)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("predicted probability (10 equal-width bins)")
+    ax.set_ylabel("observed fraction positive")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    ax.set_aspect("equal")
+    _style(ax)
+    return to_png(fig)
+
+
 def confusion(y: np.ndarray, pred: np.ndarray, classes: Sequence[str], title: str) -> bytes:
     """Counts, coloured by the row-normalised fraction (recall per true class)."""
     from sklearn.metrics import confusion_matrix

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from wsi_pipeline import formats as F
 from wsi_pipeline.errors import LabelsError
+from wsi_pipeline.formats import api as F
 from wsi_pipeline.mil.targets import (
     BINARY,
     MULTICLASS,

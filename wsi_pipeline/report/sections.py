@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 METRIC_TITLES = {
     "auroc": "AUROC", "balanced_accuracy": "balanced accuracy", "brier": "Brier score",
     "calibration_slope": "calibration slope", "calibration_intercept": "calibration intercept",
-    "spearman": "Spearman ρ", "mae": "MAE", "c_index": "C-index",
+    "spearman": "Spearman ρ", "mae": "MAE", "c_index": "C-index", "ece": "ECE",
 }
 SUBGROUP_LABELS = ["low", "intermediate", "high"]
 TME_KEY_COLUMNS = ("til_fraction", "stromal_til_fraction", "tumour_stroma_ratio", "lymph_density_tumour",
@@ -208,6 +208,13 @@ def distributions_section(data: ReportData) -> Section | None:
                    lead="What the model predicts across the cohort, before any labels are looked at.")
 
 
+def _card_thresholds(data: ReportData) -> dict[str, float]:
+    """The main variant's recorded ``t_pred`` cut-offs (binary targets; absent for older models → 0.5)."""
+    card = data.card or {}
+    variant = (card.get("variants") or {}).get(card.get("main_variant"), {})
+    return {str(k): float(v) for k, v in (variant.get("thresholds") or {}).items()}
+
+
 # ---------------------------------------------------------------- performance (labels)
 def performance_section(data: ReportData, ev: Evaluation | None) -> Section | None:
     if ev is None or not ev.specs:
@@ -217,6 +224,7 @@ def performance_section(data: ReportData, ev: Evaluation | None) -> Section | No
 
     n = len(ev.truth)
     weights = bootstrap_weights(n, data.cfg.n_boot, data.cfg.seed)
+    thresholds = _card_thresholds(data)
     parts = []
     in_sample = _is_training_run(data)
     if in_sample:
@@ -232,8 +240,9 @@ def performance_section(data: ReportData, ev: Evaluation | None) -> Section | No
         pred = prediction_array(ev.predictions, s)[mask]
         w = weights[:, mask]
         yy = y[mask]
+        thr = thresholds.get(s.name, 0.5)
         truth = Truth(s.kind, yy, event=None if event is None else event[mask].astype(int),
-                      n_classes=len(s.classes) if s.kind == MULTICLASS else 2)
+                      n_classes=len(s.classes) if s.kind == MULTICLASS else 2, threshold=thr)
         metrics = bootstrap_metrics(truth, pred, w)
         mrows = [[METRIC_TITLES.get(k, k), _ci_cell(v)] for k, v in metrics.items()]
         figs = []
@@ -241,12 +250,15 @@ def performance_section(data: ReportData, ev: Evaluation | None) -> Section | No
             auc = _ci_text(metrics["auroc"])
             figs.append(figure(F.roc_binary(yy, pred, w[:200], auc, f"{s.name}: ROC"),
                                "ROC curve; band: 95% patient-level bootstrap."))
-            figs.append(figure(F.calibration(yy, pred, f"slope {_ci_text(metrics['calibration_slope'])}\n"
+            figs.append(figure(F.calibration(yy, pred, f"ECE {_ci_text(metrics['ece'])}\n"
+                                                       f"slope {_ci_text(metrics['calibration_slope'])}\n"
                                                        f"intercept {_ci_text(metrics['calibration_intercept'])}",
                                              f"{s.name}: calibration"), "Reliability diagram."))
             classes = s.classes if len(s.classes) == 2 else ["0", "1"]
-            figs.append(figure(F.confusion(yy, (pred >= 0.5).astype(int), classes, f"{s.name}: confusion "
-                                           "(threshold 0.5)"), "Counts and row-normalised fractions."))
+            source = "the model's recorded cut-off" if s.name in thresholds else "default"
+            figs.append(figure(F.confusion(yy, (pred >= thr).astype(int), classes, f"{s.name}: confusion "
+                                           f"(threshold {thr:.3f})"),
+                               f"Counts and row-normalised fractions; threshold: {source}."))
         elif s.kind == MULTICLASS:
             per_class = [fmt_num(float(auroc((yy == k).astype(float), pred[:, k])[0]), 2)
                          for k in range(len(s.classes))]
@@ -281,7 +293,8 @@ def _km_by_risk(s: TargetSpec, time: np.ndarray, event: np.ndarray, risk: np.nda
     png = F.via_file(lambda p: plot_km(time, event, groups, labels, p,
                                        f"{s.name} by predicted-risk tertile (log-rank p = {fmt_p(lr['p'])})",
                                        time_label=s.time or "time"))
-    return figure(png, "Kaplan–Meier by tertiles of the predicted risk in this cohort (descriptive cut-offs).")
+    return figure(png, "Kaplan–Meier by tertiles of the predicted risk in this cohort (descriptive cut-offs); "
+                       f"log-rank p = {fmt_p(lr['p'])}.")
 
 
 def _is_training_run(data: ReportData) -> bool:
@@ -379,7 +392,58 @@ def model_section(data: ReportData) -> Section | None:
         if rows:
             body += ("<h3>Out-of-fold metrics at training</h3>"
                      + table(["model", "target", "metric", "estimate (95% CI)"], rows))
+        body += _head_html(m) + _calibration_html(m, card)
     return Section("model", "Model", body, lead="The MIL model that produced predictions.csv (its model card).")
+
+
+def _head_html(m: dict[str, Any]) -> str:
+    """How the head was chosen (``--head auto``: per-candidate inner-CV scores) and the baseline check."""
+    sel = m.get("head_selection") or {}
+    check = m.get("baseline_check") or {}
+    out = ""
+    if sel.get("requested") == "auto":
+        rows = [[c, *[Cell(fmt_num(v), "num") for v in sc["per_fold"]], Cell(f"<b>{fmt_num(sc['mean'])}</b>", "num")]
+                for c, sc in sel["scores"].items()]
+        n = len(sel.get("fold_winners", []))
+        out += (f"<h3>Head: <code>{esc(sel['chosen'])}</code> (chosen by <code>--head auto</code>)</h3>"
+                f"<p>{esc(sel['reason'])}. <span class='note'>Criterion: {esc(sel['criterion'])}; inner "
+                f"{sel['selection_folds']}-fold CV within each outer fold's training patients.</span></p>"
+                + table(["candidate", *[f"fold {k + 1}" for k in range(n)], "mean"], rows, scroll=False))
+    elif sel:
+        out += f"<p>Head <code>{esc(sel.get('chosen'))}</code>: {esc(sel.get('reason', ''))}.</p>"
+    if check.get("loses_to_baseline"):
+        out += (f"<div class='callout warn'>The main model <code>{esc(check['main'])}</code> scores below its own "
+                f"baseline <code>{esc(check['baseline'])}</code> out of fold (mean primary metric "
+                f"{fmt_num(check['main_score'])} vs {fmt_num(check['baseline_score'])}).</div>")
+    return out
+
+
+def _calibration_html(m: dict[str, Any], card: dict[str, Any]) -> str:
+    """Reliability diagrams of the main model's out-of-fold predictions before and after calibration
+    (after = cross-fitted), with ECE, slope, intercept and Brier (95% CIs) from metrics.json."""
+    from wsi_pipeline.evaluate.bootstrap import MetricCI
+
+    cal = m.get("calibration") or {}
+    main = card.get("main_variant")
+    figs = []
+    for tname, c in ((cal.get("models") or {}).get(main) or {}).items():
+        rel = c.get("reliability")
+        if not rel:
+            continue
+        lines = []
+        for key, title in (("ece", "ECE"), ("calibration_slope", "slope"), ("calibration_intercept", "intercept"),
+                           ("brier", "Brier")):
+            b, a = (MetricCI(*(np.nan if c[w][key][k] is None else c[w][key][k]
+                               for k in ("estimate", "ci_low", "ci_high"))) for w in ("before", "after"))
+            lines.append(f"{title:<9} {_ci_text(b)} → {_ci_text(a)}")
+        curves = [(f"{w} ({c['method'] if w == 'after' else 'raw'})", rel[w]["mean_prob"], rel[w]["observed"],
+                   rel[w]["n"]) for w in ("before", "after")]
+        figs.append(figure(F.reliability(curves, "\n".join(lines), f"{main}: {tname}, out of fold"),
+                           f"Reliability before → after {esc(c['method'])} calibration (after: cross-fitted, "
+                           "each fold recalibrated by a calibrator fitted on the other folds)."))
+    if not figs:
+        return ""
+    return "<h3>Calibration of the out-of-fold predictions</h3>" + figures(figs)
 
 
 # ---------------------------------------------------------------- TME

@@ -60,6 +60,7 @@ class ViewerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     model: str = ""  # scores subfolder name (or model dir); empty: the only one in RUN/scores
+    allow_hosts: list[str] = field(default_factory=list)  # Host names answered besides loopback and --host
     tile_cache: int = 2048  # deep-zoom JPEG tiles kept in memory
     slide_cache: int = 8  # open slide handles kept
     cmap: str = "RdYlBu_r"

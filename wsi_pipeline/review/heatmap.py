@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from wsi_pipeline import formats as F
 from wsi_pipeline.errors import SlideError
+from wsi_pipeline.formats import api as F
 from wsi_pipeline.review import raster as R
 from wsi_pipeline.review.config import HeatmapConfig
 from wsi_pipeline.review.scores import (
     SlideScores,
+    input_stamps,
     load_slide_scores,
     resolve_model_name,
     scored_slide_ids,
@@ -45,7 +46,7 @@ class HeatmapResult:
 # ---------------------------------------------------------------- slide access
 def open_scored_slide(sc: SlideScores):
     """The slide of ``sc`` opened with the MPP its tiling used."""
-    from wsi_pipeline.slide import open_slide
+    from wsi_pipeline.slide.open import open_slide
 
     if not sc.slide_path:
         raise SlideError(f"<{sc.slide_id}>", "the RUN folder does not record the slide's path",
@@ -91,11 +92,7 @@ def tissue_outlines(layout: RunLayout, sc: SlideScores, l0_per_px: tuple[float, 
 def resume_key(layout: RunLayout, sc_paths: tuple[Path, Path], model: str, cfg: HeatmapConfig) -> str:
     """The options, the model, and the tiles and scores files: by their own resume keys where they have one
     (a re-predicted slide with unchanged scores keeps its heatmaps), else by size and modification time."""
-    inputs = {}
-    for p in sc_paths:
-        stamp = F.read_h5_attrs(p).get(F.A_PARAMS_HASH) or [p.stat().st_size, p.stat().st_mtime_ns]
-        inputs[p.name] = stamp
-    return F.params_hash({**cfg.params(), "model": model, "inputs": inputs})
+    return F.params_hash({**cfg.params(), "model": model, "inputs": input_stamps(sc_paths)})
 
 
 def is_done(layout: RunLayout, slide_id: str, key: str) -> bool:

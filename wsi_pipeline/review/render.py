@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_pipeline.formats import atomic_path
+from wsi_pipeline.formats.atomic import atomic_path
 from wsi_pipeline.review.raster import Normalizer
 
 log = logging.getLogger(__name__)
@@ -184,10 +184,20 @@ def render_gallery(path: str | Path, images: Sequence[np.ndarray], captions: Seq
     return path
 
 
+FONT_FILE = "DejaVuSans.ttf"  # shipped with matplotlib: covers "—", "µ", "→" and the accented letters
+
+
 def _font(size: int) -> Any:
+    """DejaVu Sans from matplotlib's data folder (Pillow's built-in font draws "—" and "µ" as empty boxes)."""
+    import matplotlib
     from PIL import ImageFont
 
-    return ImageFont.load_default(size=size)
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / FONT_FILE
+    if not path.is_file():
+        from matplotlib import font_manager
+
+        path = Path(font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans")))
+    return ImageFont.truetype(str(path), size)
 
 
 def _fit(draw: Any, text: str, font: Any, width: int) -> str:

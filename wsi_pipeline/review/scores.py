@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,16 +17,18 @@ from typing import Any
 import numpy as np
 
 from wsi_pipeline.errors import ConfigError, FormatError, TilesNotFoundError
-from wsi_pipeline.formats import (
+from wsi_pipeline.formats.h5 import (
     A_CLASS_NAMES,
+    A_PARAMS_HASH,
     A_SLIDE_PATH,
     A_TARGETS,
-    read_predictions_csv,
+    read_h5_attrs,
     read_scores_h5,
-    read_slides_csv,
     read_tiles_h5,
 )
+from wsi_pipeline.formats.tables import read_predictions_csv
 from wsi_pipeline.runfolder.layout import RunLayout, safe_name
+from wsi_pipeline.runfolder.status import read_status
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +105,16 @@ def resolve_model_name(layout: RunLayout, model: str | Path | None) -> str:
 
 
 def slide_paths_from_status(layout: RunLayout) -> dict[str, str]:
-    """slide_id → slide path from RUN/slides.csv (the tiling stage's row wins)."""
+    """slide_id → slide path from the RUN's status (slides.csv and its journals; the tiling stage's row
+    wins), in one pass."""
     out: dict[str, str] = {}
-    for r in sorted(read_slides_csv(layout.slides_csv), key=lambda r: r.stage == "tile"):  # "tile" rows win
-        if r.slide_id and r.path:
-            out[r.slide_id] = r.path
+    from_tile: set[str] = set()
+    for r in read_status(layout.slides_csv):
+        if not (r.slide_id and r.path) or r.slide_id in from_tile:
+            continue
+        out[r.slide_id] = r.path
+        if r.stage == "tile":
+            from_tile.add(r.slide_id)
     return out
 
 
@@ -116,6 +124,16 @@ def read_predictions(layout: RunLayout) -> dict[str, dict[str, str]]:
         return {}
     rows = read_predictions_csv(layout.predictions_csv, text=True).to_dict("records")
     return {r["slide_id"]: r for r in rows if r["slide_id"]}
+
+
+def input_stamps(paths: Iterable[Path]) -> dict[str, Any]:
+    """What a review output of a slide depends on in its tiles and scores files: each file's own resume key
+    (``params_hash`` attr) where it has one (a re-predicted slide with unchanged scores keeps its outputs),
+    else its size and modification time."""
+    out: dict[str, Any] = {}
+    for p in paths:
+        out[p.name] = read_h5_attrs(p).get(A_PARAMS_HASH) or [p.stat().st_size, p.stat().st_mtime_ns]
+    return out
 
 
 def scored_slide_ids(layout: RunLayout, model: str) -> list[str]:

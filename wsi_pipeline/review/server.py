@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).with_name("static")
 STATIC_TYPES = MappingProxyType({".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                                  ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"})
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 DZ_TILE = 254
 DZ_OVERLAP = 1
 DZ_FORMAT = "jpeg"
@@ -186,6 +188,7 @@ class ViewerState:
         self.views = LRUCache(16)
         self.overlays = LRUCache(64)
         self.thumbs = LRUCache(512)
+        self.tme_overlays = LRUCache(16)
         self._static = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file() and p.suffix in STATIC_TYPES}
 
     # ---- lookups (None → the caller answers 404)
@@ -198,7 +201,7 @@ class ViewerState:
     def slide_path(self, slide_id: str) -> str:
         if slide_id in self.paths:
             return self.paths[slide_id]
-        from wsi_pipeline.formats import A_SLIDE_PATH, read_h5_attrs
+        from wsi_pipeline.formats.h5 import A_SLIDE_PATH, read_h5_attrs
 
         return str(read_h5_attrs(self.layout.tiles_h5(slide_id)).get(A_SLIDE_PATH, "") or "")
 
@@ -206,8 +209,8 @@ class ViewerState:
         def make() -> DeepZoomHandle:
             from openslide.deepzoom import DeepZoomGenerator
 
-            from wsi_pipeline.formats import A_SLIDE_MPP, read_h5_attrs
-            from wsi_pipeline.slide import open_slide
+            from wsi_pipeline.formats.h5 import A_SLIDE_MPP, read_h5_attrs
+            from wsi_pipeline.slide.open import open_slide
 
             mpp = read_h5_attrs(self.layout.tiles_h5(slide_id)).get(A_SLIDE_MPP)
             slide = open_slide(self.slide_path(slide_id), mpp=float(mpp) if mpp else None)
@@ -226,6 +229,12 @@ class ViewerState:
             return ViewData(sc, grid, {}, {})
 
         return self.views.get_or_create(slide_id, make)
+
+    def tme(self, slide_id: str) -> Any:
+        """The slide's TME class raster (:mod:`wsi_pipeline.review.tme`), None without a TME read-out."""
+        from wsi_pipeline.review.tme import load_tme_overlay
+
+        return self.tme_overlays.get_or_create(slide_id, lambda: load_tme_overlay(self.layout, slide_id))
 
     def raster(self, vd: ViewData, key: str, smooth: bool) -> np.ndarray:
         k = (key, smooth)
@@ -284,6 +293,9 @@ def slide_payload(state: ViewerState, slide_id: str) -> dict[str, Any]:
         out["mpp"] = h.owner.mpp_or_none
     except AttributeError:
         out["mpp"] = None
+    tme = state.tme(slide_id)
+    if tme is not None:
+        out["tme"] = tme.payload(f"/api/slides/{slide_id}/tme.png")
     if vd is None:
         return out
     sc = vd.scores
@@ -343,6 +355,68 @@ def _jpeg(img: Any, quality: int = 80) -> bytes:
     return buf.getvalue()
 
 
+# ---------------------------------------------------------------- Host check (DNS rebinding)
+def host_name(header: str) -> str:
+    """The host of a ``Host`` header: lower case, without the port, the IPv6 brackets or a trailing dot."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        h = h[1:h.find("]")] if "]" in h else h[1:]
+    elif h.count(":") == 1:
+        h = h.partition(":")[0]
+    return h.rstrip(".")
+
+
+def allowed_hosts(cfg: ViewerConfig) -> frozenset[str]:
+    """Host names the viewer answers to: the loopback names, the ``--host`` it listens on and ``--allow-host``
+    names; listening on every interface (``0.0.0.0``, ``::``) adds this machine's names and addresses."""
+    names = {*LOOPBACK_HOSTS, *cfg.allow_hosts}
+    if cfg.host in WILDCARD_HOSTS:
+        names |= _machine_names()
+    else:
+        names.add(cfg.host)
+    return frozenset(host_name(n) for n in names if n)
+
+
+def _machine_names() -> set[str]:
+    import socket
+
+    names = {socket.gethostname(), socket.getfqdn()}
+    with contextlib.suppress(OSError):
+        names |= {str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)}
+    return names
+
+
+class HostGuard:
+    """ASGI middleware refusing requests whose ``Host`` header is not an allowed name (400). A web page on
+    another site cannot then reach the viewer by pointing its own DNS name at 127.0.0.1 (DNS rebinding)."""
+
+    def __init__(self, app: Any, allowed: frozenset[str]) -> None:
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            header = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if host_name(header) not in self.allowed:
+                await self._refuse(header, scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    async def _refuse(self, header: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        from starlette.responses import PlainTextResponse
+
+        names = ", ".join(sorted(self.allowed))
+        shown = host_name(header) or "(none)"
+        log.warning("refused a request for Host %r (allowed: %s)", header, names)
+        msg = (f"400 Bad Request: Host {shown!r} is not allowed. This wsi-pipeline viewer answers only to {names}"
+               f" (protection against DNS rebinding). Open it by one of those names, or start it with "
+               f"`wsi view RUN --allow-host {shown}`.\n")
+        if scope["type"] == "http":
+            await PlainTextResponse(msg, status_code=400)(scope, receive, send)
+        else:
+            await send({"type": "websocket.close", "code": 1008})
+
+
 # ---------------------------------------------------------------- the app
 def create_app(run_root: str | Path, cfg: ViewerConfig | None = None) -> Any:
     """The FastAPI application for one RUN folder."""
@@ -358,6 +432,7 @@ def create_app(run_root: str | Path, cfg: ViewerConfig | None = None) -> Any:
         state.close()
 
     app = FastAPI(title="wsi-pipeline viewer", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(HostGuard, allowed=allowed_hosts(cfg))
     app.state.viewer = state
 
     def need_slide(slide_id: str) -> None:
@@ -426,6 +501,15 @@ def create_app(run_root: str | Path, cfg: ViewerConfig | None = None) -> Any:
         data = state.overlays.get_or_create((slide_id, key, scale, smooth), make)
         return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=300"})
 
+    @app.get("/api/slides/{slide_id}/tme.png")
+    def api_tme_overlay(slide_id: str) -> Response:
+        need_slide(slide_id)
+        tme = state.tme(slide_id)
+        if tme is None:
+            raise HTTPException(404, "no TME read-out for this slide (run `wsi tme`)")
+        data = state.overlays.get_or_create((slide_id, "tme"), lambda: _png(tme.rgba))
+        return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=300"})
+
     @app.get("/api/slides/{slide_id}/tile/{name}")
     def api_tile_image(slide_id: str, name: str, size: int = Query(128, ge=16, le=512)) -> Response:
         vd = need_view(slide_id)
@@ -438,7 +522,7 @@ def create_app(run_root: str | Path, cfg: ViewerConfig | None = None) -> Any:
         def make() -> bytes:
             sc = vd.scores
             img = h.owner.read_region_at_mpp(tuple(int(v) for v in sc.l0_xy[i]), sc.target_mpp, sc.tile_size)
-            from wsi_pipeline.slide import resize_rgb
+            from wsi_pipeline.slide.base import resize_rgb
 
             return _jpeg(resize_rgb(img, (size, size)))
 
@@ -486,12 +570,45 @@ def create_app(run_root: str | Path, cfg: ViewerConfig | None = None) -> Any:
     return app
 
 
-def serve(run_root: str | Path, cfg: ViewerConfig) -> None:
-    """Run the viewer with uvicorn until interrupted."""
+def serve(run_root: str | Path, cfg: ViewerConfig, on_ready: Callable[[str], None] | None = None) -> None:
+    """Run the viewer with uvicorn until interrupted; ``on_ready(url)`` is called once the port is bound."""
     import uvicorn
 
     app = create_app(run_root, cfg)
-    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+    sock = bind_socket(cfg.host, cfg.port)
+    if cfg.host not in LOOPBACK_HOSTS:
         log.warning("the viewer listens on %s: anyone who can reach this address can see the slides", cfg.host)
-    log.info("viewer at http://%s:%d/", cfg.host, cfg.port)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    url = viewer_url(cfg.host, int(sock.getsockname()[1]))
+    log.info("viewer at %s", url)
+    if on_ready is not None:
+        on_ready(url)
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def bind_socket(host: str, port: int) -> Any:
+    """A listening TCP socket on ``host:port``; :class:`ConfigError` naming the fix when that fails."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}) — pass another --port or --host") from e
+    sock.set_inheritable(True)
+    return sock
+
+
+def viewer_url(host: str, port: int) -> str:
+    """The URL to open: this machine's name when listening on every interface, brackets around IPv6."""
+    if host in WILDCARD_HOSTS:
+        import socket
+
+        host = socket.gethostname()
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_pipeline import formats as F
+from wsi_pipeline.formats import api as F
 from wsi_pipeline.runfolder.layout import RunLayout
 
 PHENOTYPES = ("inflamed", "excluded", "desert")

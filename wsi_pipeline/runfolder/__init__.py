@@ -1,5 +1,3 @@
-"""The RUN folder: paths, per-slide status table, batch execution with isolation and sharding."""
-
-from wsi_pipeline.runfolder.layout import RunLayout, safe_name
-
-__all__ = ["RunLayout", "safe_name"]
+"""The RUN folder: paths (``layout.RunLayout``), the per-slide status table (``status``), batch execution with
+isolation and sharding (``batch``), the stage executor (``executor``), resume-key digests (``digest``) and
+the resolved config written next to the outputs (``resolved``)."""

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from wsi_pipeline.formats import file_sha256, params_hash
+from wsi_pipeline.formats.hashing import file_sha256, params_hash
 from wsi_pipeline.runfolder.status import read_status
 
 

@@ -6,7 +6,8 @@ A stage is a small object (see the protocols below); the executor owns what ever
   says whether the output on disk was made under that key (then the slide is *skipped*);
 - **crash isolation**: a slide that raises, or kills its worker process, is a *failed* outcome and the
   others go on (``workers > 0``: one forked process per slide; ``workers == 0``: in this process);
-- **status rows** in ``RUN/slides.csv``, one per (slide, stage, component);
+- **status rows**, one per (slide, stage, component): appended to this process's journal as each slide
+  finishes (O(1)), folded into ``RUN/slides.csv`` when the stage ends (:mod:`~wsi_pipeline.runfolder.status`);
 - **progress** events of one shape (:class:`StageEvent`);
 - one **summary** type (:class:`StageSummary`), whose ``ok`` decides the command's exit code.
 
@@ -26,7 +27,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from wsi_pipeline.formats import read_stage_record, write_stage_record
+from wsi_pipeline.errors import WSIPipelineError
+from wsi_pipeline.formats.cards import read_stage_record, write_stage_record
 from wsi_pipeline.runfolder.batch import map_isolated
 from wsi_pipeline.runfolder.layout import RunLayout
 from wsi_pipeline.runfolder.status import (
@@ -34,8 +36,9 @@ from wsi_pipeline.runfolder.status import (
     STATUS_FAILED,
     STATUS_SKIPPED,
     SlideStatus,
-    read_status,
-    update_status,
+    append_status,
+    compact_status,
+    read_status_keys,
 )
 
 log = logging.getLogger(__name__)
@@ -136,7 +139,8 @@ def _no_progress(_: StageEvent) -> None:
 # ---------------------------------------------------------------- the stage protocols
 @runtime_checkable
 class PerSlideStage(Protocol):
-    """A function of one slide. ``key``, ``done`` and ``process`` run in the slide's worker."""
+    """A function of one slide. ``key``, ``done`` and ``process`` run in a worker process (the resume checks,
+    ``key`` + ``done``, of a large cohort run in chunks of slides per worker, then ``process`` per slide)."""
 
     name: str
     component: str
@@ -184,23 +188,43 @@ class CohortStage(Protocol):
 
 # ---------------------------------------------------------------- status rows
 class _Recorder:
-    """Writes one status row per outcome; a skipped slide gets a row only when it has none yet."""
+    """Records one status row per outcome in this process's journal; a skipped slide gets a row only when it
+    has none yet (the status is read once, at the start). ``close`` folds the journals into slides.csv."""
 
     def __init__(self, layout: RunLayout, stage: str, component: str) -> None:
         self.layout, self.stage, self.component = layout, stage, component
-        self.recorded = {r.slide_id for r in read_status(layout.slides_csv)
-                         if r.stage == stage and r.component == component}
+        self.recorded = {sid for sid, st, comp in read_status_keys(layout.slides_csv)
+                         if st == stage and comp == component}
+        self.wrote = False
 
     def __call__(self, o: SlideOutcome) -> None:
         if o.status == STATUS_SKIPPED and o.slide_id in self.recorded:
             return
-        update_status(self.layout.slides_csv, SlideStatus(
+        append_status(self.layout.slides_csv, SlideStatus(
             slide_id=o.slide_id, stage=self.stage, component=self.component, path=o.path, status=o.status,
             error=o.error, error_type=o.error_type, n_tiles="" if o.n_tiles is None else o.n_tiles,
             slide_mpp="" if o.slide_mpp is None else round(o.slide_mpp, 6), seconds=round(o.seconds, 3)))
         self.recorded.add(o.slide_id)
+        self.wrote = True
         if o.status == STATUS_FAILED:
             log.warning("%s (%s): %s", o.slide_id, self.stage, o.error)
+
+    def close(self) -> None:
+        """Fold the journals into slides.csv unless another process is doing it (the rows are safe in the
+        journals either way, and every reader merges them)."""
+        if not self.wrote:
+            return
+        try:
+            compact_status(self.layout.slides_csv, wait=False)
+        except (OSError, WSIPipelineError) as e:
+            log.warning("%s: not compacted (%s); the journals in %s keep every row, `wsi status %s` retries",
+                        self.layout.slides_csv, e, self.layout.status_dir, self.layout.root)
+
+    def __enter__(self) -> _Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _skipped(prev: SlideOutcome, item: SlideItem) -> SlideOutcome:
@@ -211,6 +235,41 @@ def _skipped(prev: SlideOutcome, item: SlideItem) -> SlideOutcome:
 
 
 # ---------------------------------------------------------------- per-slide
+RESUME_CHECK_MIN = 64  # from this many slides, the resume checks run in chunks before the per-slide workers
+RESUME_CHUNK = 128  # slides per forked resume-check worker
+
+
+def _resume_checks(stage: PerSlideStage, items: Sequence[SlideItem], workers: int,
+                   finish: Callable[[SlideOutcome], None]) -> list[SlideItem]:
+    """Run ``key`` + ``done`` of many slides in forked workers, a chunk of slides each (one fork per chunk
+    instead of one per slide: resuming a cohort costs the checks, not the forks); ``finish`` each slide
+    already done, return the others in their order. A slide whose check raises, or whose chunk's worker
+    dies, is left to its own isolated attempt, which reports the error."""
+    chunks = [list(items[i:i + RESUME_CHUNK]) for i in range(0, len(items), RESUME_CHUNK)]
+    to_do: set[str] = set()
+    for res in map_isolated(lambda chunk: _check_done(stage, chunk), chunks, workers=workers):
+        if not res.ok:
+            to_do.update(it.slide_id for it in res.item)
+            continue
+        for item, out in zip(res.item, res.value, strict=True):
+            if out is None:
+                to_do.add(item.slide_id)
+            else:
+                finish(out)
+    return [it for it in items if it.slide_id in to_do]
+
+
+def _check_done(stage: PerSlideStage, chunk: Sequence[SlideItem]) -> list[SlideOutcome | None]:
+    out: list[SlideOutcome | None] = []
+    for item in chunk:
+        try:
+            prev = stage.done(item, stage.key(item))
+        except Exception:  # noqa: BLE001 - the slide's own isolated attempt raises it again and reports it
+            prev = None
+        out.append(None if prev is None else _skipped(prev, item))
+    return out
+
+
 def _attempt(stage: PerSlideStage, item: SlideItem, force: bool) -> SlideOutcome:
     t0 = time.perf_counter()
     key = stage.key(item)
@@ -232,15 +291,18 @@ def run_per_slide(stage: PerSlideStage, items: Sequence[SlideItem], layout: RunL
     process, with exceptions caught per slide."""
     emit = progress or _no_progress
     t0 = time.perf_counter()
-    record = _Recorder(layout, stage.name, stage.component)
     summary = StageSummary(stage.name, stage.component)
     emit(StageEvent(stage.name, "start", total=len(items)))
     if workers > 0 and len(items) > 1 and before_fork is not None:
         before_fork()
     n_workers = workers if len(items) > 1 else 0 if workers <= 0 else workers
-    for res in map_isolated(lambda it: _attempt(stage, it, force), items, workers=n_workers):
-        out = res.value if res.ok else failure(res.item, res.error, res.seconds, res.error_type)
-        _finish(out, record, summary, emit, stage.name)
+    with _Recorder(layout, stage.name, stage.component) as record:
+        todo = items
+        if workers > 0 and not force and len(items) >= RESUME_CHECK_MIN:
+            todo = _resume_checks(stage, items, workers, lambda o: _finish(o, record, summary, emit, stage.name))
+        for res in map_isolated(lambda it: _attempt(stage, it, force), todo, workers=n_workers):
+            out = res.value if res.ok else failure(res.item, res.error, res.seconds, res.error_type)
+            _finish(out, record, summary, emit, stage.name)
     summary.seconds = time.perf_counter() - t0
     emit(StageEvent(stage.name, "end"))
     return summary
@@ -260,7 +322,6 @@ def run_streaming(stage: StreamingStage, items: Sequence[SlideItem], layout: Run
     and is raised again."""
     emit = progress or _no_progress
     t0 = time.perf_counter()
-    record = _Recorder(layout, stage.name, stage.component)
     summary = StageSummary(stage.name, stage.component)
     todo: list[tuple[SlideItem, str]] = []
     planned: list[SlideOutcome] = []
@@ -275,8 +336,17 @@ def run_streaming(stage: StreamingStage, items: Sequence[SlideItem], layout: Run
         else:
             todo.append((item, planned_or_key))
     emit(StageEvent(stage.name, "start", total=len(items), units_total=stage.units(todo)))
-    for out in planned:
-        _finish(out, record, summary, emit, stage.name)
+    with _Recorder(layout, stage.name, stage.component) as record:
+        for out in planned:
+            _finish(out, record, summary, emit, stage.name)
+        _stream(stage, todo, record, summary, emit)
+    summary.seconds = time.perf_counter() - t0
+    emit(StageEvent(stage.name, "end"))
+    return summary
+
+
+def _stream(stage: StreamingStage, todo: Sequence[tuple[SlideItem, str]], record: _Recorder,
+            summary: StageSummary, emit: Progress) -> None:
     pending = {item.slide_id: item for item, _ in todo}
     try:
         for out in stage.stream(todo, lambda n: emit(StageEvent(stage.name, "units", units=n))):
@@ -287,9 +357,6 @@ def run_streaming(stage: StreamingStage, items: Sequence[SlideItem], layout: Run
             _finish(failure(item, f"the {stage.name} stage stopped before this slide: {type(e).__name__}: {e}",
                             error_type=type(e).__name__), record, summary, emit, stage.name)
         raise
-    summary.seconds = time.perf_counter() - t0
-    emit(StageEvent(stage.name, "end"))
-    return summary
 
 
 def _plan(stage: StreamingStage, item: SlideItem, force: bool) -> SlideOutcome | str:
@@ -316,9 +383,9 @@ def run_cohort(stage: CohortStage, layout: RunLayout, *, force: bool = False,
         summary.note = "up to date"
         summary.figures["skipped"] = 1
     else:
-        recorder = _Recorder(layout, stage.name, stage.component)
-        for out in stage.process(key):
-            _finish(out, recorder, summary, emit, stage.name)
+        with _Recorder(layout, stage.name, stage.component) as recorder:
+            for out in stage.process(key):
+                _finish(out, recorder, summary, emit, stage.name)
         write_stage_record(path, {"stage": stage.name, "component": stage.component, "key": key,
                                   "slides": len(summary.outcomes), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         summary.figures["done"] = 1

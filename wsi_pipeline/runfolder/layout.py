@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from wsi_pipeline import formats as F
+from wsi_pipeline.formats import api as F
+from wsi_pipeline.formats.journal import journal_dir
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
@@ -57,8 +58,10 @@ class RunLayout:
         return self.root / "stages" / f"{name}.json"
 
     @property
-    def lock_file(self) -> Path:
-        return self.root / ".lock"
+    def status_dir(self) -> Path:
+        """The status journals, one per writing process (``status/slides.<writer>.jsonl``), folded into
+        ``slides.csv`` by :func:`wsi_pipeline.runfolder.status.compact_status`."""
+        return journal_dir(self.slides_csv)
 
     # ---- folders
     @property
@@ -208,6 +211,10 @@ class RunLayout:
 
     def qupath_geojson(self, slide_id: str) -> Path:
         return self.heatmap_dir(slide_id) / f"{slide_id}_tiles.geojson"
+
+    def qupath_record_json(self, slide_id: str) -> Path:
+        """The ``wsi export-qupath`` record of a slide: the resume key its GeoJSON was written under."""
+        return self.heatmap_dir(slide_id) / "qupath.json"
 
     # ---- responder subgroups (wsi subgroups) and held-out evaluation (wsi evaluate)
     def subgroups_dir(self, model: str) -> Path:

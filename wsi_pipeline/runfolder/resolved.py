@@ -9,7 +9,7 @@ from typing import Any
 
 from wsi_pipeline._version import __version__
 from wsi_pipeline.config import plain
-from wsi_pipeline.formats import write_text_atomic
+from wsi_pipeline.formats.atomic import write_text_atomic
 from wsi_pipeline.runfolder.layout import RunLayout
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from wsi_pipeline.errors import ConfigError
@@ -94,6 +96,30 @@ class SSLConfig:
         if c.teacher_temp_warmup_steps < 0:
             c.teacher_temp_warmup_steps = max(1, (c.steps * 3) // 10)
         return c
+
+
+CONFIG_YAML = "config.yaml"  # the resolved SSLConfig, written next to the encoder it trains
+
+
+def ssl_config_from_dict(data: Mapping[str, Any], source: str | Path = "the configuration") -> SSLConfig:
+    """An :class:`SSLConfig` from a mapping of its fields, ``augment`` a section of
+    :class:`~wsi_pipeline.ssl.augment.AugmentConfig` fields: the YAML of ``wsi ssl-train --config`` and the
+    ``config.yaml`` it writes next to the encoder. Unknown keys, and no ``data`` or ``out``, are a
+    :class:`ConfigError` naming ``source``."""
+    from wsi_pipeline.config import from_dict
+
+    fields = dict(data)
+    augment = fields.pop("augment", None) or {}
+    try:
+        if not isinstance(augment, Mapping):
+            raise ConfigError(f"`augment` must be a section of AugmentConfig fields, got {augment!r}")
+        missing = [k for k in ("data", "out") if not fields.get(k)]
+        if missing:
+            raise ConfigError(f"no {' or '.join(missing)}: give --{' and --'.join(missing)} or set them in --config")
+        aug = {k: tuple(v) if k in ("mean", "std") else v for k, v in augment.items()}
+        return from_dict(SSLConfig, {**fields, "augment": from_dict(AugmentConfig, aug)})
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from e
 
 
 @dataclass

@@ -73,7 +73,7 @@ class RunTiles(TileSource):
     """Tiles listed in ``RUN/tiles/*.h5`` read from their slides at the tiles' target MPP and size."""
 
     def __init__(self, run_root: str | Path, max_tiles_per_slide: int | None = None, seed: int = 0) -> None:
-        from wsi_pipeline import formats as F
+        from wsi_pipeline.formats import api as F
         from wsi_pipeline.runfolder.layout import RunLayout
 
         layout = RunLayout(run_root)
@@ -116,7 +116,7 @@ class RunTiles(TileSource):
         return len(self.entries)
 
     def _slide(self, k: int):
-        from wsi_pipeline.slide import open_slide
+        from wsi_pipeline.slide.open import open_slide
 
         s = self._open.get(k)
         if s is None:

@@ -171,9 +171,9 @@ def random_init_like(name: str, encoder: Encoder, seed: int = 0) -> Encoder:
     """The same architecture as ``encoder`` at (seeded) random initialisation."""
     import torch
 
-    from wsi_pipeline.encoders import TIMM_PREFIX, get_entry
     from wsi_pipeline.encoders.base import Encoder
     from wsi_pipeline.encoders.project import build_backbone
+    from wsi_pipeline.encoders.registry import TIMM_PREFIX, get_entry
 
     torch.manual_seed(seed)
     meta = replace(encoder.meta, weights_source="random-init", name=f"{encoder.meta.name} (random init)")
@@ -216,10 +216,10 @@ def evaluation_split(tiles: LabelledTiles, cfg: EvalConfig) -> tuple[LabelledTil
     return tiles, is_test, record
 
 
-def evaluate_encoder(cfg: EvalConfig) -> dict[str, Any]:
+def run_eval_encoder(cfg: EvalConfig) -> dict[str, Any]:
     """Run the protocol of this module; returns the report (also written to ``cfg.json_path`` if set)."""
-    from wsi_pipeline.encoders import create_encoder
-    from wsi_pipeline.formats import write_text_atomic
+    from wsi_pipeline.encoders.registry import create_encoder
+    from wsi_pipeline.formats.atomic import write_text_atomic
 
     t0 = time.time()
     if cfg.k < 1:
@@ -338,6 +338,6 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def write_report(path: str | Path, report: dict[str, Any]) -> None:
-    from wsi_pipeline.formats import write_text_atomic
+    from wsi_pipeline.formats.atomic import write_text_atomic
 
     write_text_atomic(path, json.dumps(report, indent=2) + "\n")

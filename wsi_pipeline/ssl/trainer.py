@@ -29,7 +29,7 @@ from torch import nn
 
 from wsi_pipeline.errors import ConfigError, FormatError, WeightsError
 from wsi_pipeline.ssl.augment import AugmentConfig, multi_crop
-from wsi_pipeline.ssl.config import SSLConfig
+from wsi_pipeline.ssl.config import CONFIG_YAML, SSLConfig
 from wsi_pipeline.ssl.data import TileSource, open_tile_source
 from wsi_pipeline.ssl.dino import (
     DINOHead,
@@ -201,7 +201,7 @@ def init_backbone_weights(backbone: nn.Module, init_from: str, arch: str) -> str
     ``hf-hub:`` id) into ``backbone``; returns the checksum of the weights."""
     from wsi_pipeline.encoders.project import load_project_encoder, resolve_project_encoder
     from wsi_pipeline.encoders.weights import load_weights
-    from wsi_pipeline.formats import file_sha256
+    from wsi_pipeline.formats.hashing import file_sha256
 
     folder = resolve_project_encoder(init_from)
     if folder is None:
@@ -253,7 +253,7 @@ _RESUME_FREE = {"out", "checkpoint_dir", "resume", "stop_at_step", "checkpoint_e
 
 def save_checkpoint(path: Path, step: int, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
                     loss_fn: DINOLoss, cfg: SSLConfig) -> None:
-    from wsi_pipeline.formats import atomic_path
+    from wsi_pipeline.formats.atomic import atomic_path
 
     state = {
         "step": step,  # next step to run
@@ -351,7 +351,21 @@ def export_teacher(cfg: SSLConfig, teacher: MultiCropWrapper, step: int, source:
     }
     if stain:
         meta["stain_norm"] = stain
-    return save_project_encoder(cfg.out, teacher.backbone, meta)
+    out = save_project_encoder(cfg.out, teacher.backbone, meta)
+    write_resolved_config(cfg)
+    return out
+
+
+def write_resolved_config(cfg: SSLConfig) -> Path:
+    """``OUT/config.yaml``: the resolved config next to the encoder, in the shape ``--config`` reads back."""
+    import yaml
+
+    from wsi_pipeline.config import to_dict
+    from wsi_pipeline.formats.atomic import write_text_atomic
+
+    path = Path(cfg.out) / CONFIG_YAML
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
 
 
 # ---------------------------------------------------------------- training
@@ -374,7 +388,7 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def ssl_train(cfg: SSLConfig) -> SSLResult:
+def run_ssl_train(cfg: SSLConfig) -> SSLResult:
     """Train a DINO encoder as configured; checkpoints and exports the teacher backbone to ``cfg.out``."""
     cfg = cfg.resolved()
     info = init_distributed(cfg.device)

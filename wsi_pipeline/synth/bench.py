@@ -102,7 +102,7 @@ def make_bench_slide(
 ) -> Path:
     """Build the benchmark slide at ``path`` (default :func:`default_bench_path`), or reuse it when a
     previous build with the same parameters is there. Written atomically, tile by tile."""
-    from wsi_pipeline.formats import atomic_path, write_text_atomic
+    from wsi_pipeline.formats.atomic import atomic_path, write_text_atomic
     from wsi_pipeline.synth.pyramid import write_pyramid_tiff
 
     p = params or BenchSlideParams()

@@ -24,10 +24,17 @@ Generative model (all draws from one ``numpy`` generator seeded by ``seed``; pat
    T = 1 in the treatment arm. The image predicts response much more under treatment than in control
    (a treatment × biomarker interaction: a *predictive* biomarker, partly prognostic), and the Bernoulli
    draw keeps the best achievable AUROC below 1 (``response_prob`` holds σ(η) for reference).
-5. **Overall survival**: event time T_ev ~ Exponential(rate λ) with
-   ``λ = baseline_hazard · exp(response_log_hr·response + stage_log_hr·(stage − 2.5))`` per month,
-   censoring C = min(``max_follow_up``, Exponential(``censor_rate``)); ``os_months`` = min(T_ev, C),
-   ``os_event`` = [T_ev ≤ C].
+5. **Overall survival** (patient level, from what the baseline slides show): event time
+   T_ev ~ Exponential(rate λ) per month with ``λ = baseline_hazard · exp(h)`` and the true log relative
+   hazard ``h = os_inflamed_log_hr · [inflamed] + os_desert_log_hr · [desert] + os_til_log_hr · (til −
+   til_ref) / til_scale + os_tumour_log_hr · (tumour − tumour_ref) / tumour_scale + response_log_hr ·
+   response + stage_log_hr · (stage − 2.5)`` (``til``, ``tumour``: the TIL and tumour fractions of the class
+   map, baseline slides averaged). By default the last two coefficients are 0, so the hazard is a function of
+   the image alone (inflamed and TIL-rich tumours live longer, deserts and tumour-rich slides shorter) and
+   the noise is the exponential draw and the censoring: C = min(``max_follow_up``,
+   Exponential(``censor_rate``)); ``os_months`` = min(T_ev, C), ``os_event`` = [T_ev ≤ C]. The generator
+   records ``h`` as ``os_true_log_hazard``, so the best C-index any model can reach on a cohort (the
+   *oracle*: Harrell's C of ``h`` on the observed times) can be computed.
 6. **Timepoints** (``timepoint_fraction`` > 0): that share of patients also has an ``on_treatment``
    slide whose TME
    shifts given the arm and the response: treated responders move up one phenotype step
@@ -74,8 +81,14 @@ class OutcomeModel:
     stage_effect: float = -0.3
     age_effect: float = -0.1
     baseline_hazard: float = 1.0 / 20.0  # per month
-    response_log_hr: float = math.log(0.35)
-    stage_log_hr: float = 0.3
+    os_inflamed_log_hr: float = -1.2
+    os_desert_log_hr: float = 1.0
+    os_til_log_hr: float = -0.2  # per til_scale of TIL fraction above til_ref
+    os_tumour_log_hr: float = 0.4  # per tumour_scale of tumour fraction above tumour_ref
+    tumour_ref: float = 0.3
+    tumour_scale: float = 0.05
+    response_log_hr: float = 0.0  # not visible in the image: 0 keeps survival learnable from the slide
+    stage_log_hr: float = 0.0
     max_follow_up: float = 60.0
     censor_rate: float = 1.0 / 120.0
 
@@ -87,6 +100,21 @@ class OutcomeModel:
         slope = self.image_effect_control + (self.image_effect_treatment - self.image_effect_control) * treated
         return (self.intercept + self.arm_effect * treated + slope * self.image_score(til, phenotype)
                 + self.stage_effect * (stage - 2.5) + self.age_effect * (age - 63.0) / 10.0)
+
+    def os_log_hazard(self, til: float, tumour: float, phenotype: str, response: int = 0, stage: int = 2) -> float:
+        """True log relative hazard ``h`` of overall survival (step 5 of the module docstring)."""
+        return (self.os_inflamed_log_hr * (phenotype == "inflamed") + self.os_desert_log_hr * (phenotype == "desert")
+                + self.os_til_log_hr * (til - self.til_ref) / self.til_scale
+                + self.os_tumour_log_hr * (tumour - self.tumour_ref) / self.tumour_scale
+                + self.response_log_hr * response + self.stage_log_hr * (stage - 2.5))
+
+    def draw_survival(self, rng: np.random.Generator, log_hazard: float) -> dict[str, Any]:
+        """``os_months``, ``os_event`` and ``os_true_log_hazard`` for one patient (two draws from ``rng``)."""
+        rate = self.baseline_hazard * math.exp(log_hazard)
+        t_event = rng.exponential(1.0 / rate)
+        t_cens = min(self.max_follow_up, rng.exponential(1.0 / self.censor_rate))
+        return {"os_months": round(float(min(t_event, t_cens)), 2), "os_event": int(t_event <= t_cens),
+                "os_true_log_hazard": round(float(log_hazard), 4)}
 
 
 @dataclass(frozen=True)
@@ -160,15 +188,14 @@ def plan_cohort(params: CohortParams) -> list[PlannedSlide]:
         base = [_slide(params, f"{pid}_{k + 1}", stable_seed(params.seed, pid, k), phenotype, params.layout)
                 for k in range(n_base)]
         til = float(np.mean([s.truth()["til_fraction"] for s in base]))
+        tumour = float(np.mean([s.truth()["tumour_fraction"] for s in base]))
         eta = om.response_logit(til, phenotype, treated, age, stage)
         p_resp = 1.0 / (1.0 + math.exp(-eta))
         response = int(rng.random() < p_resp)
-        rate = om.baseline_hazard * math.exp(om.response_log_hr * response + om.stage_log_hr * (stage - 2.5))
-        t_event = rng.exponential(1.0 / rate)
-        t_cens = min(om.max_follow_up, rng.exponential(1.0 / om.censor_rate))
+        survival = om.draw_survival(rng, om.os_log_hazard(til, tumour, phenotype, response, stage))
         patient = {
             "patient_id": pid, "response": response, "response_prob": round(p_resp, 4),
-            "os_months": round(float(min(t_event, t_cens)), 2), "os_event": int(t_event <= t_cens),
+            "os_months": survival["os_months"], "os_event": survival["os_event"],
             "arm": "treatment" if treated else "control", "age": age, "stage": stage,
         }
         slides = [(s, "baseline") for s in base]
@@ -180,7 +207,8 @@ def plan_cohort(params: CohortParams) -> list[PlannedSlide]:
             row = {"slide_id": spec.slide_id, **patient, "immune_phenotype": spec.phenotype,
                    "til_fraction": round(t["til_fraction"], 4), "timepoint": tp,
                    "tumour_fraction": round(t["tumour_fraction"], 4),
-                   "stroma_fraction": round(t["stroma_fraction"], 4)}
+                   "stroma_fraction": round(t["stroma_fraction"], 4),
+                   "os_true_log_hazard": survival["os_true_log_hazard"]}
             out.append(PlannedSlide(spec, row))
     return out
 
@@ -248,7 +276,7 @@ def write_cohort(out_dir: str | Path, params: CohortParams, write: WriteOptions 
     import logging
 
     from wsi_pipeline.errors import WSIPipelineError
-    from wsi_pipeline.formats import write_text_atomic
+    from wsi_pipeline.formats.atomic import write_text_atomic
     from wsi_pipeline.runfolder.batch import map_isolated
 
     log = logging.getLogger(__name__)

@@ -10,13 +10,28 @@ immune phenotype is the *position* of ``04_LYMPHO`` tiles relative to ``01_TUMOR
 inflamed; in the stroma band around them: excluded; few: desert), while inflamed and excluded slides
 share one lymphocyte-count distribution. Each tile is drawn from the pool of its class (without
 replacement within a slide while the pool lasts) and randomly rotated by a multiple of 90° and
-flipped. Mosaics are written at run time into a folder you choose; never copy them into the repository.
+flipped. Mosaics are written at run time into a folder you choose; never copy them into the repository
+(the small demo samples of ``data_samples/``, built by ``scripts/make_data_samples.py`` from held-out
+source images only and attributed there, are the one exception).
+
+Labels: ``response`` is logistic in the TIL fraction and the phenotype (the model of
+:mod:`wsi_pipeline.synth.cohort`, coefficients in :attr:`MosaicParams.outcome`), and overall survival is
+drawn from what the mosaic shows: the true log relative hazard is ``h = os_inflamed_log_hr · [inflamed] +
+os_desert_log_hr · [desert] + os_tumour_log_hr · (tumour − tumour_ref) / tumour_scale`` (TIL term 0 by
+default: phenotype and tumour fraction), ``os_months`` ~ Exponential(``baseline_hazard · exp(h)``) censored
+as in the cohort model, and ``h`` is recorded as ``os_true_log_hazard`` (:meth:`OutcomeModel.os_log_hazard`).
+
+Two builders: :func:`build_kather_mosaic_cohort` (one treated slide per patient, phenotypes in equal
+shares: evaluation cohorts) and :func:`write_kather_cohort` (the full cohort model of
+:func:`wsi_pipeline.synth.cohort.plan_cohort` — arms, second slides, on-treatment slides — with each
+class map filled by kather16 tiles instead of procedural drawing: the demo samples and the demo model's
+training cohort).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,8 +135,10 @@ class MosaicParams:
     layout: LayoutParams = KATHER_LAYOUT
     # mosaics carry more lymphocytes than small synthetic slides: centre the TIL term higher and weigh the
     # lymphocytes' position (inflamed) more, so response depends on where they sit as well as how many
+    # survival from phenotype and tumour fraction only (the tumour fraction is centred on the mosaics' mean)
     outcome: OutcomeModel = field(default_factory=lambda: OutcomeModel(intercept=-0.5, til_ref=0.10,
-                                                                       inflamed_weight=1.5))
+                                                                       inflamed_weight=1.5, os_til_log_hr=0.0,
+                                                                       tumour_ref=0.32))
     test_fraction: float = 0.3
     split_seed: int = 0  # seed of the train/test split (keep it fixed across cohorts)
     downsamples: tuple[int, ...] = (1, 4, 16)
@@ -197,13 +214,14 @@ def build_kather_mosaic_cohort(
     classifier can be trained on exactly the other pool). Returns the labels DataFrame.
 
     Labels follow the cohort model of :mod:`wsi_pipeline.synth.cohort` (single treated arm, one slide
-    per patient): ``response`` is logistic in the TIL fraction and the phenotype with Bernoulli noise.
+    per patient): ``response`` is logistic in the TIL fraction and the phenotype with Bernoulli noise;
+    survival from the phenotype and the tumour fraction (module docstring), with ``os_true_log_hazard``.
     """
     import math
 
     import pandas as pd
 
-    from wsi_pipeline.formats import atomic_path, write_text_atomic
+    from wsi_pipeline.formats.atomic import atomic_path, write_text_atomic
     from wsi_pipeline.synth.layout import make_class_map
     from wsi_pipeline.synth.pyramid import array_painter, write_pyramid_tiff
     from wsi_pipeline.synth.tissue import stable_seed
@@ -247,20 +265,151 @@ def build_kather_mosaic_cohort(
         eta = om.response_logit(truth["til_fraction"], phenotype, True, age, stage)
         p_resp = 1.0 / (1.0 + math.exp(-eta))
         response = int(rng.random() < p_resp)
-        rate = om.baseline_hazard * math.exp(om.response_log_hr * response + om.stage_log_hr * (stage - 2.5))
-        t_event = rng.exponential(1.0 / rate)
-        t_cens = min(om.max_follow_up, rng.exponential(1.0 / om.censor_rate))
+        survival = om.draw_survival(rng, om.os_log_hazard(truth["til_fraction"], truth["tumour_fraction"],
+                                                          phenotype, response, stage))
         row = {
             "slide_id": slide_id, "patient_id": slide_id, "response": response,
             "immune_phenotype": phenotype, "til_fraction": round(truth["til_fraction"], 4),
-            "os_months": round(float(min(t_event, t_cens)), 2), "os_event": int(t_event <= t_cens),
+            "os_months": survival["os_months"], "os_event": survival["os_event"],
             "arm": "treatment", "timepoint": "baseline", "age": age, "stage": stage, "split": split,
             "response_prob": round(p_resp, 4), "tumour_fraction": round(truth["tumour_fraction"], 4),
             "stroma_fraction": round(truth["stroma_fraction"], 4),
+            "os_true_log_hazard": survival["os_true_log_hazard"],
         }
         row.update({f"frac_{c}": round(truth[f"frac_{c}"], 4) for c in KATHER_CLASSES if c != "08_EMPTY"})
         rows.append(row)
         log.info("wrote %s (%s, TIL %.3f)", path, phenotype, truth["til_fraction"])
     df = pd.DataFrame(rows)
+    write_text_atomic(out / "labels.csv", df.to_csv(index=False))
+    return df
+
+
+KATHER_CELL_UM = KATHER_TILE_PX * KATHER_MPP  # one mosaic cell = one kather16 tile (74.25 µm)
+
+# The demo cohort design (data_samples/ and the demo MIL's training cohort): 16 × 20 cells; lymphocyte-rich
+# slides with larger nests, so an inflamed nest holds about a fifth lymphocyte tiles (10–90th percentile of
+# the tumour region's lymphocyte density 0.18–0.28, against the `wsi tme` rule's 0.10) and the phenotype
+# survives the tissue classifier's lymphocyte recall on held-out sources (0.83); the response model is
+# centred on the design's TIL level (non-desert slides: TIL fraction about 0.14).
+DEMO_GRID = (16, 20)
+DEMO_LAYOUT = replace(KATHER_LAYOUT, til_target=(0.12, 0.22), inflamed_intratumoural=(0.9, 1.0),
+                      max_interior_lymph=0.8, nest_radius_cells=(3.5, 5.5))
+
+
+def kather_cohort_params(n_patients: int, seed: int, grid: tuple[int, int] = DEMO_GRID, **kw: Any) -> Any:
+    """:class:`~wsi_pipeline.synth.cohort.CohortParams` whose class maps are ``grid`` (rows, cols) mosaic
+    cells of one kather16 tile each, with the mosaic layout and outcome model of :class:`MosaicParams`;
+    ``kw`` sets the other fields (``two_arms``, ``timepoint_fraction``, ``multi_slide_fraction`` ...).
+    :func:`demo_cohort_params` is the demo design."""
+    from wsi_pipeline.synth.cohort import CohortParams
+
+    mp = MosaicParams()
+    base: dict[str, Any] = {"layout": mp.layout, "outcome": mp.outcome, "phenotype_probs": mp.phenotype_probs}
+    base.update(kw)
+    return CohortParams(n_patients=n_patients, seed=seed, size_l0=(grid[1] * KATHER_TILE_PX, grid[0] * KATHER_TILE_PX),
+                        mpp=KATHER_MPP, cell_um=KATHER_CELL_UM, **base)
+
+
+def demo_cohort_params(n_patients: int, seed: int, **kw: Any) -> Any:
+    """The demo design: :data:`DEMO_GRID` mosaics with :data:`DEMO_LAYOUT`, the mosaic outcome model centred
+    on its TIL level, two arms randomised in permuted blocks; ``kw`` sets the other
+    :class:`~wsi_pipeline.synth.cohort.CohortParams` fields. Write them with
+    ``KatherWriteOptions(crop_to_tissue=True)``."""
+    base: dict[str, Any] = {"two_arms": True, "arm_assignment": "blocks", "layout": DEMO_LAYOUT,
+                            "outcome": replace(MosaicParams().outcome, til_ref=0.14)}
+    base.update(kw)
+    return kather_cohort_params(n_patients, seed, DEMO_GRID, **base)
+
+
+@dataclass(frozen=True)
+class KatherWriteOptions:
+    """How :func:`write_kather_cohort` writes its slides."""
+
+    split: str = "train"  # which side of the source split the tiles come from
+    test_fraction: float = 0.3
+    split_seed: int = 0
+    downsamples: tuple[int, ...] = (1, 4, 16)
+    quality: int = 90
+    thumbnail_max: int = 768
+    tile_split_csv: bool = True  # also write <out>/tile_split.csv (the tile → side table)
+    # drop the glass rows and columns above and left of the tissue, so the tissue starts at the slide's top-left
+    # edge: the first 224-px tile then lies at (0, 0), and a grid anchored there (``wsi tme``'s 74-µm cells)
+    # falls on the mosaic's 150-px tiles instead of straddling four tiles of different source images
+    crop_to_tissue: bool = False
+
+
+def crop_to_tissue(spec: Any) -> Any:
+    """``spec`` (a :class:`~wsi_pipeline.synth.slides.SlideSpec` of a mosaic) without the glass rows and
+    columns before its first tissue row and column; tissue fractions and geometry are unchanged."""
+    from wsi_pipeline.synth.layout import TissueClass
+
+    tissue = spec.class_map != TissueClass.GLASS
+    if not tissue.any():
+        return spec
+    r0, c0 = int(np.argmax(tissue.any(axis=1))), int(np.argmax(tissue.any(axis=0)))
+    cm = spec.class_map[r0:, c0:]
+    return replace(spec, class_map=cm, size_l0=(cm.shape[1] * KATHER_TILE_PX, cm.shape[0] * KATHER_TILE_PX))
+
+
+def _save_mosaic_truth(path: Path, planned: Any, used: np.ndarray) -> None:
+    """The truth of :func:`wsi_pipeline.synth.slides.save_truth` (same keys; one cell = one kather tile) plus
+    ``tiles`` (the kather16 file at each cell) and ``kather_classes`` (kather folder per class code)."""
+    from wsi_pipeline.formats.atomic import atomic_path
+    from wsi_pipeline.synth.layout import CLASS_NAMES
+
+    spec = planned.spec
+    arrays: dict[str, Any] = {
+        "class_map": spec.class_map, "class_names": np.array(CLASS_NAMES), "cell_um": np.float64(spec.cell_um),
+        "mpp": np.float64(spec.mpp), "cell_px": np.float64(KATHER_TILE_PX), "seed": np.int64(spec.seed),
+    }
+    arrays.update({k: np.asarray(v) for k, v in spec.truth().items()})
+    arrays.update(tiles=used.astype(str), kather_classes=np.array(CLASS_FOLDERS))
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        tmp.chmod(0o644)
+
+
+def write_kather_cohort(kather_dir: str | Path, out_dir: str | Path, params: Any,
+                        options: KatherWriteOptions | None = None) -> Any:
+    """Draw a cohort with :func:`wsi_pipeline.synth.cohort.plan_cohort` (``params`` from
+    :func:`kather_cohort_params`) and fill every class map with kather16 tiles of the ``options.split``
+    side of the source split. Writes ``<out>/<slide_id>.svs`` (Aperio-style pyramid, MPP 0.495),
+    ``<out>/truth/<slide_id>.npz``, ``<out>/labels.csv`` (the cohort's label table) and, unless switched off,
+    ``<out>/tile_split.csv``. Deterministic in (``params``, ``options``, the kather16 folder); slides
+    already written are rewritten. Returns the labels DataFrame."""
+    from wsi_pipeline.formats.atomic import atomic_path, write_text_atomic
+    from wsi_pipeline.synth.cohort import labels_frame, plan_cohort
+    from wsi_pipeline.synth.pyramid import array_painter, write_pyramid_tiff
+    from wsi_pipeline.synth.tissue import stable_seed
+
+    o = options or KatherWriteOptions()
+    if o.split not in ("train", "test"):
+        raise LabelsError(f"split must be 'train' or 'test', not {o.split!r}")
+    if abs(params.mpp - KATHER_MPP) > 1e-9 or abs(params.cell_um - KATHER_CELL_UM) > 1e-9:
+        raise LabelsError(f"cohort parameters at {params.mpp} µm/px with {params.cell_um}-µm cells: build them "
+                          "with kather_cohort_params() (one kather16 tile per cell at 0.495 µm/px)")
+    out = Path(out_dir)
+    (out / "truth").mkdir(parents=True, exist_ok=True)
+    tiles = split_kather_by_source(kather_dir, o.test_fraction, o.split_seed)
+    if o.tile_split_csv:
+        write_text_atomic(out / "tile_split.csv", tiles.drop(columns=["path"]).to_csv(index=False))
+    side = tiles[tiles.split == o.split]
+    pools = {c: side.path[side.class_name == c].tolist() for c in KATHER_CLASSES}
+    planned = plan_cohort(params)
+    if o.crop_to_tissue:
+        planned = [replace(p, spec=crop_to_tissue(p.spec)) for p in planned]
+    for p in planned:
+        spec = p.spec
+        rng = np.random.default_rng(stable_seed("kather-slide", spec.seed, o.split))
+        img, used = compose_mosaic(spec.class_map, pools, rng)
+        path = out / f"{spec.slide_id}.svs"
+        with atomic_path(path) as tmp:
+            write_pyramid_tiff(tmp, array_painter(img), (img.shape[1], img.shape[0]), KATHER_MPP, o.downsamples,
+                               quality=o.quality, flavor="aperio", thumbnail_max=o.thumbnail_max)
+            tmp.chmod(0o644)
+        _save_mosaic_truth(out / "truth" / f"{spec.slide_id}.npz", p, used)
+        log.info("wrote %s (%s, TIL %.3f)", path, spec.phenotype, p.labels["til_fraction"])
+    df = labels_frame(planned)
     write_text_atomic(out / "labels.csv", df.to_csv(index=False))
     return df

@@ -88,7 +88,7 @@ def write_slide(
     thumbnail_max: int = 768,
 ) -> Path:
     """Render and write ``spec`` as an Aperio-style JPEG pyramid (MPP in the metadata); atomic."""
-    from wsi_pipeline.formats import atomic_path
+    from wsi_pipeline.formats.atomic import atomic_path
     from wsi_pipeline.synth.pyramid import write_pyramid_tiff
 
     path = Path(path)
@@ -102,7 +102,7 @@ def write_slide(
 def save_truth(spec: SlideSpec, path: str | Path) -> Path:
     """Save the class map and truth next to a slide (``.npz``: ``class_map``, ``class_names``,
     ``cell_um``, ``mpp``, ``cell_px`` (level-0 px per cell), ``til_fraction``, ...)."""
-    from wsi_pipeline.formats import atomic_path
+    from wsi_pipeline.formats.atomic import atomic_path
 
     path = Path(path)
     truth = spec.truth()

@@ -4,6 +4,7 @@ slide, run over many slides by the stage executor (crash isolation, resume, stat
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from wsi_pipeline import formats as F
 from wsi_pipeline.config import TilingConfig
+from wsi_pipeline.formats import api as F
 from wsi_pipeline.runfolder.batch import Shard
 from wsi_pipeline.runfolder.executor import Progress, SlideItem, SlideOutcome, StageSummary, run_per_slide
 from wsi_pipeline.runfolder.layout import RunLayout
@@ -119,7 +120,7 @@ class TileStage:
     component: str = ""
 
     def _open(self, path: str | Path) -> Slide:
-        from wsi_pipeline.slide import open_slide
+        from wsi_pipeline.slide.open import open_slide
 
         cfg = self.cfg
         return open_slide(path, mpp=cfg.force_slide_mpp, mpp_fallback=cfg.slide_mpp,
@@ -155,7 +156,7 @@ def tile_slide(path: str | Path, layout: RunLayout, cfg: TilingConfig, slide_id:
                force: bool = False) -> SlideOutcome:
     """Tile one slide into ``layout`` in this process (skipped when its outputs exist with the same
     parameters); errors are raised, not recorded."""
-    from wsi_pipeline.slide import slide_id_from_path
+    from wsi_pipeline.slide.base import slide_id_from_path
 
     stage = TileStage(layout, cfg.validate())
     item = SlideItem(slide_id or slide_id_from_path(path), str(Path(path).resolve()))
@@ -203,7 +204,7 @@ def _save_png(path: Path, image: Any) -> None:
 # ---------------------------------------------------------------- batch
 def unique_slide_ids(paths: Sequence[Path]) -> list[str]:
     """Slide id = file name without extension; collisions get a suffix (-2, -3, ...) in input order."""
-    from wsi_pipeline.slide import slide_id_from_path
+    from wsi_pipeline.slide.base import slide_id_from_path
 
     seen: dict[str, int] = {}
     ids = []
@@ -226,9 +227,23 @@ def preload_tiling_modules() -> None:
 
 
 def slide_items(paths: Sequence[str | Path]) -> list[SlideItem]:
-    """One item per slide file, with unique slide ids (see :func:`unique_slide_ids`)."""
+    """One item per slide file, with unique slide ids (see :func:`unique_slide_ids`) and resolved paths (each
+    folder resolved once: a cohort's slides share a few folders)."""
     paths = [Path(p) for p in paths]
-    return [SlideItem(sid, str(p.resolve())) for sid, p in zip(unique_slide_ids(paths), paths, strict=True)]
+    folders: dict[str, str] = {}
+    return [SlideItem(sid, _resolved(str(p), folders)) for sid, p in zip(unique_slide_ids(paths), paths, strict=True)]
+
+
+def _resolved(path: str, folders: dict[str, str]) -> str:
+    """``os.path.realpath(path)`` (what ``Path.resolve`` does), resolving each folder once (``folders``); a
+    symlinked file is resolved itself."""
+    folder, name = os.path.split(path)
+    if name in ("", ".", "..") or os.path.islink(path):
+        return os.path.realpath(path)
+    real = folders.get(folder)
+    if real is None:
+        real = folders[folder] = os.path.realpath(folder or ".")
+    return os.path.join(real, name)
 
 
 def run_tile(

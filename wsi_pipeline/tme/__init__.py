@@ -6,19 +6,32 @@ Modules
 -------
 * ``config``: :class:`~wsi_pipeline.tme.config.TMEConfig` (class roles, spatial parameters, rules),
   :class:`~wsi_pipeline.tme.config.TissueTrainConfig`.
-* ``classifier``: the classifier folder (``classifier.json`` + ``model.safetensors``), fitting, scale check.
-  Tiles are embedded at the classifier's µm/px by :mod:`wsi_pipeline.tiles` (resize by scale only).
-* ``spatial``: tile grid, tumour region, peri-tumoural band, per-slide metrics (pure).
-* ``rules``: the immune-phenotype rule table (pure).
+* ``classifier``: the classifier folder (``classifier.json`` + ``model.safetensors``), fitting (hard or soft
+  targets), scale check, area correction. Tiles are embedded at the classifier's µm/px by
+  :mod:`wsi_pipeline.tiles` (resize by scale only).
+* ``context``: context windows for training (random mosaics of labelled tiles, windows computed as the dense
+  map computes them, class-area fractions as soft labels).
+* ``dense``: the dense class-probability map (overlapping field-of-view windows, fully convolutional or one by
+  one; the default footprint).
+* ``spatial``: tile grid, tumour region, peri-tumoural band, per-slide metrics of a label grid or of the
+  dense map (pure).
+* ``rules``: the immune-phenotype rule table and fitting its thresholds with cross-validation (pure).
 * ``render``: class-map PNG and QuPath GeoJSON (colours: :mod:`wsi_pipeline.tiles.palette`).
 
 Outputs of ``wsi tme RUN``
 --------------------------
 * ``RUN/tme/<slide_id>.h5``: ``coords`` (N×2, level 0, same order as ``RUN/tiles/<slide_id>.h5``) and
-  ``probs`` (N×C); attrs ``class_names``, ``encoder``, ``classifier_mpp``, ``feature_source``.
-* ``RUN/tme/<slide_id>_classmap.png`` (tiles coloured by class over the thumbnail, legend with shares) and
-  ``RUN/tme/<slide_id>.geojson`` (QuPath detections: one square per tile, classified by its top class;
-  measurements ``p_<class>``, ``tumour_region``, ``margin_band``, ``distance_to_tumour_um``).
+  ``probs`` (N×C; for the dense footprint each RUN tile's mean over its map cells); attrs ``class_names``,
+  ``encoder``, ``classifier_mpp``, ``feature_source``. With the dense footprint also ``dense_probs`` (H×W×C,
+  float16) and ``dense_area`` (H×W) with the map's level-0 origin, cell size, window size and method
+  (:class:`wsi_pipeline.formats.h5.TMEDenseMap`, :func:`wsi_pipeline.formats.h5.read_tme_dense`).
+* ``RUN/tme/<slide_id>_classmap.png`` (the map's — or the tiles' — top class over the thumbnail, tumour region
+  and margin band outlined, legend with each class's share) and ``RUN/tme/<slide_id>.geojson`` (QuPath; dense:
+  one annotation per class, the contours of the cells whose top class it is, plus ``tumour_region`` and
+  ``margin_band``; per-tile footprints: one detection square per tile with ``p_<class>`` measurements).
+* ``wsi tme RUN --fit-rules --labels CSV``: ``RUN/configs/tme-fit-rules.yaml``, thresholds fitted to the
+  labelled slides with cross-validation, for ``wsi tme OTHER_RUN --config`` (never for the slides it was
+  fitted on).
 * ``RUN/tme.csv``: one row per slide, ``slide_id`` first, then ``immune_phenotype``, ``til_fraction``,
   ``lymph_density_tumour``, ``lymph_density_margin``, ``stromal_til_fraction``, ``tumour_stroma_ratio``,
   ``phenotype_reason``, ``area_frac_<class>`` (of tissue tiles), ``nontissue_fraction``, counts and
@@ -31,5 +44,5 @@ Using the read-out downstream
 join it to the labels: ``wsi tme RUN --labels labels.csv`` writes ``RUN/labels_with_tme.csv`` (every label
 row, plus ``tme_<column>``), or in Python ``labels.merge(F.read_tme_csv("RUN/tme.csv").add_prefix("tme_")
 .rename(columns={"tme_slide_id": "slide_id"}), on="slide_id", how="left")`` with
-``from wsi_pipeline import formats as F`` (the reader keeps ``slide_id`` as text).
+``from wsi_pipeline.formats import api as F`` (the reader keeps ``slide_id`` as text).
 """

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsi_pipeline import formats as F
 from wsi_pipeline.errors import ConfigError, ScaleMismatchError, WeightsError
+from wsi_pipeline.formats import api as F
 
 if TYPE_CHECKING:
     from torch import nn
@@ -50,6 +50,8 @@ class TissueClassifier:
     fit: str = ""  # how training tiles met the encoder input: native | pad (wsi_pipeline.tiles.transform)
     encoder_weights_sha256: str = ""
     state: dict[str, np.ndarray] = field(default_factory=dict)  # feat_mean, feat_std, head.* weights
+    # {"method": "soft-confusion", "matrix": C×C (row = true class: its mean predicted probabilities), ...}
+    area_correction: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     path: str = ""
@@ -108,6 +110,16 @@ class TissueClassifier:
     def predict(self, features: np.ndarray) -> np.ndarray:
         return self.predict_proba(features).argmax(axis=1)
 
+    def correct_areas(self, expected: np.ndarray) -> np.ndarray:
+        """Expected class areas (Σ of probabilities over a region, C values) → estimated true class areas:
+        the non-negative ``t`` with the same total that best explains them through the classifier's soft
+        confusion matrix ``M`` (``Mᵀ t ≈ expected``, least squares; the "adjusted count" of quantification).
+        Unchanged without an ``area_correction``."""
+        m = self.area_correction.get("matrix") if self.area_correction else None
+        if m is None:
+            return np.asarray(expected, np.float64)
+        return soft_adjusted_areas(np.asarray(m, np.float64), np.asarray(expected, np.float64))
+
     # ---- I/O
     def to_json(self) -> dict[str, Any]:
         return {
@@ -123,6 +135,7 @@ class TissueClassifier:
             "fit": self.fit,
             "head": self.head,
             "hidden": int(self.hidden),
+            "area_correction": self.area_correction,
             "metrics": self.metrics,
             "training": self.training,
         }
@@ -139,6 +152,21 @@ class TissueClassifier:
         F.write_classifier_json(out / CLASSIFIER_JSON, self.to_json())
         self.path = str(out)
         return out
+
+
+def soft_adjusted_areas(confusion: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """Solve ``min ‖Mᵀ t − e‖²`` over ``t ≥ 0`` with ``Σ t = Σ e`` (the sum as a heavily weighted extra
+    equation; scipy's NNLS). ``M[i]`` is the mean predicted probability vector of true class ``i``."""
+    from scipy.optimize import nnls
+
+    total = float(expected.sum())
+    if total <= 0:
+        return expected.copy()
+    weight = 100.0
+    a = np.vstack([confusion.T, weight * np.ones((1, confusion.shape[0]))])
+    b = np.concatenate([expected / total, [weight]])
+    t, _ = nnls(a, b)
+    return t / max(t.sum(), 1e-12) * total
 
 
 def build_head(kind: str, embed_dim: int, n_classes: int, hidden: int = 256) -> nn.Module:
@@ -200,6 +228,7 @@ def load_classifier(name_or_path: str | Path | None = None) -> TissueClassifier:
         fit=str(meta.get("fit", "")),
         encoder_weights_sha256=str(meta.get("encoder_weights_sha256", "")),
         state=dict(state),
+        area_correction=dict(meta.get("area_correction") or {}),
         metrics=dict(meta.get("metrics", {})),
         training=dict(meta.get("training", {})),
         path=str(folder),
@@ -224,18 +253,28 @@ def fit_head(
     lr: float = 1e-2,
     weight_decay: float = 1e-3,
     seed: int = 0,
+    sample_weight: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Fit a head on standardised features with class-balanced cross-entropy (full-batch AdamW, cosine
-    learning rate). Returns the state (``feat_mean``, ``feat_std``, ``head.*``) for :class:`TissueClassifier`.
-    Deterministic for a given seed on one machine."""
+    learning rate). ``labels``: N class indices, or N×C soft targets (rows summing to 1: e.g. the class-area
+    fractions of mixed windows, :mod:`wsi_pipeline.tme.context`); class weights balance the total target mass
+    of the classes; ``sample_weight`` (N) weighs rows on top. Returns the state (``feat_mean``, ``feat_std``,
+    ``head.*``) for :class:`TissueClassifier`. Deterministic for a given seed on one machine."""
     import torch
 
     x = np.asarray(features, np.float32)
-    y = np.asarray(labels, np.int64)
+    y = np.asarray(labels)
     if x.ndim != 2 or len(x) != len(y) or len(x) == 0:
         raise ConfigError(f"fit_head: need (N, D) features and N labels, got {x.shape} and {y.shape}")
-    if y.min() < 0 or y.max() >= n_classes:
-        raise ConfigError(f"fit_head: labels must be in 0..{n_classes - 1}")
+    if y.ndim == 1:
+        if y.min() < 0 or y.max() >= n_classes:
+            raise ConfigError(f"fit_head: labels must be in 0..{n_classes - 1}")
+        target = np.eye(n_classes, dtype=np.float32)[y.astype(np.int64)]
+    else:
+        if y.shape[1] != n_classes or np.any(y < 0):
+            raise ConfigError(f"fit_head: soft targets must be N×{n_classes} and ≥ 0, got {y.shape}")
+        target = (y / np.maximum(y.sum(axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    sw = np.ones(len(x), np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
     mean = x.mean(axis=0)
     std = x.std(axis=0) + 1e-6
     g = torch.Generator().manual_seed(seed)
@@ -247,16 +286,16 @@ def fit_head(
         else:
             torch.nn.init.zeros_(p)
     xt = torch.from_numpy((x - mean) / std)
-    yt = torch.from_numpy(y)
-    counts = np.bincount(y, minlength=n_classes).astype(np.float32)
-    w = np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0).astype(np.float32)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.from_numpy(w))
+    mass = (target * sw[:, None]).sum(axis=0)
+    w = np.where(mass > 0, mass.sum() / (n_classes * np.maximum(mass, 1e-12)), 0.0).astype(np.float32)
+    tt = torch.from_numpy(target * w[None, :])  # class-balanced soft targets
+    swt = torch.from_numpy(sw / sw.sum())
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     net.train()
     for _ in range(epochs):
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(xt), yt)
+        loss = -(swt * (tt * torch.log_softmax(net(xt), dim=1)).sum(dim=1)).sum()
         loss.backward()
         opt.step()
         sched.step()

@@ -98,6 +98,8 @@ class PhenotypeRules:
     min_tumour_tiles: int = 3
     inflamed_min_tumour_density: float = 0.10
     excluded_min_margin_density: float = 0.07
+    # slides these thresholds were fitted on (`wsi tme --fit-rules`); `wsi tme` refuses to report them with it
+    fitted_on: tuple[str, ...] = ()
 
     def validate(self) -> PhenotypeRules:
         if self.min_tumour_tiles < 1:
@@ -133,8 +135,8 @@ class SpatialConfig:
         return self
 
 
-FOOTPRINTS = ("auto", "tile", "classifier", "grid")
-FOOTPRINT_AUTO_RATIO = 1.25  # "auto": the TME's own grid when tiles are this much wider than training tiles
+FOOTPRINTS = ("auto", "dense", "tile", "classifier", "grid")
+DENSE_METHODS = ("auto", "fcn", "window")  # wsi_pipeline.tme.dense.METHODS
 
 
 @dataclass
@@ -148,12 +150,16 @@ class TMEConfig:
     roles: ClassRoles = field(default_factory=ClassRoles)
     mpp_tolerance: float = 0.05  # relative µm/px difference accepted between classifier and features
     reuse_features: bool = True  # use RUN/features/<encoder>/ when encoder and µm/px match
-    # what is classified: "tile" (each whole RUN tile; reuses RUN features), "classifier" (each RUN tile's
-    # centre over the classifier's training field of view, read from the slide), "grid" (the TME's own grid
-    # of cells one training field of view wide over the area the RUN tiles cover, each read from the slide:
-    # the whole area at the classifier's resolution), "auto" ("grid" when RUN tiles are over
-    # FOOTPRINT_AUTO_RATIO × wider than the classifier's training tiles, else "tile")
+    # what is classified: "dense" (overlapping windows of the classifier's field of view, one per map cell,
+    # over the area the RUN tiles cover, combined into a class-probability map: wsi_pipeline.tme.dense),
+    # "tile" (each whole RUN tile; reuses RUN features), "classifier" (each RUN tile's centre over the
+    # field of view, read from the slide), "grid" (the TME's own grid of cells one field of view wide,
+    # anchored at the RUN tiles' corner), "auto" ("dense"; "tile" for a classifier without a field of view)
     footprint: str = "auto"
+    dense_method: str = "auto"  # fcn (fully convolutional, CNN encoders) | window (each window embedded) | auto
+    # correct the dense map's expected class areas for the classifier's confusions (classifier.json
+    # "area_correction", estimated by cross-validation on its training sources); no effect without one
+    area_correction: bool = True
     device: str = "auto"
     precision: str = "fp32"
     batch_size: int = 64
@@ -172,12 +178,18 @@ class TMEConfig:
             raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
         if self.footprint not in FOOTPRINTS:
             raise ConfigError(f"--footprint must be one of {', '.join(FOOTPRINTS)} (got {self.footprint!r})")
+        if self.dense_method not in DENSE_METHODS:
+            raise ConfigError(f"--dense-method must be one of {', '.join(DENSE_METHODS)} "
+                              f"(got {self.dense_method!r})")
         return self
 
     def params(self) -> dict[str, Any]:
         """What changes the per-slide probabilities besides the classifier file and the tiles (the resume
         key). The encoder's weights are pinned by the classifier (checksum), so they are not part of it."""
-        return {"precision": self.precision, "footprint": self.footprint}
+        out = {"precision": self.precision, "footprint": self.footprint}
+        if self.footprint in ("auto", "dense"):
+            out["dense_method"] = self.dense_method
+        return out
 
 
 @dataclass
@@ -203,6 +215,15 @@ class TissueTrainConfig:
     max_per_class: int = 0  # 0 = all tiles; else subsample (seeded) for a quick run
     final_fit_all: bool = False  # refit on train+test after the held-out evaluation
     feature_cache: str = ""  # folder for embedded tiles (keyed by encoder weights, scale and files); '' = none
+    # context windows (wsi_pipeline.tme.context): windows of random mosaics of the training tiles, computed as
+    # `wsi tme` computes its dense map, with their class-area fractions as soft labels; 0 = pure tiles only
+    context_mosaics: int = 0
+    context_windows: int = 600  # windows sampled per mosaic
+    context_weight: float = 1.0  # total weight of the context windows relative to the tiles
+    context_grid: tuple[int, int] = (10, 12)  # cells per mosaic
+    # estimate the head's soft confusion matrix by grouped CV on the training tiles, for `wsi tme` to correct
+    # the dense map's class areas (classifier.json "area_correction")
+    area_correction: bool = False
 
     def validate(self) -> TissueTrainConfig:
         if self.head not in ("linear", "mlp"):
@@ -215,6 +236,10 @@ class TissueTrainConfig:
             raise ConfigError("--data is required: a folder with one sub-folder of tiles per class")
         if not self.out:
             raise ConfigError("--out is required: the folder to write the classifier to")
+        if self.context_mosaics < 0 or self.context_windows < 1 or self.context_weight < 0:
+            raise ConfigError("--context-mosaics must be ≥ 0, --context-windows ≥ 1 and --context-weight ≥ 0")
+        if self.final_fit_all and self.context_mosaics:
+            raise ConfigError("--final-fit-all refits on pure tiles only: use it without --context-mosaics")
         return self
 
 
@@ -230,6 +255,8 @@ def tme_config_from_dict(data: dict[str, Any]) -> TMEConfig:
             sub = dict(data.pop(key) or {})
             if cls is ClassRoles:
                 sub = {k: tuple(v) for k, v in sub.items()}
+            if cls is PhenotypeRules and "fitted_on" in sub:
+                sub["fitted_on"] = tuple(str(v) for v in sub["fitted_on"] or ())
             kwargs[key] = from_dict(cls, sub)
     cfg = from_dict(TMEConfig, data)
     return dataclasses.replace(cfg, **kwargs)

@@ -1,6 +1,14 @@
-"""``wsi tme RUN``: per-tile tissue classes, class maps, QuPath GeoJSON and the per-slide TME table.
+"""``wsi tme RUN``: dense tissue-class maps (or per-tile classes), class maps, QuPath GeoJSON and the per-slide
+TME table.
 
-Per slide (tiles from ``RUN/tiles/<slide_id>.h5``):
+Per slide (tiles from ``RUN/tiles/<slide_id>.h5``), with the default footprint ``dense``
+(:mod:`wsi_pipeline.tme.dense`): the classifier over overlapping windows of its field of view, one per map
+cell, over the area the RUN tiles cover, read from the slide at the classifier's µm/px → a class-probability
+map (stored in ``RUN/tme/<slide_id>.h5`` next to each RUN tile's mean probabilities) → metrics from the map
+(:func:`wsi_pipeline.tme.spatial.map_metrics`: expected areas, corrected for the classifier's confusions) →
+phenotype, a class-map PNG of the map and a QuPath GeoJSON of its class polygons.
+
+With the per-tile footprints (``tile``, ``classifier``, ``grid``):
 
 1. **features** at the classifier's µm/px: ``RUN/features/<encoder>/<slide_id>.h5`` when it was made by the
    classifier's encoder (same weights checksum) at the same µm/px (``target_mpp × tile_size / input_size``
@@ -26,12 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsi_pipeline import formats as F
 from wsi_pipeline.errors import ConfigError, ScaleMismatchError, TilesNotFoundError
+from wsi_pipeline.formats import api as F
 from wsi_pipeline.runfolder.executor import Progress, SlideItem, SlideOutcome, StageSummary, run_per_slide
 from wsi_pipeline.runfolder.layout import RunLayout
 from wsi_pipeline.tme.classifier import TissueClassifier
-from wsi_pipeline.tme.config import FOOTPRINT_AUTO_RATIO, TMEConfig
+from wsi_pipeline.tme.config import TMEConfig
 
 if TYPE_CHECKING:
     from wsi_pipeline.encoders.base import Encoder
@@ -43,6 +51,8 @@ SOURCE_RUN_FEATURES = "run-features"
 SOURCE_SLIDE = "slide"
 SOURCE_SLIDE_CENTRE = "slide-centre"  # the tile's centre, over the classifier's training field of view
 SOURCE_SLIDE_GRID = "slide-grid"  # the TME's own grid of cells one training field of view wide
+SOURCE_DENSE = "slide-dense"  # the dense map (wsi_pipeline.tme.dense), per RUN tile: the mean of its cells
+FOOTPRINT_DENSE = "dense"
 A_CLASSIFIER_MPP = "classifier_mpp"
 A_FEATURE_SOURCE = "feature_source"
 A_CLASSIFIER_SHA256 = "classifier_sha256"
@@ -117,19 +127,19 @@ def embed_slide_tiles(
 
 
 def resolve_footprint(cfg: TMEConfig, clf: TissueClassifier, tiles: F.TileSet) -> str:
-    """The footprint actually used for these RUN tiles: ``tile``, ``classifier`` or ``grid`` (see TMEConfig).
-    ``auto`` picks ``grid`` for tiles over FOOTPRINT_AUTO_RATIO × wider than the classifier's field of view."""
+    """The footprint actually used for these RUN tiles: ``dense``, ``tile``, ``classifier`` or ``grid`` (see
+    TMEConfig). ``auto`` is ``dense``, or ``tile`` for a classifier that does not record its field of view."""
     fov = clf.tile_um
-    if cfg.footprint == "grid":
-        if fov <= 0:
-            raise ConfigError(f"--footprint grid: the classifier {clf.path} does not record its field of view "
-                              "(tile_um); retrain it with `wsi tissue-train` or use --footprint tile")
-        return "grid"
+    if cfg.footprint in ("grid", FOOTPRINT_DENSE) and fov <= 0:
+        raise ConfigError(f"--footprint {cfg.footprint}: the classifier {clf.path} does not record its field of "
+                          "view (tile_um); retrain it with `wsi tissue-train` or use --footprint tile")
+    if cfg.footprint in ("grid", FOOTPRINT_DENSE):
+        return cfg.footprint
+    if cfg.footprint == "auto":
+        return FOOTPRINT_DENSE if fov > 0 else "tile"
     if cfg.footprint == "tile" or fov <= 0 or not len(tiles):
         return "tile"
     tile_um = tiles.tile_size_l0 * tiles.slide_mpp
-    if cfg.footprint == "auto":
-        return "grid" if tile_um > FOOTPRINT_AUTO_RATIO * fov else "tile"
     return "classifier" if tile_um > fov else "tile"
 
 
@@ -171,11 +181,21 @@ class TMEContext:
     classifier_sha256: str
     device: str = "cpu"
     _encoder: Any = field(default=None, repr=False)
+    _net: Any = field(default=None, repr=False)
 
     def encoder(self) -> Encoder:
         if self._encoder is None:
             self._encoder = create_classifier_encoder(self.clf, self.cfg.encoder_weights, self.device)
         return self._encoder
+
+    def feature_map_net(self) -> Any:
+        """The encoder's fused feature-map module for the dense map (None for encoders without one)."""
+        from wsi_pipeline.encoders.base import prepare_for_inference, resolve_device
+        from wsi_pipeline.tme.dense import fcn_capable, feature_map_net
+
+        if self._net is None and fcn_capable(self.encoder()):
+            self._net = feature_map_net(prepare_for_inference(self.encoder(), resolve_device(self.device)))
+        return self._net
 
     def resume_key(self, tiles_key: str) -> str:
         return F.params_hash({**self.cfg.params(), "classifier_sha256": self.classifier_sha256,
@@ -184,14 +204,10 @@ class TMEContext:
 
 def create_classifier_encoder(clf: TissueClassifier, weights: str | None, device: str) -> Encoder:
     """The classifier's encoder; its weights must be the ones it was trained on (checksum)."""
-    import torch
-
-    from wsi_pipeline.encoders import create_encoder
+    from wsi_pipeline.encoders.registry import create_encoder
     from wsi_pipeline.errors import UnknownNameError, WeightsError
 
-    if not clf.encoder_weights_sha256 and weights is None:
-        # a random-init encoder (plumbing tests): same seed as at training → same weights
-        torch.manual_seed(0)
+    # a random-init encoder (plumbing tests) is seeded by the registry: the same weights as at training
     # by name (as the features files record it), else by what was passed to `wsi tissue-train` (a folder)
     refs = list(dict.fromkeys(r for r in (clf.encoder, clf.training.get("config", {}).get("encoder")) if r))
     for i, ref in enumerate(refs):
@@ -245,7 +261,13 @@ def slide_probs(ctx: TMEContext, slide_id: str, tiles: F.TileSet, footprint: str
             feats = embed_slide_tiles(tiles, enc, clf.fit or "pad", cfg.batch_size, cfg.precision, ctx.device,
                                       centre_um)
         probs = clf.predict_proba(feats)
-    F.write_tme_h5(out, tiles.l0_xy, probs, {
+    F.write_tme_h5(out, tiles.l0_xy, probs, _tme_attrs(ctx, slide_id, tiles, source, key))
+    return probs, source
+
+
+def _tme_attrs(ctx: TMEContext, slide_id: str, tiles: F.TileSet, source: str, key: str) -> dict[str, Any]:
+    clf = ctx.clf
+    return {
         F.A_SLIDE_ID: slide_id,
         F.A_MODEL: clf.path,
         F.A_CLASS_NAMES: list(clf.class_names),
@@ -258,8 +280,28 @@ def slide_probs(ctx: TMEContext, slide_id: str, tiles: F.TileSet, footprint: str
         A_CLASSIFIER_SHA256: ctx.classifier_sha256,
         A_FEATURE_SOURCE: source,
         F.A_PARAMS_HASH: key,
-    })
-    return probs, source
+    }
+
+
+def slide_dense(ctx: TMEContext, slide_id: str, tiles: F.TileSet) -> tuple[np.ndarray, F.TMEDenseMap, str]:
+    """The dense map of the RUN tiles' area (:func:`wsi_pipeline.tme.dense.dense_slide_map`) and each RUN
+    tile's mean probabilities, from the stored file when still valid; returns (probs, map, source)."""
+    from wsi_pipeline.tme.dense import dense_slide_map, tile_means
+
+    clf, cfg = ctx.clf, ctx.cfg
+    key = ctx.resume_key(str(tiles.attrs.get(F.A_PARAMS_HASH, "")))
+    out = ctx.layout.tme_h5(slide_id)
+    if out.exists() and not cfg.overwrite and F.read_h5_attrs(out).get(F.A_PARAMS_HASH) == key:
+        dense = F.read_tme_dense(out)
+        xy, probs, attrs = F.read_tme_h5(out)
+        if dense is not None and np.array_equal(xy, tiles.l0_xy) and probs.shape[1] == clf.n_classes:
+            return probs, dense, str(attrs.get(A_FEATURE_SOURCE, ""))
+    dense = dense_slide_map(tiles, ctx.encoder(), clf, cfg.dense_method, cfg.precision, cfg.batch_size,
+                            ctx.device, net=ctx.feature_map_net())
+    probs = tile_means(dense, tiles)
+    source = f"{SOURCE_DENSE}-{dense.method}"
+    F.write_tme_h5(out, tiles.l0_xy, probs, _tme_attrs(ctx, slide_id, tiles, source, key), dense=dense)
+    return probs, dense, source
 
 
 def tile_stride_l0(tiles: F.TileSet) -> float:
@@ -288,11 +330,62 @@ def run_tiles(layout: RunLayout, clf: TissueClassifier, cfg: TMEConfig, slide_id
 
 def slide_row(ctx: TMEContext, slide_id: str) -> dict[str, Any]:
     """Everything for one slide: probabilities, metrics, phenotype, PNG and GeoJSON; returns the CSV row."""
+    tiles, footprint = run_tiles(ctx.layout, ctx.clf, ctx.cfg, slide_id)
+    if footprint == FOOTPRINT_DENSE:
+        return dense_row(ctx, slide_id, tiles)
+    return grid_row(ctx, slide_id, tiles, footprint)
+
+
+def _row_head(slide_id: str, phenotype: str, reason: str, metrics: dict[str, Any], clf: TissueClassifier,
+              source: str, tiles: F.TileSet, footprint: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"slide_id": slide_id, "immune_phenotype": phenotype, "phenotype_reason": reason}
+    row.update(metrics)
+    row.update({"classifier": Path(clf.path).name, "classifier_mpp": clf.mpp, "feature_source": source,
+                "footprint": footprint, "tiles_target_mpp": tiles.target_mpp})
+    return row
+
+
+def dense_row(ctx: TMEContext, slide_id: str, tiles: F.TileSet) -> dict[str, Any]:
+    """The read-out of one slide from its dense map (see the module docstring)."""
+    from wsi_pipeline.tme.rules import immune_phenotype
+    from wsi_pipeline.tme.spatial import class_column, map_metrics
+
+    layout, clf, cfg = ctx.layout, ctx.clf, ctx.cfg
+    _, dense, source = slide_dense(ctx, slide_id, tiles)
+    roles = cfg.roles.resolve(clf.class_names)
+    correct = clf.correct_areas if cfg.area_correction and clf.area_correction else None
+    metrics, comp = map_metrics(dense.probs, dense.area, clf.class_names, roles, dense.cell_um, clf.tile_um,
+                                cfg.spatial, correct)
+    phenotype, reason = immune_phenotype(metrics, cfg.rules)
+    row = _row_head(slide_id, phenotype, reason, metrics, clf, source, tiles, FOOTPRINT_DENSE)
+    row.update({"n_tiles": len(tiles), "area_corrected": bool(correct is not None),
+                "map_window_um": dense.window_um})
+    if not dense.area.any() or not (cfg.write_png or cfg.write_geojson):
+        return row
+    labels = np.where(dense.area, dense.probs.argmax(axis=-1), -1)
+    regions = {"tumour_region": comp.tumour_region & dense.area, "margin_band": comp.band & dense.area}
+    if cfg.write_png:
+        from wsi_pipeline.tme.render import class_map_png_dense
+
+        thumb, scale = _thumbnail(layout, slide_id, tiles, cfg.thumbnail_max)
+        shares = {n: float(row.get(f"area_frac_{class_column(n)}", np.nan)) for n in clf.class_names}
+        class_map_png_dense(layout.tme_map_png(slide_id), thumb, scale, dense, labels, clf.class_names, shares,
+                            title=f"{slide_id}: {phenotype}", outlines=regions)
+    if cfg.write_geojson:
+        from wsi_pipeline.tme.render import dense_map_feature_collection
+
+        fc = dense_map_feature_collection(dense, labels, clf.class_names, regions)
+        F.check_feature_collection(fc, layout.tme_geojson(slide_id))
+        F.write_geojson(layout.tme_geojson(slide_id), fc)
+    return row
+
+
+def grid_row(ctx: TMEContext, slide_id: str, tiles: F.TileSet, footprint: str) -> dict[str, Any]:
+    """The read-out of one slide from one class per classified tile (footprints tile, classifier, grid)."""
     from wsi_pipeline.tme.rules import immune_phenotype
     from wsi_pipeline.tme.spatial import compartments, grid_metrics, rasterise
 
     layout, clf, cfg = ctx.layout, ctx.clf, ctx.cfg
-    tiles, footprint = run_tiles(layout, clf, cfg, slide_id)
     probs, source = slide_probs(ctx, slide_id, tiles, footprint)
     labels = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
     roles = cfg.roles.resolve(clf.class_names)
@@ -302,10 +395,7 @@ def slide_row(ctx: TMEContext, slide_id: str) -> dict[str, Any]:
     prob_grid[grid.rows, grid.cols] = probs
     metrics = grid_metrics(grid.labels, clf.class_names, roles, grid.stride_um, cfg.spatial, prob_grid)
     phenotype, reason = immune_phenotype(metrics, cfg.rules)
-    row: dict[str, Any] = {"slide_id": slide_id, "immune_phenotype": phenotype, "phenotype_reason": reason}
-    row.update(metrics)
-    row.update({"classifier": Path(clf.path).name, "classifier_mpp": clf.mpp, "feature_source": source,
-                "tiles_target_mpp": tiles.target_mpp})
+    row = _row_head(slide_id, phenotype, reason, metrics, clf, source, tiles, footprint)
     if len(tiles) and (cfg.write_png or cfg.write_geojson):
         comp = compartments(grid.labels, roles, grid.stride_um, cfg.spatial)
         per_tile = {
@@ -345,6 +435,7 @@ class TMEStage:
         cfg = ctx.cfg
         return F.params_hash({"probs": ctx.resume_key(str(tiles.attrs.get(F.A_PARAMS_HASH, ""))),
                               "spatial": cfg.spatial, "rules": cfg.rules, "roles": cfg.roles, "png": cfg.write_png,
+                              "area_correction": ctx.clf.area_correction if cfg.area_correction else None,
                               "geojson": cfg.write_geojson, "thumb": cfg.thumbnail_max, "n": len(tiles)})
 
     def done(self, item: SlideItem, key: str) -> SlideOutcome | None:
@@ -370,7 +461,7 @@ def _thumbnail(layout: RunLayout, slide_id: str, tiles: F.TileSet, max_size: int
         with Image.open(p) as im:
             thumb = np.asarray(im.convert("RGB"))
         return thumb, float(w0) / thumb.shape[1]
-    from wsi_pipeline.slide import open_slide
+    from wsi_pipeline.slide.open import open_slide
 
     with open_slide(tiles.attrs[F.A_SLIDE_PATH], mpp=tiles.slide_mpp) as slide:
         return slide.thumbnail(max_size)
@@ -401,6 +492,13 @@ def run_tme(
     ids = slide_ids if slide_ids is not None else layout.slide_ids_with_tiles()
     if not ids:
         raise TilesNotFoundError(f"{layout.tiles_dir}: no tiles/*.h5 — run `wsi tile` on this RUN first")
+    fitted_here = sorted(set(ids) & set(cfg.rules.fitted_on))
+    if fitted_here:
+        raise ConfigError(
+            f"the phenotype rules were fitted on {len(fitted_here)} of these slides (e.g. {fitted_here[0]}): a "
+            "read-out never uses thresholds fitted on the slides it reports — fit them on another labelled RUN "
+            "(`wsi tme TRAIN_RUN --fit-rules --labels CSV`) or drop rules.fitted_on from the config"
+        )
     clf = load_classifier(cfg.classifier or None)
     cfg.roles.resolve(clf.class_names)  # fail early on a classifier without tumour/lymphocyte classes
     clf_sha = F.file_sha256(Path(clf.path) / WEIGHTS_FILE)
@@ -415,6 +513,40 @@ def run_tme(
         rows = [r for r in old.to_dict("records") if r["slide_id"] not in done] + rows
     summary.figures["csv"] = str(write_tme_csv(layout.tme_csv, rows))
     return summary
+
+
+# ---------------------------------------------------------------- fitting the rules on a labelled RUN
+FIT_RULES_COMMAND = "tme-fit-rules"  # RUN/configs/tme-fit-rules.yaml: a `tme:` section for `wsi tme --config`
+
+
+def fit_rules_on_run(run_root: str | Path, labels_csv: str | Path, cfg: TMEConfig, folds: int = 5,
+                     column: str = "immune_phenotype") -> tuple[Path, dict[str, Any]]:
+    """Fit the phenotype thresholds to the labelled slides of a RUN whose read-out is done (``tme.csv``, with
+    ``cfg.rules`` as the starting point; :func:`wsi_pipeline.tme.rules.fit_rules`, ``folds``-fold CV) and write
+    them, with the ids of the slides they were fitted on, to ``RUN/configs/tme-fit-rules.yaml`` (a ``tme:``
+    section: apply them to *another* RUN with ``wsi tme OTHER --config`` that file; ``wsi tme`` refuses to
+    report the slides they were fitted on). This RUN's ``tme.csv`` is left as it was. Returns (path,
+    report)."""
+    import dataclasses
+
+    from wsi_pipeline.runfolder.resolved import save_resolved
+    from wsi_pipeline.tme.rules import fit_rules
+
+    layout = RunLayout(run_root)
+    labels = F.read_labels_csv(labels_csv)
+    if column not in labels.columns:
+        raise ConfigError(f"{labels_csv}: no {column!r} column to fit the phenotype rules to")
+    truth = {str(r[F.SLIDE_ID]): str(r[column]) for r in labels.to_dict("records")
+             if str(r.get(column, "")).strip() not in ("", "nan")}
+    rows = [r for r in F.read_tme_csv(layout.tme_csv).to_dict("records") if str(r[F.SLIDE_ID]) in truth]
+    if not rows:
+        raise ConfigError(f"{labels_csv}: none of its slides is in {layout.tme_csv}; label the slides of this RUN")
+    fitted, report = fit_rules(rows, [truth[str(r[F.SLIDE_ID])] for r in rows], cfg.rules, folds=folds)
+    ids = tuple(sorted(str(r[F.SLIDE_ID]) for r in rows))
+    fitted = dataclasses.replace(fitted, fitted_on=ids)
+    save_resolved(run_root, FIT_RULES_COMMAND, {"tme": {"rules": fitted}, "fit": {**report, "labels": str(labels_csv),
+                                                                                  "column": column}})
+    return layout.command_config_yaml(FIT_RULES_COMMAND), report
 
 
 # ---------------------------------------------------------------- joining the read-out to labels

@@ -117,8 +117,11 @@ def compartments(
     roles: Mapping[str, Sequence[int]],
     stride_um: float,
     spatial: SpatialConfig,
+    default_closing_um: float | None = None,
 ) -> Compartments:
-    """Tissue, tumour region and peri-tumoural band masks on a label grid (see module docstring)."""
+    """Tissue, tumour region and peri-tumoural band masks on a label grid (see module docstring).
+    ``default_closing_um``: the closing radius when ``spatial.tumour_closing_um`` is None (None: one stride;
+    the dense map passes the classifier's field of view)."""
     from scipy import ndimage
 
     labels = np.asarray(labels)
@@ -126,7 +129,9 @@ def compartments(
     tissue = present & ~np.isin(labels, list(roles.get(ROLE_NON_TISSUE, [])))
     tumour = np.isin(labels, list(roles[ROLE_TUMOUR])) & present
     region = tumour.copy()
-    closing_um = stride_um if spatial.tumour_closing_um is None else spatial.tumour_closing_um
+    closing_um = spatial.tumour_closing_um
+    if closing_um is None:
+        closing_um = stride_um if default_closing_um is None else default_closing_um
     r_cells = closing_um / stride_um if stride_um > 0 else 0.0
     if r_cells >= 1.0 and tumour.any():
         pad = int(np.ceil(r_cells)) + 1
@@ -200,3 +205,62 @@ def grid_metrics(
     out["n_margin_tiles"] = int(band.sum())
     out["tile_stride_um"] = float(stride_um)
     return out
+
+
+# ---------------------------------------------------------------- the dense map
+def map_metrics(
+    probs: np.ndarray,
+    area: np.ndarray,
+    class_names: Sequence[str],
+    roles: Mapping[str, Sequence[int]],
+    cell_um: float,
+    fov_um: float,
+    spatial: SpatialConfig,
+    correct: Any = None,
+) -> tuple[dict[str, Any], Compartments]:
+    """All per-slide metrics of a dense class-probability map (H×W×C over the cells of ``area``).
+
+    Compartments come from the map's top class (:func:`compartments`; closing radius one field of view
+    ``fov_um`` unless configured). Every fraction and density is a ratio of **expected areas**: the class
+    probabilities summed over the compartment's cells (not votes). The slide's composition (``area_frac_*``,
+    ``til_fraction``, ``tumour_stroma_ratio``, ``nontissue_fraction``) is also passed through ``correct`` (a
+    C-vector → C-vector correction of the classifier's confusions, e.g.
+    :meth:`wsi_pipeline.tme.classifier.TissueClassifier.correct_areas`) when given; ``til_fraction_soft`` and
+    the compartment densities (the phenotype's inputs) stay uncorrected expected areas. Tile counts
+    (``n_tumour_tiles``, ``n_lymphocyte_tiles``, ``n_margin_tiles``) are areas in classifier fields of view
+    (cells × (cell_um / fov_um)²), so ``rules.min_tumour_tiles`` keeps its meaning."""
+    p = np.asarray(probs, np.float64)
+    area = np.asarray(area, bool)
+    labels = np.where(area, p.argmax(axis=-1) if p.size else 0, NO_TILE)
+    comp = compartments(labels, roles, cell_um, spatial, default_closing_um=fov_um)
+    non_tissue = list(roles.get(ROLE_NON_TISSUE, []))
+    tissue_cls = [i for i in range(len(class_names)) if i not in set(non_tissue)]
+    lym, tum, stroma = (list(roles.get(r, [])) for r in (ROLE_LYMPHOCYTES, ROLE_TUMOUR, ROLE_STROMA))
+
+    raw = p[area].sum(axis=0) if area.any() else np.zeros(len(class_names))
+    whole = np.asarray(correct(raw), np.float64) if correct is not None and raw.sum() > 0 else raw
+    fov_cells = (cell_um / fov_um) ** 2 if fov_um > 0 else 1.0
+    n_tissue = float(whole[tissue_cls].sum())
+    out: dict[str, Any] = {"n_map_cells": int(area.sum()), "map_cell_um": float(cell_um),
+                           "n_tissue_tiles": round(float(comp.tissue.sum()) * fov_cells, 2)}
+    for ci, name in enumerate(class_names):
+        if ci not in non_tissue:
+            out[f"area_frac_{class_column(name)}"] = _ratio(whole[ci], n_tissue)
+    out["nontissue_fraction"] = _ratio(float(whole[non_tissue].sum()), float(whole.sum()))
+    out["n_tumour_tiles"] = round(float(comp.tumour_tiles.sum()) * fov_cells, 2)
+    out["n_lymphocyte_tiles"] = round(float((np.isin(labels, lym) & area).sum()) * fov_cells, 2)
+    out["til_fraction"] = _ratio(whole[lym].sum(), n_tissue)
+    out["til_fraction_soft"] = _ratio(raw[lym].sum(), raw[tissue_cls].sum())
+    out["tumour_stroma_ratio"] = _ratio(whole[tum].sum(), whole[tum].sum() + whole[stroma].sum())
+    region, band = comp.tumour_region, comp.band
+    r, b, rb = (p[m].sum(axis=0) for m in (region & area, band & area, (region | band) & area))
+    out["lymph_density_tumour"] = _ratio(r[lym].sum(), r[tissue_cls].sum())
+    out["lymph_density_margin"] = _ratio(b[lym].sum(), b[lym].sum() + b[stroma].sum())
+    out["stromal_til_fraction"] = _ratio(rb[lym].sum(), rb[lym].sum() + rb[stroma].sum())
+    cell_mm2 = (cell_um / 1000.0) ** 2
+    out["tissue_area_mm2"] = float(comp.tissue.sum()) * cell_mm2
+    out["tumour_area_mm2"] = float(region.sum()) * cell_mm2
+    out["margin_area_mm2"] = float(band.sum()) * cell_mm2
+    out["n_margin_tiles"] = round(float(band.sum()) * fov_cells, 2)
+    out["tile_stride_um"] = float(cell_um)
+    return out, comp

@@ -2,8 +2,11 @@
 
 Steps: list ``DATA/<class>/*`` tiles → split by source image (:func:`wsi_pipeline.tiles.split.source_split`, the
 same split as ``wsi eval-encoder``) → embed every tile at the encoder's µm/px (resized by
-``data_mpp / encoder_mpp`` only, :mod:`wsi_pipeline.tiles.transform`) → fit a linear/MLP head on the training side
-→ held-out balanced accuracy, confusion matrix and a colour-histogram baseline on the test side → save.
+``data_mpp / encoder_mpp`` only, :mod:`wsi_pipeline.tiles.transform`) → optionally (``context_mosaics`` > 0)
+context windows of random mosaics of the training tiles, computed as ``wsi tme`` computes its dense map, with
+their class-area fractions as soft labels (:mod:`wsi_pipeline.tme.context`) → fit a linear/MLP head on the
+training side → held-out balanced accuracy, confusion matrix, a colour-histogram baseline and (with context
+windows) the window area-fraction error on mosaics of the test tiles → save.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def _cache_path(cfg: TissueTrainConfig, encoder: Any, fit: str, paths: list[Any]
         return None
     from pathlib import Path
 
-    from wsi_pipeline.formats import params_hash
+    from wsi_pipeline.formats.hashing import params_hash
 
     key = params_hash({"weights": encoder.weights_sha256, "name": encoder.meta.name, "mpp": encoder.meta.mpp,
                        "forward": encoder.forward_spec,
@@ -89,7 +92,7 @@ def _embed_with_cache(
         return np.load(cache)["features"]
     feats = embed_image_files(encoder, paths, cfg.mpp, fit, cfg.batch_size, cfg.precision, device, tick)
     if cache is not None:
-        from wsi_pipeline.formats import atomic_path
+        from wsi_pipeline.formats.atomic import atomic_path
 
         with atomic_path(cache) as tmp, open(tmp, "wb") as f:
             np.savez(f, features=feats)
@@ -107,14 +110,78 @@ def _split_summary(cfg: TissueTrainConfig, tiles: Any, split: Any, fit_idx: np.n
     }
 
 
-def train_tissue_classifier(
+def _context(cfg: TissueTrainConfig, encoder: Any, tiles: Any, mask: np.ndarray, n_mosaics: int, seed: int,
+             fit: str) -> tuple[Any, dict[str, Any]]:
+    """Context windows of ``n_mosaics`` random mosaics of the tiles in ``mask`` (see :mod:`.context`) and the
+    dense geometry they were computed with (recorded in the classifier: `wsi tme` computes its map the same
+    way)."""
+    from wsi_pipeline.tme.classifier import TissueClassifier
+    from wsi_pipeline.tme.context import ContextSpec, context_windows
+    from wsi_pipeline.tme.dense import dense_geometry, resolve_method
+
+    probe = TissueClassifier([], encoder.meta.name, encoder.embed_dim, encoder.meta.mpp,
+                             tile_um=_tile_um(tiles, cfg.mpp))
+    method = resolve_method("auto", encoder)
+    geo = dense_geometry(probe, encoder, method)
+    pools = [[tiles.paths[i] for i in np.flatnonzero(mask & (tiles.labels == c))] for c in range(len(tiles.class_names))]
+    spec = ContextSpec(n_mosaics=n_mosaics, grid=tuple(cfg.context_grid), windows=cfg.context_windows, seed=seed)
+    windows = context_windows(encoder, geo, method, pools, cfg.mpp, spec, cfg.precision, fit)
+    info = {"method": method, "cell_px": geo.cell_px, "window_cells": geo.window_cells, "window_px": geo.window_px,
+            "n_mosaics": n_mosaics, "grid": list(spec.grid), "windows_per_mosaic": spec.windows, "seed": seed}
+    return windows, info
+
+
+def _tile_um(tiles: Any, mpp: float) -> float:
+    from wsi_pipeline.tiles.folders import read_rgb
+
+    return float(read_rgb(tiles.paths[0]).shape[1] * mpp)
+
+
+def context_report(clf: TissueClassifier, windows: Any, n_mosaics: int) -> dict[str, Any]:
+    """Area-fraction error of the head on context windows: per window and per mosaic (the mean of its windows
+    against the mean of their fractions: what a slide's composition sees)."""
+    p = clf.predict_proba(windows.features)
+    err = np.abs(p - windows.fractions)
+    per = len(p) // max(1, n_mosaics)
+    comp = np.abs(p[: per * n_mosaics].reshape(n_mosaics, per, -1).mean(1)
+                  - windows.fractions[: per * n_mosaics].reshape(n_mosaics, per, -1).mean(1))
+    return {"n_windows": len(p), "n_mosaics": n_mosaics, "window_mae": float(err.mean()),
+            "composition_mae": float(comp.mean()),
+            "composition_mae_per_class": {c: float(v) for c, v in zip(clf.class_names, comp.mean(0), strict=True)}}
+
+
+def area_confusion_cv(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_cls: int, hp: dict[str, Any],
+                      context: Any = None, context_weight: float = 1.0, folds: int = 4) -> np.ndarray:
+    """The head's soft confusion matrix by grouped cross-validation on the training tiles: for each fold of
+    groups (source images), a head refit on the other folds (plus every context window, when given)
+    predicts the fold's tiles; row ``i`` is the mean predicted probability vector of the tiles of class ``i``
+    (:meth:`~wsi_pipeline.tme.classifier.TissueClassifier.correct_areas` inverts it)."""
+    from sklearn.model_selection import GroupKFold
+
+    from wsi_pipeline.tme.classifier import TissueClassifier
+
+    oof = np.zeros((len(x), n_cls), np.float32)
+    n_folds = min(folds, len(np.unique(groups)))
+    for tr, te in GroupKFold(n_folds).split(x, y, groups):
+        xs, ts, sw = x[tr], np.eye(n_cls, dtype=np.float32)[y[tr]], None
+        if context is not None and len(context.features):
+            xs = np.concatenate([xs, context.features])
+            ts = np.concatenate([ts, context.fractions])
+            sw = np.concatenate([np.full(len(tr), 1.0 / len(tr)), np.full(len(context.features),
+                                                                         context_weight / len(context.features))])
+        state = fit_head(xs, ts, n_cls, sample_weight=sw, **hp)
+        head = TissueClassifier([str(i) for i in range(n_cls)], "", x.shape[1], 1.0, head=hp["head"],
+                                hidden=hp["hidden"], state=state)
+        oof[te] = head.predict_proba(x[te])
+    return np.stack([oof[y == c].mean(axis=0) if np.any(y == c) else np.eye(n_cls)[c] for c in range(n_cls)])
+
+
+def run_tissue_train(
     cfg: TissueTrainConfig, progress: Callable[[int, int], None] | None = None
 ) -> TissueClassifier:
     """Train, evaluate on held-out source images and save a tissue classifier (see module docstring)."""
-    import torch
-
-    from wsi_pipeline.encoders import create_encoder
     from wsi_pipeline.encoders.base import resolve_device
+    from wsi_pipeline.encoders.registry import create_encoder
     from wsi_pipeline.tiles.folders import load_labelled_folder, read_rgb
     from wsi_pipeline.tiles.split import source_split
     from wsi_pipeline.tiles.transform import choose_fit, scaled_size
@@ -130,7 +197,6 @@ def train_tissue_classifier(
              len(tiles.class_names), int((~is_test).sum()), int(is_test.sum()),
              [c for c, m in split.mode.items() if m == "tile"] or "none")
     device = str(resolve_device(cfg.device))
-    torch.manual_seed(0)  # a random-init encoder (plumbing) is then the same one `wsi tme` rebuilds
     encoder = create_encoder(cfg.encoder or None, cfg.weights, device=device)
     meta = encoder.meta
     fit = choose_fit(encoder)
@@ -146,7 +212,17 @@ def train_tissue_classifier(
     n_cls = len(tiles.class_names)
     hp = {"head": cfg.head, "hidden": cfg.hidden, "epochs": cfg.epochs, "lr": cfg.lr,
           "weight_decay": cfg.weight_decay, "seed": cfg.seed}
-    state = fit_head(feats[~is_test], y[~is_test], n_cls, **hp)
+    context: dict[str, Any] = {}
+    ctx_train = None
+    x_fit, t_fit, w_fit = feats[~is_test], np.eye(n_cls, dtype=np.float32)[y[~is_test]], None
+    if cfg.context_mosaics:
+        ctx_train, context = _context(cfg, encoder, tiles, ~is_test, cfg.context_mosaics, cfg.seed, fit)
+        n1, n2 = len(x_fit), len(ctx_train.features)
+        x_fit = np.concatenate([x_fit, ctx_train.features])
+        t_fit = np.concatenate([t_fit, ctx_train.fractions])
+        w_fit = np.concatenate([np.full(n1, 1.0 / n1), np.full(n2, cfg.context_weight / max(1, n2))])
+        log.info("%d context windows of %d training mosaics (%s)", n2, cfg.context_mosaics, context["method"])
+    state = fit_head(x_fit, t_fit, n_cls, sample_weight=w_fit, **hp)
     first = read_rgb(tiles.paths[0])
     tile_um = first.shape[1] * cfg.mpp
     clf = TissueClassifier(
@@ -162,6 +238,19 @@ def train_tissue_classifier(
         "train_balanced_accuracy": train_rep["balanced_accuracy"],
         "colour_baseline_held_out": baseline,
     }
+    if cfg.area_correction:
+        mode = [split.mode[tiles.class_names[c]] for c in y]
+        groups = np.array([str(s) if m == "source" else str(p) for s, m, p in zip(tiles.sources, mode, tiles.paths,
+                                                                                   strict=True)])
+        tr = ~is_test
+        matrix = area_confusion_cv(feats[tr], y[tr], groups[tr], n_cls, hp, ctx_train, cfg.context_weight)
+        clf.area_correction = {"method": "soft-confusion", "matrix": np.round(matrix, 5).tolist(),
+                               "estimated_on": "4-fold cross-validation over the training source images (tiles); "
+                                               "each fold's head refit with every context window"}
+    if cfg.context_mosaics:
+        n_eval = max(2, cfg.context_mosaics // 4)
+        ctx_test, _ = _context(cfg, encoder, tiles, is_test, n_eval, cfg.seed + 1, fit)
+        clf.metrics["held_out_context"] = context_report(clf, ctx_test, n_eval)
     fit_idx = np.flatnonzero(~is_test)
     if cfg.final_fit_all:
         clf.state = fit_head(feats, y, n_cls, **hp)
@@ -176,6 +265,7 @@ def train_tissue_classifier(
         "n_test": int(is_test.sum()),
         "split": _split_summary(cfg, tiles, split, fit_idx),
         "fit_on": "train+test" if cfg.final_fit_all else "train",
+        "context": context,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("out",)},
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -19,6 +19,10 @@
     legendTicks: document.getElementById("legend-ticks"),
     legendLabel: document.getElementById("legend-label"),
     topk: document.getElementById("topk"),
+    tmeSection: document.getElementById("tme-section"),
+    tmeToggle: document.getElementById("tme-toggle"),
+    tmeLegend: document.getElementById("tme-legend"),
+    tmePhenotype: document.getElementById("tme-phenotype"),
     bottomk: document.getElementById("bottomk"),
   };
 
@@ -34,6 +38,8 @@
     frame: 0,
     overlay: { img: null, url: "", ok: false },
     showOverlay: false,
+    tme: { img: null, ok: false },  // the TME tissue-class raster (info.tme)
+    showTme: false,
     opacity: 0.5,
     channel: null,       // channel object of info.channels
     tileData: null,      // /api/slides/<id>/tiles
@@ -200,6 +206,16 @@
       ctx.drawImage(st.overlay.img, sx, sy, g.width * g.cell_l0 * st.zoom, g.height * g.cell_l0 * st.zoom);
       ctx.restore();
     }
+    const tmeReady = !st.showTme || st.tme.ok;
+    if (st.showTme && st.tme.ok) {
+      const t = st.info.tme;
+      const [sx, sy] = toScreen(t.origin_l0[0], t.origin_l0[1]);
+      ctx.save();
+      ctx.globalAlpha = st.opacity;
+      ctx.imageSmoothingEnabled = false;
+      ctx.drawImage(st.tme.img, sx, sy, t.width * t.cell_l0 * st.zoom, t.height * t.cell_l0 * st.zoom);
+      ctx.restore();
+    }
     if (st.highlight !== null && st.tileData) {
       const i = st.highlight, s = st.tileData.tile_size_l0;
       const [sx, sy] = toScreen(st.tileData.x[i], st.tileData.y[i]);
@@ -208,7 +224,7 @@
       ctx.strokeRect(sx, sy, s * st.zoom, s * st.zoom);
     }
     evictTiles();
-    st.ready = missing === 0 && ovReady;
+    st.ready = missing === 0 && ovReady && tmeReady;
     document.body.dataset.ready = st.ready ? "1" : "0";
     const mpp = st.info && st.info.mpp;
     statusEl.textContent = `level ${target}/${st.dz.maxLevel} · ${(st.zoom).toFixed(3)} px per level-0 px` +
@@ -383,6 +399,35 @@
     new ResizeObserver(resize).observe(canvas);
   }
 
+  // ------------------------------------------------------------------ the TME tissue-class map
+  function setupTme() {
+    const t = st.info.tme;
+    if (!t) return;
+    ui.tmeSection.hidden = false;
+    ui.tmePhenotype.textContent = t.phenotype ? `immune phenotype: ${t.phenotype}` : "";
+    ui.tmePhenotype.title = t.reason || "";
+    for (const c of t.classes) {
+      const li = document.createElement("li");
+      const sw = document.createElement("span");
+      sw.className = "swatch";
+      sw.style.background = c.color;
+      li.appendChild(sw);
+      li.appendChild(document.createTextNode(` ${c.name}` + (c.share === null ? "" : ` ${(100 * c.share).toFixed(0)}%`)));
+      ui.tmeLegend.appendChild(li);
+    }
+    ui.tmeToggle.addEventListener("change", () => {
+      st.showTme = ui.tmeToggle.checked;
+      if (st.showTme && !st.tme.img) {
+        const img = new Image();
+        st.tme = { img, ok: false };
+        img.onload = () => { st.tme.ok = true; scheduleDraw(); };
+        img.onerror = () => { statusEl.textContent = "tissue-class map failed to load"; };
+        img.src = t.overlay;
+      }
+      scheduleDraw();
+    });
+  }
+
   function formatPrediction(pred) {
     const parts = [];
     for (const [k, v] of Object.entries(pred || {})) {
@@ -407,11 +452,13 @@
     ui.toggle.disabled = ui.channel.disabled = !info.channels.length;
     st.opacity = ui.opacity.value / 100;
     bindInput();
+    setupTme();
     resize();
     fitView();
     if (info.channels.length) {
       st.tileData = await (await fetch(info.tiles)).json();
       st.buckets = buildIndex(st.tileData);
+      ui.toggle.checked = st.showOverlay = true;  // a model's scores exist: show the first target's overlay
       selectChannel();
     }
     scheduleDraw();

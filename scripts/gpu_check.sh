@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Issue #19's GPU check, in one go on a fresh GPU machine (run from the repository root; writes under $OUT):
+#   1. installs the carried wheels (scripts/gpu_wheels.sh) that the machine lacks;
+#   2. runs `scripts/bench_extract.py --suite gpu` (builds a 24000x18000 bench slide; device-decode check,
+#      reader table per decode mode, resnet50-trunc / ViT-B/16 / ViT-L/16 model-only vs end-to-end with the
+#      loop breakdown and GPU busy, whole-process `wsi extract` tiles/s and main-process peak RSS at 14
+#      reader processes). Figures go to $OUT/bench/gpu_suite.json part by part (a failing part keeps the
+#      others), the tables to $OUT/bench/gpu_suite.md; the log to $OUT/suite.log.
+# Usage: bash scripts/gpu_check.sh [--quick]      (--quick: a small slide, a smoke test; works on CPU too)
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT/bench"
+PY=${PYTHON:-python3}
+{
+  date; nproc; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+  $PY -c "import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.cuda.is_available())"
+} > "$OUT/env.txt" 2>&1
+if compgen -G ".gpu_wheels/*.whl" > /dev/null; then
+  $PY -m pip install --no-deps --no-index --quiet .gpu_wheels/*.whl >> "$OUT/env.txt" 2>&1 || echo "wheel install failed" >> "$OUT/env.txt"
+fi
+$PY -c "import openslide, simplejpeg, imagecodecs; print('openslide', openslide.__version__, openslide.__library_version__, 'simplejpeg', simplejpeg.__version__)" >> "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 WSI_BENCH_DIR=/tmp/wsi_bench
+timeout "${SUITE_TIMEOUT:-470}" $PY scripts/bench_extract.py --suite gpu --out "$OUT/bench" --work /tmp/wsi_bench "$@" \
+  2>&1 | grep -v -e "DeprecationWarning" -e "warnings.warn" | tee "$OUT/suite.log"
+echo "suite exit: ${PIPESTATUS[0]}" | tee -a "$OUT/suite.log"

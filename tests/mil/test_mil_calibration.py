@@ -1,0 +1,164 @@
+"""Post-hoc calibrators (wsi_pipeline.mil.calibration): a miscalibrated score becomes calibrated on held-out
+data, cross-fitting is not in-sample, the recorded form round-trips, and the ECE metric."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from wsi_pipeline.errors import ConfigError, FormatError
+from wsi_pipeline.evaluate.metrics import calibration_slope_intercept, ece, reliability_bins
+from wsi_pipeline.mil.calibration import (
+    balanced_threshold,
+    calibrator_from_dict,
+    create_calibrator,
+    cross_fit,
+    fit_calibrator,
+    list_calibrators,
+    member_stats,
+    resolve_method,
+    standardize,
+)
+from wsi_pipeline.mil.targets import TargetSpec
+
+BIN = TargetSpec("response", "binary", classes=["0", "1"])
+MULTI = TargetSpec("phenotype", "multiclass", classes=["a", "b", "c"])
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-z))
+
+
+def _binary(n: int, rng: np.random.Generator, scale: float = 3.0, shift: float = 1.5):
+    """True probability σ(z); the model's score σ(3z + 1.5): over-confident and biased upwards."""
+    z = rng.normal(0, 1.5, n)
+    y = (rng.random(n) < _sigmoid(z)).astype(int)
+    return _sigmoid(scale * z + shift), y, _sigmoid(z)
+
+
+def test_platt_calibrates_a_scaled_and_shifted_score_on_held_out_data():
+    rng = np.random.default_rng(0)
+    raw, y, _ = _binary(600, rng)
+    raw_te, y_te, true_te = _binary(20000, rng)
+    slope0, icpt0 = calibration_slope_intercept(y_te, raw_te)
+    assert ece(y_te, raw_te)[0] > 0.15 and slope0[0] < 0.45 and icpt0[0] < -0.7  # badly calibrated before
+    cal = fit_calibrator("platt", BIN, raw, y)
+    p = cal(raw_te)
+    slope, icpt = calibration_slope_intercept(y_te, p)
+    # bounds: a few standard errors of a fit on 600 samples (intercept SE ≈ 0.1)
+    assert ece(y_te, p)[0] < 0.04
+    assert slope[0] == pytest.approx(1.0, abs=0.12) and icpt[0] == pytest.approx(0.0, abs=0.25)
+    assert np.abs(p - true_te).mean() < 0.04 < 0.15 < np.abs(raw_te - true_te).mean()
+    assert cal.params["b"] == pytest.approx(1 / 3, abs=0.06) and cal.params["a"] == pytest.approx(-0.5, abs=0.25)
+
+
+def test_temperature_fixes_spread_but_not_bias_and_isotonic_fixes_both():
+    rng = np.random.default_rng(1)
+    raw, y, _ = _binary(800, rng, scale=3.0, shift=0.0)  # over-confident only
+    raw_te, y_te, _ = _binary(20000, rng, scale=3.0, shift=0.0)
+    t = fit_calibrator("temperature", BIN, raw, y)
+    assert t.params["temperature"] == pytest.approx(3.0, rel=0.15)
+    assert ece(y_te, t(raw_te))[0] < 0.03 < ece(y_te, raw_te)[0]
+    raw, y, _ = _binary(800, rng)  # scaled and shifted: temperature cannot move the intercept
+    raw_te, y_te, _ = _binary(20000, rng)
+    t = fit_calibrator("temperature", BIN, raw, y)
+    iso = fit_calibrator("isotonic", BIN, raw, y)
+    assert abs(calibration_slope_intercept(y_te, t(raw_te))[1][0]) > 0.3
+    assert ece(y_te, iso(raw_te))[0] < 0.04
+    assert np.all(np.diff(iso(np.linspace(0, 1, 101))) >= 0)  # monotone
+
+
+def test_multiclass_temperature_and_isotonic():
+    rng = np.random.default_rng(2)
+
+    def draw(n):
+        z = rng.normal(0, 1, (n, 3))
+        p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        y = np.array([rng.choice(3, p=q) for q in p])
+        raw = np.exp(3 * z) / np.exp(3 * z).sum(1, keepdims=True)
+        return raw, y, p
+
+    raw, y, _ = draw(800)
+    raw_te, _, true_te = draw(4000)
+    t = fit_calibrator(resolve_method("auto", MULTI), MULTI, raw, y)
+    assert t.method == "temperature" and t.params["temperature"] == pytest.approx(3.0, rel=0.15)
+    pt = t(raw_te)
+    np.testing.assert_allclose(pt.sum(1), 1, atol=1e-9)
+    np.testing.assert_array_equal(pt.argmax(1), raw_te.argmax(1))  # temperature keeps the arg-max
+    assert np.abs(pt - true_te).mean() < 0.03 < np.abs(raw_te - true_te).mean()
+    iso = fit_calibrator("isotonic", MULTI, raw, y)
+    pi = iso(raw_te)
+    np.testing.assert_allclose(pi.sum(1), 1, atol=1e-9)
+    assert np.abs(pi - true_te).mean() < np.abs(raw_te - true_te).mean() / 2
+
+
+def test_cross_fitting_is_not_in_sample():
+    """Each fold model's scores are standardised by its own OOF predictions (no label), then fold k is
+    recalibrated by a calibrator fitted on the other folds only: changing fold 0's labels changes the
+    recorded calibrator and the other folds' calibrated values, never fold 0's own."""
+    rng = np.random.default_rng(3)
+    fold = np.arange(300) % 3
+    z_true = rng.normal(0, 1.5, 300)
+    y = (rng.random(300) < _sigmoid(z_true)).astype(int)
+    raw = _sigmoid(np.array([1.0, 3.0, 1.0])[fold] * z_true + 0.5)  # fold model 1 has 3× the others' scale
+    crossed, final = cross_fit("platt", BIN, raw, y.astype(float), fold)
+    stats = [member_stats(raw[fold == k], multiclass=False) for k in range(3)]
+    assert stats[1][1] == pytest.approx(3 * stats[0][1], rel=0.2)
+    assert final.center == pytest.approx([c for c, _ in stats]) and final.scale == pytest.approx([v for _, v in stats])
+    z = np.empty_like(raw)
+    for k in range(3):
+        z[fold == k] = standardize(raw[fold == k], *stats[k], multiclass=False)
+    for k in range(3):
+        alone = fit_calibrator("platt", BIN, z[fold != k], y[fold != k])
+        np.testing.assert_allclose(crossed[fold == k], alone(z[fold == k]), rtol=1e-9)
+        # the recorded calibrator standardises fold model k's raw scores itself
+        np.testing.assert_allclose(final(raw[fold == k], member=k), final.inner(z[fold == k]), rtol=1e-9)
+    np.testing.assert_allclose(final.params["a"], fit_calibrator("platt", BIN, z, y).params["a"])
+    flipped = y.astype(float).copy()
+    flipped[fold == 0] = 1 - flipped[fold == 0]
+    crossed2, final2 = cross_fit("platt", BIN, raw, flipped, fold)
+    np.testing.assert_allclose(crossed2[fold == 0], crossed[fold == 0], rtol=1e-12)
+    assert not np.allclose(crossed2[fold == 1], crossed[fold == 1])
+    assert final2.params != final.params
+    # unlabelled rows are recalibrated but never fitted on
+    y_nan = y.astype(float).copy()
+    y_nan[:10] = np.nan
+    crossed3, _ = cross_fit("platt", BIN, raw, y_nan, fold)
+    assert np.isfinite(crossed3).all()
+
+
+def test_recorded_form_round_trips_and_unknown_methods_are_refused():
+    rng = np.random.default_rng(4)
+    raw, y, _ = _binary(200, rng)
+    assert set(list_calibrators()) == {"isotonic", "none", "platt", "temperature"}
+    for method in ("platt", "temperature", "isotonic", "none"):
+        cal = fit_calibrator(method, BIN, raw, y)
+        back = calibrator_from_dict(cal.to_dict())
+        np.testing.assert_allclose(back(raw), cal(raw))
+    with pytest.raises(FormatError, match="unreadable calibrator"):
+        calibrator_from_dict({"method": "magic", "params": {}})
+    with pytest.raises(ConfigError, match="--calibration 'magic'"):
+        resolve_method("magic", BIN)
+    with pytest.raises(ConfigError, match="binary"):
+        create_calibrator("platt", multiclass=True).fit(np.full((4, 3), 1 / 3), np.arange(4) % 3)
+    assert resolve_method("platt", MULTI) == "temperature" and resolve_method("auto", BIN) == "platt"
+    # one class only: nothing to calibrate against, left as it is
+    assert fit_calibrator("platt", BIN, raw[:5], np.ones(5)).method == "none"
+    # separated scores still give finite, monotone parameters (Platt's smoothed targets)
+    sep = fit_calibrator("platt", BIN, np.r_[np.full(20, 0.01), np.full(20, 0.99)], np.r_[np.zeros(20), np.ones(20)])
+    assert np.isfinite(sep.params["a"]) and 0 < sep.params["b"] < 5
+    # scores that rank the wrong way are not inverted: the calibrated probability is the base rate
+    flat = fit_calibrator("platt", BIN, np.linspace(0.1, 0.9, 20), np.r_[np.ones(10), np.zeros(10)])
+    assert flat.params["b"] == 0 and np.allclose(flat(np.array([0.1, 0.9])), 0.5)
+
+
+def test_ece_reliability_and_the_balanced_threshold():
+    y = np.array([0, 0, 1, 1, 1, 0])
+    p = np.array([0.05, 0.15, 0.95, 0.85, 0.55, 0.45])
+    # bins: [0,.1): p .05 y 0; [.1,.2): .15/0; [.4,.5): .45/0; [.5,.6): .55/1; [.8,.9): .85/1; [.9,1]: .95/1
+    assert ece(y, p)[0] == pytest.approx((0.05 + 0.15 + 0.45 + 0.45 + 0.15 + 0.05) / 6)
+    w = np.array([[1, 1, 1, 1, 1, 1], [2, 0, 1, 1, 1, 1.0]])
+    assert ece(y, p, w)[1] == pytest.approx((2 * 0.05 + 0.45 + 0.45 + 0.15 + 0.05) / 6)
+    rb = reliability_bins(y, p)
+    assert rb["n"] == [1, 1, 1, 1, 1, 1] and rb["observed"] == [0, 0, 0, 1, 1, 1]
+    assert balanced_threshold(np.array([0.2, 0.4, np.nan])) == pytest.approx(0.3)

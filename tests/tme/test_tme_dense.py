@@ -1,0 +1,199 @@
+"""The dense TME map: window geometry, overlap-add, fully convolutional windows against per-window
+classification, invariance to where the grid falls, area corrections, class polygons for QuPath.
+
+Real components: kather16 tiles in a pyramid TIFF written by the synth generator, the real tiler and tile
+reader, the shipped demo encoder and tissue classifier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi_pipeline.formats import api as F
+from wsi_pipeline.tme.dense import box_sum_valid, needed_windows, overlap_add
+
+T, S, L, E = 0, 1, 3, 7  # kather16 class indices: 01_TUMOR, 02_STROMA, 04_LYMPHO, 08_EMPTY
+# an inflamed layout: lymphocytes inside a tumour nest, stroma around, glass frame
+LAYOUT = np.array([
+    [E, E, E, E, E, E, E, E],
+    [E, S, S, S, S, S, S, E],
+    [E, S, T, T, T, T, S, E],
+    [E, S, T, L, L, T, S, E],
+    [E, S, T, L, T, T, S, E],
+    [E, S, T, T, T, T, S, E],
+    [E, S, S, S, S, S, S, E],
+    [E, E, E, E, E, E, E, E],
+])
+
+
+def test_window_index_grid_and_overlap_add() -> None:
+    area = np.zeros((3, 4), bool)
+    area[1, 2] = True
+    need = needed_windows(area, 2)  # window t covers cells t-1 … t
+    assert need.shape == (4, 5)
+    assert set(map(tuple, np.argwhere(need))) == {(1, 2), (1, 3), (2, 2), (2, 3)}
+    x = np.arange(20, dtype=float).reshape(4, 5)
+    assert box_sum_valid(x, 2)[1, 2] == x[1:3, 2:4].sum()
+    # each map cell is the mean of the windows covering it: window probabilities equal to their index
+    probs = np.stack([x, 100 - x], axis=-1)
+    done = np.ones(x.shape, bool)
+    m = overlap_add(probs, done, 2)
+    assert m.shape == (3, 4, 2)
+    np.testing.assert_allclose(m[1, 2, 0], x[1:3, 2:4].mean())
+    done[2, 3] = False  # a missing window is left out of the mean
+    np.testing.assert_allclose(overlap_add(probs, done, 2)[1, 2, 0], (x[1, 2] + x[1, 3] + x[2, 2]) / 3)
+
+
+def _mosaic_slide(root: Path, kather_dir: Path, offset: tuple[int, int], name: str) -> Path:
+    """LAYOUT in kather16 test-split tiles (fixed picks), shifted by ``offset`` px of white glass."""
+    from wsi_pipeline.synth.pyramid import array_painter, write_pyramid_tiff
+    from wsi_pipeline.tiles.folders import load_labelled_folder, read_rgb
+
+    tiles = load_labelled_folder(kather_dir)
+    rng = np.random.default_rng(3)
+    pick = {c: rng.choice(np.flatnonzero(tiles.labels == c), LAYOUT.size) for c in np.unique(LAYOUT)}
+    img = np.full((LAYOUT.shape[0] * 150 + offset[1], LAYOUT.shape[1] * 150 + offset[0], 3), 255, np.uint8)
+    for k, ((r, c), cls) in enumerate(np.ndenumerate(LAYOUT)):
+        y, x = offset[1] + r * 150, offset[0] + c * 150
+        img[y:y + 150, x:x + 150] = read_rgb(tiles.paths[pick[cls][k]])
+    return write_pyramid_tiff(root / f"{name}.svs", array_painter(img), (img.shape[1], img.shape[0]), mpp=0.495,
+                              downsamples=(1, 4))
+
+
+@pytest.fixture(scope="module")
+def shifted_runs(tmp_path_factory: pytest.TempPathFactory, kather_dir: Path) -> dict[str, Path]:
+    """One mosaic at three origins, each tiled with the defaults (224 px at 0.5 µm/px) and read by `wsi tme`
+    with the shipped classifier (dense footprint)."""
+    from wsi_pipeline.config import TilingConfig
+    from wsi_pipeline.tiling.stage import run_tile
+    from wsi_pipeline.tme.config import TMEConfig
+    from wsi_pipeline.tme.run import run_tme
+
+    root = tmp_path_factory.mktemp("dense")
+    runs = {}
+    for name, offset in (("origin", (0, 0)), ("shift37", (37, 91)), ("shift113", (113, 20))):
+        slide = _mosaic_slide(root / "slides", kather_dir, offset, name)
+        run = root / f"run-{name}"
+        assert run_tile([slide], run, TilingConfig(min_tissue=0.05).validate(), workers=0).ok
+        summary = run_tme(run, TMEConfig(device="cpu", write_png=True, write_geojson=True))
+        assert summary.ok, summary.failed
+        runs[name] = run
+    return runs
+
+
+def test_dense_map_is_stored_with_its_geometry(shifted_runs: dict[str, Path]) -> None:
+    from wsi_pipeline.runfolder.layout import RunLayout
+
+    layout = RunLayout(shifted_runs["origin"])
+    dense = F.read_tme_dense(layout.tme_h5("origin"))
+    xy, probs, attrs = F.read_tme_h5(layout.tme_h5("origin"))
+    tiles = F.read_tiles_h5(layout.tiles_h5("origin"))
+    assert dense is not None and dense.method == "fcn" and attrs["feature_source"] == "slide-dense-fcn"
+    assert dense.cell_um == pytest.approx(16.0) and dense.window_um == pytest.approx(80.0)
+    assert dense.origin_l0 == (float(tiles.l0_xy[:, 0].min()), float(tiles.l0_xy[:, 1].min()))
+    assert dense.cell_l0 == pytest.approx(16.0 / 0.495)
+    assert dense.probs.shape[:2] == dense.area.shape and dense.area.mean() > 0.5
+    np.testing.assert_allclose(dense.probs[dense.area].sum(-1), 1.0, atol=2e-3)  # float16 storage
+    np.testing.assert_array_equal(xy, tiles.l0_xy)  # per RUN tile: the mean of its cells
+    assert probs.shape == (len(tiles), 8) and np.allclose(probs.sum(1), 1.0, atol=2e-3)
+
+
+def test_fcn_windows_agree_with_per_window_classification(shifted_runs: dict[str, Path]) -> None:
+    """The fully convolutional window probabilities against the same windows read and embedded one by one:
+    padding and receptive field differ, the classes mostly do not."""
+    from wsi_pipeline.runfolder.layout import RunLayout
+    from wsi_pipeline.tme.classifier import load_classifier
+    from wsi_pipeline.tme.dense import fcn_window_agreement
+    from wsi_pipeline.tme.run import create_classifier_encoder
+
+    layout = RunLayout(shifted_runs["shift37"])
+    tiles = F.read_tiles_h5(layout.tiles_h5("shift37"))
+    clf = load_classifier(None)
+    enc = create_classifier_encoder(clf, None, "cpu")
+    a = fcn_window_agreement(tiles.attrs[F.A_SLIDE_PATH], tiles, enc, clf, n_windows=48, seed=0)
+    assert a["n_windows"] == 48 and a["read_um"] == pytest.approx(74.0)
+    assert a["prob_mae"] < 0.08, a
+    assert a["argmax_agreement"] >= 0.6, a
+
+
+def test_read_out_does_not_depend_on_where_the_grid_falls(shifted_runs: dict[str, Path]) -> None:
+    import pandas as pd
+
+    rows = {k: pd.read_csv(Path(r) / "tme.csv").iloc[0] for k, r in shifted_runs.items()}
+    truth_til = float((LAYOUT == L).sum() / (LAYOUT != E).sum())
+    for name, row in rows.items():
+        assert row["footprint"] == "dense"
+        assert row["immune_phenotype"] == "inflamed", (name, row["phenotype_reason"])
+        assert "lymph_density_tumour=" in row["phenotype_reason"] and "inflamed_min_tumour_density" in \
+            row["phenotype_reason"]
+    tils = np.array([r["til_fraction"] for r in rows.values()])
+    assert np.ptp(tils) < 0.02, tils  # moving the origin moves the TIL fraction by less than 2 points
+    assert np.all(np.abs(tils - truth_til) < 0.05), (tils, truth_til)
+    tumour = np.array([r["area_frac_tumor"] for r in rows.values()])
+    assert np.ptp(tumour) < 0.04, tumour
+
+
+def test_class_polygons_are_valid_qupath_geojson(shifted_runs: dict[str, Path]) -> None:
+    from wsi_pipeline.runfolder.layout import RunLayout
+
+    layout = RunLayout(shifted_runs["shift113"])
+    fc = F.read_geojson(layout.tme_geojson("shift113"))
+    F.check_feature_collection(fc)
+    dense = F.read_tme_dense(layout.tme_h5("shift113"))
+    top = np.where(dense.area, dense.probs.argmax(-1), -1)
+    by_name = {f["properties"]["name"]: f for f in fc["features"]}
+    assert "01_TUMOR" in by_name and "tumour_region" in by_name
+    tumour = by_name["01_TUMOR"]
+    assert tumour["geometry"]["type"] == "MultiPolygon" and tumour["properties"]["objectType"] == "annotation"
+    assert tumour["properties"]["classification"]["name"] == "01_TUMOR"
+    # the polygons cover the tumour cells of the map: their area (shoelace, holes negative) ≈ the cell area
+    area_l0 = 0.0
+    for poly in tumour["geometry"]["coordinates"]:
+        for ring in poly:
+            a = np.asarray(ring, float)
+            area_l0 += 0.5 * float(np.dot(a[:-1, 0], a[1:, 1]) - np.dot(a[1:, 0], a[:-1, 1]))
+    cells = float((top == 0).sum()) * dense.cell_l0 ** 2
+    assert area_l0 == pytest.approx(cells, rel=0.1)
+    assert tumour["properties"]["measurements"]["area_um2"] == pytest.approx((top == 0).sum() * dense.cell_um ** 2)
+    # polygons lie on the slide, in level-0 pixels
+    pts = np.concatenate([np.asarray(r, float) for p in tumour["geometry"]["coordinates"] for r in p])
+    assert pts.min() >= dense.origin_l0[0] - 1 and pts[:, 0].max() <= dense.origin_l0[0] + dense.area.shape[1] * \
+        dense.cell_l0 + 1
+
+
+def test_soft_adjusted_areas_undo_a_known_confusion() -> None:
+    from wsi_pipeline.tme.classifier import soft_adjusted_areas
+
+    m = np.array([[0.8, 0.2, 0.0], [0.3, 0.6, 0.1], [0.0, 0.1, 0.9]])  # row: true class → mean predicted
+    true = np.array([50.0, 30.0, 20.0])
+    expected = m.T @ true  # what the map's probabilities add up to
+    np.testing.assert_allclose(soft_adjusted_areas(m, expected), true, rtol=1e-6)
+    np.testing.assert_allclose(soft_adjusted_areas(np.eye(3), expected), expected, rtol=1e-6)
+    out = soft_adjusted_areas(m, np.array([0.0, 10.0, 0.0]))  # never negative, same total
+    assert np.all(out >= 0) and out.sum() == pytest.approx(10.0)
+
+
+def test_map_metrics_use_expected_areas_and_the_correction() -> None:
+    from wsi_pipeline.tme.config import ClassRoles, SpatialConfig
+    from wsi_pipeline.tme.spatial import map_metrics
+
+    names = ["01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA", "07_ADIPOSE", "08_EMPTY"]
+    roles = ClassRoles().resolve(names)
+    probs = np.zeros((20, 20, 8))
+    probs[..., 1] = 1.0  # stroma
+    probs[5:15, 5:15] = 0.0
+    probs[5:15, 5:15, 0] = 0.7  # a tumour nest, each cell 30 % lymphocytes by probability
+    probs[5:15, 5:15, 3] = 0.3
+    area = np.ones((20, 20), bool)
+    m, comp = map_metrics(probs, area, names, roles, 16.0, 74.0, SpatialConfig())
+    assert comp.tumour_region[5:15, 5:15].all() and not comp.tumour_region[0, 0]
+    assert m["area_frac_lympho"] == pytest.approx(0.3 * 100 / 400)  # expected areas, not votes (0 by argmax)
+    assert m["lymph_density_tumour"] == pytest.approx(0.3)
+    assert m["n_tumour_tiles"] == pytest.approx(100 * (16 / 74) ** 2, rel=0.01)
+    doubled, _ = map_metrics(probs, area, names, roles, 16.0, 74.0, SpatialConfig(),
+                             correct=lambda v: v * np.where(np.arange(8) == 3, 2.0, 1.0))
+    # the correction applies to the slide's composition; the compartment densities stay expected areas
+    assert doubled["til_fraction"] == pytest.approx(60 / 430) and doubled["til_fraction_soft"] == pytest.approx(0.075)
+    assert doubled["lymph_density_tumour"] == pytest.approx(0.3)

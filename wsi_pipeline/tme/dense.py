@@ -1,0 +1,424 @@
+"""Dense tissue maps: the classifier over overlapping windows of its own field of view, combined into a
+class-probability map at a fixed physical resolution, independent of where the RUN's tile grid falls.
+
+Geometry (all from the classifier and its encoder; nothing depends on the RUN tiling)
+------------------------------------------------------------------------------------
+* **map cell**: ``cell_px`` pixels at the classifier's µm/px. For a convolutional encoder it is the trunk's
+  output stride (resnet10t: 32 px = 16 µm at 0.5 µm/px); otherwise half the field of view.
+* **window**: ``window_cells`` × ``window_cells`` map cells, the cell count closest to the classifier's field
+  of view (``tile_um``: 148 px → 5 cells = 160 px), one window per map cell (stride = one cell, ≤ half the
+  field of view). Window ``(a, b)`` covers map cells ``a … a+k-1`` × ``b … b+k-1``.
+* **map** (:class:`wsi_pipeline.formats.h5.TMEDenseMap`): over the bounding box of the RUN tiles, anchored at its top-left corner; cell
+  ``(i, j)`` holds the mean of the class probabilities of every window that covers it (overlap-add), and
+  ``area`` marks the cells whose centre lies inside a RUN tile (the tiler's tissue).
+
+Two ways to get the window probabilities (:data:`METHODS`)
+----------------------------------------------------------
+* ``fcn`` (convolutional encoders with average pooling, e.g. the shipped resnet10t): the encoder's feature map
+  is computed once over large regions (``chunk`` windows a side, plus ``margin`` cells of context on every
+  side) read at the classifier's µm/px through the extraction reader
+  (:func:`wsi_pipeline.features.reader.open_tile_reader`); every window's feature is the average of the
+  pre-pool feature map over its k × k cells (what global average pooling does to a tile), and the tissue head
+  is applied to all of them at once. The encoder's per-tile stain standardisation, when it has one, slides
+  with the pixel (:meth:`wsi_pipeline.encoders.stain.ReinhardStandardize.forward_local`: each pixel mapped
+  with the moments of the field of view centred on it).
+* ``window``: each window read and embedded on its own, exactly as a training tile (any encoder, ViTs
+  included; :func:`window_probs_direct`). Also the reference that :func:`fcn_window_agreement` checks the
+  ``fcn`` result against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from wsi_pipeline.errors import ConfigError, TilesNotFoundError
+from wsi_pipeline.formats import api as F
+
+if TYPE_CHECKING:
+    from wsi_pipeline.encoders.base import Encoder
+    from wsi_pipeline.features.reader import TileReader
+    from wsi_pipeline.tme.classifier import TissueClassifier
+
+log = logging.getLogger(__name__)
+
+METHOD_FCN = "fcn"
+METHOD_WINDOW = "window"
+METHODS = ("auto", METHOD_FCN, METHOD_WINDOW)
+STAIN_BLOCK_PX = 8  # resolution of the sliding stain moments (px at the classifier's µm/px)
+
+
+@dataclass(frozen=True)
+class DenseGeometry:
+    """Map cell, window and region sizes in pixels at ``mpp`` (the classifier's µm/px)."""
+
+    mpp: float
+    cell_px: int
+    window_cells: int
+    window_px: int  # the classifier's field of view (a training tile), ≤ window_cells × cell_px
+    chunk: int = 24  # windows per region side (fcn)
+    margin: int = 2  # cells of context around a region's windows (fcn)
+    # the encoder's per-tile stain standardisation over a region (fcn): "local" (each pixel with the moments of
+    # the field of view centred on it: what a window's own standardisation does), "region" (one
+    # standardisation per region) or "none" (left out); measured in scripts/eval_tme.py --stain-modes
+    stain: str = "local"
+
+    @property
+    def cell_um(self) -> float:
+        return self.cell_px * self.mpp
+
+    @property
+    def window_um(self) -> float:
+        return self.window_cells * self.cell_px * self.mpp
+
+    @property
+    def region_px(self) -> int:
+        return (self.chunk + self.window_cells - 1 + 2 * self.margin) * self.cell_px
+
+
+def map_shape(dense: F.TMEDenseMap) -> tuple[int, int]:
+    return int(dense.probs.shape[0]), int(dense.probs.shape[1])
+
+
+# ---------------------------------------------------------------- geometry
+def fcn_capable(encoder: Encoder) -> bool:
+    """A convolutional trunk whose pooled output is the global average of ``forward_features``."""
+    from wsi_pipeline.encoders.meta import POOL_MODEL
+
+    trunk = encoder.trunk
+    pool = getattr(trunk, "global_pool", None)
+    pool_type = str(getattr(pool, "pool_type", ""))
+    return (encoder.is_cnn and encoder.meta.pool == POOL_MODEL and hasattr(trunk, "forward_features")
+            and pool_type in ("avg", "fast", "fastavg"))
+
+
+def feature_stride(encoder: Encoder, probe_px: int = 256) -> int:
+    """Input pixels per cell of the trunk's feature map (a probe forward pass)."""
+    import torch
+
+    with torch.inference_mode():
+        x = torch.zeros((1, 3, probe_px, probe_px), device=encoder.device)
+        out = encoder.trunk.forward_features(x)
+    return max(1, round(probe_px / int(out.shape[-1])))
+
+
+def classifier_method(clf: TissueClassifier, method: str) -> str:
+    """``auto`` → the way the classifier's context windows were computed in training (its windows are then
+    computed the same way on slides), else ``auto`` (by the encoder, :func:`resolve_method`)."""
+    if method != "auto":
+        return method
+    return str((clf.training.get("context") or {}).get("method") or "auto")
+
+
+def resolve_method(method: str, encoder: Encoder) -> str:
+    if method not in METHODS:
+        raise ConfigError(f"--dense-method must be one of {', '.join(METHODS)} (got {method!r})")
+    if method == "auto":
+        return METHOD_FCN if fcn_capable(encoder) else METHOD_WINDOW
+    if method == METHOD_FCN and not fcn_capable(encoder):
+        raise ConfigError(f"--dense-method fcn: encoder {encoder.meta.name} has no average-pooled convolutional "
+                          "feature map; use --dense-method window (or auto)")
+    return method
+
+
+def dense_geometry(clf: TissueClassifier, encoder: Encoder, method: str) -> DenseGeometry:
+    """Map cell and window for ``clf`` on ``encoder`` (see the module docstring)."""
+    if clf.tile_um <= 0:
+        raise ConfigError(f"the classifier {clf.path} does not record its field of view (tile_um); retrain it "
+                          "with `wsi tissue-train` or use --footprint tile")
+    window_px = max(2, round(clf.tile_um / clf.mpp))
+    if method == METHOD_FCN:
+        cell = feature_stride(encoder)
+        k = max(1, round(window_px / cell))
+    else:
+        k = 2  # stride half the field of view
+        cell = max(1, round(window_px / k))
+    return DenseGeometry(mpp=float(clf.mpp), cell_px=int(cell), window_cells=int(k),
+                         window_px=min(window_px, k * cell))
+
+
+def map_grid(tiles: F.TileSet, cell_l0: float) -> tuple[tuple[float, float], np.ndarray]:
+    """The map's origin (the RUN tiles' top-left corner) and its ``area`` mask: cells whose centre lies in a
+    RUN tile."""
+    xy = np.asarray(tiles.l0_xy, np.float64).reshape(-1, 2)
+    if not len(xy):
+        return (0.0, 0.0), np.zeros((0, 0), bool)
+    size = float(tiles.tile_size_l0)
+    origin = xy.min(axis=0)
+    span = xy.max(axis=0) + size - origin
+    w, h = (int(np.ceil(s / cell_l0 - 1e-9)) for s in span)
+    area = np.zeros((h, w), bool)
+    # cells whose centre (origin + (i + 0.5) · cell) lies in [x, x + size)
+    lo = np.ceil((xy - origin) / cell_l0 - 0.5 - 1e-9).astype(np.int64)
+    hi = np.ceil((xy - origin + size) / cell_l0 - 0.5 - 1e-9).astype(np.int64)  # exclusive
+    for (c0, r0), (c1, r1) in zip(lo, hi, strict=True):
+        area[max(r0, 0):min(r1, h), max(c0, 0):min(c1, w)] = True
+    return (float(origin[0]), float(origin[1])), area
+
+
+def box_sum_valid(x: np.ndarray, k: int) -> np.ndarray:
+    """Sum over every k × k block of the first two axes (``out[i, j] = Σ x[i:i+k, j:j+k]``), shape
+    (H-k+1, W-k+1, ...)."""
+    c = np.cumsum(np.cumsum(np.asarray(x, np.float64), axis=0), axis=1)
+    c = np.pad(c, [(1, 0), (1, 0)] + [(0, 0)] * (c.ndim - 2))
+    return c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+
+
+def needed_windows(area: np.ndarray, k: int) -> np.ndarray:
+    """(H+k-1)×(W+k-1) mask over window indices: index ``t`` is the window whose first cell is ``t-(k-1)``
+    (it covers cells t-k+1 … t); True where it covers a cell of ``area``."""
+    padded = np.pad(np.asarray(area, np.float64), k - 1)
+    return box_sum_valid(padded, k) > 0.5
+
+
+def choose_chunk(need: np.ndarray, geo: DenseGeometry, sizes: range = range(16, 81, 4)) -> DenseGeometry:
+    """The region size (windows a side) that computes the fewest feature-map pixels for ``need``: every
+    region costs (chunk + window_cells − 1 + 2·margin)² cells and only regions with a needed window run."""
+    best, best_cost = geo.chunk, np.inf
+    for c in sizes:
+        hb, wb = -(-need.shape[0] // c), -(-need.shape[1] // c)
+        padded = np.zeros((hb * c, wb * c), bool)
+        padded[:need.shape[0], :need.shape[1]] = need
+        n = int(padded.reshape(hb, c, wb, c).any(axis=(1, 3)).sum())
+        cost = n * (c + geo.window_cells - 1 + 2 * geo.margin) ** 2
+        if cost < best_cost:
+            best, best_cost = c, cost
+    return dataclasses.replace(geo, chunk=best)
+
+
+def overlap_add(window_probs: np.ndarray, done: np.ndarray, k: int) -> np.ndarray:
+    """Map cell (i, j) = mean of the probabilities of the computed windows that cover it (window indices
+    i … i+k-1, see :func:`needed_windows`) → (H, W, C) float32, zeros where no window was computed."""
+    wp = box_sum_valid(np.where(done[..., None], window_probs, 0.0), k)
+    wt = box_sum_valid(done.astype(np.float64), k)
+    out = np.zeros(wp.shape, np.float32)
+    ok = wt > 1e-9
+    out[ok] = (wp[ok] / wt[ok][:, None]).astype(np.float32)
+    return out
+
+
+# ---------------------------------------------------------------- window probabilities
+def feature_map_net(encoder: Encoder) -> Any:
+    """The encoder trunk's ``forward_features`` as a module for inference, with batch norms folded into the
+    convolutions (``torch.fx`` fusion, ~20 % faster on CPU; the plain trunk when it cannot be traced)."""
+    import torch
+    from torch import nn
+
+    class _FeatureMap(nn.Module):
+        def __init__(self, trunk: nn.Module) -> None:
+            super().__init__()
+            self.trunk = trunk
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.trunk.forward_features(x)
+
+    net = _FeatureMap(encoder.trunk).eval()
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        fused = fuse(net)
+    except (torch.fx.proxy.TraceError, TypeError, RuntimeError, AttributeError, NotImplementedError) as e:
+        log.debug("%s: no fused feature map (%s); using the trunk as is", encoder.meta.name, e)
+        return net
+    if encoder.is_cnn:
+        fused = fused.to(memory_format=torch.channels_last)
+    return fused
+
+
+def region_feature_map(encoder: Encoder, region: np.ndarray, geo: DenseGeometry, precision: str,
+                       net: Any = None) -> Any:
+    """uint8 (S, S, 3) region at the encoder's µm/px → its pre-pool feature map (D, S/cell, S/cell), with the
+    encoder's stain standardisation sliding over the field of view (``net``: :func:`feature_map_net`)."""
+    import torch
+
+    from wsi_pipeline.encoders.base import autocast
+
+    x = encoder.preprocess(torch.from_numpy(np.require(region, requirements=["C", "W"]))[None], resize=False)
+    if encoder.stain is not None and geo.stain == "local":
+        x = encoder.stain.forward_local(x, geo.window_px, STAIN_BLOCK_PX)
+    elif encoder.stain is not None and geo.stain == "region":
+        x = encoder.stain(x)
+    if encoder.is_cnn:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(encoder.device, precision):
+        fmap = (net or encoder.trunk.forward_features)(x)
+    return fmap[0].float()
+
+
+def pooled_window_features(fmap: Any, k: int, margin: int, n: int) -> np.ndarray:
+    """Average of the feature map over every k × k block of cells of the n × n windows after ``margin``
+    cells → (n·n, D) row-major."""
+    import torch
+
+    core = fmap[:, margin:margin + n + k - 1, margin:margin + n + k - 1]
+    pooled = torch.nn.functional.avg_pool2d(core[None], k, stride=1)[0]
+    return pooled.permute(1, 2, 0).reshape(-1, pooled.shape[0]).cpu().numpy()
+
+
+def _chunk_l0(origin: tuple[float, float], cell_l0: float, a0: int, b0: int, offset_cells: float) -> np.ndarray:
+    return np.array([round(origin[0] + (b0 - offset_cells) * cell_l0),
+                     round(origin[1] + (a0 - offset_cells) * cell_l0)], np.int64)
+
+
+def fcn_window_features(read_region: Callable[[int, int], np.ndarray], encoder: Encoder, geo: DenseGeometry,
+                        need: np.ndarray, precision: str, net: Any = None) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Fully convolutional window features, region by region: for every block of ``geo.chunk`` × ``geo.chunk``
+    window indices with a needed window, ``read_region(a0, b0)`` gives the ``geo.region_px`` region whose
+    first window index is (a0, b0) (it starts ``window_cells - 1 + margin`` cells before that window's first
+    cell); yields (a0, b0, features (h, w, D)) cut to ``need``'s extent."""
+    import torch
+
+    net = net if net is not None else feature_map_net(encoder)
+    n, hw, ww = geo.chunk, need.shape[0], need.shape[1]
+    with torch.inference_mode():
+        for a0 in range(0, hw, n):
+            for b0 in range(0, ww, n):
+                block = need[a0:a0 + n, b0:b0 + n]
+                if not block.any():
+                    continue
+                fmap = region_feature_map(encoder, read_region(a0, b0), geo, precision, net)
+                feats = pooled_window_features(fmap, geo.window_cells, geo.margin, n).reshape(n, n, -1)
+                yield a0, b0, feats[:block.shape[0], :block.shape[1]]
+
+
+def window_probs_fcn(reader: TileReader, encoder: Encoder, clf: TissueClassifier, geo: DenseGeometry,
+                     origin: tuple[float, float], cell_l0: float, need: np.ndarray, precision: str,
+                     net: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Window probabilities by fully convolutional evaluation over regions read from the slide (see module
+    docstring). Returns (probs (Hw, Ww, C), done (Hw, Ww) bool) on the window index grid of
+    :func:`needed_windows`."""
+    offset = geo.window_cells - 1 + geo.margin
+    probs = np.zeros((*need.shape, clf.n_classes), np.float32)
+    done = np.zeros(need.shape, bool)
+
+    def read(a0: int, b0: int) -> np.ndarray:
+        return reader.read(_chunk_l0(origin, cell_l0, a0, b0, offset))
+
+    for a0, b0, feats in fcn_window_features(read, encoder, geo, need, precision, net):
+        h, w = feats.shape[:2]
+        probs[a0:a0 + h, b0:b0 + w] = clf.predict_proba(feats.reshape(h * w, -1)).reshape(h, w, -1)
+        done[a0:a0 + h, b0:b0 + w] = True
+    return probs, done
+
+
+def window_corners_l0(geo: DenseGeometry, origin: tuple[float, float], cell_l0: float,
+                      index: np.ndarray) -> np.ndarray:
+    """Level-0 top-left corners of the ``window_px`` reads centred in the k × k cells of windows at ``index``
+    ((n, 2) row, col on the window index grid)."""
+    k = geo.window_cells
+    inset = (k * geo.cell_px - geo.window_px) / 2.0 / geo.cell_px  # in cells
+    first = np.asarray(index, np.float64) - (k - 1) + inset
+    return np.stack([np.round(origin[0] + first[:, 1] * cell_l0), np.round(origin[1] + first[:, 0] * cell_l0)],
+                    axis=1).astype(np.int64)
+
+
+def window_probs_direct(reader: TileReader, encoder: Encoder, clf: TissueClassifier, geo: DenseGeometry,
+                        origin: tuple[float, float], cell_l0: float, need: np.ndarray, precision: str,
+                        batch_size: int = 64, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Window probabilities with every window read and embedded as a training tile (``reader`` reads
+    ``window_px`` tiles). Same return as :func:`window_probs_fcn`."""
+    from wsi_pipeline.tiles.embed import embed_tiles
+    from wsi_pipeline.tiles.transform import fit_tile
+
+    index = np.argwhere(need)
+    corners = window_corners_l0(geo, origin, cell_l0, index)
+    probs = np.zeros((*need.shape, clf.n_classes), np.float32)
+    for s in range(0, len(index), batch_size):
+        imgs = [fit_tile(im, encoder.meta.input_size, clf.fit or "pad")
+                for im in reader.read_many(corners[s:s + batch_size])]
+        p = clf.predict_proba(embed_tiles(encoder, imgs, batch_size, precision, device))
+        probs[index[s:s + batch_size, 0], index[s:s + batch_size, 1]] = p
+    return probs, need.copy()
+
+
+# ---------------------------------------------------------------- a slide
+def dense_slide_map(tiles: F.TileSet, encoder: Encoder, clf: TissueClassifier, method: str = "auto",
+                    precision: str = "fp32", batch_size: int = 64, device: str = "cpu",
+                    geo: DenseGeometry | None = None, net: Any = None) -> F.TMEDenseMap:
+    """The dense class-probability map of the area the RUN ``tiles`` cover, read from their slide (``net``:
+    :func:`feature_map_net` of ``encoder``, built here when not given)."""
+    from pathlib import Path
+
+    from wsi_pipeline.encoders.base import prepare_for_inference, resolve_device
+    from wsi_pipeline.features.reader import ReadSpec, open_tile_reader
+
+    path = tiles.attrs.get(F.A_SLIDE_PATH)
+    if not path or not Path(path).exists():
+        raise TilesNotFoundError(
+            f"slide file {path!r} recorded in the tiles file is missing — re-run `wsi tile` with the slides "
+            "where they are now"
+        )
+    method = resolve_method(classifier_method(clf, method), encoder)
+    geo = geo or dense_geometry(clf, encoder, method)
+    encoder = prepare_for_inference(encoder, resolve_device(device))
+    cell_l0 = geo.cell_px * geo.mpp / tiles.slide_mpp
+    origin, area = map_grid(tiles, cell_l0)
+    k = geo.window_cells
+    if not area.any():
+        return F.TMEDenseMap(np.zeros((*area.shape, clf.n_classes), np.float32), area, origin, cell_l0, geo.cell_um,
+                        geo.window_um, method)
+    need = needed_windows(area, k)
+    if method == METHOD_FCN:
+        geo = choose_chunk(need, geo)
+        spec = ReadSpec(target_mpp=geo.mpp, tile_size=geo.region_px, slide_mpp=tiles.slide_mpp)
+        with open_tile_reader(path, spec) as reader:
+            wprobs, done = window_probs_fcn(reader, encoder, clf, geo, origin, cell_l0, need, precision, net)
+    else:
+        spec = ReadSpec(target_mpp=geo.mpp, tile_size=geo.window_px, slide_mpp=tiles.slide_mpp)
+        with open_tile_reader(path, spec) as reader:
+            wprobs, done = window_probs_direct(reader, encoder, clf, geo, origin, cell_l0, need, precision,
+                                               batch_size, device)
+    probs = overlap_add(wprobs, done & need, k)
+    return F.TMEDenseMap(probs, area, origin, cell_l0, geo.cell_um, geo.window_um, method)
+
+
+def tile_means(dense: F.TMEDenseMap, tiles: F.TileSet) -> np.ndarray:
+    """Each RUN tile's class probabilities: the mean of the map cells whose centre lies in it → (N, C)."""
+    xy = np.asarray(tiles.l0_xy, np.float64).reshape(-1, 2)
+    out = np.zeros((len(xy), dense.probs.shape[-1]), np.float32)
+    h, w = map_shape(dense)
+    size = float(tiles.tile_size_l0)
+    ox, oy = dense.origin_l0
+    for i, (x, y) in enumerate(xy):
+        c0 = max(0, int(np.ceil((x - ox) / dense.cell_l0 - 0.5 - 1e-9)))
+        c1 = min(w, int(np.ceil((x - ox + size) / dense.cell_l0 - 0.5 - 1e-9)))
+        r0 = max(0, int(np.ceil((y - oy) / dense.cell_l0 - 0.5 - 1e-9)))
+        r1 = min(h, int(np.ceil((y - oy + size) / dense.cell_l0 - 0.5 - 1e-9)))
+        if r1 > r0 and c1 > c0:
+            out[i] = dense.probs[r0:r1, c0:c1].reshape(-1, out.shape[1]).mean(axis=0)
+    return out
+
+
+def fcn_window_agreement(reader_path: str, tiles: F.TileSet, encoder: Encoder, clf: TissueClassifier,
+                         n_windows: int = 64, seed: int = 0, precision: str = "fp32", stain: str = "local"
+                         ) -> dict[str, Any]:
+    """Fully convolutional window probabilities against the same windows classified one by one (a random
+    sample of ``n_windows`` windows over the RUN tiles' area): probability MAE (mean over windows and
+    classes), mean L1/2 (total-variation) distance and the share of windows with the same top class."""
+    from wsi_pipeline.encoders.base import prepare_for_inference
+    from wsi_pipeline.features.reader import ReadSpec, open_tile_reader
+
+    encoder = prepare_for_inference(encoder, encoder.device)
+    geo = dataclasses.replace(dense_geometry(clf, encoder, METHOD_FCN), stain=stain)
+    cell_l0 = geo.cell_px * geo.mpp / tiles.slide_mpp
+    origin, area = map_grid(tiles, cell_l0)
+    need = needed_windows(area, geo.window_cells)
+    with open_tile_reader(reader_path, ReadSpec(geo.mpp, geo.region_px, tiles.slide_mpp)) as reader:
+        fcn, done = window_probs_fcn(reader, encoder, clf, geo, origin, cell_l0, need, precision)
+    index = np.argwhere(need & done)
+    rng = np.random.default_rng(seed)
+    pick = index[rng.choice(len(index), min(n_windows, len(index)), replace=False)]
+    sample = np.zeros_like(need)
+    sample[pick[:, 0], pick[:, 1]] = True
+    with open_tile_reader(reader_path, ReadSpec(geo.mpp, geo.window_px, tiles.slide_mpp)) as reader:
+        ref, _ = window_probs_direct(reader, encoder, clf, geo, origin, cell_l0, sample, precision)
+    a, b = fcn[sample], ref[sample]
+    return {"n_windows": len(a), "prob_mae": float(np.abs(a - b).mean()),
+            "tv_distance": float(np.abs(a - b).sum(axis=1).mean() / 2),
+            "argmax_agreement": float(np.mean(a.argmax(1) == b.argmax(1))),
+            "window_um": geo.window_um, "read_um": geo.window_px * geo.mpp, "cell_um": geo.cell_um, "stain": stain}
