@@ -10,8 +10,8 @@ mosaic cells and with the grid falling anywhere.
    * ``misaligned``: per slide, a cell size drawn from 140–160 px (each tile resized to it: 69–79 µm, a size
      that does not divide the tile grid) and the whole mosaic shifted by a random offset of up to one cell.
 2. `wsi tile` with every default (224 px at 0.5 µm/px), then `wsi tme` with each footprint (`--footprint grid`:
-   one class per 74-µm cell of the TME's own grid anchored at the tiles' corner; `dense`, the default: the
-   dense class-probability map of overlapping field-of-view windows), timed; `--extract` also times
+   one class per 74-µm cell of the TME's own grid anchored at the tiles' corner; `dense`: the dense
+   class-probability map of overlapping field-of-view windows), timed; `--extract` also times
    `wsi extract` on the same RUN.
 3. Per cohort × footprint: immune-phenotype accuracy, `til_fraction` Spearman against the truth and the mean
    per-class area-fraction MAE (fractions of tissue), each with a 95 % bootstrap CI over slides, and the
@@ -20,7 +20,8 @@ mosaic cells and with the grid falling anywhere.
    classified one by one on N slides (`wsi_pipeline.tme.dense.fcn_window_agreement`).
 
     nice python scripts/eval_tme.py --out runs/eval-tme --json models/wsip-tissue-kather16/eval_tme.json \\
-        --card models/wsip-tissue-kather16/README.md                  # 30 slides of 16×20 cells per cohort
+        --card models/wsip-tissue-kather16/README.md --agreement 3 --extract   # 30 slides of 16×20 cells per cohort
+    # --record: also write the misaligned grid/dense figures into classifier.json (`wsi tme --footprint auto`)
     nice python scripts/eval_tme.py --out /tmp/e --n-slides 6 --grid 10 12 --cohorts misaligned   # quick
     nice python scripts/eval_tme.py --out /tmp/s --samples data_samples --extract   # the demo against its truth
 
@@ -370,9 +371,11 @@ def card_section(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> st
     if meta.get("extract_seconds"):
         lines += ["", "`wsi extract` (same RUN, default encoder, CPU) took "
                   + ", ".join(f"{k} {v:.0f} s" for k, v in meta["extract_seconds"].items()) + "."]
-    lines += ["", "`grid`: one class per 74-µm cell of the TME's own grid anchored at the tiles' corner (the default "
-              "before the dense map); `dense` (the default): overlapping windows of the classifier's field of view, "
-              "one per 16-µm map cell, combined into a class-probability map (`wsi_pipeline.tme.dense`).", CARD_END]
+    lines += ["", "`grid`: one class per 74-µm cell of the TME's own grid anchored at the tiles' corner; `dense`: "
+              "overlapping windows of the classifier's field of view, one per 16-µm map cell, combined into a "
+              "class-probability map (`wsi_pipeline.tme.dense`). `wsi tme --footprint auto` uses `dense` only for a "
+              "classifier trained on context windows whose classifier.json records this evaluation (`--record`) "
+              "with `dense` at least as good as `grid` on the misaligned mosaics; otherwise `grid`.", CARD_END]
     return "\n".join(lines) + "\n"
 
 
@@ -384,6 +387,34 @@ def update_card(path: Path, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
+
+
+def record_footprint_eval(clf: Any, results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    """Write the misaligned grid-against-dense figures into the classifier's classifier.json
+    (``metrics.footprint_eval``, with the checksum of its weights): ``wsi tme --footprint auto`` uses the dense
+    map only for a context-trained classifier that was at least as good as grid there
+    (``wsi_pipeline.tme.run.dense_validated``)."""
+    from wsi_pipeline.formats import api as F
+    from wsi_pipeline.tme.classifier import CLASSIFIER_JSON, WEIGHTS_FILE
+    from wsi_pipeline.tme.run import FOOTPRINT_EVAL, dense_validated
+
+    names = {f: f"misaligned/{f}" for f in FOOTPRINTS}
+    missing = [k for k in names.values() if k not in results]
+    if missing:
+        raise SystemExit(f"--record needs the misaligned cohort with both footprints (missing {missing})")
+    rec: dict[str, Any] = {"cohort": "misaligned", "n_slides": meta["n_slides"], "grid_cells": meta.get("grid"),
+                           "seed": meta.get("seed"), "classifier_sha256": F.file_sha256(Path(clf.path) / WEIGHTS_FILE)}
+    for f, k in names.items():
+        r = results[k]
+        rec[f] = {"phenotype_accuracy": r["phenotype_accuracy"], "phenotype_accuracy_ci": r["phenotype_accuracy_ci"],
+                  "til_spearman": r["til_spearman"], "til_spearman_ci": r["til_spearman_ci"],
+                  "area_fraction_mae": r["area_fraction_mae_mean"], "area_fraction_mae_ci": r["area_fraction_mae_ci"],
+                  "seconds": r.get("seconds")}
+    clf.metrics[FOOTPRINT_EVAL] = rec
+    F.write_classifier_json(Path(clf.path) / CLASSIFIER_JSON, clf.to_json())
+    ok, why = dense_validated(clf)
+    print(f"recorded in {Path(clf.path) / CLASSIFIER_JSON}: --footprint auto → {'dense' if ok else 'grid'} ({why})")
+    return rec
 
 
 def run_cohort(args: argparse.Namespace, clf: Any, cohort_name: str, cohort: list[dict[str, Any]],
@@ -438,6 +469,9 @@ def main() -> int:
                     help="instead: read the slides of DIR (e.g. data_samples) and compare with DIR/truth/*.npz")
     ap.add_argument("--json", default=None, help="write the figures to this JSON file")
     ap.add_argument("--card", default=None, help="update the evaluation section of this model card (README.md)")
+    ap.add_argument("--record", action="store_true",
+                    help="write the misaligned grid/dense figures into the classifier's classifier.json (what "
+                         "`wsi tme --footprint auto` decides on)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
 
@@ -458,7 +492,8 @@ def main() -> int:
     print(f"classifier {clf.path} (encoder {clf.encoder}, {clf.mpp:g} µm/px); held-out pools: "
           + ", ".join(f"{k}={len(v)}" for k, v in pools.items()))
     results: dict[str, Any] = {}
-    meta: dict[str, Any] = {"classifier": clf.path, "grid": list(args.grid), "n_slides": args.n_slides}
+    meta: dict[str, Any] = {"classifier": clf.path, "grid": list(args.grid), "n_slides": args.n_slides,
+                            "seed": args.seed}
     for name in args.cohorts:
         t0 = time.perf_counter()
         cohort = build_cohort(Path(args.out), name, pools, (train_sources, train_files), args.n_slides,
@@ -467,6 +502,8 @@ def main() -> int:
               f"{time.perf_counter() - t0:.0f} s (held-out sources checked)")
         run_cohort(args, clf, name, cohort, results, meta)
     print("\n" + "\n".join(results_table(results)))
+    if args.record:
+        meta["footprint_eval"] = record_footprint_eval(clf, results, meta)
     if args.card:
         update_card(Path(args.card), card_section(results, meta))
     if args.json:

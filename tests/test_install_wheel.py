@@ -26,7 +26,7 @@ SHIPPED = (
     "wsi_pipeline/models/wsip-dino-r10/model.safetensors",
     "wsi_pipeline/models/wsip-tissue-kather16/classifier.json",
     "wsi_pipeline/models/wsip-demo-mil/model.json",
-    "wsi_pipeline/models/wsip-demo-mil/weights/abmil/fold0.safetensors",
+    "wsi_pipeline/models/wsip-demo-mil/weights/meanpool/fold0.safetensors",  # the head --head auto chose
     "wsi_pipeline/review/static/index.html",
 )
 MAX_WHEEL_MB = 40  # the shipped models are ~18 MB compressed

@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 PathLike = str | Path
 
 __all__ = [
-    "eval_encoder", "evaluate", "evolution", "export_qupath", "extract", "heatmaps", "predict", "predictive",
+    "eval_encoder", "evaluate", "evolution", "export_qupath", "extract", "federated", "heatmaps", "predict",
+    "predictive",
     "report", "run", "ssl_train", "subgroups", "tile", "tissue_train", "tme", "train",
 ]
 
@@ -123,6 +124,18 @@ def train(run: PathLike, labels: PathLike, targets: str | list[Any], out: PathLi
 
     cfg = _config(TrainConfig, {"run": run, "labels": labels, "targets": targets, "model_out": out, **options})
     return run_train(cfg.validate(), progress=progress)
+
+
+def federated(sites: dict[str, tuple[PathLike, PathLike]], targets: str | list[Any], out: PathLike,
+              **options: Any) -> dict[str, Any]:
+    """``wsi federated simulate``: federated training over ``sites`` (name → (RUN, labels CSV)) on this machine,
+    one Flower SuperNode process per site; the model folder in ``out`` (``**options``: FederatedConfig fields;
+    ``min_sites`` defaults to all sites). Returns ``federated.json``. Needs the extra ``[federated]``."""
+    from wsi_pipeline.federated.config import FederatedConfig, SiteConfig
+    from wsi_pipeline.federated.launch import run_simulate
+
+    cfg = _config(FederatedConfig, {"targets": targets, "model_out": out, "min_sites": len(sites), **options})
+    return run_simulate(cfg, [SiteConfig(run=str(r), labels=str(lab), name=n) for n, (r, lab) in sites.items()])
 
 
 def predict(run: PathLike, model: PathLike, *, progress: Progress | None = None, **options: Any) -> StageSummary:

@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "extract",
     "ssl",
     "train",
+    "federated",
     "tme",
     "review",
     "analysis",
@@ -127,9 +128,13 @@ def build_app() -> typer.Typer:
                 continue  # command module not built yet
             raise
         mod.register(app)
-    for info in app.registered_commands:  # every command gets the plain help style (see _PlainMetavars)
+    commands = [*app.registered_commands, *(c for g in app.registered_groups  # `wsi federated server` too
+                                             for c in g.typer_instance.registered_commands)]
+    for info in commands:  # every command gets the plain help style (see _PlainMetavars)
         if info.cls in (None, TyperCommand):
             info.cls = WsiCommand
+    for group in app.registered_groups:
+        group.typer_instance.info.cls = WsiGroup
     return app
 
 

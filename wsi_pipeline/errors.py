@@ -89,3 +89,16 @@ class LabelsError(WSIPipelineError, ValueError):
 
 class ScaleMismatchError(WSIPipelineError, ValueError):
     """A model trained at one µm/px is about to be applied to tiles or features at another µm/px."""
+
+
+class MissingExtraError(WSIPipelineError, ImportError):
+    """A command needs an optional extra of the package that is not installed."""
+
+    def __init__(self, extra: str, what: str, requirement: str) -> None:
+        self.extra = extra
+        super().__init__(f"{what} needs the optional extra [{extra}] ({requirement}), which is not installed: "
+                         f"pip install 'wsi-pipeline[{extra}]' (from a checkout: pip install -e '.[{extra}]')")
+
+
+class FederatedError(WSIPipelineError):
+    """A federated training run could not go on (too few sites, a refused site, a failed round)."""

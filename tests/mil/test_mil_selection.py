@@ -15,7 +15,7 @@ from wsi_pipeline.formats.tables import write_labels_csv
 from wsi_pipeline.mil.calibration import calibrator_from_dict, fit_calibrator, member_stats, standardize
 from wsi_pipeline.mil.config import PredictConfig, TrainConfig
 from wsi_pipeline.mil.predict import predict_run
-from wsi_pipeline.mil.selection import choose_head
+from wsi_pipeline.mil.selection import choose_head, selection_markdown
 from wsi_pipeline.mil.targets import TargetSpec
 from wsi_pipeline.mil.train import run_train
 from wsi_pipeline.runfolder.layout import RunLayout
@@ -165,7 +165,7 @@ def test_predict_applies_the_recorded_calibrator_and_cut_off(auto_model):
 
 def test_models_without_calibrators_still_load_and_predict(auto_model, tmp_path):
     """A model folder written before calibrators existed (model.json version 1: no calibration, no
-    thresholds; like the shipped demo MIL until it is retrained) predicts its raw probabilities, cut at 0.5."""
+    thresholds) predicts its raw probabilities, cut at 0.5; the shipped demo MIL carries its calibrators."""
     import shutil
 
     from wsi_pipeline.mil.data import Bag
@@ -188,10 +188,24 @@ def test_models_without_calibrators_still_load_and_predict(auto_model, tmp_path)
     out = pd.read_csv(run / "predictions.csv")
     np.testing.assert_allclose(out["response_prob"], raw["response_prob"], rtol=1e-6)
     assert (out["response_pred"] == raw["response_pred"]).all()
-    demo = Ensemble(Path(__file__).resolve().parents[2] / "models" / "wsip-demo-mil")
-    assert demo.calibrators == {} and demo.thresholds == {}
+    demo = Ensemble(Path(__file__).resolve().parents[2] / "models" / "wsip-demo-mil")  # retrained: calibrated
+    assert set(demo.calibrators) == {"response", "immune_phenotype"} and set(demo.thresholds) == {"response"}
     rng = np.random.default_rng(0)
     xy = np.stack(np.meshgrid(np.arange(4), np.arange(3)), -1).reshape(-1, 2).astype(np.int64) * 224
     bag = Bag("x", rng.normal(size=(12, demo.variant.in_dim)).astype(np.float32), xy)
     p = demo.predict(bag)
     assert 0 < float(p.values["response"][0]) < 1 and p.values["immune_phenotype"].sum() == pytest.approx(1)
+
+
+def test_baseline_warning_says_what_differs_from_the_baseline():
+    """A main model below its baseline is flagged; when it is the baseline's own head (mean pooling with context
+    rings vs without), the advice is about the context, not about switching to the head it already uses."""
+    check = {"main": "meanpool", "baseline": "meanpool-baseline", "main_score": 0.947, "baseline_score": 0.948,
+             "loses_to_baseline": True, "targets_below_baseline": ["til_fraction"]}
+    text = "\n".join(selection_markdown({}, check))
+    assert "**Warning" in text and "0.947 vs 0.948" in text and "til_fraction" in text
+    assert "--context-rings 0" in text and "--head meanpool" not in text
+    text = "\n".join(selection_markdown({}, {**check, "main": "abmil"}))
+    assert "**Warning" in text and "--head meanpool" in text and "--context-rings 0" not in text
+    text = "\n".join(selection_markdown({}, {**check, "loses_to_baseline": False}))
+    assert "Warning" not in text and "at least as well" in text

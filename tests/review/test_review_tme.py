@@ -36,7 +36,7 @@ def tme_client(review_run, tmp_path):
     F.write_stage_record(layout.tme_record_json("blob"), {"key": "k", "row": {
         "slide_id": "blob", "immune_phenotype": "desert", "phenotype_reason": "lymph_density_tumour=0.000 < 0.1",
         "area_frac_tumor": 0.1, "area_frac_stroma": 0.9, "footprint": "dense"}})
-    with TestClient(create_app(root)) as c:
+    with TestClient(create_app(root), base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -65,7 +65,7 @@ def test_slides_without_tme_have_no_map(review_run, tmp_path) -> None:
 
     root = tmp_path / "run"
     shutil.copytree(review_run.root, root, ignore=shutil.ignore_patterns("tme"))
-    with TestClient(create_app(root)) as c:
+    with TestClient(create_app(root), base_url="http://127.0.0.1") as c:
         assert "tme" not in c.get("/api/slides/blob").json()
         assert c.get("/api/slides/blob/tme.png").status_code == 404
         assert c.get("/api/slides/nope/tme.png").status_code == 404

@@ -7,6 +7,7 @@ real kather16 tiles, a real pyramid TIFF, the real tiler, extractor and tile rea
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -179,7 +180,8 @@ def test_footprint_classifies_tile_centres_at_the_training_field_of_view(setup: 
                                                                          default_run: Path) -> None:
     """Tiles much wider than the classifier's training tiles straddle several tissue cells: `--footprint
     classifier` classifies each tile's centre over the training field of view, read from the slide, instead
-    of reusing whole-tile features; `auto` is the dense map whatever the tile size."""
+    of reusing whole-tile features; `auto` is the grid for a classifier not validated for the dense map (one
+    trained on pure tiles only), whatever the tile size."""
     from wsi_pipeline.tme.classifier import load_classifier
     from wsi_pipeline.tme.config import TMEConfig
     from wsi_pipeline.tme.run import resolve_footprint
@@ -189,12 +191,12 @@ def test_footprint_classifies_tile_centres_at_the_training_field_of_view(setup: 
     tiles = F.read_tiles_h5(layout.tiles_h5("mosaic"))
     clf = load_classifier(str(setup["clf"]))
     assert clf.tile_um == pytest.approx(74.25)
-    assert resolve_footprint(TMEConfig(), clf, tiles) == "dense"  # auto: the dense map
+    assert resolve_footprint(TMEConfig(), clf, tiles) == "grid"  # auto: no context training, no evaluation
     assert resolve_footprint(TMEConfig(footprint="classifier"), clf, tiles) == "classifier"
     assert resolve_footprint(TMEConfig(footprint="tile"), clf, tiles) == "tile"
     assert resolve_footprint(TMEConfig(footprint="grid"), clf, tiles) == "grid"
     wide = F.TileSet(tiles.l0_xy, {**tiles.attrs, F.A_PATCH_SIZE_L0: 227})  # 112 µm: 1.5×
-    assert resolve_footprint(TMEConfig(), clf, wide) == "dense"
+    assert resolve_footprint(TMEConfig(), clf, wide) == "grid"
     assert resolve_footprint(TMEConfig(footprint="dense"), clf, wide) == "dense"
     args = ["tme", str(run), "--classifier", str(setup["clf"]), "--encoder-weights", str(setup["weights"]),
             "--device", "cpu", "--overwrite"]
@@ -288,11 +290,56 @@ def test_grid_footprint_classifies_the_area_at_the_field_of_view(setup: dict[str
     np.testing.assert_allclose(probs[list(a)], aprobs[list(b)], atol=2e-3)
 
 
-def test_context_trained_classifier_and_the_default_dense_read_out(setup: dict[str, Path]) -> None:
-    """`wsi tissue-train --context-mosaics --area-correction` records how its context windows were computed and
-    its soft confusion matrix; `wsi tme` with every default then reads the slide as a dense map with the same
-    windows, corrects the composition and writes class polygons."""
+def _record_footprint_eval(clf: Any, dense_better: bool, sha: str | None = None) -> None:
+    """A misaligned-mosaic evaluation record in the classifier's classifier.json (figures as
+    scripts/eval_tme.py --record writes them)."""
+    from wsi_pipeline.tme.classifier import CLASSIFIER_JSON, WEIGHTS_FILE
+    from wsi_pipeline.tme.run import FOOTPRINT_EVAL
+
+    grid = {"phenotype_accuracy": 0.8, "til_spearman": 0.85, "area_fraction_mae": 0.06}
+    dense = {"phenotype_accuracy": 0.9 if dense_better else 0.7, "til_spearman": 0.9, "area_fraction_mae": 0.04}
+    clf.metrics[FOOTPRINT_EVAL] = {"cohort": "misaligned", "n_slides": 30, "grid": grid, "dense": dense,
+                                   "classifier_sha256": sha or F.file_sha256(Path(clf.path) / WEIGHTS_FILE)}
+    F.write_classifier_json(Path(clf.path) / CLASSIFIER_JSON, clf.to_json())
+
+
+def test_auto_footprint_is_dense_only_for_a_validated_classifier(setup: dict[str, Path], default_run: Path) -> None:
+    """`--footprint auto` → dense only for a classifier trained on context windows whose own weights were at
+    least as good as grid on misaligned mosaics; otherwise grid."""
+    import shutil
+
     from wsi_pipeline.tme.classifier import load_classifier
+    from wsi_pipeline.tme.config import TMEConfig
+    from wsi_pipeline.tme.run import dense_validated, resolve_footprint
+
+    tiles = F.read_tiles_h5(RunLayout(default_run).tiles_h5("mosaic"))
+    folder = setup["root"] / "clf_auto"
+    shutil.copytree(setup["clf"], folder, dirs_exist_ok=True)
+    clf = load_classifier(folder)
+    _record_footprint_eval(clf, dense_better=True)
+    clf = load_classifier(folder)
+    ok, why = dense_validated(clf)  # evaluated, but trained on pure tiles only
+    assert not ok and "context" in why and resolve_footprint(TMEConfig(), clf, tiles) == "grid"
+    clf.training["context"] = {"method": "fcn", "n_mosaics": 2}
+    assert dense_validated(clf)[0] and resolve_footprint(TMEConfig(), clf, tiles) == "dense"
+    _record_footprint_eval(clf, dense_better=False)
+    ok, why = dense_validated(clf)
+    assert not ok and "phenotype_accuracy" in why and resolve_footprint(TMEConfig(), clf, tiles) == "grid"
+    _record_footprint_eval(clf, dense_better=True, sha="0" * 64)  # an evaluation of other weights
+    ok, why = dense_validated(clf)
+    assert not ok and "these weights" in why
+    assert resolve_footprint(TMEConfig(footprint="dense"), clf, tiles) == "dense"  # explicit always wins
+
+
+def test_context_trained_classifier_and_the_default_dense_read_out(setup: dict[str, Path],
+                                                                   default_run: Path) -> None:
+    """`wsi tissue-train --context-mosaics --area-correction` records how its context windows were computed and
+    its soft confusion matrix; once its misaligned evaluation is recorded (dense at least as good as grid),
+    `wsi tme` with every default reads the slide as a dense map with the same windows, corrects the composition
+    and writes class polygons."""
+    from wsi_pipeline.tme.classifier import load_classifier
+    from wsi_pipeline.tme.config import TMEConfig
+    from wsi_pipeline.tme.run import resolve_footprint
 
     clf_dir = setup["root"] / "clf_ctx"
     out = _invoke(["tissue-train", "--data", str(setup["kather"]), "--out", str(clf_dir), "--encoder", ENCODER,
@@ -305,9 +352,12 @@ def test_context_trained_classifier_and_the_default_dense_read_out(setup: dict[s
     m = np.asarray(clf.area_correction["matrix"])
     assert m.shape == (8, 8) and np.allclose(m.sum(1), 1.0, atol=1e-3)
     assert 0 <= clf.metrics["held_out_context"]["composition_mae"] <= 1
+    assert resolve_footprint(TMEConfig(), clf, F.read_tiles_h5(RunLayout(default_run).tiles_h5("mosaic"))) == \
+        "grid"  # not evaluated yet
 
     run = setup["root"] / "run_dense"
     _invoke(["tile", str(setup["slide"]), "--out", str(run), "--min-tissue", "0", "--workers", "0"])
+    _record_footprint_eval(clf, dense_better=True)  # what scripts/eval_tme.py --record writes
     _invoke(["tme", str(run), "--classifier", str(clf_dir), "--encoder-weights", str(setup["weights"]),
              "--device", "cpu"])
     layout = RunLayout(run)

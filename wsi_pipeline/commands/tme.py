@@ -95,12 +95,15 @@ def register(app: typer.Typer) -> None:
         encoder_weights: str = typer.Option(None, "--encoder-weights",
                                             help="Weights of the classifier's encoder."),
         footprint: str = typer.Option(None, "--footprint",
-                                      help="What is classified: dense (the default, also `auto`: overlapping "
-                                           "windows of the classifier's field of view, one per 16-µm cell, "
-                                           "combined into a class-probability map over the area the RUN tiles "
-                                           "cover) | grid (the TME's own grid of field-of-view cells anchored at "
-                                           "the tiles' corner) | tile (each whole tile, reusing RUN/features) | "
-                                           "classifier (each tile's centre over the field of view)."),
+                                      help="What is classified: auto (the default: dense for a classifier "
+                                           "trained on context windows and validated against grid on misaligned "
+                                           "mosaics, see its classifier.json footprint_eval; else grid) | dense "
+                                           "(overlapping windows of the classifier's field of view, one per 16-µm "
+                                           "cell, combined into a class-probability map over the area the RUN "
+                                           "tiles cover) | grid (the TME's own grid of field-of-view cells "
+                                           "anchored at the tiles' corner) | tile (each whole tile, reusing "
+                                           "RUN/features) | classifier (each tile's centre over the field of "
+                                           "view)."),
         dense_method: str = typer.Option(None, "--dense-method",
                                          help="How the dense map's windows are computed: auto (as the classifier "
                                               "was trained) | fcn (the encoder's feature map over large regions, "

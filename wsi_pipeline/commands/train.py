@@ -52,6 +52,13 @@ def register(app: typer.Typer) -> None:
         n_bootstrap: int = typer.Option(None, "--n-bootstrap", help="Bootstrap resamples for CIs (default 1000)."),
         device: str = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
         threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
+        distribute: str = typer.Option(None, "--distribute",
+                                       help="Under torchrun: folds (default: the trainings are dealt across "
+                                            "ranks) or bags (every rank trains every model on its share of each "
+                                            "step's slides; gradients averaged across ranks)."),
+        cache_mb: int = typer.Option(None, "--cache-mb",
+                                     help="Bag cache per process in MB (default 2048; 0 = read every bag from "
+                                          "disk each time): bounds the memory whatever the cohort size."),
     ) -> None:
         """Cross-validate a multi-task MIL model (+ mean-pool baseline): choose the head (--head auto), calibrate
         on the out-of-fold predictions; write weights, calibrators, cut-offs, OOF predictions and metrics with
@@ -69,6 +76,7 @@ def register(app: typer.Typer) -> None:
             "epochs": epochs, "lr": lr, "context_rings": context_rings, "max_tiles": max_tiles,
             "batch_bags": batch_bags,
             "n_bootstrap": n_bootstrap, "device": device, "threads": threads, "calibration": calibration,
+            "distribute": distribute, "cache_mb": cache_mb,
             "head_candidates": [h.strip() for h in head_candidates.split(",") if h.strip()] if head_candidates
             else None, "selection_epochs": selection_epochs,
         }

@@ -11,6 +11,8 @@ The submodules, each the one owner of its formats:
   writing process, JSON lines) that ``slides.csv`` is compacted from;
 - :mod:`~wsi_pipeline.formats.cards`: ``model.json``, ``encoder.json``, ``classifier.json`` and the stage
   records (JSON, each with a ``format_version`` key);
+- :mod:`~wsi_pipeline.formats.federated`: ``federated.json`` (record and checkpoint of a federated run),
+  a site's status file and its message audit log (JSON lines);
 - :mod:`~wsi_pipeline.formats.geojson`: QuPath-compatible GeoJSON (feature builders, tile grids, reader,
   writer, validation).
 

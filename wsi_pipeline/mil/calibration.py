@@ -48,7 +48,7 @@ Recorded form (in ``model.json``, see :mod:`wsi_pipeline.formats.cards`):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,7 @@ AUTO = "auto"
 NONE = "none"
 _EPS = 1e-6
 T_RANGE = (0.05, 20.0)
+Search = Generator[list[Any], list[Any], Any]  # yields candidate lists, is sent their evaluations
 
 _CALIBRATORS: dict[str, type[Calibrator]] = {}  # the registry of calibration methods
 
@@ -167,30 +168,9 @@ class Platt(Calibrator):
         if self.multiclass:
             raise ConfigError("Platt scaling is for binary targets; use temperature for a multiclass target")
         y = np.asarray(y).astype(int)
-        x = _logit(prob)
-        n_pos, n_neg = float((y == 1).sum()), float((y == 0).sum())
-        t = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
-        def loss(a: float, b: float) -> float:
-            z = a + b * x
-            return float((np.logaddexp(0.0, z) - t * z).sum())
-
-        a, b = float(_logit(np.array(t.mean()))), 0.0  # from the intercept-only fit
-        cur = loss(a, b)
-        for _ in range(100):  # Newton–Raphson with step halving on the convex smoothed cross-entropy
-            mu = _sigmoid(a + b * x)
-            r, v = t - mu, np.maximum(mu * (1 - mu), 1e-12)
-            g = np.array([r.sum(), (r * x).sum()])
-            h = np.array([[v.sum(), (v * x).sum()], [(v * x).sum(), (v * x * x).sum()]]) + 1e-9 * np.eye(2)
-            da, db = np.linalg.solve(h, g)
-            step = 1.0
-            while step > 1e-8 and loss(a + step * da, b + step * db) > cur + 1e-12 * abs(cur):
-                step /= 2
-            a, b = a + step * da, b + step * db
-            cur = loss(a, b)
-            if max(abs(step * da), abs(step * db)) < 1e-10:
-                break
-        if b < 0:  # never invert the model's ranking: no usable signal → the (smoothed) base rate
-            a, b = float(_logit(np.array(t.mean()))), 0.0
+        t = platt_targets(y)
+        a, b = fit_platt(lambda cands: [platt_terms(prob, t, a, b) for a, b in cands],
+                         platt_start(int((y == 1).sum()), int((y == 0).sum())))
         self.params = {"a": float(a), "b": float(b)}
         return self
 
@@ -202,38 +182,126 @@ class Platt(Calibrator):
 class Temperature(Calibrator):
     """``softmax(log p / T)``; binary ``σ(logit p / T)``."""
 
-    def _logits(self, prob: np.ndarray) -> np.ndarray:
-        prob = np.asarray(prob, dtype=np.float64)
-        if self.multiclass:
-            return np.log(np.clip(prob, _EPS, 1.0))
-        return np.stack([np.zeros_like(prob), _logit(prob)], axis=-1)  # binary as a two-class softmax
-
     def fit(self, prob: np.ndarray, y: np.ndarray) -> Calibrator:
-        z, y = self._logits(prob), np.asarray(y).astype(int)
-        k = z.shape[1]
-        eps = 1.0 / (len(y) + 2)  # smoothed targets: a finite optimum even on separated scores
-        target = np.full((len(y), k), eps / k)
-        target[np.arange(len(y)), y] += 1 - eps
-
-        def nll(log_t: float) -> float:
-            lz = z / np.exp(log_t)
-            lz = lz - lz.max(axis=1, keepdims=True)
-            return float(-(target * (lz - np.log(np.exp(lz).sum(axis=1, keepdims=True)))).sum())
-
-        lo, hi = float(np.log(T_RANGE[0])), float(np.log(T_RANGE[1]))
-        g = (np.sqrt(5) - 1) / 2
-        for _ in range(80):  # golden-section search on log T (the NLL is convex in 1/T, so unimodal in log T)
-            c, d = hi - g * (hi - lo), lo + g * (hi - lo)
-            if nll(c) < nll(d):
-                hi = d
-            else:
-                lo = c
-        self.params = {"temperature": float(np.exp((lo + hi) / 2))}
+        z, y = temperature_logits(prob, self.multiclass), np.asarray(y).astype(int)
+        target = temperature_targets(y, z.shape[1])
+        log_t = fit_temperature(lambda xs: [temperature_nll(z, target, x) for x in xs])
+        self.params = {"temperature": float(np.exp(log_t))}
         return self
 
     def __call__(self, prob: np.ndarray) -> np.ndarray:
-        p = _softmax(self._logits(prob) / self.params["temperature"])
+        p = _softmax(temperature_logits(prob, self.multiclass) / self.params["temperature"])
         return p if self.multiclass else p[..., 1]
+
+
+# ---------------------------------------------------------------- the fits as objectives + optimisers
+# Each optimiser asks an ``evaluate`` callback for the objective at a list of candidate parameters at once.
+# Above, the callback sums over the rows in memory; federated (wsi_pipeline.federated) every site sums over
+# its own rows and the server adds the sites' sums, so a federated fit follows the same iterates as this one
+# on the pooled rows. The smoothed targets use the counts of all rows (federated: summed over sites).
+PLATT_STEPS = tuple(2.0**-k for k in range(28))  # step halving down to < 1e-8 (the last step is always taken)
+
+
+def platt_targets(y: np.ndarray, n_pos: int | None = None, n_neg: int | None = None) -> np.ndarray:
+    """Platt's smoothed targets ``(N₊+1)/(N₊+2)`` and ``1/(N₋+2)`` (counts of every row fitted on)."""
+    y = np.asarray(y).astype(int)
+    n_pos = int((y == 1).sum()) if n_pos is None else n_pos
+    n_neg = int((y == 0).sum()) if n_neg is None else n_neg
+    return np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+
+
+def platt_start(n_pos: int, n_neg: int) -> float:
+    """The intercept of the intercept-only fit (``b = 0``): the logit of the mean smoothed target."""
+    n = max(n_pos + n_neg, 1)
+    mean_t = (n_pos * (n_pos + 1) / (n_pos + 2) + n_neg / (n_neg + 2)) / n
+    return float(_logit(np.array(mean_t)))
+
+
+def platt_terms(prob: np.ndarray, t: np.ndarray, a: float, b: float) -> tuple[float, np.ndarray, np.ndarray]:
+    """Sums over rows of the smoothed cross-entropy of ``σ(a + b·logit p)``, its ascent direction's gradient
+    ``Σ (t − μ)·[1, x]`` and its Hessian ``Σ μ(1 − μ)·[1, x][1, x]ᵀ`` (Newton: θ += H⁻¹g)."""
+    x = _logit(prob)
+    z = a + b * x
+    mu = _sigmoid(z)
+    r, v = t - mu, np.maximum(mu * (1 - mu), 1e-12)
+    loss = float((np.logaddexp(0.0, z) - t * z).sum())
+    g = np.array([r.sum(), (r * x).sum()])
+    h = np.array([[v.sum(), (v * x).sum()], [(v * x).sum(), (v * x * x).sum()]])
+    return loss, g, h
+
+
+def platt_search(a0: float, max_iter: int = 100) -> Search:
+    """Newton–Raphson with step halving on the convex smoothed cross-entropy, from ``(a0, 0)``, as a search
+    (:func:`run_search`): it yields candidate ``(a, b)`` lists and is sent their :func:`platt_terms`.
+    Every iteration asks for all halved steps at once (:data:`PLATT_STEPS`) and takes the longest that does
+    not increase the loss. ``b < 0`` (scores ranking the wrong way) falls back to the base rate ``(a0, 0)``:
+    calibration never inverts the model's ranking. Returns ``(a, b)``."""
+    a, b = a0, 0.0
+    (cur, g, h), = yield [(a, b)]
+    for _ in range(max_iter):
+        da, db = np.linalg.solve(np.asarray(h) + 1e-9 * np.eye(2), np.asarray(g))
+        cands = [(a + s * da, b + s * db) for s in PLATT_STEPS]
+        res = yield cands
+        k = next((i for i, r in enumerate(res) if r[0] <= cur + 1e-12 * abs(cur)), len(res) - 1)
+        (a, b), (cur, g, h) = cands[k], res[k]
+        if max(abs(PLATT_STEPS[k] * da), abs(PLATT_STEPS[k] * db)) < 1e-10:
+            break
+    return (float(a), float(b)) if b >= 0 else (a0, 0.0)
+
+
+def fit_platt(evaluate: Callable[[list[Any]], list[Any]], a0: float, max_iter: int = 100) -> tuple[float, float]:
+    return run_search(platt_search(a0, max_iter), evaluate)
+
+
+def run_search(search: Search, evaluate: Callable[[list[Any]], list[Any]]) -> Any:
+    """Drive a search (a generator yielding candidate lists, sent their evaluations) to its result."""
+    try:
+        cands = next(search)
+        while True:
+            cands = search.send(evaluate(cands))
+    except StopIteration as stop:
+        return stop.value
+
+
+def temperature_logits(prob: np.ndarray, multiclass: bool) -> np.ndarray:
+    """Log-probabilities (multiclass), or a binary P(positive) as a two-class softmax ``[0, logit p]``."""
+    prob = np.asarray(prob, dtype=np.float64)
+    if multiclass:
+        return np.log(np.clip(prob, _EPS, 1.0))
+    return np.stack([np.zeros_like(prob), _logit(prob)], axis=-1)
+
+
+def temperature_targets(y: np.ndarray, n_classes: int, n: int | None = None) -> np.ndarray:
+    """One-hot targets smoothed by ``1/(n+2)`` (``n``: rows fitted on): a finite optimum on separated scores."""
+    y = np.asarray(y).astype(int)
+    eps = 1.0 / ((len(y) if n is None else n) + 2)
+    target = np.full((len(y), n_classes), eps / n_classes)
+    target[np.arange(len(y)), y] += 1 - eps
+    return target
+
+
+def temperature_nll(z: np.ndarray, target: np.ndarray, log_t: float) -> float:
+    """Sum over rows of the smoothed cross-entropy of ``softmax(z / T)``."""
+    lz = z / np.exp(log_t)
+    lz = lz - lz.max(axis=1, keepdims=True)
+    return float(-(target * (lz - np.log(np.exp(lz).sum(axis=1, keepdims=True)))).sum())
+
+
+def temperature_search(grid: int = 401, passes: int = 3) -> Search:
+    """log T minimising the NLL in ``T_RANGE``, as a search (:func:`run_search`) sent the NLL of every
+    candidate log T: a grid of ``grid`` points, refined ``passes`` times around the best one (the NLL is
+    convex in 1/T, so unimodal in log T; final spacing ~4e-7 in log T)."""
+    lo, hi = float(np.log(T_RANGE[0])), float(np.log(T_RANGE[1]))
+    best = (lo + hi) / 2
+    for _ in range(passes):
+        xs = np.linspace(lo, hi, grid)
+        k = int(np.argmin((yield [float(x) for x in xs])))
+        best, lo, hi = float(xs[k]), float(xs[max(k - 1, 0)]), float(xs[min(k + 1, grid - 1)])
+    return best
+
+
+def fit_temperature(evaluate: Callable[[list[Any]], list[Any]]) -> float:
+    return run_search(temperature_search(), evaluate)
 
 
 def _pav(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

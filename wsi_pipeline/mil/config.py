@@ -54,6 +54,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0
     cache_mb: int = 2048
+    distribute: str = "folds"  # under torchrun: folds (trainings dealt across ranks) | bags (mil.distributed)
 
     def validate(self) -> TrainConfig:
         if not self.run:
@@ -83,6 +84,9 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        from wsi_pipeline.mil.distributed import check_mode
+
+        check_mode(self.distribute)
         from wsi_pipeline.mil.calibration import calibration_choices
 
         if self.calibration not in calibration_choices():

@@ -57,16 +57,28 @@ class Cohort:
         these tiles get std 1, not ~0, so a test tile that differs there is not blown up."""
         key = tuple(sorted(slides))
         if key not in self._stats:
-            d = self.embed_dim
-            s1, s2, n = np.zeros(d), np.zeros(d), 0
-            for sid in slides:
-                f = self.store.get(sid).features[:, :d].astype(np.float64)
-                s1 += f.sum(0)
-                s2 += (f * f).sum(0)
-                n += len(f)
-            mean = s1 / max(n, 1)
-            std = np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0.0))
-            floor = 1e-3 * float(np.median(std[std > 0])) if np.any(std > 0) else 0.0
-            std = np.where(std > max(floor, 1e-8), std, 1.0)
-            self._stats[key] = (mean.astype(np.float32), std.astype(np.float32))
+            self._stats[key] = stats_from_sums(*feature_sums(self.store, slides, self.embed_dim))
         return self._stats[key]
+
+
+def feature_sums(store: BagStore, slides: Sequence[str], dim: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-dimension sum and sum of squares of the raw embeddings (first ``dim`` columns) of every tile of
+    ``slides``, and the number of tiles: what :func:`stats_from_sums` needs, and all a federated site sends."""
+    s1, s2, n = np.zeros(dim), np.zeros(dim), 0
+    for sid in slides:
+        f = store.get(sid).features[:, :dim].astype(np.float64)
+        s1 += f.sum(0)
+        s2 += (f * f).sum(0)
+        n += len(f)
+    return s1, s2, n
+
+
+def stats_from_sums(s1: np.ndarray, s2: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std from sums over tiles (summed over sites when federated). Dimensions
+    (nearly) constant on these tiles get std 1, not ~0, so a test tile that differs there is not blown up."""
+    s1, s2 = np.asarray(s1, dtype=np.float64), np.asarray(s2, dtype=np.float64)
+    mean = s1 / max(n, 1)
+    std = np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0.0))
+    floor = 1e-3 * float(np.median(std[std > 0])) if np.any(std > 0) else 0.0
+    std = np.where(std > max(floor, 1e-8), std, 1.0)
+    return mean.astype(np.float32), std.astype(np.float32)

@@ -162,10 +162,15 @@ def selection_markdown(selection: Mapping[str, Any], check: Mapping[str, Any]) -
     elif selection:
         lines += [f"Head `{selection['chosen']}`: {selection.get('reason', '')}.", ""]
     if check:
+        same_head = check["baseline"] == f"{check['main']}-baseline"  # the baseline differs by its context only
+        advice = ("The baseline is the same head on the raw tile embeddings (no context rings): `--context-rings 0` "
+                  "trains it as the main model; the paired comparisons below show whether the difference is more "
+                  "than noise." if same_head else
+                  "Prefer the baseline's head (`--head meanpool`) or `--head auto`.")
         verdict = (f"**Warning: the main model `{check['main']}` scores below its own baseline "
                    f"`{check['baseline']}`** (mean primary metric {check['main_score']:.3f} vs "
                    f"{check['baseline_score']:.3f}; below on {', '.join(check['targets_below_baseline'])}). "
-                   "Prefer the baseline's head (`--head meanpool`) or `--head auto`."
+                   + advice
                    if check["loses_to_baseline"] else
                    f"The main model `{check['main']}` scores at least as well as its baseline `{check['baseline']}` "
                    f"(mean primary metric {check['main_score']:.3f} vs {check['baseline_score']:.3f}).")

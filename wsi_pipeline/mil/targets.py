@@ -279,6 +279,13 @@ def _binary_classes(raw: Sequence[str], name: str, path: str) -> list[str]:
     return uniq
 
 
+def fit_class_names(spec: TargetSpec, present: Sequence[str], path: str = "labels CSV") -> list[str]:
+    """The class names of a classification target from the labels present (stripped strings): binary
+    [negative, positive], multiclass sorted. Federated training applies it to the union of the sites'
+    label vocabularies, so every site encodes the labels as one cohort would."""
+    return _binary_classes(present, spec.name, path) if spec.kind == BINARY else sorted(set(present))
+
+
 def _encode_binary(raw: Sequence[Any], classes: list[str]) -> np.ndarray:
     out = np.full(len(raw), np.nan)
     boolean = _is_boolean_vocab(classes)
@@ -340,7 +347,7 @@ def encode_labels(df: Any, targets: list[TargetSpec], fit_classes: bool = True) 
             if fit_classes:
                 if not present:
                     raise LabelsError(f"{path}: target {t.name!r} has no labels")
-                t.classes = _binary_classes(present, t.name, path) if t.kind == BINARY else sorted(set(present))
+                t.classes = fit_class_names(t, present, path)
             if t.kind == BINARY:
                 values[t.name] = _encode_binary(raw.tolist(), t.classes)
             else:

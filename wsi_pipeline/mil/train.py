@@ -25,9 +25,12 @@ Models trained in one run ("variants"): the chosen head (with the spatial contex
 mean-pool baseline on the raw embeddings (``baseline``), and with ``covariates``: the covariates-only
 linear model, the image-only head and the image + covariates head (the main model).
 
-Distributed: under ``torchrun`` (WORLD_SIZE > 1) the (variant, fold) trainings are dealt across ranks
-(gloo process group; each fold is seeded on its own, so results equal a single-process run) and rank 0
-gathers the OOF predictions and writes the outputs.
+Distributed: under ``torchrun`` (WORLD_SIZE > 1), ``--distribute folds`` (default) deals the (variant, fold)
+trainings across ranks (gloo process group; each fold is seeded on its own, so results equal a
+single-process run); ``--distribute bags`` has every rank train every model on its share of each step's
+slides, with the gradients averaged across ranks (:mod:`wsi_pipeline.mil.distributed`). Rank 0 gathers the
+OOF predictions and writes the outputs. Bags stream from their feature files through a cache bounded by
+``cache_mb`` (:class:`wsi_pipeline.mil.data.BagStore`), so memory does not grow with the cohort.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from wsi_pipeline.mil.config import TrainConfig
 from wsi_pipeline.mil.covariates import CovariateEncoder, fit_covariates
 from wsi_pipeline.mil.cv import Cohort, FoldResult, Variant
 from wsi_pipeline.mil.data import Bag, BagStore, subsample
+from wsi_pipeline.mil.distributed import Ranks
 from wsi_pipeline.mil.model_io import FoldCard, ModelCard, ModelDir, VariantCard, save_weights
 from wsi_pipeline.mil.selection import AUTO, HeadSelection, choose_head, criterion_scores, fixed_head
 from wsi_pipeline.mil.targets import (
@@ -103,7 +107,8 @@ def plan_variants(cfg: TrainConfig, embed_dim: int, head: str | None = None) -> 
     return out
 
 
-def _seed_of(*parts: object) -> int:
+def seed_of(*parts: object) -> int:
+    """A stable 31-bit seed from the parts (the same on every machine and Python version)."""
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
@@ -142,13 +147,15 @@ def _patients(cohort: Cohort, cfg: TrainConfig, task: FoldTask) -> tuple[set[str
     pool = {p: s for p, s in cohort.strata.items() if cohort.folds[p] != task.fold}
     if task.inner < 0:
         return {p for p, f in cohort.folds.items() if f == task.fold}, pool
-    inner = patient_folds(pool, cfg.selection_folds, _seed_of(cfg.seed, "select", task.fold))
+    inner = patient_folds(pool, cfg.selection_folds, seed_of(cfg.seed, "select", task.fold))
     test = {p for p, f in inner.items() if f == task.inner}
     return test, {p: s for p, s in pool.items() if p not in test}
 
 
 # ---------------------------------------------------------------- one fold
-def _batch_targets(cohort: Cohort, slides: Sequence[str], scalers: dict[str, list[float]]) -> tuple[dict, dict]:
+def batch_targets(cohort: Cohort, slides: Sequence[str], scalers: dict[str, list[float]]) -> tuple[dict, dict]:
+    """The labels of ``slides`` as tensors per target (regression standardised with ``scalers``) and the
+    survival event indicators."""
     import torch
 
     idx = {s: i for i, s in enumerate(cohort.labels.slide_ids)}
@@ -172,17 +179,26 @@ def _fit_scalers(cohort: Cohort, slides: Sequence[str]) -> dict[str, list[float]
     for s in cohort.specs:
         if s.kind == REGRESSION:
             v = cohort.labels.values[s.name][sel]
-            v = v[~np.isnan(v)]
-            m = float(v.mean()) if len(v) else 0.0
-            sd = float(v.std()) if len(v) > 1 else 1.0
-            out[s.name] = [m, sd if sd > 1e-12 else 1.0]
+            v = v[~np.isnan(v)].astype(np.float64)
+            out[s.name] = scaler_from_sums(len(v), float(v.sum()), float((v * v).sum()))
     return out
+
+
+def scaler_from_sums(n: int, total: float, total_sq: float) -> list[float]:
+    """[mean, std] of a regression target from its count, sum and sum of squares (summed over sites when
+    federated); std 1 when it cannot be estimated."""
+    if n <= 0:
+        return [0.0, 1.0]
+    m = total / n
+    sd = float(np.sqrt(max(total_sq / n - m * m, 0.0))) if n > 1 else 1.0
+    return [float(m), sd if sd > 1e-12 else 1.0]
 
 
 class _FoldRunner:
     """Trains one variant on one fold and predicts its held-out patients."""
 
-    def __init__(self, cfg: TrainConfig, cohort: Cohort, task: FoldTask, model_dir: ModelDir) -> None:
+    def __init__(self, cfg: TrainConfig, cohort: Cohort, task: FoldTask, model_dir: ModelDir,
+                 ranks: Ranks | None = None) -> None:
         import torch
 
         from wsi_pipeline.evaluate.splits import inner_split
@@ -190,12 +206,13 @@ class _FoldRunner:
 
         self.cfg, self.cohort, self.v, self.fold, self.dir = cfg, cohort, task.variant, task.fold, model_dir
         self.inner = task.inner
+        self.ranks = ranks or Ranks()
         self.epochs = cfg.epochs if task.inner < 0 else min(cfg.epochs, cfg.selection_epochs)
         # seeds of the outer trainings are those of a run without selection (same models)
         self.key: tuple[object, ...] = (self.fold,) if task.inner < 0 else (self.fold, "select", task.inner)
         self.device = pick_device(cfg.device)
         test_p, pool = _patients(cohort, cfg, task)
-        tr_p, va_p = inner_split(pool, cfg.val_fraction, seed=_seed_of(cfg.seed, "inner", *self.key))
+        tr_p, va_p = inner_split(pool, cfg.val_fraction, seed=seed_of(cfg.seed, "inner", *self.key))
         self.train_slides = cohort.slides_of(set(tr_p))
         self.val_slides = cohort.slides_of(set(va_p))
         self.test_slides = cohort.slides_of(test_p)
@@ -209,9 +226,13 @@ class _FoldRunner:
             mat = self.cov_enc.transform(df)
             self.cov = {s: mat[i] for i, s in enumerate(cohort.labels.slide_ids)}
         self.in_dim = cohort.embed_dim * (1 + self.v.context_rings) if self.v.image else 0
-        seed = _seed_of(cfg.seed, self.v.name, *self.key)
+        seed = seed_of(cfg.seed, self.v.name, *self.key)
         torch.manual_seed(seed)
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed)  # bag order and tile subsamples
+        self.order_rng = self.rng
+        if self.ranks.shards_bags:  # one bag order on every rank; each rank subsamples its own bags
+            self.order_rng = np.random.default_rng(seed)
+            self.rng = np.random.default_rng(seed_of(cfg.seed, self.v.name, *self.key, "rank", self.ranks.rank))
         vc = VariantCard(self.v.name, self.v.head, self.v.head_kwargs, self.in_dim, self.v.image,
                          self.v.covariates, self.v.context_rings)
         self.vc = vc
@@ -238,6 +259,42 @@ class _FoldRunner:
                 for s in slides]
         return {t.name: torch.stack([o.logits[t.name] for o in outs]).cpu() for t in self.cohort.specs}
 
+    def _sharded_logits(self, slides: Sequence[str], rng: np.random.Generator) -> dict:
+        """Logits of ``slides`` (no gradient), each rank forwarding its share, gathered in ``slides``' order."""
+        import torch
+
+        local = self.ranks.shard(slides)
+        mine = self._logits(local, train=False, rng=rng) if local else {}
+        per_slide = {s: {t: v[i] for t, v in mine.items()} for i, s in enumerate(local)}
+        every = self.ranks.gather_dict(per_slide)
+        return {t.name: torch.stack([every[s][t.name] for s in slides]) for t in self.cohort.specs}
+
+    def _step(self, opt: Any, batch: Sequence[str]) -> float | None:
+        """One optimiser step on ``batch`` (this rank's share of it when bags are sharded); the step's mean loss,
+        None when no bag of the batch has a label."""
+        import torch
+
+        from wsi_pipeline.mil.losses import multitask_loss
+
+        local = self.ranks.shard(batch)
+        opt.zero_grad()
+        loss_value, weight = 0.0, 0.0
+        if local:
+            logits = self._logits(local, train=True)
+            ys, evs = batch_targets(self.cohort, local, self.scalers)
+            loss, _ = multitask_loss(self.cohort.specs, logits, ys, evs)
+            if loss.requires_grad:
+                loss.backward()
+                loss_value, weight = float(loss.detach()), float(len(local))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        total = self.ranks.average_gradients(params, weight)
+        if total <= 0:
+            return None
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+        loss_sum, _ = self.ranks.sum(loss_value * weight, weight)
+        return loss_sum / total
+
     def _val_losses(self) -> dict[str, float]:
         """Per-target validation losses (every tile up to ``max_tiles``, a fixed subsample per bag)."""
         import torch
@@ -248,9 +305,10 @@ class _FoldRunner:
             return {}
         self.model.eval()
         with torch.no_grad():
-            rng = np.random.default_rng(_seed_of(self.cfg.seed, "val", *self.key))
-            logits = self._logits(self.val_slides, train=False, rng=rng)
-            ys, evs = _batch_targets(self.cohort, self.val_slides, self.scalers)
+            rank_key = (self.ranks.rank,) if self.ranks.shards_bags else ()
+            rng = np.random.default_rng(seed_of(self.cfg.seed, "val", *self.key, *rank_key))
+            logits = self._sharded_logits(self.val_slides, rng)
+            ys, evs = batch_targets(self.cohort, self.val_slides, self.scalers)
             _, parts = multitask_loss(self.cohort.specs, logits, ys, evs)
         return parts
 
@@ -259,7 +317,6 @@ class _FoldRunner:
         to its value before training, so targets with large losses (Cox) do not drown the others."""
         import torch
 
-        from wsi_pipeline.mil.losses import multitask_loss
 
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.cfg.weight_decay)
         ref = self._val_losses()
@@ -269,21 +326,13 @@ class _FoldRunner:
         order = list(self.train_slides)
         for epoch in range(1, self.epochs + 1):
             self.model.train()
-            self.rng.shuffle(order)
+            self.order_rng.shuffle(order)
             tot, nb = 0.0, 0
             for b in range(0, len(order), self.cfg.batch_bags):
-                batch = order[b : b + self.cfg.batch_bags]
-                logits = self._logits(batch, train=True)
-                ys, evs = _batch_targets(self.cohort, batch, self.scalers)
-                loss, _ = multitask_loss(self.cohort.specs, logits, ys, evs)
-                if not loss.requires_grad:
-                    continue
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
-                opt.step()
-                tot += float(loss.detach())
-                nb += 1
+                loss = self._step(opt, order[b : b + self.cfg.batch_bags])
+                if loss is not None:
+                    tot += loss
+                    nb += 1
             parts = self._val_losses()
             rel = [parts[t] / max(ref[t], 1e-6) for t in parts if t in ref]
             score = float(np.mean(rel)) if rel else tot / max(nb, 1)
@@ -307,11 +356,11 @@ class _FoldRunner:
         self.model.eval()
         out = {}
         with torch.no_grad():
-            for s in self.test_slides:
+            for s in self.ranks.shard(self.test_slides):
                 bag = self.cohort.store.get(s) if self.v.image else None  # every tile
                 o = forward_bag(self.model, bag, self.in_dim, self.cov.get(s), self.device)
                 out[s] = output_to_prediction(o, self.cohort.specs, self.scalers, tiles=False).values
-        return out
+        return self.ranks.gather_dict(out)
 
     def run(self) -> FoldResult:
         t0 = time.perf_counter()
@@ -320,7 +369,8 @@ class _FoldRunner:
         rel = ""
         if self.inner < 0:  # head-selection trainings only score their predictions
             rel = self.dir.weights_rel(self.v.name, self.fold)
-            save_weights(self.dir.root / rel, self.model)
+            if not self.ranks.shards_bags or self.ranks.rank == 0:  # sharded bags: one model, every rank
+                save_weights(self.dir.root / rel, self.model)
         card = FoldCard(self.fold, rel, self.scalers, self.cov_enc.to_dict() if self.cov_enc else None,
                         best_epoch, best_val, len(self.train_slides), len(self.val_slides), self.lr)
         log.info("%s fold %s: best epoch %d (val loss %.4f), %d/%d/%d slides, %.1fs", self.v.name,
@@ -354,22 +404,23 @@ def _gather(results: list[FoldResult], world: int) -> list[FoldResult]:
 
 
 # ---------------------------------------------------------------- orchestration
-def _run_tasks(tasks: Sequence[FoldTask], cfg: TrainConfig, cohort: Cohort, mdir: ModelDir, rank: int, world: int,
+def _run_tasks(tasks: Sequence[FoldTask], cfg: TrainConfig, cohort: Cohort, mdir: ModelDir, ranks: Ranks,
                progress: Callable[[str], None] | None) -> list[FoldResult]:
-    """Run this rank's share of ``tasks``; every rank gets every result back."""
+    """Run this rank's share of ``tasks`` (all of them, on a share of the bags, with ``--distribute bags``);
+    every rank gets every result back."""
     results = []
     for i, t in enumerate(tasks):
-        if i % world != rank:
+        if not ranks.runs_task(i):
             continue
         if progress:
             where = f"fold {t.fold + 1}/{cfg.folds}" + (
                 f", head selection inner fold {t.inner + 1}/{cfg.selection_folds}" if t.inner >= 0 else "")
             progress(f"{t.variant.name} {where}")
-        results.append(_FoldRunner(cfg, cohort, t, mdir).run())
-    return _gather(results, world)
+        results.append(_FoldRunner(cfg, cohort, t, mdir, ranks).run())
+    return results if ranks.shards_bags else _gather(results, ranks.world)
 
 
-def select_head(cfg: TrainConfig, cohort: Cohort, embed_dim: int, mdir: ModelDir, rank: int = 0, world: int = 1,
+def select_head(cfg: TrainConfig, cohort: Cohort, embed_dim: int, mdir: ModelDir, ranks: Ranks | None = None,
                 progress: Callable[[str], None] | None = None) -> HeadSelection:
     """``--head auto``: score every candidate by inner CV within each outer fold's training patients
     (:mod:`wsi_pipeline.mil.selection`) and choose one."""
@@ -377,7 +428,7 @@ def select_head(cfg: TrainConfig, cohort: Cohort, embed_dim: int, mdir: ModelDir
     cands = list(cfg.head_candidates)
     variants = {c: plan_variants(cfg, embed_dim, c)[0] for c in cands}
     tasks = [FoldTask(variants[c], k, j) for c in cands for k in range(cfg.folds) for j in range(cfg.selection_folds)]
-    results = _run_tasks(tasks, cfg, cohort, mdir, rank, world, progress)
+    results = _run_tasks(tasks, cfg, cohort, mdir, ranks or Ranks(), progress)
     per_fold: dict[str, list[dict[str, float]]] = {}
     for c in cands:
         per_fold[c] = []
@@ -414,6 +465,7 @@ def run_train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -
     check_heads(cfg)
     t0 = time.perf_counter()
     rank, world, own_group = _dist_info()
+    ranks = Ranks(rank, world, cfg.distribute)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     try:
@@ -422,11 +474,11 @@ def run_train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -
         cohort.embed_dim = info.embed_dim
         mdir = ModelDir(cfg.model_out)
         mdir.root.mkdir(parents=True, exist_ok=True)
-        selection = select_head(cfg, cohort, info.embed_dim, mdir, rank, world, progress) if cfg.head == AUTO \
+        selection = select_head(cfg, cohort, info.embed_dim, mdir, ranks, progress) if cfg.head == AUTO \
             else fixed_head(cfg.head)
         variants = plan_variants(cfg, info.embed_dim, selection.chosen)
         tasks = [FoldTask(v, k) for v in variants for k in range(cfg.folds)]
-        results = _run_tasks(tasks, cfg, cohort, mdir, rank, world, progress)
+        results = _run_tasks(tasks, cfg, cohort, mdir, ranks, progress)
         out = None
         if rank == 0:
             from wsi_pipeline.mil.report import write_training_outputs

@@ -12,7 +12,7 @@ Modules
 * ``context``: context windows for training (random mosaics of labelled tiles, windows computed as the dense
   map computes them, class-area fractions as soft labels).
 * ``dense``: the dense class-probability map (overlapping field-of-view windows, fully convolutional or one by
-  one; the default footprint).
+  one; what ``--footprint auto`` uses for a classifier validated for it, :func:`wsi_pipeline.tme.run.dense_validated`).
 * ``spatial``: tile grid, tumour region, peri-tumoural band, per-slide metrics of a label grid or of the
   dense map (pure).
 * ``rules``: the immune-phenotype rule table and fitting its thresholds with cross-validation (pure).

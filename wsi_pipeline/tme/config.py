@@ -154,7 +154,9 @@ class TMEConfig:
     # over the area the RUN tiles cover, combined into a class-probability map: wsi_pipeline.tme.dense),
     # "tile" (each whole RUN tile; reuses RUN features), "classifier" (each RUN tile's centre over the
     # field of view, read from the slide), "grid" (the TME's own grid of cells one field of view wide,
-    # anchored at the RUN tiles' corner), "auto" ("dense"; "tile" for a classifier without a field of view)
+    # anchored at the RUN tiles' corner), "auto" ("dense" for a classifier validated for it: trained on context
+    # windows and at least as good as "grid" on misaligned held-out mosaics, wsi_pipeline.tme.run.dense_validated;
+    # else "grid"; "tile" for a classifier without a field of view)
     footprint: str = "auto"
     dense_method: str = "auto"  # fcn (fully convolutional, CNN encoders) | window (each window embedded) | auto
     # correct the dense map's expected class areas for the classifier's confusions (classifier.json

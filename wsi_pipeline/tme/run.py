@@ -1,10 +1,11 @@
 """``wsi tme RUN``: dense tissue-class maps (or per-tile classes), class maps, QuPath GeoJSON and the per-slide
 TME table.
 
-Per slide (tiles from ``RUN/tiles/<slide_id>.h5``), with the default footprint ``dense``
-(:mod:`wsi_pipeline.tme.dense`): the classifier over overlapping windows of its field of view, one per map
-cell, over the area the RUN tiles cover, read from the slide at the classifier's µm/px → a class-probability
-map (stored in ``RUN/tme/<slide_id>.h5`` next to each RUN tile's mean probabilities) → metrics from the map
+Per slide (tiles from ``RUN/tiles/<slide_id>.h5``), with the footprint ``dense`` (what ``auto`` uses for a
+classifier validated for it, :func:`dense_validated`; :mod:`wsi_pipeline.tme.dense`): the classifier over
+overlapping windows of its field of view, one per map cell, over the area the RUN tiles cover, read from the
+slide at the classifier's µm/px → a class-probability map (stored in ``RUN/tme/<slide_id>.h5`` next to each RUN
+tile's mean probabilities) → metrics from the map
 (:func:`wsi_pipeline.tme.spatial.map_metrics`: expected areas, corrected for the classifier's confusions) →
 phenotype, a class-map PNG of the map and a QuPath GeoJSON of its class polygons.
 
@@ -126,9 +127,39 @@ def embed_slide_tiles(
     return out
 
 
+FOOTPRINT_EVAL = "footprint_eval"  # classifier.json metrics key (scripts/eval_tme.py --record)
+EVAL_FIGURES = ("phenotype_accuracy", "til_spearman", "area_fraction_mae")  # higher, higher, lower is better
+
+
+def dense_validated(clf: TissueClassifier) -> tuple[bool, str]:
+    """Whether ``--footprint auto`` may use the dense map for ``clf``: the classifier was trained for it (context
+    windows, :mod:`wsi_pipeline.tme.context`) and its weights were evaluated on misaligned held-out mosaics
+    (``metrics.footprint_eval`` in classifier.json, written by ``scripts/eval_tme.py --record`` with the
+    checksum of ``model.safetensors``), where the dense map was at least as good as the ``grid`` footprint on
+    phenotype accuracy, TIL Spearman and composition MAE. Returns (ok, why)."""
+    from wsi_pipeline.tme.classifier import WEIGHTS_FILE
+
+    if not int((clf.training.get("context") or {}).get("n_mosaics", 0) or 0):
+        return False, "not trained on context windows (`wsi tissue-train --context-mosaics N`)"
+    ev = clf.metrics.get(FOOTPRINT_EVAL) or {}
+    weights = Path(clf.path) / WEIGHTS_FILE if clf.path else None
+    if not ev or weights is None or not weights.exists() or ev.get("classifier_sha256") != F.file_sha256(weights):
+        return False, "no misaligned mosaic evaluation of these weights (scripts/eval_tme.py --record)"
+    grid, dense = ev.get("grid") or {}, ev.get("dense") or {}
+    try:
+        worse = [k for k, sign in zip(EVAL_FIGURES, (1, 1, -1), strict=True)
+                 if sign * (float(dense[k]) - float(grid[k])) < -1e-9]
+    except (KeyError, TypeError, ValueError):
+        return False, "incomplete misaligned mosaic evaluation (scripts/eval_tme.py --record)"
+    if worse:
+        return False, f"worse than grid on misaligned mosaics ({', '.join(worse)})"
+    return True, f"at least as good as grid on {ev.get('n_slides', '?')} misaligned mosaics"
+
+
 def resolve_footprint(cfg: TMEConfig, clf: TissueClassifier, tiles: F.TileSet) -> str:
     """The footprint actually used for these RUN tiles: ``dense``, ``tile``, ``classifier`` or ``grid`` (see
-    TMEConfig). ``auto`` is ``dense``, or ``tile`` for a classifier that does not record its field of view."""
+    TMEConfig). ``auto`` is ``dense`` for a classifier validated for it (:func:`dense_validated`), else
+    ``grid``, or ``tile`` for a classifier that does not record its field of view."""
     fov = clf.tile_um
     if cfg.footprint in ("grid", FOOTPRINT_DENSE) and fov <= 0:
         raise ConfigError(f"--footprint {cfg.footprint}: the classifier {clf.path} does not record its field of "
@@ -136,7 +167,11 @@ def resolve_footprint(cfg: TMEConfig, clf: TissueClassifier, tiles: F.TileSet) -
     if cfg.footprint in ("grid", FOOTPRINT_DENSE):
         return cfg.footprint
     if cfg.footprint == "auto":
-        return FOOTPRINT_DENSE if fov > 0 else "tile"
+        if fov <= 0:
+            return "tile"
+        ok, why = dense_validated(clf)
+        log.debug("--footprint auto: %s for %s (%s)", FOOTPRINT_DENSE if ok else "grid", clf.path, why)
+        return FOOTPRINT_DENSE if ok else "grid"
     if cfg.footprint == "tile" or fov <= 0 or not len(tiles):
         return "tile"
     tile_um = tiles.tile_size_l0 * tiles.slide_mpp
@@ -431,9 +466,10 @@ class TMEStage:
 
     def key(self, item: SlideItem) -> str:
         ctx = self.ctx
-        tiles, _ = run_tiles(ctx.layout, ctx.clf, ctx.cfg, item.slide_id)
+        tiles, footprint = run_tiles(ctx.layout, ctx.clf, ctx.cfg, item.slide_id)
         cfg = ctx.cfg
         return F.params_hash({"probs": ctx.resume_key(str(tiles.attrs.get(F.A_PARAMS_HASH, ""))),
+                              "footprint": footprint,
                               "spatial": cfg.spatial, "rules": cfg.rules, "roles": cfg.roles, "png": cfg.write_png,
                               "area_correction": ctx.clf.area_correction if cfg.area_correction else None,
                               "geojson": cfg.write_geojson, "thumb": cfg.thumbnail_max, "n": len(tiles)})
