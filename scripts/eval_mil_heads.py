@@ -263,14 +263,32 @@ def models_dir(cohort_dir: Path, encoder: str, weights_sha: str) -> Path:
     return cohort_dir / "models" / f"{safe_name(encoder)}-{weights_sha[:8] or 'na'}"
 
 
-def train_and_predict(spec: str, cohort_dir: Path, encoder: str, weights_sha: str, a: argparse.Namespace
-                      ) -> tuple[Any, dict[str, Any], Path]:
-    """Train ``spec`` on the train cohort (cached when the settings match) and predict the test cohort."""
-    from wsi_pipeline.formats.cards import read_model_json
+def train_cached_and_predict(cohort_dir: Path, cfg: dict[str, Any], key_extra: dict[str, Any], label: str) -> Any:
+    """`wsi train` with ``cfg`` (its ``model_out`` reused when it was trained with the same settings and
+    ``key_extra``, e.g. the encoder weights' checksum), then the test cohort's predictions table."""
     from wsi_pipeline.formats.tables import read_predictions_csv
     from wsi_pipeline.mil.config import PredictConfig, TrainConfig
     from wsi_pipeline.mil.predict import predict_run
     from wsi_pipeline.mil.train import run_train
+
+    mdir = Path(cfg["model_out"])
+    key = json.dumps({**cfg, **key_extra, "threads": None}, sort_keys=True)
+    key_file = mdir / "eval_key.json"
+    if not (mdir / "model.json").exists() or not key_file.exists() or key_file.read_text() != key:
+        shutil.rmtree(mdir, ignore_errors=True)
+        t0 = time.perf_counter()
+        run_train(TrainConfig(**cfg))
+        key_file.write_text(key)
+        log(f"{cohort_dir.name}: trained {label} in {time.perf_counter() - t0:.0f}s")
+    predict_run(PredictConfig(run=str(cohort_dir / "test"), model=str(mdir), encoder=cfg.get("encoder"),
+                              labels=str(cohort_dir / "test_slides" / "labels.csv"), write_scores=False))
+    return read_predictions_csv(cohort_dir / "test" / "predictions.csv")
+
+
+def train_and_predict(spec: str, cohort_dir: Path, encoder: str, weights_sha: str, a: argparse.Namespace
+                      ) -> tuple[Any, dict[str, Any], Path]:
+    """Train ``spec`` on the train cohort (cached when the settings match) and predict the test cohort."""
+    from wsi_pipeline.formats.cards import MODEL_JSON_VERSION, read_model_json
 
     head, rings, over = parse_model(spec)
     head_kwargs = {k.split(".", 1)[1]: v for k, v in over.items() if k.startswith("head.")}
@@ -281,20 +299,8 @@ def train_and_predict(spec: str, cohort_dir: Path, encoder: str, weights_sha: st
            "context_rings": rings, "baseline": False, "seed": a.seed, "encoder": encoder,
            "threads": a.threads, "n_bootstrap": a.n_boot, "head_kwargs": head_kwargs, "calibration": a.calibration,
            **over}
-    from wsi_pipeline.formats.cards import MODEL_JSON_VERSION
-
-    key = json.dumps({**cfg, "weights_sha256": weights_sha, "threads": None, "model_json": MODEL_JSON_VERSION},
-                     sort_keys=True)
-    key_file = mdir / "eval_key.json"
-    if not (mdir / "model.json").exists() or not key_file.exists() or key_file.read_text() != key:
-        shutil.rmtree(mdir, ignore_errors=True)
-        t0 = time.perf_counter()
-        run_train(TrainConfig(**cfg))
-        key_file.write_text(key)
-        log(f"trained {model_label(spec)} in {time.perf_counter() - t0:.0f}s")
-    predict_run(PredictConfig(run=str(cohort_dir / "test"), model=str(mdir), encoder=encoder,
-                              labels=str(cohort_dir / "test_slides" / "labels.csv"), write_scores=False))
-    pred = read_predictions_csv(cohort_dir / "test" / "predictions.csv")
+    pred = train_cached_and_predict(cohort_dir, cfg, {"weights_sha256": weights_sha, "model_json": MODEL_JSON_VERSION},
+                                    model_label(spec))
     main = read_model_json(mdir)["main_variant"]
     oof = json.loads((mdir / "metrics.json").read_text())["models"][main]
     return pred, oof, mdir

@@ -140,10 +140,6 @@ def extract(run: Path, encoder: str) -> tuple[str, str]:
 
 def train_and_predict(cdir: Path, encoder: str, sha: str, a: argparse.Namespace) -> Any:
     """Train the survival-only model on the train cohort (cached by settings); test-cohort predictions."""
-    from wsi_pipeline.formats.tables import read_predictions_csv
-    from wsi_pipeline.mil.config import PredictConfig, TrainConfig
-    from wsi_pipeline.mil.predict import predict_run
-    from wsi_pipeline.mil.train import run_train
     from wsi_pipeline.runfolder.layout import safe_name
 
     mdir = cdir / "models" / f"{safe_name(encoder)}-{sha[:8] or 'na'}" / f"survival-{a.head}"
@@ -151,17 +147,7 @@ def train_and_predict(cdir: Path, encoder: str, sha: str, a: argparse.Namespace)
            "model_out": str(mdir), "head": a.head, "folds": a.folds, "epochs": a.epochs, "seed": a.seed,
            "encoder": encoder, "batch_bags": a.batch_bags, "baseline": False, "threads": a.threads,
            "n_bootstrap": a.n_boot}
-    key = json.dumps({**cfg, "weights_sha256": sha, "threads": None}, sort_keys=True)
-    key_file = mdir / "eval_key.json"
-    if not (mdir / "model.json").exists() or not key_file.exists() or key_file.read_text() != key:
-        shutil.rmtree(mdir, ignore_errors=True)
-        t0 = time.perf_counter()
-        run_train(TrainConfig(**cfg))
-        key_file.write_text(key)
-        log(f"{cdir.name}: trained the survival model ({a.head}) in {time.perf_counter() - t0:.0f}s")
-    predict_run(PredictConfig(run=str(cdir / "test"), model=str(mdir), encoder=encoder,
-                              labels=str(cdir / "test_slides" / "labels.csv"), write_scores=False))
-    return read_predictions_csv(cdir / "test" / "predictions.csv")
+    return cohorts.train_cached_and_predict(cdir, cfg, {"weights_sha256": sha}, f"the survival model ({a.head})")
 
 
 def oracle_frame(labels: Any, specs: list) -> Any:

@@ -395,7 +395,7 @@ def record_footprint_eval(clf: Any, results: dict[str, dict[str, Any]], meta: di
     map only for a context-trained classifier that was at least as good as grid there
     (``wsi_pipeline.tme.run.dense_validated``)."""
     from wsi_pipeline.formats import api as F
-    from wsi_pipeline.tme.classifier import CLASSIFIER_JSON, WEIGHTS_FILE
+    from wsi_pipeline.tme.classifier import CLASSIFIER_JSON
     from wsi_pipeline.tme.run import FOOTPRINT_EVAL, dense_validated
 
     names = {f: f"misaligned/{f}" for f in FOOTPRINTS}
@@ -403,7 +403,7 @@ def record_footprint_eval(clf: Any, results: dict[str, dict[str, Any]], meta: di
     if missing:
         raise SystemExit(f"--record needs the misaligned cohort with both footprints (missing {missing})")
     rec: dict[str, Any] = {"cohort": "misaligned", "n_slides": meta["n_slides"], "grid_cells": meta.get("grid"),
-                           "seed": meta.get("seed"), "classifier_sha256": F.file_sha256(Path(clf.path) / WEIGHTS_FILE)}
+                           "seed": meta.get("seed"), "classifier_sha256": clf.weights_sha256}
     for f, k in names.items():
         r = results[k]
         rec[f] = {"phenotype_accuracy": r["phenotype_accuracy"], "phenotype_accuracy_ci": r["phenotype_accuracy_ci"],

@@ -169,9 +169,6 @@ def server_main(grid: Grid, context: Context) -> None:
 
 
 # ---------------------------------------------------------------- client
-client_app = ClientApp()
-
-
 def _site_config(context: Context) -> Any:
     from wsi_pipeline.federated.config import SiteConfig
 
@@ -245,36 +242,15 @@ def _dispatch(kind: str, site: Any, received: P.Payload) -> P.Payload:
     raise FederatedError(f"unknown message type {kind!r}")
 
 
-@client_app.train()
-def client_train(msg: Message, context: Context) -> Message:
-    return _answer(msg, context)
+def _client_app() -> ClientApp:
+    """The ClientApp: every message type of the protocol (:data:`protocol.MESSAGE_TYPES`, ``category`` or
+    ``category.action``) is answered by :func:`_answer`, which dispatches on the type."""
+    app = ClientApp()
+    for message_type in P.MESSAGE_TYPES:
+        category, _, action = message_type.partition(".")
+        register = getattr(app, category)  # ClientApp.train / .evaluate / .query
+        (register(action) if action else register())(_answer)
+    return app
 
 
-@client_app.evaluate()
-def client_evaluate(msg: Message, context: Context) -> Message:
-    return _answer(msg, context)
-
-
-@client_app.query("join")
-def client_join(msg: Message, context: Context) -> Message:
-    return _answer(msg, context)
-
-
-@client_app.query("calibrate")
-def client_calibrate(msg: Message, context: Context) -> Message:
-    return _answer(msg, context)
-
-
-@client_app.query("summary")
-def client_summary(msg: Message, context: Context) -> Message:
-    return _answer(msg, context)
-
-
-@client_app.query("refuse")
-def client_refuse(msg: Message, context: Context) -> Message:
-    return _answer(msg, context)
-
-
-@client_app.query("done")
-def client_done(msg: Message, context: Context) -> Message:
-    return _answer(msg, context)
+client_app = _client_app()

@@ -263,6 +263,8 @@ class _FoldRunner:
         """Logits of ``slides`` (no gradient), each rank forwarding its share, gathered in ``slides``' order."""
         import torch
 
+        if not self.ranks.shards_bags:
+            return self._logits(slides, train=False, rng=rng)
         local = self.ranks.shard(slides)
         mine = self._logits(local, train=False, rng=rng) if local else {}
         per_slide = {s: {t: v[i] for t, v in mine.items()} for i, s in enumerate(local)}

@@ -55,6 +55,7 @@ class TissueClassifier:
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     path: str = ""
+    weights_sha256: str = ""  # of the model.safetensors it was loaded from ('' when built in memory)
 
     @property
     def n_classes(self) -> int:
@@ -232,6 +233,7 @@ def load_classifier(name_or_path: str | Path | None = None) -> TissueClassifier:
         metrics=dict(meta.get("metrics", {})),
         training=dict(meta.get("training", {})),
         path=str(folder),
+        weights_sha256=F.file_sha256(wpath),
     )
     for key in ("feat_mean", "feat_std"):
         if key not in clf.state:

@@ -135,15 +135,13 @@ def dense_validated(clf: TissueClassifier) -> tuple[bool, str]:
     """Whether ``--footprint auto`` may use the dense map for ``clf``: the classifier was trained for it (context
     windows, :mod:`wsi_pipeline.tme.context`) and its weights were evaluated on misaligned held-out mosaics
     (``metrics.footprint_eval`` in classifier.json, written by ``scripts/eval_tme.py --record`` with the
-    checksum of ``model.safetensors``), where the dense map was at least as good as the ``grid`` footprint on
-    phenotype accuracy, TIL Spearman and composition MAE. Returns (ok, why)."""
-    from wsi_pipeline.tme.classifier import WEIGHTS_FILE
-
+    checksum of ``model.safetensors``, compared with the one taken when the classifier was loaded), where the
+    dense map was at least as good as the ``grid`` footprint on phenotype accuracy, TIL Spearman and
+    composition MAE. Returns (ok, why)."""
     if not int((clf.training.get("context") or {}).get("n_mosaics", 0) or 0):
         return False, "not trained on context windows (`wsi tissue-train --context-mosaics N`)"
     ev = clf.metrics.get(FOOTPRINT_EVAL) or {}
-    weights = Path(clf.path) / WEIGHTS_FILE if clf.path else None
-    if not ev or weights is None or not weights.exists() or ev.get("classifier_sha256") != F.file_sha256(weights):
+    if not ev or not clf.weights_sha256 or ev.get("classifier_sha256") != clf.weights_sha256:
         return False, "no misaligned mosaic evaluation of these weights (scripts/eval_tme.py --record)"
     grid, dense = ev.get("grid") or {}, ev.get("dense") or {}
     try:
