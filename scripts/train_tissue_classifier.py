@@ -92,9 +92,11 @@ Context windows of {n_eval_mosaics} mosaics of the held-out tiles ({n_eval_windo
 ## Recipe
 `nice python scripts/train_tissue_classifier.py` ({head} head{hidden_note}, class-balanced soft cross-entropy,
 full-batch AdamW, {epochs} steps, lr {lr}, weight decay {wd}; features standardised). CPU, {seconds:.0f} s.
-Then `nice python scripts/eval_tme.py --json models/{name}/eval_tme.json --card models/{name}/README.md`
-adds the held-out mosaic evaluation below. A retrained demo encoder (new weights checksum) needs both
-steps again: `wsi tme` refuses a classifier whose encoder weights changed.
+Then `nice python scripts/eval_tme.py --extract --agreement 3 --record --json models/{name}/eval_tme.json
+--card models/{name}/README.md` adds the held-out mosaic evaluation below and records the misaligned
+grid-against-dense figures in `classifier.json` (`metrics.footprint_eval`, with the weights' checksum), which
+`wsi tme --footprint auto` decides on. A retrained demo encoder (new weights checksum) needs both steps again:
+`wsi tme` refuses a classifier whose encoder weights changed.
 
 ## Files
 `classifier.json` (class names, encoder, embed dim, µm/px, fit, metrics, split, training summary) and

@@ -36,8 +36,8 @@ def simulated(fed_sites, tmp_path_factory) -> tuple[Path, str, float]:
     out = tmp_path_factory.mktemp("federated") / "fed-model"
     t0 = time.monotonic()
     text = _invoke("federated", "simulate", *site_args(fed_sites, "ABCD"), "--targets", ALL_TARGETS,
-                   "--model-out", out, "--min-sites", "3", "--rounds", "2", "--local-epochs", "1", "--hidden", "16",
-                   "--round-timeout", "240", "--timeout", "900")
+                   "--model-out", out, "--min-sites", "3", "--rounds", "2", "--patience", "3", "--local-epochs", "1",
+                   "--hidden", "16", "--round-timeout", "240", "--timeout", "900")
     return out, text, time.monotonic() - t0
 
 
@@ -56,6 +56,7 @@ def test_simulate_writes_the_model_folder_and_record(simulated):
         assert math.isfinite(r["train_loss"]) and set(r["n_train_slides"]) == {"A", "B", "C"}
         assert set(r["val_loss"]) == {"response", "immune_phenotype", "til_fraction", "os"}
     assert doc["config"]["min_sites"] == 3 and doc["config"]["strategy"] == "fedavg"
+    assert doc["config"]["patience"] == 3 and doc["config"]["rounds"] == 2  # the options reach the server
     # calibrated by federated optimisation: binary Platt, multiclass temperature
     assert doc["calibration"]["response"]["method"] == "platt"
     assert doc["calibration"]["immune_phenotype"]["method"] == "temperature"

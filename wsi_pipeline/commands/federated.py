@@ -13,8 +13,10 @@ _TARGETS = typer.Option(None, "--targets", "-t", help="As in `wsi train`, e.g. r
                         "immune_phenotype:multiclass,til_fraction:regression,os:survival(os_months,os_event).")
 _MODEL_OUT = typer.Option(None, "--model-out", "-o", help="Model folder (as `wsi train` writes it) + federated.json; "
                           "a checkpoint under .federated/ lets a restarted server resume.")
-_ROUNDS = typer.Option(None, "--rounds", help="Federated rounds (default 20; early stopping after 5 without "
-                       "improvement of the federated validation loss).")
+_ROUNDS = typer.Option(None, "--rounds", help="Federated rounds at most (default 40; early stopping after "
+                       "--patience rounds without improvement of the federated validation loss).")
+_PATIENCE = typer.Option(None, "--patience", help="Early stopping: rounds without improvement of the federated "
+                         "validation loss (default 8).")
 _HEAD = typer.Option(None, "--head", help="MIL head: abmil (default), transmil, chowder or meanpool (not auto).")
 _STRATEGY = typer.Option(None, "--strategy", help="fedavg (default) or fedprox (Flower's strategies).")
 _MU = typer.Option(None, "--proximal-mu", help="FedProx proximal term weight (default 0.01).")
@@ -69,7 +71,8 @@ def register(app: typer.Typer) -> None:
         targets: str = _TARGETS, model_out: Path = _MODEL_OUT,
         min_sites: int = typer.Option(None, "--min-sites", help="Sites needed to start and in every round "
                                       "(default 2)."),
-        rounds: int = _ROUNDS, head: str = _HEAD, strategy: str = _STRATEGY, proximal_mu: float = _MU,
+        rounds: int = _ROUNDS, patience: int = _PATIENCE, head: str = _HEAD, strategy: str = _STRATEGY,
+        proximal_mu: float = _MU,
         local_epochs: int = _LOCAL_EPOCHS, round_timeout: float = _ROUND_TIMEOUT, calibration: str = _CALIBRATION,
         val_fraction: float = _VAL_FRACTION, encoder: str = _ENCODER, seed: int = _SEED, lr: float = _LR,
         hidden: int = _HIDDEN, context_rings: int = _CONTEXT,
@@ -87,7 +90,7 @@ def register(app: typer.Typer) -> None:
         from wsi_pipeline.federated.launch import run_server
 
         cfg = _server_config(config, address=address, targets=targets, model_out=model_out, min_sites=min_sites,
-                             rounds=rounds, head=head, strategy=strategy, proximal_mu=proximal_mu,
+                             rounds=rounds, patience=patience, head=head, strategy=strategy, proximal_mu=proximal_mu,
                              local_epochs=local_epochs, round_timeout=round_timeout, calibration=calibration,
                              val_fraction=val_fraction, encoder=encoder, seed=seed, lr=lr, hidden=hidden,
                              context_rings=context_rings, join_timeout=join_timeout,
@@ -127,7 +130,8 @@ def register(app: typer.Typer) -> None:
         site: list[str] = typer.Option(..., "--site", help="NAME=RUN:LABELS, once per site."),
         targets: str = _TARGETS, model_out: Path = _MODEL_OUT,
         min_sites: int = typer.Option(None, "--min-sites", help="Sites needed in every round (default: all)."),
-        rounds: int = _ROUNDS, head: str = _HEAD, strategy: str = _STRATEGY, proximal_mu: float = _MU,
+        rounds: int = _ROUNDS, patience: int = _PATIENCE, head: str = _HEAD, strategy: str = _STRATEGY,
+        proximal_mu: float = _MU,
         local_epochs: int = _LOCAL_EPOCHS, round_timeout: float = _ROUND_TIMEOUT, calibration: str = _CALIBRATION,
         val_fraction: float = _VAL_FRACTION, encoder: str = _ENCODER, seed: int = _SEED, lr: float = _LR,
         hidden: int = _HIDDEN, context_rings: int = _CONTEXT,
@@ -142,7 +146,7 @@ def register(app: typer.Typer) -> None:
 
         parsed = [parse_site(s) for s in site]
         cfg = _server_config(config, targets=targets, model_out=model_out, min_sites=min_sites or len(parsed),
-                             rounds=rounds, head=head, strategy=strategy, proximal_mu=proximal_mu,
+                             rounds=rounds, patience=patience, head=head, strategy=strategy, proximal_mu=proximal_mu,
                              local_epochs=local_epochs, round_timeout=round_timeout, calibration=calibration,
                              val_fraction=val_fraction, encoder=encoder, seed=seed, lr=lr, hidden=hidden,
                              context_rings=context_rings, threads=threads)

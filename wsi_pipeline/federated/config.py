@@ -32,7 +32,7 @@ class FederatedConfig:
     targets: Any = ""
     model_out: str = ""
     min_sites: int = 2
-    rounds: int = 20
+    rounds: int = 40
     head: str = "abmil"
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
@@ -44,7 +44,7 @@ class FederatedConfig:
     encoder: str = ""  # features every site must have (default: those of the majority of the sites)
     calibration: str = "auto"
     val_fraction: float = 0.2
-    patience: int = 5
+    patience: int = 8
     seed: int = 0
     lr: float | None = None
     weight_decay: float = 1e-4
