@@ -7,16 +7,16 @@ The last site gets a scanner/stain shift: a constant offset of its tile embeddin
 deviations along a random direction) that no other site and not the test set has. Then, each with the same
 head and settings:
 
-* **federated**: ``wsi federated simulate`` over the sites (Flower SuperLink + one SuperNode per site);
+* **federated**: ``wsi federated simulate`` over the sites (Flower SuperLink + one SuperNode per site), a
+  ``--fed-folds``-member fold ensemble (default 3, the command's default; 1: one model);
 * **pooled**: ``wsi train`` on all the sites' patients together (what federated training approximates);
 * **site X alone**: ``wsi train`` on one site's patients.
 
 Every model predicts the test set with ``wsi predict`` (calibrated, patient level); AUROC of response and
 macro one-vs-rest AUROC of the immune phenotype, with 95% CIs from ``--n-boot`` patient-bootstrap resamples
-(the same resamples for every model). The federated model is one model, while ``wsi train`` ensembles its
-fold models, so the table also gives the pooled ensemble's fold models on their own (mean, min–max): how much
-of pooled training's lead is the ensemble's. Prints a markdown table and writes ``<work>/results.md`` /
-``.json``.
+(the same resamples for every model), and the paired difference federated − pooled. The table also gives the
+pooled ensemble's fold models on their own (mean, min–max): how much an ensemble adds over one model. Prints
+a markdown table and writes ``<work>/results.md`` / ``.json``.
 
     nice python scripts/eval_federated.py --work /tmp/fed-eval            # 600 patients: 3 sites of 140
     nice python scripts/eval_federated.py --work /tmp/fed-small --patients 420 --test-fraction 0.7  # sites of 42
@@ -126,7 +126,7 @@ def train_federated(cohort: dict[str, tuple[Path, Path]], model: Path, sites: li
     cfg = FederatedConfig(targets=TARGETS, model_out=str(model), min_sites=len(sites), rounds=args.rounds,
                           local_epochs=args.local_epochs, head=args.head, seed=args.seed, hidden=args.hidden,
                           strategy=args.strategy, round_timeout=1800, context_rings=1,
-                          patience=args.patience)
+                          patience=args.patience, folds=args.fed_folds)
     run_simulate(cfg, [SiteConfig(run=str(cohort[n][0]), labels=str(cohort[n][1]), name=n) for n in sites])
     return _seconds(model, time.perf_counter() - t0)
 
@@ -215,6 +215,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--local-epochs", type=int, default=2)
     ap.add_argument("--patience", type=int, default=8, help="federated early stopping (rounds)")
+    ap.add_argument("--fed-folds", type=int, default=3,
+                    help="members of the federated fold ensemble (`wsi federated --folds`, default 3; 1: one model)")
     ap.add_argument("--strategy", default="fedavg")
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
@@ -224,7 +226,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cohort = build_cohort(work, args)
     sites = sorted(n for n in cohort if n not in ("test", "pooled"))
-    seconds = {"federated": train_federated(cohort, work / "models" / "federated", sites, args),
+    fed_dir = "federated" if args.fed_folds == 1 else f"federated-{args.fed_folds}folds"
+    seconds = {"federated": train_federated(cohort, work / "models" / fed_dir, sites, args),
                "pooled": train_central(*cohort["pooled"], work / "models" / "pooled", args)}
     for n in sites:
         seconds[f"site {n} alone"] = train_central(*cohort[n], work / "models" / f"site-{n}", args)
@@ -235,7 +238,7 @@ def main() -> None:
     truth = truth.groupby("patient_id", as_index=False).first()[["patient_id", "response", "immune_phenotype"]]
     rng = np.random.default_rng(12345)
     boot = [rng.integers(0, len(truth), len(truth)) for _ in range(args.n_boot)]
-    models = {"federated": "federated", "pooled": "pooled", **{f"site {n} alone": f"site-{n}" for n in sites}}
+    models = {"federated": fed_dir, "pooled": "pooled", **{f"site {n} alone": f"site-{n}" for n in sites}}
     results, draws = {}, {}
     for label, folder in models.items():
         pred = predict(*cohort["test"], work / "models" / folder)
@@ -248,7 +251,10 @@ def main() -> None:
     n_train = {n: int(pd.read_csv(cohort[n][1], dtype=str)["patient_id"].nunique()) for n in sites}
     lines = [f"Held-out test set: {len(truth)} patients; sites {', '.join(f'{n} ({k} patients)' for n, k in n_train.items())}"
              f"; site {sites[-1]} with a scanner shift ({args.shift} SD). Head {args.head}, 95% patient-bootstrap "
-             f"CIs ({args.n_boot} resamples).", "",
+             f"CIs ({args.n_boot} resamples). Federated: "
+             + ("one model" if args.fed_folds == 1 else f"a {args.fed_folds}-fold ensemble (`--folds {args.fed_folds}`)")
+             + f", ≤ {args.rounds} rounds of {args.local_epochs} local epochs, patience {args.patience}; pooled and "
+             f"single-site: `wsi train`, {args.folds}-fold ensembles.", "",
              "| model | response AUROC (95% CI) | phenotype macro AUROC (95% CI) | train time (s) |", "|---|---|---|---|"]
     for label, r in results.items():
         cells = [f"{r[k][0]:.3f} ({r[k][1]:.3f}–{r[k][2]:.3f})" for k in ("response", "phenotype")]

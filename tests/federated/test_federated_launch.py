@@ -3,6 +3,7 @@ per site, each its own `wsi` process (a SuperLink, SuperNodes), over TLS with gi
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -57,7 +58,7 @@ def test_server_and_client_commands_train_a_model_over_tls(fed_sites, tmp_path):
     certs = _certificates(tmp_path / "certs")
     wsi = [sys.executable, "-m", "wsi_pipeline", "federated"]
     server = subprocess.Popen([*wsi, "server", "--address", address, "--targets", "response:binary", "--model-out",
-                               str(out), "--min-sites", "2", "--rounds", "1", "--local-epochs", "1", "--hidden", "16",
+                               str(out), "--min-sites", "2", "--rounds", "1", "--local-epochs", "1", "--folds", "1", "--hidden", "16",
                                "--calibration", "none", "--join-timeout", "300", "--certificates", str(certs)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     clients = []
@@ -83,6 +84,8 @@ def test_server_and_client_commands_train_a_model_over_tls(fed_sites, tmp_path):
         assert sent[0] == "query.join" and "train" in sent and sent[-1] == "query.done"
     doc = F.read_federated_json(out)
     assert doc["status"] == "complete" and set(doc["sites"]) == {"A", "B"} and (out / "model.json").is_file()
+    card = json.loads((out / "model.json").read_text())  # --folds 1: one model, a validation fraction held out
+    assert doc["config"]["folds"] == 1 and len(card["variants"][card["main_variant"]]["folds"]) == 1
     assert (out / ".federated" / "logs" / "server.log").read_text().count("round 1/1") == 1
     superlink_log = (out / ".federated" / "logs" / "superlink.log").read_text()
     assert "TLS disabled" not in superlink_log  # served with the given certificate (the sites verify it: ca.crt)

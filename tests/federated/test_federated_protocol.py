@@ -154,3 +154,31 @@ def test_refused_options_name_a_fix_the_command_accepts(monkeypatch, capsys, tmp
                             "response:binary", "--model-out", str(tmp_path / "m"), *args)
         assert rc == 2 and "ConfigError" in text, text
         assert set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text)) <= subcommand_options("simulate"), text
+
+
+# ---------------------------------------------------------------- fold ensemble (--folds K)
+def test_fold_ensemble_validates_every_patient_once_by_a_member_that_never_trained_on_it(tmp_path):
+    from fedtools import make_site
+
+    from wsi_pipeline.federated.site import Site
+    from wsi_pipeline.federated.spec import RunSpec
+
+    run, labels = make_site(tmp_path, "A", 41, n_patients=12)
+    targets = [{"name": "response", "kind": "binary", "column": "response", "classes": ["0", "1"]}]
+    site = Site(SiteConfig(run=str(run), labels=str(labels), name="A"),
+                RunSpec(targets=targets, val_fraction=0.2, seed=0, context_rings=0, folds=3))
+    assert len(site.splits) == 3 and sorted(site.val_slides) == sorted(site.slides)  # every slide once
+    for k, (train, val) in enumerate(site.splits):
+        assert val and train and not {site.patient_of[s] for s in train} & {site.patient_of[s] for s in val}
+        assert [s for s, m in zip(site.val_slides, site.val_member, strict=True) if m == k] == val
+    one = Site(SiteConfig(run=str(run), labels=str(labels), name="A"),
+               RunSpec(targets=targets, val_fraction=0.25, seed=0, context_rings=0))
+    assert len(one.splits) == 1 and 0 < len(one.val_slides) < len(one.slides)  # one model: val_fraction held out
+    with pytest.raises(FederatedError, match="names no member"):
+        RunSpec(targets=targets, val_fraction=0.2, seed=0, context_rings=0, folds=2).member_states({"m5.w": 0})
+    spec = RunSpec(targets=targets, val_fraction=0.2, seed=0, context_rings=0, folds=2)
+    states = [{"w": np.zeros(2), "b.c": np.ones(1)}, {"w": np.ones(2), "b.c": np.zeros(1)}]
+    joined = spec.join_states(states)
+    assert sorted(joined) == ["m0.b.c", "m0.w", "m1.b.c", "m1.w"]
+    back = spec.member_states(joined)
+    assert all(np.array_equal(back[k][n], states[k][n]) for k in (0, 1) for n in ("w", "b.c"))

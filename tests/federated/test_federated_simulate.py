@@ -37,7 +37,7 @@ def simulated(fed_sites, tmp_path_factory) -> tuple[Path, str, float]:
     t0 = time.monotonic()
     text = _invoke("federated", "simulate", *site_args(fed_sites, "ABCD"), "--targets", ALL_TARGETS,
                    "--model-out", out, "--min-sites", "3", "--rounds", "2", "--patience", "3", "--local-epochs", "1",
-                   "--hidden", "16", "--round-timeout", "240", "--timeout", "900")
+                   "--folds", "2", "--hidden", "16", "--round-timeout", "240", "--timeout", "900")
     return out, text, time.monotonic() - t0
 
 
@@ -57,6 +57,10 @@ def test_simulate_writes_the_model_folder_and_record(simulated):
         assert set(r["val_loss"]) == {"response", "immune_phenotype", "til_fraction", "os"}
     assert doc["config"]["min_sites"] == 3 and doc["config"]["strategy"] == "fedavg"
     assert doc["config"]["patience"] == 3 and doc["config"]["rounds"] == 2  # the options reach the server
+    # --folds 2: a fold ensemble; every patient of a site is validated (by the member that never trained on it)
+    assert doc["config"]["folds"] == 2
+    for name, counts in doc["sites"].items():
+        assert counts["n_val_slides"] == counts["n_slides"] > counts["n_train_slides"], name
     # calibrated by federated optimisation: binary Platt, multiclass temperature
     assert doc["calibration"]["response"]["method"] == "platt"
     assert doc["calibration"]["immune_phenotype"]["method"] == "temperature"
@@ -64,6 +68,8 @@ def test_simulate_writes_the_model_folder_and_record(simulated):
     assert len(doc["cutoffs"]["subgroups"]["cutoffs"]) == 2
     card = json.loads((out / "model.json").read_text())
     assert card["encoder"]["name"] == "sim" and card["encoder"]["target_mpp"] == 0.5
+    folds = card["variants"][card["main_variant"]]["folds"]
+    assert [f["fold"] for f in folds] == [0, 1] and all((out / f["weights"]).is_file() for f in folds)
     assert seconds < 900
 
 

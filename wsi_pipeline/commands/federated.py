@@ -25,8 +25,12 @@ _ROUND_TIMEOUT = typer.Option(None, "--round-timeout", help="Seconds a round wai
                               "a site that does not answer is left out of the round.")
 _CALIBRATION = typer.Option(None, "--calibration", help="auto (binary platt, multiclass temperature), platt, "
                             "temperature or none, fitted by federated optimisation (isotonic is refused).")
-_VAL_FRACTION = typer.Option(None, "--val-fraction", help="Validation fraction of every site's patients (default "
-                             "0.2): early stopping, calibration, cut-offs.")
+_VAL_FRACTION = typer.Option(None, "--val-fraction", help="With --folds 1: validation fraction of every site's "
+                             "patients (default 0.2): early stopping, calibration, cut-offs.")
+_FOLDS = typer.Option(None, "--folds", help="K >= 2 (default 3): a K-member fold ensemble, as `wsi train`: every site "
+                      "splits its patients into K folds, member k is validated on fold k; early stopping, calibration "
+                      "and cut-offs use every patient's out-of-fold prediction. 1: one model, --val-fraction held "
+                      "out at every site.")
 _ENCODER = typer.Option(None, "--encoder", "-e", help="Features every site must have (default: the majority's).")
 _SEED = typer.Option(None, "--seed", help="Random seed.")
 _LR = typer.Option(None, "--lr", help="AdamW learning rate (default: the head's).")
@@ -74,7 +78,8 @@ def register(app: typer.Typer) -> None:
         rounds: int = _ROUNDS, patience: int = _PATIENCE, head: str = _HEAD, strategy: str = _STRATEGY,
         proximal_mu: float = _MU,
         local_epochs: int = _LOCAL_EPOCHS, round_timeout: float = _ROUND_TIMEOUT, calibration: str = _CALIBRATION,
-        val_fraction: float = _VAL_FRACTION, encoder: str = _ENCODER, seed: int = _SEED, lr: float = _LR,
+        val_fraction: float = _VAL_FRACTION, folds: int = _FOLDS, encoder: str = _ENCODER, seed: int = _SEED,
+        lr: float = _LR,
         hidden: int = _HIDDEN, context_rings: int = _CONTEXT,
         join_timeout: float = typer.Option(None, "--join-timeout", help="Seconds to wait for --min-sites sites "
                                            "(default 600)."),
@@ -92,7 +97,7 @@ def register(app: typer.Typer) -> None:
         cfg = _server_config(config, address=address, targets=targets, model_out=model_out, min_sites=min_sites,
                              rounds=rounds, patience=patience, head=head, strategy=strategy, proximal_mu=proximal_mu,
                              local_epochs=local_epochs, round_timeout=round_timeout, calibration=calibration,
-                             val_fraction=val_fraction, encoder=encoder, seed=seed, lr=lr, hidden=hidden,
+                             val_fraction=val_fraction, folds=folds, encoder=encoder, seed=seed, lr=lr, hidden=hidden,
                              context_rings=context_rings, join_timeout=join_timeout,
                              certificates=str(certificates) if certificates else None, insecure=insecure or None)
         _echo_result(run_server(cfg), cfg.model_out)
@@ -133,7 +138,8 @@ def register(app: typer.Typer) -> None:
         rounds: int = _ROUNDS, patience: int = _PATIENCE, head: str = _HEAD, strategy: str = _STRATEGY,
         proximal_mu: float = _MU,
         local_epochs: int = _LOCAL_EPOCHS, round_timeout: float = _ROUND_TIMEOUT, calibration: str = _CALIBRATION,
-        val_fraction: float = _VAL_FRACTION, encoder: str = _ENCODER, seed: int = _SEED, lr: float = _LR,
+        val_fraction: float = _VAL_FRACTION, folds: int = _FOLDS, encoder: str = _ENCODER, seed: int = _SEED,
+        lr: float = _LR,
         hidden: int = _HIDDEN, context_rings: int = _CONTEXT,
         threads: int = typer.Option(1, "--threads", help="torch CPU threads per process."),
         timeout: float = typer.Option(0.0, "--timeout", help="Give up after this many seconds (0: never)."),
@@ -148,7 +154,7 @@ def register(app: typer.Typer) -> None:
         cfg = _server_config(config, targets=targets, model_out=model_out, min_sites=min_sites or len(parsed),
                              rounds=rounds, patience=patience, head=head, strategy=strategy, proximal_mu=proximal_mu,
                              local_epochs=local_epochs, round_timeout=round_timeout, calibration=calibration,
-                             val_fraction=val_fraction, encoder=encoder, seed=seed, lr=lr, hidden=hidden,
+                             val_fraction=val_fraction, folds=folds, encoder=encoder, seed=seed, lr=lr, hidden=hidden,
                              context_rings=context_rings, threads=threads)
         sites = [SiteConfig(run=r, labels=lab, name=n, encoder=encoder, threads=threads) for n, r, lab in parsed]
         _echo_result(run_simulate(cfg, sites, timeout=timeout), cfg.model_out)

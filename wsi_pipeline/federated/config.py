@@ -17,7 +17,7 @@ CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server.pem", "server.key"  # --cer
 
 # settings a restarted server must share with the checkpoint it resumes from (the rest may change, e.g. rounds)
 RESUME_KEYS = ("targets", "head", "head_kwargs", "hidden", "dropout", "context_rings", "instance_encoder",
-               "val_fraction", "seed", "strategy", "proximal_mu")
+               "val_fraction", "seed", "strategy", "proximal_mu", "folds")
 
 
 @dataclass
@@ -26,7 +26,14 @@ class FederatedConfig:
     (:class:`wsi_pipeline.mil.config.TrainConfig`); a round is ``local_epochs`` epochs at every site, then
     the weighted average of the sites' models (``fedavg``; ``fedprox`` adds the proximal term
     ``proximal_mu/2·‖w − w_global‖²`` to the sites' losses). Early stopping on the federated validation loss
-    (``patience`` rounds); the best round's model is the one kept."""
+    (``patience`` rounds); the best round's model is the one kept.
+
+    ``folds`` K ≥ 2 trains a fold ensemble, as ``wsi train`` ensembles its fold models: every site splits
+    its patients into K stratified folds; member k trains on the other folds and is validated on fold k, all
+    K members in the same rounds (one message per site a round, the members' states side by side). Each
+    patient is then validated exactly once, by the member that never trained on it: early stopping, the
+    calibration and the cut-offs use these out-of-fold predictions of every patient, not a held-out
+    ``val_fraction``."""
 
     address: str = DEFAULT_ADDRESS  # where sites connect (the Fleet API of the SuperLink)
     targets: Any = ""
@@ -44,6 +51,7 @@ class FederatedConfig:
     encoder: str = ""  # features every site must have (default: those of the majority of the sites)
     calibration: str = "auto"
     val_fraction: float = 0.2
+    folds: int = 3  # K >= 2: a K-member fold ensemble (class docstring); 1: one model, val_fraction held out
     patience: int = 8
     seed: int = 0
     lr: float | None = None
@@ -86,6 +94,7 @@ class FederatedConfig:
             (self.join_timeout > 0, f"join_timeout must be > 0 seconds (got {self.join_timeout})"),
             (self.proximal_mu >= 0, f"--proximal-mu must be >= 0 (got {self.proximal_mu})"),
             (0 < self.val_fraction < 1, f"--val-fraction must be in (0, 1) (got {self.val_fraction})"),
+            (self.folds >= 1, f"--folds must be 1 (one model) or >= 2 (a fold ensemble) (got {self.folds})"),
             (self.patience >= 1, f"patience must be >= 1 (got {self.patience})"),
             (self.lr is None or self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
             (self.histogram_bins >= 10, f"histogram_bins must be >= 10 (got {self.histogram_bins})"),

@@ -164,7 +164,7 @@ class Coordinator:
         cfg, old = self.cfg, self.record.spec
         spec = old or RunSpec(targets=[s.to_dict() for s in _targets(cfg)], val_fraction=cfg.val_fraction,
                               seed=cfg.seed, context_rings=cfg.context_rings, max_tiles=cfg.max_tiles,
-                              batch_bags=cfg.batch_bags, histogram_bins=cfg.histogram_bins)
+                              batch_bags=cfg.batch_bags, histogram_bins=cfg.histogram_bins, folds=cfg.folds)
         replies = self.link.exchange(P.JOIN, {n: P.Payload(config={"spec": spec.to_json()}) for n in nodes},
                                      cfg.round_timeout)
         refused: dict[int, tuple[str, str]] = {}
@@ -257,12 +257,15 @@ class Coordinator:
         self.spec = RunSpec(targets=[s.to_dict() for s in specs], val_fraction=cfg.val_fraction, seed=cfg.seed,
                             context_rings=cfg.context_rings, max_tiles=cfg.max_tiles, batch_bags=cfg.batch_bags,
                             variant=variant, scalers=scalers, encoder=self.encoder.to_dict(),
-                            histogram_bins=cfg.histogram_bins)
-        torch.manual_seed(seed_of(cfg.seed, "federated-init"))
-        model = self.spec.build_model()
-        model.set_feature_stats(torch.from_numpy(mean), torch.from_numpy(std))
+                            histogram_bins=cfg.histogram_bins, folds=cfg.folds)
+        states = []
+        for member in range(self.spec.members):  # a fold ensemble: each member its own initialisation
+            torch.manual_seed(seed_of(cfg.seed, "federated-init", *((member,) if self.spec.members > 1 else ())))
+            model = self.spec.build_model()
+            model.set_feature_stats(torch.from_numpy(mean), torch.from_numpy(std))
+            states.append({k: t.detach().cpu().numpy() for k, t in model.state_dict().items()})
         lr = float(cfg.lr) if cfg.lr else float(getattr(model, "default_lr", 1e-3))
-        arrays = {k: t.detach().cpu().numpy() for k, t in model.state_dict().items()}
+        arrays = self.spec.join_states(states)
         from dataclasses import asdict
 
         self.record.doc["checkpoint"] = {"completed_rounds": 0, "best_round": 0, "best_score": float("inf"),
@@ -289,11 +292,14 @@ class Coordinator:
         return float(np.mean(rel)) if rel else float("nan")
 
     def _consider(self, ck: dict[str, Any], score: float, model_round: int, arrays: Mapping[str, np.ndarray]) -> None:
-        """Early stopping's bookkeeping for the model after round ``model_round``."""
+        """Early stopping's bookkeeping for the model after round ``model_round``. Patience counts only once a
+        model has improved on the untrained one: MIL heads' validation loss often rises for the first rounds
+        before it falls (measured: 8 rounds of a 3-fold ensemble on sites of 42 patients), and stopping there
+        would keep the untrained model."""
         if score < ck["best_score"] - 1e-4:
             ck.update(best_score=score, best_round=model_round, bad_rounds=0)
             self.record.save_arrays("best", arrays)
-        else:
+        elif ck["best_round"] > 0:
             ck["bad_rounds"] += 1
 
     def _train(self, arrays: dict[str, np.ndarray], lr: float) -> dict[str, np.ndarray]:
@@ -340,6 +346,10 @@ class Coordinator:
                       stopped_early=int(ck["completed_rounds"]) < cfg.rounds)
             self.record.doc["checkpoint"] = ck
             self.record.save()
+        if int(ck["best_round"]) == 0:
+            log.warning("the federated validation loss never improved on the untrained model in %d rounds: the "
+                        "model written is the untrained one; pass more --rounds (or another --lr)",
+                        int(ck["completed_rounds"]))
         return self.record.load_arrays("best")
 
     # ------------------------------------------------------------ 4-5. calibration, cut-offs, model folder

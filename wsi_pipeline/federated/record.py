@@ -7,7 +7,9 @@ the best model under ``--model-out/.federated/checkpoint/``). A server started a
 ``--model-out`` with the same model settings resumes after the last completed round.
 
 The model folder is the one ``wsi train`` writes (:class:`~wsi_pipeline.mil.model_io.ModelDir`): one
-variant with one member (the federated model; ``fold0``), its calibrators and cut-offs, so ``wsi predict``,
+variant with one member (the federated model; ``fold0``), or the K members of a fold ensemble (``--folds K``;
+``fold0`` … ``fold<K-1>``, averaged by ``wsi predict`` as ``wsi train``'s fold models are), its calibrators
+and cut-offs, so ``wsi predict``,
 ``wsi heatmap``, ``wsi report`` and ``wsi subgroups`` use it unchanged. It has no out-of-fold predictions
 (no site sends predictions): ``federated.json`` holds the federated validation figures instead.
 """
@@ -29,10 +31,13 @@ from wsi_pipeline.formats import api as F
 STATE_DIR = ".federated"  # inside --model-out: checkpoint, SuperLink state, logs of the engine
 
 
+LEGACY = {"folds": 1}  # what a record written before a setting existed was trained with
+
+
 def _fingerprint(config: Mapping[str, Any]) -> dict[str, Any]:
     from wsi_pipeline.config import plain
 
-    return {k: plain(config.get(k)) for k in RESUME_KEYS}
+    return {k: plain(config.get(k, LEGACY.get(k))) for k in RESUME_KEYS}
 
 
 class Record:
@@ -52,7 +57,7 @@ class Record:
                 raise ConfigError(f"{self.root} holds a finished federated model; choose another --model-out (or "
                                   "delete this one to train again)")
             if _fingerprint(old["config"]) != _fingerprint(config):
-                diff = {k: (old["config"].get(k), config.get(k)) for k in RESUME_KEYS
+                diff = {k: (old["config"].get(k, LEGACY.get(k)), config.get(k)) for k in RESUME_KEYS
                         if _fingerprint(old["config"])[k] != _fingerprint(config)[k]}
                 raise ConfigError(f"{self.path}: a federated run with other settings (checkpoint, now): {diff}; "
                                   "restart with the same settings to resume, or choose another --model-out")
@@ -109,16 +114,19 @@ class Record:
         from wsi_pipeline.mil.selection import fixed_head
 
         mdir = ModelDir(self.root)
-        model = spec.build_model()
-        model.load_state_dict({k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()})
         vc: VariantCard = spec.variant_card()
-        rel = mdir.weights_rel(vc.name, 0)
-        save_weights(mdir.root / rel, model)
         ck = self.checkpoint
         sites = self.doc["sites"].values()
-        vc.folds = [FoldCard(0, rel, dict(spec.scalers), None, int(ck.get("best_round", 0)),
-                             float(ck.get("best_score", float("nan"))), sum(int(s["n_train_slides"]) for s in sites),
-                             sum(int(s["n_val_slides"]) for s in sites), float(lr))]
+        vc.folds = []
+        for member, state in enumerate(spec.member_states(arrays)):  # one model, or the fold ensemble's members
+            model = spec.build_model()
+            model.load_state_dict({k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()})
+            rel = mdir.weights_rel(vc.name, member)
+            save_weights(mdir.root / rel, model)
+            vc.folds.append(FoldCard(member, rel, dict(spec.scalers), None, int(ck.get("best_round", 0)),
+                                     float(ck.get("best_score", float("nan"))),
+                                     sum(int(s["n_train_slides"]) for s in sites),
+                                     sum(int(s["n_val_slides"]) for s in sites), float(lr)))
         vc.calibration = {t: c.to_dict() for t, c in calibrators.items()}
         vc.thresholds = dict(thresholds)
         card = ModelCard(name=mdir.root.resolve().name, main_variant=vc.name, targets=list(spec.targets),

@@ -2,7 +2,8 @@
 a :class:`~wsi_pipeline.federated.protocol.Payload` of model state, sums, counts or histograms.
 
 The site splits its patients into training and validation (stratified on the first classification target,
-``val_fraction``, seeded by the run's seed and the site's name: the same split for every message), computes
+``val_fraction``, seeded by the run's seed and the site's name: the same split for every message) or, for a
+fold ensemble (``--folds K``), into K folds (member k trains on the others and is validated on fold k), computes
 the statistics the server aggregates at join time, trains the global model locally for a round, and scores
 models on its validation patients (losses, calibration objectives, histograms)."""
 
@@ -31,7 +32,7 @@ class Site:
     """One site's cohort under a run specification (``spec.targets`` carry their classes after the join)."""
 
     def __init__(self, sc: SiteConfig, spec: RunSpec) -> None:
-        from wsi_pipeline.evaluate.splits import inner_split, patient_strata
+        from wsi_pipeline.evaluate.splits import inner_split, patient_folds, patient_strata
         from wsi_pipeline.mil.targets import read_labels_table, stratify_target
 
         self.sc, self.spec = sc, spec
@@ -54,10 +55,24 @@ class Site:
         strat = stratify_target(self.specs)
         raw = [_label(v) for v in rows[strat.column]] if strat else None  # raw strings: the same split always
         strata = patient_strata([self.patient_of[s] for s in self.slides], raw)
-        train_p, val_p = inner_split(strata, spec.val_fraction, seed_of(spec.seed, "site-split", sc.name))
-        self.train_slides = [s for s in self.slides if self.patient_of[s] in set(train_p)]
-        self.val_slides = [s for s in self.slides if self.patient_of[s] in set(val_p)]
-        self.n_patients = (len(train_p), len(val_p))
+        seed = seed_of(spec.seed, "site-split", sc.name)
+        if spec.members == 1:
+            val_sets = [set(inner_split(strata, spec.val_fraction, seed)[1])]
+        else:
+            if len(strata) < spec.members:
+                raise LabelsError(f"{sc.labels}: {len(strata)} patients with features and labels, fewer than "
+                                  f"--folds {spec.members}; use fewer folds (or --folds 1)")
+            fold_of = patient_folds(strata, spec.members, seed)
+            val_sets = [{p for p, f in fold_of.items() if f == k} for k in range(spec.members)]
+        # member k: (training slides, validation slides); one model: the val_fraction split
+        self.splits = [([s for s in self.slides if self.patient_of[s] not in v],
+                        [s for s in self.slides if self.patient_of[s] in v]) for v in val_sets]
+        self.train_slides = self.splits[0][0]
+        # every member's validation slides, member 0's first; val_member[i]: the member that scores slide i
+        self.val_slides = [s for _, val in self.splits for s in val]
+        self.val_member = [k for k, (_, val) in enumerate(self.splits) for _ in val]
+        n_val0 = len({self.patient_of[s] for s in self.splits[0][1]})  # (training, validation) patients:
+        self.n_patients = (len(strata) - n_val0, n_val0 if spec.members == 1 else len(strata))  # of member 0
         self._cohort: Cohort | None = None
 
     # ------------------------------------------------------------ identities never to send
@@ -129,46 +144,70 @@ class Site:
             outs.append(forward_bag(model, bag, in_dim, None, torch.device(self.sc.device)))
         return {t.name: torch.stack([o.logits[t.name] for o in outs]).cpu() for t in self.specs}
 
-    def val_losses(self, model: Any) -> dict[str, float | list[float]]:
+    def models(self, arrays: Mapping[str, np.ndarray]) -> list[Any]:
+        """The models in ``arrays``: one, or the members of a fold ensemble."""
+        return [self.model(st) for st in self.spec.member_states(arrays)]
+
+    def val_losses(self, models: Sequence[Any]) -> dict[str, float | list[float]]:
         """Per target: the sum over the site's validation slides of the loss and the number of slides it is
-        over (a Cox loss: the site's own risk set, i.e. stratified by site)."""
+        over (a Cox loss: the site's own risk set, i.e. stratified by site; a fold ensemble: each member on
+        its own fold, so the sum is the out-of-fold loss of every patient)."""
         import torch
 
         from wsi_pipeline.mil.losses import task_loss
 
         out: dict[str, float | list[float]] = {}
+        for s in self.specs:
+            out[f"val/{s.name}/sum"], out[f"val/{s.name}/n"] = 0.0, 0
         if not self.val_slides:
-            return {k: 0.0 for s in self.specs for k in (f"val/{s.name}/sum", f"val/{s.name}/n")}
-        model.eval()
+            return out
         with torch.no_grad():
             rng = np.random.default_rng(seed_of(self.spec.seed, "val", self.sc.name))
-            logits = self._logits(model, self.val_slides, rng)
-            ys, evs = batch_targets(self.cohort, self.val_slides, self.spec.scalers)
-            for s in self.specs:
-                n = int((~torch.isnan(ys[s.name])).sum())
-                loss = task_loss(s, logits[s.name], ys[s.name], evs.get(s.name))
-                ok = loss is not None
-                out[f"val/{s.name}/sum"] = float(loss) * n if ok else 0.0
-                out[f"val/{s.name}/n"] = n if ok else 0
+            for model, (_, val) in zip(models, self.splits, strict=True):
+                if not val:
+                    continue
+                model.eval()
+                logits = self._logits(model, val, rng)
+                ys, evs = batch_targets(self.cohort, val, self.spec.scalers)
+                for s in self.specs:
+                    n = int((~torch.isnan(ys[s.name])).sum())
+                    loss = task_loss(s, logits[s.name], ys[s.name], evs.get(s.name))
+                    if loss is not None:
+                        out[f"val/{s.name}/sum"] += float(loss) * n
+                        out[f"val/{s.name}/n"] += n
         return out
 
     # ------------------------------------------------------------ train
     def train(self, arrays: Mapping[str, np.ndarray], settings: Mapping[str, Any]) -> Payload:
-        """One round: the validation losses of the model received, then ``local-epochs`` epochs on the site's
-        training slides (AdamW; FedProx: plus ``proximal-mu/2·‖w − w_received‖²``)."""
+        """One round: the validation losses of the model(s) received, then ``local-epochs`` epochs of each
+        on its training slides (AdamW; FedProx: plus ``proximal-mu/2·‖w − w_received‖²``)."""
+        import torch
+
+        models = self.models(arrays)
+        metrics = self.val_losses(models)
+        rnd = int(settings["server-round"])
+        torch.manual_seed(seed_of(self.spec.seed, "train", self.sc.name, rnd))
+        rng = np.random.default_rng(seed_of(self.spec.seed, "order", self.sc.name, rnd))
+        tot, nb = 0.0, 0
+        for model, (train_slides, _) in zip(models, self.splits, strict=True):
+            t, n = self._train_member(model, train_slides, settings, rng)
+            tot, nb = tot + t, nb + n
+        state = self.spec.join_states([{k: v.detach().cpu().numpy() for k, v in m.state_dict().items()}
+                                       for m in models])
+        metrics.update({NUM_EXAMPLES: len(self.train_slides), "train_loss": tot / max(nb, 1)})
+        return Payload(arrays=state, metrics=metrics)
+
+    def _train_member(self, model: Any, train_slides: Sequence[str], settings: Mapping[str, Any],
+                      rng: np.random.Generator) -> tuple[float, int]:
+        """``local-epochs`` epochs of one model; the summed batch losses and the number of batches."""
         import torch
 
         from wsi_pipeline.mil.losses import multitask_loss
 
-        model = self.model(arrays)
-        metrics = self.val_losses(model)
-        rnd = int(settings["server-round"])
-        torch.manual_seed(seed_of(self.spec.seed, "train", self.sc.name, rnd))
-        rng = np.random.default_rng(seed_of(self.spec.seed, "order", self.sc.name, rnd))
         mu = float(settings.get("proximal-mu", 0.0))
         anchor = [p.detach().clone() for p in model.parameters()]
         opt = torch.optim.AdamW(model.parameters(), lr=float(settings["lr"]), weight_decay=float(settings["weight-decay"]))
-        order, tot, nb = list(self.train_slides), 0.0, 0
+        order, tot, nb = list(train_slides), 0.0, 0
         for _ in range(int(settings["local-epochs"])):
             model.train()
             rng.shuffle(order)
@@ -187,22 +226,22 @@ class Site:
                 opt.step()
                 tot += float(loss.detach())
                 nb += 1
-        state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-        metrics.update({NUM_EXAMPLES: len(self.train_slides), "train_loss": tot / max(nb, 1)})
-        return Payload(arrays=state, metrics=metrics)
+        return tot, nb
 
     # ------------------------------------------------------------ validation predictions
-    def val_predictions(self, model: Any) -> dict[str, np.ndarray]:
-        """Slide-level predictions of the validation slides (every tile): target → n (or n×C)."""
+    def val_predictions(self, models: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Slide-level predictions of the validation slides (every tile; each slide by the member it
+        validates): target → n (or n×C)."""
         import torch
 
         from wsi_pipeline.mil.ensemble import forward_bag, output_to_prediction
 
-        model.eval()
+        for m in models:
+            m.eval()
         preds = []
         with torch.no_grad():
-            for s in self.val_slides:
-                o = forward_bag(model, self.store.get(s), int(self.spec.variant["in_dim"]), None,
+            for s, k in zip(self.val_slides, self.val_member, strict=True):
+                o = forward_bag(models[k], self.store.get(s), int(self.spec.variant["in_dim"]), None,
                                 torch.device(self.sc.device))
                 preds.append(output_to_prediction(o, self.specs, self.spec.scalers, tiles=False).values)
         return {t.name: np.array([np.asarray(p[t.name], dtype=np.float64).reshape(-1) for p in preds])
@@ -210,7 +249,7 @@ class Site:
 
     def evaluate(self, arrays: Mapping[str, np.ndarray]) -> Payload:
         """Validation losses of a model, and the validation class counts (calibration's smoothed targets)."""
-        metrics = self.val_losses(self.model(arrays))
+        metrics = self.val_losses(self.models(arrays))
         vals = self.cohort.labels.values
         idx = [self.slides.index(s) for s in self.val_slides]
         for s in self.specs:
@@ -229,7 +268,7 @@ class Site:
         site's labelled validation slides (:mod:`wsi_pipeline.federated.calibrate`)."""
         from wsi_pipeline.federated.calibrate import site_terms
 
-        preds = self.val_predictions(self.model(arrays))
+        preds = self.val_predictions(self.models(arrays))
         out: dict[str, float | list[float]] = {}
         for spec in self.specs:
             if spec.name in requests:
@@ -242,7 +281,7 @@ class Site:
         errors per regression target: what the cut-offs and the validation figures come from."""
         from wsi_pipeline.mil.tables import patient_frame, patient_truth, prob_columns, slide_frame
 
-        preds = self.val_predictions(self.model(arrays))
+        preds = self.val_predictions(self.models(arrays))
         cal = {t: np.asarray(calibrators[t](p), dtype=np.float64) if t in calibrators else p
                for t, p in preds.items()}
         rows = [{t: cal[t][i] for t in cal} for i in range(len(self.val_slides))]

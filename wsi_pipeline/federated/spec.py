@@ -4,11 +4,13 @@ scalers). A site keeps no state between messages: everything it needs comes with
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
 
+from wsi_pipeline.errors import FederatedError
 from wsi_pipeline.federated.protocol import dumps, loads
 from wsi_pipeline.mil.model_io import VariantCard
 from wsi_pipeline.mil.targets import TargetSpec
@@ -26,6 +28,7 @@ class RunSpec:
     scalers: dict[str, list[float]] = field(default_factory=dict)  # regression target → [mean, std]
     encoder: dict[str, Any] = field(default_factory=dict)  # EncoderInfo every site must have (after join)
     histogram_bins: int = 100
+    folds: int = 1  # members of the fold ensemble (1: one model, ``val_fraction`` held out)
 
     def to_json(self) -> str:
         return dumps(asdict(self))
@@ -49,3 +52,27 @@ class RunSpec:
         from wsi_pipeline.mil.ensemble import build_model
 
         return build_model(self.variant_card(), self.specs, 0)
+
+    @property
+    def members(self) -> int:
+        return max(1, int(self.folds))
+
+    def member_states(self, arrays: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The state of each member in ``arrays`` (one model: the arrays themselves; a fold ensemble: member
+        k's entries are named ``m<k>.<name>``)."""
+        if self.members == 1:
+            return [dict(arrays)]
+        out: list[dict[str, Any]] = [{} for _ in range(self.members)]
+        for key, value in arrays.items():
+            head, _, name = key.partition(".")
+            k = int(head[1:]) if head[:1] == "m" and head[1:].isdigit() else -1
+            if not 0 <= k < self.members or not name:
+                raise FederatedError(f"model array {key!r} names no member of a {self.members}-fold ensemble")
+            out[k][name] = value
+        return out
+
+    def join_states(self, states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The inverse of :meth:`member_states`."""
+        if self.members == 1:
+            return dict(states[0])
+        return {f"m{k}.{name}": v for k, st in enumerate(states) for name, v in st.items()}
