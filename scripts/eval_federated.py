@@ -199,6 +199,8 @@ def scores(pred: Any, truth: Any, boot: np.ndarray, draws: dict[str, np.ndarray]
 
 
 def main() -> None:
+    from wsi_pipeline.federated.config import FederatedConfig as Fed  # the command's defaults are evaluated
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--sites", type=int, default=3)
@@ -212,12 +214,12 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=40)
-    ap.add_argument("--local-epochs", type=int, default=2)
-    ap.add_argument("--patience", type=int, default=8, help="federated early stopping (rounds)")
-    ap.add_argument("--fed-folds", type=int, default=3,
-                    help="members of the federated fold ensemble (`wsi federated --folds`, default 3; 1: one model)")
-    ap.add_argument("--strategy", default="fedavg")
+    ap.add_argument("--rounds", type=int, default=Fed.rounds)
+    ap.add_argument("--local-epochs", type=int, default=Fed.local_epochs)
+    ap.add_argument("--patience", type=int, default=Fed.patience, help="federated early stopping (rounds)")
+    ap.add_argument("--fed-folds", type=int, default=Fed.folds,
+                    help="members of the federated fold ensemble (`wsi federated --folds`; 1: one model)")
+    ap.add_argument("--strategy", default=Fed.strategy)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

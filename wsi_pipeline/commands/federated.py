@@ -39,12 +39,18 @@ _CONTEXT = typer.Option(None, "--context-rings", help="Neighbour-mean rings appe
 _CONFIG = typer.Option(None, "--config", "-c", help="YAML with any FederatedConfig field; options override.")
 
 
-def _server_config(config: Path | None, **options: Any) -> Any:
+def _server_config(config: Path | None, options: dict[str, Any], **overrides: Any) -> Any:
+    """The FederatedConfig of a command: ``--config`` YAML, then every given option of the command
+    (``options``: its parameters; those that name a FederatedConfig field), then ``overrides``."""
+    from dataclasses import fields
+
     from wsi_pipeline.config import from_dict, load_yaml
     from wsi_pipeline.federated.config import FederatedConfig
 
+    names = {f.name for f in fields(FederatedConfig)}
     base: dict[str, Any] = load_yaml(config) if config else {}
-    data = {**base, **{k: v for k, v in options.items() if v is not None}}
+    given = {k: v for k, v in {**options, **overrides}.items() if k in names and v is not None}
+    data = {**base, **given}
     if "model_out" in data:
         data["model_out"] = str(data["model_out"])
     return from_dict(FederatedConfig, data)
@@ -94,12 +100,8 @@ def register(app: typer.Typer) -> None:
         completed round."""
         from wsi_pipeline.federated.launch import run_server
 
-        cfg = _server_config(config, address=address, targets=targets, model_out=model_out, min_sites=min_sites,
-                             rounds=rounds, patience=patience, head=head, strategy=strategy, proximal_mu=proximal_mu,
-                             local_epochs=local_epochs, round_timeout=round_timeout, calibration=calibration,
-                             val_fraction=val_fraction, folds=folds, encoder=encoder, seed=seed, lr=lr, hidden=hidden,
-                             context_rings=context_rings, join_timeout=join_timeout,
-                             certificates=str(certificates) if certificates else None, insecure=insecure or None)
+        cfg = _server_config(config, locals(), certificates=str(certificates) if certificates else None,
+                             insecure=insecure or None)
         _echo_result(run_server(cfg), cfg.model_out)
 
     @fed.command("client")
@@ -151,10 +153,6 @@ def register(app: typer.Typer) -> None:
         from wsi_pipeline.federated.launch import parse_site, run_simulate
 
         parsed = [parse_site(s) for s in site]
-        cfg = _server_config(config, targets=targets, model_out=model_out, min_sites=min_sites or len(parsed),
-                             rounds=rounds, patience=patience, head=head, strategy=strategy, proximal_mu=proximal_mu,
-                             local_epochs=local_epochs, round_timeout=round_timeout, calibration=calibration,
-                             val_fraction=val_fraction, folds=folds, encoder=encoder, seed=seed, lr=lr, hidden=hidden,
-                             context_rings=context_rings, threads=threads)
+        cfg = _server_config(config, locals(), min_sites=min_sites or len(parsed))
         sites = [SiteConfig(run=r, labels=lab, name=n, encoder=encoder, threads=threads) for n, r, lab in parsed]
         _echo_result(run_simulate(cfg, sites, timeout=timeout), cfg.model_out)

@@ -91,16 +91,18 @@ class FlowerLink:
             time.sleep(PULL_INTERVAL_S)
         return out
 
+    @staticmethod
+    def _outcome(reply: Message | None, waited: str) -> P.Payload | str:
+        """A site's payload, or why there is none."""
+        if reply is None:
+            return f"no answer within {waited} (the site stopped or disconnected)"
+        if reply.has_error():
+            return f"the site's ClientApp failed: {reply.error.reason}"
+        return from_records(reply.content)
+
     def _send(self, messages: Sequence[Message], timeout: float) -> dict[int, P.Payload | str]:
-        out: dict[int, P.Payload | str] = {}
-        for node, reply in self._send_and_receive(messages, timeout).items():
-            if reply is None:
-                out[node] = "no answer within the timeout (the site stopped or disconnected)"
-            elif reply.has_error():
-                out[node] = f"the site's ClientApp failed: {reply.error.reason}"
-            else:
-                out[node] = from_records(reply.content)
-        return out
+        return {node: self._outcome(reply, "the timeout")
+                for node, reply in self._send_and_receive(messages, timeout).items()}
 
     def exchange(self, kind: str, payloads: Mapping[int, P.Payload], timeout: float) -> dict[int, P.Payload | str]:
         msgs = [Message(to_records(p), dst_node_id=n, message_type=kind) for n, p in payloads.items()]
@@ -119,14 +121,9 @@ class FlowerLink:
         out: dict[int, P.Payload | str] = {}
         good = []
         for node, r in self._send_and_receive(msgs, timeout).items():
-            if r is None:
-                out[node] = "no answer within --round-timeout (the site stopped or disconnected)"
-            elif r.has_error():
-                out[node] = f"the site's ClientApp failed: {r.error.reason}"
-            else:
-                out[node] = payload = from_records(r.content)
-                if not payload.error:
-                    good.append(r)
+            out[node] = payload = self._outcome(r, "--round-timeout")
+            if isinstance(payload, P.Payload) and not payload.error:
+                good.append(r)
         if not good:
             return None, out
         agg, _ = self.strategy.aggregate_train(rnd, good)
