@@ -74,7 +74,7 @@ def test_a_new_model_stores_detected_fraction_bounds(tmp_path: Path) -> None:
          "--model-out", model, "--folds", "2", "--epochs", "3", "--threads", "1", "--n-bootstrap", "20",
          "--seed", "1")
     card = json.loads((model / "model.json").read_text())
-    assert card["version"] == 2
+    assert card["version"] == 3  # format 3 (stacked calibrators); bounds since 2
     assert {t["name"]: t["bounds"] for t in card["targets"]} == {"til_fraction": [0.0, 1.0], "other": [None, None]}
     _wsi("predict", tmp_path / "run", "--model", model)
     tiles = _til_tile_scores(tmp_path / "run", model.name)

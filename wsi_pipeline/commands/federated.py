@@ -24,7 +24,7 @@ _LOCAL_EPOCHS = typer.Option(None, "--local-epochs", help="Epochs at every site 
 _ROUND_TIMEOUT = typer.Option(None, "--round-timeout", help="Seconds a round waits for the sites (default 600); "
                               "a site that does not answer is left out of the round.")
 _CALIBRATION = typer.Option(None, "--calibration", help="auto (binary platt, multiclass temperature), platt, "
-                            "temperature or none, fitted by federated optimisation (isotonic is refused).")
+                            "temperature or none, fitted by federated optimisation (isotonic and stacked are refused).")
 _VAL_FRACTION = typer.Option(None, "--val-fraction", help="With --folds 1: validation fraction of every site's "
                              "patients (default 0.2): early stopping, calibration, cut-offs.")
 _FOLDS = typer.Option(None, "--folds", help="K >= 2 (default 3): a K-member fold ensemble, as `wsi train`: every site "

@@ -7,7 +7,9 @@ log T). Federated, one request is one message: every site returns the objective 
 and Hessian) summed over its labelled validation slides, with the smoothed targets of the pooled class
 counts, and the server adds the sites' sums. So the federated calibrator is the one ``wsi train``'s fit
 would find on the pooled validation predictions, without a prediction leaving a site. All classification
-targets are calibrated in the same messages. Isotonic calibration has no such form and is refused.
+targets are calibrated in the same messages. Isotonic calibration has no such form and is refused; so is
+stacked calibration (it reads every patient's outputs of the other targets), and ``auto`` means platt /
+temperature here.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.mil.calibration import (
     NONE,
     Search,
@@ -34,6 +37,7 @@ from wsi_pipeline.mil.calibration import (
 )
 from wsi_pipeline.mil.targets import MULTICLASS, TargetSpec
 
+FEDERATED_METHODS = ("platt", "temperature", NONE)  # the fits with a federated (summed) form
 MAX_NEWTON = 30  # Platt iterations (one message each; it converges in well under 10)
 
 
@@ -71,7 +75,10 @@ class FederatedCalibration:
         self.results: dict[str, Any] = {}
         self.iterations: dict[str, int] = {}
         for name, spec in self.specs.items():
-            method = resolve_method(requested, spec)
+            method = resolve_method(requested, spec)  # auto: platt / temperature (never stacked, see config)
+            if method not in FEDERATED_METHODS:
+                raise ConfigError(f"--calibration {requested}: not available in federated training; use "
+                                  f"{', '.join(('auto', *FEDERATED_METHODS))}")
             if method != NONE and sum(c > 0 for c in self.counts[name]) < 2:
                 method = NONE  # one class in the validation labels: nothing to calibrate against
             self.methods[name] = method

@@ -79,6 +79,11 @@ class FederatedConfig:
                               f"{' | '.join(list_heads())}")
         if self.head not in list_heads():
             raise ConfigError(f"--head {self.head!r}: unknown; available: {', '.join(list_heads())}")
+        if self.calibration == "stacked":
+            raise ConfigError("--calibration stacked is not available in federated training: it is fitted on every "
+                              "patient's out-of-fold outputs of the model's other targets, which no site may send; "
+                              "use --calibration auto (binary platt, multiclass temperature), platt, temperature "
+                              "or none, fitted by federated optimisation")
         if self.calibration == "isotonic":
             raise ConfigError("--calibration isotonic is not available in federated training: an isotonic map "
                               "is fitted through every pooled validation prediction, which no site may send; "

@@ -9,7 +9,7 @@ refused: upgrade wsi-pipeline), the required keys and the types the code relies 
 =================  =======  ====================================================================
 file               version  required keys
 =================  =======  ====================================================================
-model.json         2        name, main_variant, targets (list), encoder (object with name),
+model.json         3        name, main_variant, targets (list), encoder (object with name),
                             variants (object); cards written before ``format_version`` carry
                             their version as ``version`` and are read as such
 encoder.json       1        name, arch, embed_dim, input_size, mean, std, mpp
@@ -19,9 +19,14 @@ stages/<s>.json    1        (free-form record of a cohort stage's last run)
 
 model.json, optional keys (version 2; a version-1 card lacks them and is read with their defaults):
 
-- ``variants.<v>.calibration``: target → ``{"method": platt|temperature|isotonic|none, "multiclass":
-  bool, "params": {...}}``, the post-hoc calibrator fitted on the variant's out-of-fold predictions
-  (:mod:`wsi_pipeline.mil.calibration`); absent: the probabilities are used as the heads give them.
+- ``variants.<v>.calibration``: target → ``{"method": platt|temperature|isotonic|none|stacked,
+  "multiclass": bool, "params": {...}, "members": {"center": [per fold], "scale": [per fold]}}``, the
+  post-hoc calibrator fitted on the variant's out-of-fold predictions (:mod:`wsi_pipeline.mil.calibration`);
+  absent: the probabilities are used as the heads give them. Version 3 adds method ``stacked`` with its
+  feature layout ``"context": [{"target": str, "kind": str, "columns": [int], "center": [per fold],
+  "scale": [per fold]}]`` (one weight per column in ``params.w``, in order) and, for ``--calibration auto``,
+  ``"selection": {"rule", "log_loss": {method: float}, "chosen"}``; version-2 entries read unchanged (a
+  version-2 reader refuses version 3: upgrade wsi-pipeline).
 - ``variants.<v>.thresholds``: binary target → cut-off of ``t_pred`` (``t_prob`` ≥ cut-off), chosen on the
   calibrated out-of-fold predictions; absent: 0.5.
 - ``subgroups``: ``{"target", "cutoffs": [low|intermediate, intermediate|high], "labels", "source"}``.
@@ -42,7 +47,8 @@ from wsi_pipeline.formats.atomic import write_text_atomic
 VERSION_KEY = "format_version"
 
 MODEL_JSON = "model.json"
-MODEL_JSON_VERSION = 2  # 2: regression targets carry their bounds; calibration, thresholds, head_selection
+MODEL_JSON_VERSION = 3  # 2: regression targets carry their bounds; calibration, thresholds, head_selection;
+# 3: stacked calibrators (calibration entries' "context" and "selection")
 MODEL_JSON_REQUIRED = ("name", "main_variant", "targets", "encoder", "variants")
 _MODEL_FIX = "re-run `wsi train`"
 
@@ -142,9 +148,24 @@ def _check_calibration(path: Path, variant: str, v: Any) -> None:
     if bad:
         raise FormatError(path, f"variant {variant!r}: 'calibration' must map targets to "
                                 f"{{method, multiclass, params}}; {_MODEL_FIX}")
+    for target, c in cal.items():
+        _check_context(path, variant, target, c)
     thr = v.get("thresholds", {})
     if not isinstance(thr, dict) or any(not isinstance(t, (int, float)) for t in thr.values()):
         raise FormatError(path, f"variant {variant!r}: 'thresholds' must map targets to numbers; {_MODEL_FIX}")
+
+
+def _check_context(path: Path, variant: str, target: str, c: Mapping[str, Any]) -> None:
+    """A calibration entry's optional ``context`` (the stacked feature layout) and ``selection``."""
+    ctx, sel = c.get("context", []), c.get("selection", {})
+    keys = {"target": str, "kind": str, "columns": list, "center": list, "scale": list}
+    ok_ctx = isinstance(ctx, list) and all(
+        isinstance(f, dict) and all(isinstance(f.get(k), t) for k, t in keys.items())
+        and len(f["center"]) == len(f["scale"]) for f in ctx)
+    if not ok_ctx or not isinstance(sel, dict):
+        raise FormatError(path, f"variant {variant!r}, calibration of {target!r}: 'context' must be a list of "
+                                f"{{{', '.join(keys)}}} (per-fold centre and scale) and 'selection' an object; "
+                                f"{_MODEL_FIX}")
 
 
 def write_model_json(path: str | Path, card: Mapping[str, Any]) -> Path:

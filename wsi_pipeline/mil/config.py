@@ -20,7 +20,8 @@ class TrainConfig:
     inner ``selection_folds``-fold CV of ≤ ``selection_epochs`` epochs within each outer fold's training
     patients; a later candidate must beat a simpler one by more than ``selection_margin`` (mil.selection).
     ``calibration``: post-hoc calibration of the classification outputs, fitted on the out-of-fold
-    predictions: auto (binary platt, multiclass temperature), platt, temperature, isotonic or none.
+    predictions: auto (binary: platt, or stacked when the model's other targets lower the cross-fitted OOF log
+    loss; multiclass temperature), platt, stacked, temperature, isotonic or none (mil.calibration).
     """
 
     run: str = ""
@@ -87,11 +88,15 @@ class TrainConfig:
         from wsi_pipeline.mil.distributed import check_mode
 
         check_mode(self.distribute)
-        from wsi_pipeline.mil.calibration import calibration_choices
+        from wsi_pipeline.mil.calibration import STACKED, calibration_choices, check_requested
 
         if self.calibration not in calibration_choices():
             raise ConfigError(f"--calibration {self.calibration!r}: unknown; use one of "
                               f"{', '.join(calibration_choices())}")
+        if self.calibration == STACKED:  # before training: does the model have a target to stack on?
+            from wsi_pipeline.mil.targets import targets_from_config
+
+            check_requested(self.calibration, targets_from_config(self.targets))
         return self
 
 

@@ -86,9 +86,21 @@ def average(preds: Sequence[SlidePrediction]) -> SlidePrediction:
 
 def calibrate(pred: SlidePrediction, calibrators: dict[str, TargetCalibrator], member: int) -> SlidePrediction:
     """Calibrated copy of fold model ``member``'s prediction: values and per-tile scores of every calibrated
-    target; attention is left as it is."""
-    vals = {k: calibrators[k](v, member) if k in calibrators else v for k, v in pred.values.items()}
-    tiles = {k: calibrators[k](v, member) if k in calibrators else v for k, v in pred.tile_scores.items()}
+    target; attention is left as it is.
+
+    A stacked calibrator reads the same fold model's raw outputs of the other targets: the slide's values
+    for the slide value (the probability contract, exactly as its OOF predictions were calibrated); for the
+    per-tile scores, each tile's own scores of those targets when the model gives per-tile scores of every
+    target the calibrator needs (every registered head does: ``instance_scores`` holds each target's
+    classifier applied to the tile embeddings, on the slide logits' scale), else the tile's own score with
+    the slide's values of the other targets (the tile heatmap then varies with the target's own score only)."""
+
+    def tile_others(cal: TargetCalibrator) -> dict[str, np.ndarray]:
+        return pred.tile_scores if all(t in pred.tile_scores for t in cal.needs) else pred.values
+
+    vals = {k: calibrators[k](v, member, pred.values) if k in calibrators else v for k, v in pred.values.items()}
+    tiles = {k: calibrators[k](v, member, tile_others(calibrators[k])) if k in calibrators else v
+             for k, v in pred.tile_scores.items()}
     return SlidePrediction(vals, tiles, pred.attention)
 
 

@@ -26,7 +26,7 @@ from wsi_pipeline.formats import api as F
 from wsi_pipeline.mil.data import EncoderInfo
 from wsi_pipeline.mil.targets import TargetSpec
 
-MODEL_CARD_VERSION = F.MODEL_JSON_VERSION  # 2: regression targets carry their bounds (see mil.targets)
+MODEL_CARD_VERSION = F.MODEL_JSON_VERSION  # 2: regression bounds (see mil.targets); 3: stacked calibrators
 
 
 @dataclass

@@ -27,9 +27,9 @@ import numpy as np
 
 from wsi_pipeline.evaluate.bootstrap import Truth, calibration_metrics
 from wsi_pipeline.evaluate.metrics import reliability_bins
-from wsi_pipeline.mil.calibration import TargetCalibrator, balanced_threshold, cross_fit, resolve_method
+from wsi_pipeline.mil.calibration import TargetCalibrator, balanced_threshold, calibrate_target
 from wsi_pipeline.mil.tables import patient_frame, slide_frame
-from wsi_pipeline.mil.targets import BINARY, TargetSpec
+from wsi_pipeline.mil.targets import BINARY, MULTICLASS, TargetSpec
 
 if TYPE_CHECKING:
     from wsi_pipeline.mil.cv import Cohort
@@ -68,13 +68,15 @@ class VariantOOF:
 
 
 def _stack(preds: Sequence[Mapping[str, np.ndarray]], spec: TargetSpec) -> np.ndarray:
+    """One target's predictions of every row: n (one output) or n×C (multiclass)."""
     arr = np.array([np.asarray(p[spec.name], dtype=np.float64).reshape(-1) for p in preds])
-    return arr[:, 0] if spec.kind == BINARY else arr
+    return arr if spec.kind == MULTICLASS else arr[:, 0]
 
 
 def variant_oof(name: str, oof: Mapping[str, Mapping[str, np.ndarray]], cohort: Cohort, method: str) -> VariantOOF:
     """Calibrate one variant's slide-level OOF predictions (``oof[slide][target]``) with ``method``
-    (``--calibration``) and choose its cut-offs."""
+    (``--calibration``; a stacked calibrator reads the same slides' OOF outputs of the other targets) and
+    choose its cut-offs."""
     labels, specs = cohort.labels, cohort.specs
     slides = labels.slide_ids
     fold = np.array([cohort.folds[cohort.patient_of[s]] for s in slides])
@@ -84,8 +86,9 @@ def variant_oof(name: str, oof: Mapping[str, Mapping[str, np.ndarray]], cohort: 
     for s in specs:
         if not s.is_classification:
             continue
-        crossed, calibrators[s.name] = cross_fit(resolve_method(method, s), s, _stack(raw_preds, s),
-                                                 labels.values[s.name], fold)
+        others = [(o, _stack(raw_preds, o)) for o in specs if o.name != s.name]
+        crossed, calibrators[s.name] = calibrate_target(method, s, _stack(raw_preds, s), labels.values[s.name],
+                                                        fold, others)
         for p, v in zip(cal_preds, crossed, strict=True):
             p[s.name] = np.atleast_1d(v)
 
@@ -108,6 +111,10 @@ def before_after(truth: Truth, before: np.ndarray, after: np.ndarray, weights: n
         "before": {k: v.to_dict() for k, v in calibration_metrics(truth, before, weights).items()},
         "after": {k: v.to_dict() for k, v in calibration_metrics(truth, after, weights).items()},
     }
+    if calibrator.context:
+        out["features"] = ["own logit", *(f"{c.target}[{j}]" for c in calibrator.context for j in c.columns)]
+    if calibrator.selection:
+        out["selection"] = calibrator.selection
     if truth.kind == BINARY:
         out["reliability"] = {"before": reliability_bins(truth.y, before), "after": reliability_bins(truth.y, after)}
     return out
@@ -134,6 +141,10 @@ def calibration_rows(calibration: Mapping[str, Any], specs: Sequence[TargetSpec]
         lines += [f"### {s.name}", "", "| model | method | | " + " | ".join(titles[k] for k in keys) + " |",
                   "|---|---|---|" + "---|" * len(keys)]
         for m, r in rows:
+            sel = r.get("selection")
+            if sel:
+                lines.append(f"| {m} | auto → {sel['chosen']} | cross-fitted log loss | " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in sel["log_loss"].items()) + " |" + " |" * (len(keys) - 1))
             for when in ("before", "after"):
                 lines.append(f"| {m} | {r['method']} | {when} | " + " | ".join(fmt(r[when].get(k)) for k in keys)
                              + " |")
