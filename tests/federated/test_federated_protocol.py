@@ -105,6 +105,16 @@ def test_federated_platt_equals_the_pooled_fit():
     assert cal.params["b"] == pytest.approx(pooled.params["b"], abs=1e-6)
 
 
+def test_federated_auto_is_platt_or_temperature_and_stacked_is_refused():
+    """Federated ``auto`` never means stacked (it would need every patient's other-target outputs)."""
+    binary = TargetSpec("response", "binary", "response", classes=["0", "1"])
+    multi = TargetSpec("immune_phenotype", "multiclass", "immune_phenotype", classes=["a", "b", "c"])
+    fc = FederatedCalibration([binary, multi], "auto", {"response": [30, 20], "immune_phenotype": [10, 20, 20]})
+    assert fc.methods == {"response": "platt", "immune_phenotype": "temperature"}
+    with pytest.raises(ConfigError, match=r"--calibration stacked: not available in federated training; use auto"):
+        FederatedCalibration([binary, multi], "stacked", {"response": [30, 20]})
+
+
 def test_federated_temperature_equals_the_pooled_fit():
     rng = np.random.default_rng(2)
     y = rng.integers(0, 3, 240)
@@ -119,12 +129,14 @@ def test_federated_temperature_equals_the_pooled_fit():
 # ---------------------------------------------------------------- refused options, missing extra
 @pytest.mark.parametrize(("changes", "match"), [
     ({"calibration": "isotonic"}, "isotonic is not available in federated training"),
+    ({"calibration": "stacked", "targets": "response:binary,til_fraction:regression"},
+     r"--calibration stacked is not available in federated training.*use --calibration auto"),
     ({"head": "auto"}, "--head auto chooses the head by an inner cross-validation"),
     ({"address": "10.0.0.5:9092"}, "without TLS"),
     ({"strategy": "fedsgd"}, "fedavg or fedprox"),
 ])
 def test_federated_config_refuses_what_cannot_be_federated(tmp_path, changes, match):
-    cfg = FederatedConfig(targets="response:binary", model_out=str(tmp_path / "m"), **changes)
+    cfg = FederatedConfig(**{"targets": "response:binary", "model_out": str(tmp_path / "m"), **changes})
     with pytest.raises(ConfigError, match=match):
         cfg.validate()
 
@@ -149,7 +161,7 @@ def test_missing_extra_is_a_typed_error_naming_it(monkeypatch, capsys, tmp_path)
 def test_refused_options_name_a_fix_the_command_accepts(monkeypatch, capsys, tmp_path):
     import re
 
-    for args in (["--calibration", "isotonic"], ["--head", "auto"]):
+    for args in (["--calibration", "isotonic"], ["--calibration", "stacked"], ["--head", "auto"]):
         rc, text = wsi_main(capsys, monkeypatch, "federated", "simulate", "--site", "A=run:labels.csv", "--targets",
                             "response:binary", "--model-out", str(tmp_path / "m"), *args)
         assert rc == 2 and "ConfigError" in text, text

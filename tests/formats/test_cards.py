@@ -62,6 +62,36 @@ def test_model_json_errors_name_the_file_and_the_fix(tmp_path: Path, text: str, 
         F.write_model_json(tmp_path / "x.json", {"name": "m"})
 
 
+STACKED = {"method": "stacked", "multiclass": False, "params": {"a": 0.1, "b": 0.9, "w": [0.5, -0.2, 0.3], "C": 1.0},
+           "members": {"center": [0.0, 1.0], "scale": [1.0, 2.0]},
+           "context": [{"target": "phenotype", "kind": "multiclass", "columns": [0, 1], "center": [0.0, 0.0],
+                        "scale": [1.5, 2.5]},
+                       {"target": "til", "kind": "regression", "columns": [0], "center": [0.2, 0.3],
+                        "scale": [0.1, 0.1]}],
+           "selection": {"rule": "lower log loss", "log_loss": {"platt": 0.6, "stacked": 0.5}, "chosen": "stacked"}}
+
+
+def test_model_json_stacked_calibration_round_trips_and_bad_layouts_are_refused(tmp_path: Path) -> None:
+    """Format 3: a stacked calibrator's feature layout and auto choice; format-2 entries read unchanged."""
+    old = {"method": "platt", "multiclass": False, "params": {"a": -0.3, "b": 0.8},
+           "members": {"center": [0.5], "scale": [2.0]}}
+    card = {**CARD, "variants": {"abmil": {"folds": [], "calibration": {"response": STACKED, "other": old}}}}
+    F.write_model_json(tmp_path / F.MODEL_JSON, card)
+    back = F.read_model_json(tmp_path)["variants"]["abmil"]["calibration"]
+    assert back == {"response": STACKED, "other": old}
+    v2 = {**{k: v for k, v in card.items() if k not in ("seed", "subgroups")}, "format_version": 2,
+          "variants": {"abmil": {"folds": [], "calibration": {"response": old}}}}
+    (tmp_path / F.MODEL_JSON).write_text(json.dumps(v2))
+    assert F.read_model_json(tmp_path)["variants"]["abmil"]["calibration"]["response"] == old
+    for bad in ({**STACKED, "context": {"target": "til"}},
+                {**STACKED, "context": [{**STACKED["context"][1], "center": [0.2]}]},  # one fold's centre missing
+                {**STACKED, "selection": ["stacked"]}):
+        card["variants"]["abmil"]["calibration"] = {"response": bad}
+        F.write_model_json(tmp_path / F.MODEL_JSON, card)
+        with pytest.raises(FormatError, match=r"calibration of 'response': 'context' must be a list of \{target, kind"):
+            F.read_model_json(tmp_path)
+
+
 def test_model_dir_card_goes_through_the_format(tmp_path: Path) -> None:
     from wsi_pipeline.mil.model_io import ModelDir
 

@@ -290,3 +290,101 @@ def test_encoder_weights_checksum_is_recorded_and_checked():
     legacy = EncoderInfo.from_dict({"name": "wsip-dino-r10", "embed_dim": 512, "target_mpp": 0.5})
     assert legacy.weights_sha256 == "" and "weights_sha256" not in legacy.to_dict()
     check_encoder(legacy, EncoderInfo("wsip-dino-r10", 512, 0.5, "b" * 64), Path("run/features"))
+
+
+def _stacked_by_hand(cal: dict, member: int, out: dict[str, np.ndarray]) -> np.ndarray:
+    """The recorded stacked calibrator of model.json applied by hand to fold model ``member``'s raw outputs."""
+    def logit(p: np.ndarray) -> np.ndarray:
+        p = np.clip(p, 1e-6, 1 - 1e-6)
+        return np.log(p / (1 - p))
+
+    par, m = cal["params"], cal["members"]
+    own = (logit(out["response"]) - m["center"][member]) / m["scale"][member]
+    bound = float(logit(np.array(1.0)))  # the standardised own score passes as a probability: |logit| ≤ 13.8
+    z = par["a"] + par["b"] * np.clip(own, -bound, bound)
+    w = iter(par["w"])
+    for f in cal["context"]:
+        v = np.asarray(out[f["target"]], dtype=np.float64)
+        if f["kind"] == "multiclass":
+            v = np.log(np.clip(v, 1e-6, 1))
+            v = v - v.mean(-1, keepdims=True)
+        scaled = (v - f["center"][member]) / f["scale"][member]
+        for j in f["columns"]:
+            z = z + next(w) * (scaled[..., j] if f["kind"] == "multiclass" else scaled)
+    return 1 / (1 + np.exp(-z))
+
+
+def test_stacked_calibration_end_to_end(cohort, tmp_path):
+    """`wsi train --calibration stacked` records the stacked calibrator with its feature layout; `wsi predict`
+    gives every slide the fold-averaged stacked probability of each fold model's own outputs (per-tile scores:
+    each tile's own scores of the other targets; the slide's values when a target's tile scores are absent)."""
+    import torch
+
+    from wsi_pipeline.mil.data import BagStore
+    from wsi_pipeline.mil.ensemble import Ensemble, SlidePrediction, calibrate, forward_bag, output_to_prediction
+    from wsi_pipeline.mil.model_io import ModelDir
+
+    src, labels = cohort
+    run = tmp_path / "run"
+    shutil.copytree(src / "features", run / "features")
+    model = tmp_path / "stacked"
+    _invoke("train", run, "--labels", labels, "--targets", TARGETS, "--model-out", model, "--folds", "3",
+            "--epochs", "6", "--seed", "2", "--threads", "1", "--n-bootstrap", "50", "--head", "meanpool",
+            "--no-baseline", "--calibration", "stacked")
+    card = json.loads((model / "model.json").read_text())
+    assert card["format_version"] == 3
+    cals = card["variants"]["meanpool"]["calibration"]
+    cal = cals["response"]
+    assert cal["method"] == "stacked" and cals["immune_phenotype"]["method"] == "temperature"
+    assert [(f["target"], f["kind"], f["columns"]) for f in cal["context"]] == [
+        ("immune_phenotype", "multiclass", [0, 1]), ("til_fraction", "regression", [0]), ("os", "survival", [0])]
+    assert all(len(f["center"]) == len(f["scale"]) == 3 for f in cal["context"]) and len(cal["params"]["w"]) == 4
+    assert "fallback" not in cal["params"] and max(map(abs, cal["params"]["w"])) > 0.1  # the others are read
+    metrics = json.loads((model / "metrics.json").read_text())["calibration"]["models"]["meanpool"]["response"]
+    assert metrics["method"] == "stacked" and metrics["features"][0] == "own logit" and len(metrics["features"]) == 5
+    assert metrics["after"]["brier"]["estimate"] is not None
+    mdir = ModelDir(model)
+    copy = ModelDir(tmp_path / "copy")
+    copy.write_card(mdir.read_card())
+    assert copy.read_card() == mdir.read_card()
+
+    predict_run(PredictConfig(run=str(run), model=str(model), labels=str(labels)))
+    slides = pd.read_csv(run / "predictions.csv", dtype={"slide_id": str}).set_index("slide_id")
+    ens = Ensemble(model)
+    store = BagStore(run, "sim", ens.variant.context_rings)
+    for sid in slides.index[:4]:
+        bag = store.get(sid)
+        raw = []
+        with torch.no_grad():
+            for fc, net, _ in ens.members:
+                out = forward_bag(net, bag, ens.variant.in_dim, None, ens.device)
+                raw.append((fc.fold, output_to_prediction(out, ens.specs, fc.regression_scalers)))
+        slide_p = np.mean([_stacked_by_hand(cal, k, p.values) for k, p in raw], axis=0)
+        assert slides.loc[sid, "response_prob"] == pytest.approx(float(slide_p[0]), rel=1e-6)
+        uncal = np.mean([p.values["response"] for _, p in raw])
+        assert abs(slides.loc[sid, "response_prob"] - uncal) > 1e-4  # the calibrator did something
+        tiles = read_scores_h5(run / "scores" / "stacked" / f"{sid}.h5").scores["response"]
+        tile_p = np.mean([_stacked_by_hand(cal, k, p.tile_scores) for k, p in raw], axis=0)
+        np.testing.assert_allclose(tiles, tile_p, rtol=1e-5, atol=1e-6)
+        assert np.std(tiles) > 0
+    # a fold model without per-tile scores of a needed target: the tiles' own score with the slide's values
+    k, p = raw[0]
+    partial = SlidePrediction(p.values, {t: v for t, v in p.tile_scores.items() if t != "til_fraction"})
+    got = calibrate(partial, ens.calibrators, k).tile_scores["response"]
+    expected = _stacked_by_hand(cal, k, {**{t: v for t, v in p.values.items() if t != "response"},
+                                         "response": p.tile_scores["response"]})
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
+    assert not np.allclose(got, calibrate(p, ens.calibrators, k).tile_scores["response"])
+
+
+def test_stacked_calibration_needs_another_target(cohort, tmp_path):
+    from wsi_pipeline.mil.config import TrainConfig
+    from wsi_pipeline.mil.train import run_train
+
+    run, labels = cohort
+    cfg = TrainConfig(run=str(run), labels=str(labels), targets="response:binary", model_out=str(tmp_path / "m"),
+                      calibration="stacked")
+    with pytest.raises(ConfigError, match=r"--calibration stacked needs a binary target and at least one other "
+                                          r"target \(have response:binary\); use --calibration auto or platt"):
+        run_train(cfg)
+    assert not (tmp_path / "m").exists()  # refused before training
