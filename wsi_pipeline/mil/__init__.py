@@ -15,8 +15,8 @@ Modules (imported on demand; nothing heavy happens at import):
   OOF predictions, fold ensemble, baseline and covariate comparisons, DDP over folds (``wsi train``).
 - :mod:`~wsi_pipeline.mil.selection`: ``--head auto``: the head chosen by inner CV within the training
   folds (criterion: mean primary metric over targets), and the check against the mean-pool baseline.
-- :mod:`~wsi_pipeline.mil.calibration`: post-hoc calibrators (registry: platt, temperature, isotonic, none),
-  fitted on the OOF predictions, recorded in the model card, applied by the fold ensemble.
+- :mod:`~wsi_pipeline.mil.calibration`: post-hoc calibrators (registry: platt, stacked, temperature, isotonic,
+  none), fitted on the OOF predictions, recorded in the model card, applied by the fold ensemble.
 - :mod:`~wsi_pipeline.mil.oof`: the OOF predictions calibrated honestly (cross-fitted), cut-offs chosen on
   them, before/after calibration figures.
 - :mod:`~wsi_pipeline.mil.predict`: ``run_predict`` (``wsi predict``, a cohort stage on the executor;
