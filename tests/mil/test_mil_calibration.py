@@ -212,14 +212,19 @@ def _ensemble(cal, n: int, seed: int, informative: bool) -> tuple[np.ndarray, np
     return np.mean(per_member, axis=0), y, true
 
 
-def test_stacked_is_chosen_when_the_other_targets_inform_and_beats_platt_on_held_out_slides():
+def test_stacked_beats_platt_when_the_other_targets_inform_and_auto_records_it():
+    """`--calibration stacked` reads the other heads; `auto` stays Platt (opt-in: a source shift that moves the
+    other heads cannot show out of fold) but records both cross-fitted log losses."""
     from wsi_pipeline.mil.calibration import AUTO, calibrate_target, log_loss
 
     own, y, fold, others, true = _oof(600, 0, informative=True)
-    crossed, cal = calibrate_target(AUTO, BIN, own, y, fold, others)
-    sel = cal.selection
-    assert cal.method == "stacked" and sel["chosen"] == "stacked"
+    crossed_auto, auto = calibrate_target(AUTO, BIN, own, y, fold, others)
+    sel = auto.selection
+    assert auto.method == "platt" and sel["chosen"] == "platt" and not auto.context
     assert sel["log_loss"]["stacked"] < sel["log_loss"]["platt"] - 0.03  # cross-fitted, not in-sample
+    np.testing.assert_allclose(crossed_auto, cross_fit("platt", BIN, own, y, fold)[0])  # Platt's, unchanged
+    crossed, cal = calibrate_target("stacked", BIN, own, y, fold, others)
+    assert cal.method == "stacked" and cal.selection is None
     assert [c.target for c in cal.context] == ["phenotype", "til"] and cal.context[0].columns == [0, 1]
     # the feature layout holds every fold model's own statistics of its own outputs
     assert cal.context[1].scale == pytest.approx([np.std(others[1][1][fold == k]) for k in range(5)])
@@ -238,24 +243,24 @@ def test_stacked_is_chosen_when_the_other_targets_inform_and_beats_platt_on_held
     np.testing.assert_allclose(_ensemble(back, 300, 2, True)[0], _ensemble(cal, 300, 2, True)[0], rtol=1e-12)
 
 
-def test_auto_keeps_platt_when_the_other_targets_carry_no_information():
-    """The rule is "lower cross-fitted log loss": on cohorts whose other targets say nothing about the label,
-    stacked's extra weights only fit noise and it wins by chance only, and then by a hair (measured: 6–8
-    of 40 cohorts of 100–600 slides; 33–40 of 40 when the other targets inform)."""
+def test_auto_is_platt_and_stacked_rarely_fits_better_on_uninformative_other_targets():
+    """On cohorts whose other targets say nothing about the label, stacked's extra weights only fit noise: its
+    recorded cross-fitted log loss is then not better than Platt's, or better by a hair (measured: lower in
+    6–8 of 40 cohorts of 100–600 slides; 33–40 of 40 when the other targets inform). `auto` is Platt either way."""
     from wsi_pipeline.mil.calibration import AUTO, calibrate_target
 
-    kept = 0
-    for seed in range(40):
+    not_better = 0
+    for seed in range(20):
         own, y, fold, others, _ = _oof(300, seed, informative=False)
         crossed, cal = calibrate_target(AUTO, BIN, own, y, fold, others)
         losses = cal.selection["log_loss"]
-        if cal.method == "platt":
-            kept += 1
-            assert not cal.context and cal.selection["chosen"] == "platt" and losses["stacked"] >= losses["platt"]
-            np.testing.assert_allclose(crossed, cross_fit("platt", BIN, own, y, fold)[0])  # Platt's, unchanged
+        assert cal.method == "platt" and not cal.context and cal.selection["chosen"] == "platt"
+        np.testing.assert_allclose(crossed, cross_fit("platt", BIN, own, y, fold)[0])
+        if losses["stacked"] >= losses["platt"]:
+            not_better += 1
         else:
             assert losses["platt"] - losses["stacked"] < 0.01, losses
-    assert kept >= 30, kept
+    assert not_better >= 14, not_better
     # nothing to stack on: auto is plain Platt, with no selection recorded
     _, alone = calibrate_target(AUTO, BIN, own, y, fold)
     assert alone.method == "platt" and alone.selection is None
