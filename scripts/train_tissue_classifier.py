@@ -12,7 +12,7 @@ training sources) is stored for the area correction of ``wsi tme``.
     nice python scripts/train_tissue_classifier.py --encoder timm:resnet18 --out /tmp/clf   # plumbing only
 
 Same as ``wsi tissue-train --data ../shared/data/kather16 --mpp 0.495 --encoder wsip-dino-r10 --head mlp
---epochs 400 --context-mosaics 24 --area-correction --out models/wsip-tissue-kather16`` plus the model card. The head is fitted on the training sources only, so
+--epochs 400 --context-mosaics 24 --area-correction --scale-jitter 0.1 --out models/wsip-tissue-kather16`` plus the model card. The head is fitted on the training sources only, so
 ``scripts/eval_tme.py`` can build its held-out mosaics from the test sources.
 """
 
@@ -64,8 +64,11 @@ a mixed window by its most conspicuous class, so its averaged probabilities unde
 adipose tissue in mixed fields; with the context windows they estimate areas. Tiles and windows weigh equally
 (context weight {context_weight}); classes are balanced by their total target mass.
 
+{jitter_note}
+
 Area correction: the head's soft confusion matrix, by 4-fold cross-validation over the training source images
-(each fold's head refit with every context window), is stored in `classifier.json` (`area_correction`);
+(each fold's head refit with every context window and magnified copy; scored on the held-out fold's tiles at
+their own scale), is stored in `classifier.json` (`area_correction`);
 `wsi tme` inverts it on each slide's expected class areas (non-negative least squares, total kept).
 
 ## Evaluation (held-out source images)
@@ -88,6 +91,11 @@ Confusion matrix (rows = truth, columns = predicted):
 
 Context windows of {n_eval_mosaics} mosaics of the held-out tiles ({n_eval_windows} windows): area-fraction MAE
 {window_mae:.3f} per window, {composition_mae:.3f} per mosaic (mean of its windows against the mosaic's truth).
+
+Scale robustness: the same held-out tiles magnified (read as if each pixel were that many times larger: a
+scanner's µm/px off by a few per cent, or tissue whose cells are larger than the training tiles'):
+
+{magnified_rows}
 
 ## Recipe
 `nice python scripts/train_tissue_classifier.py` ({head} head{hidden_note}, class-balanced soft cross-entropy,
@@ -120,6 +128,20 @@ def write_card(clf: TissueClassifier, out: Path) -> Path:
                             for c, r in held["per_class_recall"].items())
     ctx = tr.get("context") or {}
     ctx_eval = clf.metrics.get("held_out_context") or {}
+    mag = clf.metrics.get("held_out_magnified") or {}
+    lymph = next((c for c in clf.class_names if "LYMPH" in c.upper()), clf.class_names[0])
+    magnified_rows = "\n".join(
+        ["| magnification | balanced accuracy | " + lymph + " recall |", "|---|---|---|",
+         f"| 1 | {held['balanced_accuracy']:.3f} | {held['per_class_recall'][lymph]:.3f} |"]
+        + [f"| {f} | {m['balanced_accuracy']:.3f} | {m['per_class_recall'][lymph]:.3f} |" for f, m in mag.items()])
+    jitter, cj = cfg.get("scale_jitter", 0.0), cfg.get("context_scale_jitter", 0.0)
+    jitter_note = (f"Scale jitter: {cfg.get('scale_copies', 0)} copies of every training tile, each magnified by a "
+                   f"random factor in [{1 - jitter:g}, {1 + jitter:g}]"
+                   + (f", and every context mosaic magnified by a factor in [{1 - cj:g}, {1 + cj:g}]" if cj else
+                      " (the context mosaics stay at their own scale)")
+                   + ", so the head does not hinge on the exact size of nuclei (without it, a 7 % magnification "
+                   "took the previous head's held-out lymphocyte recall from 0.87 to 0.53: lymphocytes are told "
+                   "apart by their small nuclei)." if jitter else "No scale jitter.")
     text = CARD.format(
         name=out.name, head=clf.head, n_=("n" if clf.head[0] in "aeiou" else ""), encoder=clf.encoder,
         embed_dim=clf.embed_dim, classes=", ".join(clf.class_names), mpp=clf.mpp, scaled=tr["scaled_tile_px"],
@@ -135,6 +157,7 @@ def write_card(clf: TissueClassifier, out: Path) -> Path:
         n_windows=ctx.get("n_mosaics", 0) * ctx.get("windows_per_mosaic", 0), context=ctx.get("method", "none"),
         n_mosaics=ctx.get("n_mosaics", 0), grid="×".join(str(v) for v in ctx.get("grid", [])),
         window_cells=ctx.get("window_cells", 0), cell_px=ctx.get("cell_px", 0), context_weight=cfg["context_weight"],
+        magnified_rows=magnified_rows, jitter_note=jitter_note,
         n_eval_mosaics=ctx_eval.get("n_mosaics", 0), n_eval_windows=ctx_eval.get("n_windows", 0),
         window_mae=ctx_eval.get("window_mae", float("nan")), composition_mae=ctx_eval.get("composition_mae",
                                                                                          float("nan")),
@@ -154,6 +177,10 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=400)
     ap.add_argument("--context-mosaics", type=int, default=24, help="random mosaics of training tiles (0 = none)")
     ap.add_argument("--no-area-correction", action="store_true")
+    ap.add_argument("--scale-jitter", type=float, default=0.1,
+                    help="also fit on copies of the training tiles magnified by a factor in [1 - J, 1 + J] (0 = off)")
+    ap.add_argument("--context-scale-jitter", type=float, default=0.0,
+                    help="magnify each context mosaic by a factor in [1 - J, 1 + J] (0 = off)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache", default=str(REPO / "runs" / "tissue-features"),
                     help="cache of embedded training tiles ('' = none)")
@@ -166,7 +193,8 @@ def main() -> int:
     cfg = TissueTrainConfig(encoder=args.encoder, weights=args.weights, data=args.data, out=args.out, mpp=0.495,
                             head=args.head, epochs=args.epochs, device=args.device, seed=0, test_fraction=0.3,
                             feature_cache=args.cache, context_mosaics=args.context_mosaics,
-                            area_correction=not args.no_area_correction)
+                            area_correction=not args.no_area_correction, scale_jitter=args.scale_jitter,
+                            context_scale_jitter=args.context_scale_jitter)
     clf = run_tissue_train(cfg)
     card = write_card(clf, Path(args.out))
     held = clf.metrics["held_out"]

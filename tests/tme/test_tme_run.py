@@ -344,11 +344,15 @@ def test_context_trained_classifier_and_the_default_dense_read_out(setup: dict[s
     clf_dir = setup["root"] / "clf_ctx"
     out = _invoke(["tissue-train", "--data", str(setup["kather"]), "--out", str(clf_dir), "--encoder", ENCODER,
                    "--weights", str(setup["weights"]), "--max-per-class", "6", "--epochs", "30", "--device", "cpu",
-                   "--context-mosaics", "2", "--context-windows", "40", "--area-correction"])
+                   "--context-mosaics", "2", "--context-windows", "40", "--area-correction",
+                   "--scale-jitter", "0.1", "--scale-copies", "1", "--context-scale-jitter", "0.05"])
     assert "held-out context windows" in out
     clf = load_classifier(clf_dir)
     ctx = clf.training["context"]
     assert ctx["method"] == "fcn" and ctx["window_cells"] == 5 and ctx["cell_px"] == 32 and ctx["n_mosaics"] == 2
+    assert ctx["scale_jitter"] == 0.05 and clf.training["config"]["scale_copies"] == 1
+    assert clf.training["config"]["scale_jitter"] == 0.1
+    assert set(clf.metrics["held_out_magnified"]) == {"0.93", "1.07"}
     m = np.asarray(clf.area_correction["matrix"])
     assert m.shape == (8, 8) and np.allclose(m.sum(1), 1.0, atol=1e-3)
     assert 0 <= clf.metrics["held_out_context"]["composition_mae"] <= 1
@@ -376,3 +380,19 @@ def test_context_trained_classifier_and_the_default_dense_read_out(setup: dict[s
     raw = pd.read_csv(layout.tme_csv).iloc[0]
     assert not bool(raw["area_corrected"]) and raw["til_fraction"] == pytest.approx(raw["til_fraction_soft"])
 
+
+
+def test_context_mosaics_are_magnified_by_the_scale_jitter(kather_dir: Path) -> None:
+    """A magnified context mosaic has larger cells (the same tiles read as if their pixels were larger), and its
+    windows' class fractions are computed on those cells."""
+    from wsi_pipeline.tiles.folders import load_labelled_folder
+    from wsi_pipeline.tme.context import compose, window_fractions
+
+    tiles = load_labelled_folder(kather_dir)
+    pools = [[p for p, y in zip(tiles.paths, tiles.labels, strict=True) if y == c][:3] for c in range(2)]
+    layout = np.array([[0, 1], [1, 0]])
+    _, cell = compose(layout, pools, np.random.default_rng(0), 0.495, 0.5)
+    big, cell_big = compose(layout, pools, np.random.default_rng(0), 0.495, 0.5, magnify=1.1)
+    assert cell == 148 and cell_big == 163 and big.shape[:2] == (2 * 163, 2 * 163)
+    frac = window_fractions(layout, 2, cell_big, np.array([0.0]), np.array([0.0]), float(cell_big))
+    assert frac[0] == pytest.approx([1.0, 0.0])

@@ -32,6 +32,15 @@ def register(app: typer.Typer) -> None:
         context_windows: int = typer.Option(600, "--context-windows", help="Windows sampled per mosaic."),
         context_weight: float = typer.Option(1.0, "--context-weight",
                                              help="Weight of all context windows relative to all tiles."),
+        scale_jitter: float = typer.Option(0.0, "--scale-jitter",
+                                           help="Also fit on copies of the training tiles magnified by a random "
+                                                "factor in [1 − J, 1 + J] (e.g. 0.1), so the head does not hinge "
+                                                "on the exact nucleus size; 0 = off."),
+        scale_copies: int = typer.Option(2, "--scale-copies",
+                                         help="Magnified copies of each training tile with --scale-jitter."),
+        context_scale_jitter: float = typer.Option(0.0, "--context-scale-jitter",
+                                                   help="Magnify each context mosaic by a random factor in "
+                                                        "[1 − J, 1 + J]; 0 = off."),
         area_correction: bool = typer.Option(False, "--area-correction",
                                              help="Estimate the head's soft confusion matrix (grouped CV on the "
                                                   "training sources) for `wsi tme` to correct class areas."),
@@ -54,6 +63,7 @@ def register(app: typer.Typer) -> None:
             final_fit_all=final_fit_all, batch_size=batch_size, device=device, precision=precision,
             feature_cache=str(feature_cache or ""), context_mosaics=context_mosaics,
             context_windows=context_windows, context_weight=context_weight, area_correction=area_correction,
+            scale_jitter=scale_jitter, scale_copies=scale_copies, context_scale_jitter=context_scale_jitter,
         ).validate()
         with Progress(TextColumn("[bold]embed tiles"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       transient=True) as progress:

@@ -223,6 +223,13 @@ class TissueTrainConfig:
     context_windows: int = 600  # windows sampled per mosaic
     context_weight: float = 1.0  # total weight of the context windows relative to the tiles
     context_grid: tuple[int, int] = (10, 12)  # cells per mosaic
+    # scale jitter: ``scale_copies`` extra copies of each training tile magnified by a factor drawn uniformly
+    # from [1 − j, 1 + j] before embedding (``context_scale_jitter``: each context mosaic too, one factor per
+    # mosaic), so the head does not hinge on the exact nucleus size (held out, a 7 % magnification took the lymphocyte recall of a head
+    # trained without it from 0.87 to 0.53); 0 = off
+    scale_jitter: float = 0.0
+    scale_copies: int = 2
+    context_scale_jitter: float = 0.0
     # estimate the head's soft confusion matrix by grouped CV on the training tiles, for `wsi tme` to correct
     # the dense map's class areas (classifier.json "area_correction")
     area_correction: bool = False
@@ -240,6 +247,9 @@ class TissueTrainConfig:
             raise ConfigError("--out is required: the folder to write the classifier to")
         if self.context_mosaics < 0 or self.context_windows < 1 or self.context_weight < 0:
             raise ConfigError("--context-mosaics must be ≥ 0, --context-windows ≥ 1 and --context-weight ≥ 0")
+        if not (0 <= self.scale_jitter < 0.5 and 0 <= self.context_scale_jitter < 0.5) or self.scale_copies < 0:
+            raise ConfigError(f"--scale-jitter and --context-scale-jitter must lie in [0, 0.5) and --scale-copies be "
+                              f"≥ 0 (got {self.scale_jitter}, {self.context_scale_jitter}, {self.scale_copies})")
         if self.final_fit_all and self.context_mosaics:
             raise ConfigError("--final-fit-all refits on pure tiles only: use it without --context-mosaics")
         return self

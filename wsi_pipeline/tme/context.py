@@ -10,7 +10,8 @@ probabilities under-count the less conspicuous classes. Trained on the area frac
 area fractions.
 
 The mosaics are uniform-random layouts with some spatial coherence (:func:`random_layout`); every tile is
-rescaled to the encoder's µm/px, randomly rotated by a multiple of 90° and flipped. Only tiles of the side
+rescaled to the encoder's µm/px (times a per-mosaic magnification with ``scale_jitter``), randomly rotated
+by a multiple of 90° and flipped. Only tiles of the side
 of the split they are built from are used (``wsi tissue-train`` builds them from its training tiles for the
 fit and from its held-out tiles for the evaluation).
 """
@@ -40,6 +41,7 @@ class ContextSpec:
     windows: int = 600  # windows sampled per mosaic (without replacement, fully inside the mosaic)
     coherence: float = 0.5  # chance that a cell copies the class of its upper or left neighbour
     seed: int = 0
+    scale_jitter: float = 0.0  # each mosaic magnified by a factor drawn from [1 − j, 1 + j] (0 = none)
 
 
 @dataclass
@@ -68,10 +70,10 @@ def random_layout(shape: tuple[int, int], n_classes: int, rng: np.random.Generat
 
 
 def compose(layout: np.ndarray, pools: Sequence[Sequence[Path]], rng: np.random.Generator, src_mpp: float,
-            dst_mpp: float) -> tuple[np.ndarray, int]:
+            dst_mpp: float, magnify: float = 1.0) -> tuple[np.ndarray, int]:
     """The mosaic of ``layout`` at ``dst_mpp``: each cell a tile of its class (drawn from ``pools[class]``,
-    rescaled from ``src_mpp``, rotated and flipped at random). Returns (image, cell side in px); every tile
-    of the pools must have one size."""
+    rescaled from ``src_mpp`` and magnified by ``magnify``, rotated and flipped at random). Returns (image,
+    cell side in px); every tile of the pools must have one size."""
     from wsi_pipeline.tiles.folders import read_rgb
     from wsi_pipeline.tiles.transform import rescale_tile
 
@@ -79,7 +81,7 @@ def compose(layout: np.ndarray, pools: Sequence[Sequence[Path]], rng: np.random.
     img = np.empty((0, 0, 3), np.uint8)
     for (r, c), k in np.ndenumerate(layout):
         pool = pools[int(k)]
-        tile = rescale_tile(read_rgb(pool[int(rng.integers(len(pool)))]), src_mpp, dst_mpp)
+        tile = rescale_tile(read_rgb(pool[int(rng.integers(len(pool)))]), src_mpp * magnify, dst_mpp)
         tile = np.rot90(tile, int(rng.integers(4)))
         tile = tile[:, ::-1] if rng.random() < 0.5 else tile
         if not cell:
@@ -174,7 +176,8 @@ def context_windows(encoder: Encoder, geo: DenseGeometry, method: str, pools: Se
     feats, fracs = [], []
     for i in range(spec.n_mosaics):
         layout = random_layout(spec.grid, n_classes, rng, spec.coherence, probs)
-        img, cell = compose(layout, pools, rng, src_mpp, geo.mpp)
+        magnify = float(rng.uniform(1 - spec.scale_jitter, 1 + spec.scale_jitter)) if spec.scale_jitter else 1.0
+        img, cell = compose(layout, pools, rng, src_mpp, geo.mpp, magnify)
         w = mosaic_windows(encoder, geo, method, img, layout, cell, n_classes, spec.windows, rng, precision, fit)
         feats.append(w.features)
         fracs.append(w.fractions)

@@ -65,9 +65,11 @@ def _subsample(labels: np.ndarray, max_per_class: int, seed: int) -> np.ndarray:
     return np.asarray(sorted(keep), np.int64)
 
 
-def _cache_path(cfg: TissueTrainConfig, encoder: Any, fit: str, paths: list[Any]) -> Any:
+def _cache_path(cfg: TissueTrainConfig, encoder: Any, fit: str, paths: list[Any], extra: dict[str, Any] | None = None
+                ) -> Any:
     """Where embedded training tiles are cached: one file per (encoder weights, precision, scale, fit,
-    file list); None when no cache folder is configured or the encoder is a random init."""
+    file list, ``extra``: e.g. the magnifications); None when no cache folder is configured or the encoder is
+    a random init."""
     if not cfg.feature_cache or not encoder.weights_sha256:
         return None
     from pathlib import Path
@@ -77,20 +79,42 @@ def _cache_path(cfg: TissueTrainConfig, encoder: Any, fit: str, paths: list[Any]
     key = params_hash({"weights": encoder.weights_sha256, "name": encoder.meta.name, "mpp": encoder.meta.mpp,
                        "forward": encoder.forward_spec,
                        "data_mpp": cfg.mpp, "fit": fit, "precision": cfg.precision,
-                       "files": [str(p) for p in paths]})
+                       "files": [str(p) for p in paths], **(extra or {})})
     return Path(cfg.feature_cache) / f"tiles-{key}.npz"
 
 
+def _embed_magnified(cfg: TissueTrainConfig, encoder: Any, fit: str, paths: list[Any], magnify: np.ndarray,
+                     device: str) -> np.ndarray:
+    """Embed each tile magnified by its factor (read as if its pixels were ``magnify`` × larger)."""
+    from wsi_pipeline.tiles.embed import embed_tiles
+    from wsi_pipeline.tiles.folders import read_rgb
+    from wsi_pipeline.tiles.transform import encoder_input
+
+    out = np.empty((len(paths), encoder.embed_dim), np.float32)
+    step = 4 * cfg.batch_size
+    for s in range(0, len(paths), step):
+        imgs = [encoder_input(read_rgb(p), cfg.mpp * float(m), encoder, fit)
+                for p, m in zip(paths[s:s + step], magnify[s:s + step], strict=True)]
+        out[s:s + len(imgs)] = embed_tiles(encoder, imgs, cfg.batch_size, cfg.precision, device)
+    return out
+
+
 def _embed_with_cache(
-    cfg: TissueTrainConfig, encoder: Any, fit: str, paths: list[Any], device: str, tick: Callable[[int], None]
+    cfg: TissueTrainConfig, encoder: Any, fit: str, paths: list[Any], device: str,
+    tick: Callable[[int], None] | None = None, magnify: np.ndarray | None = None,
 ) -> np.ndarray:
+    """Features of ``paths`` (each magnified by ``magnify`` when given), from the feature cache when there."""
     from wsi_pipeline.tiles.embed import embed_image_files
 
-    cache = _cache_path(cfg, encoder, fit, paths)
+    extra = None if magnify is None else {"magnify": np.round(magnify, 6).tolist()}
+    cache = _cache_path(cfg, encoder, fit, paths, extra)
     if cache is not None and cache.exists():
         log.info("features from the cache %s", cache)
         return np.load(cache)["features"]
-    feats = embed_image_files(encoder, paths, cfg.mpp, fit, cfg.batch_size, cfg.precision, device, tick)
+    if magnify is None:
+        feats = embed_image_files(encoder, paths, cfg.mpp, fit, cfg.batch_size, cfg.precision, device, tick)
+    else:
+        feats = _embed_magnified(cfg, encoder, fit, paths, magnify, device)
     if cache is not None:
         from wsi_pipeline.formats.atomic import atomic_path
 
@@ -111,10 +135,10 @@ def _split_summary(cfg: TissueTrainConfig, tiles: Any, split: Any, fit_idx: np.n
 
 
 def _context(cfg: TissueTrainConfig, encoder: Any, tiles: Any, mask: np.ndarray, n_mosaics: int, seed: int,
-             fit: str) -> tuple[Any, dict[str, Any]]:
-    """Context windows of ``n_mosaics`` random mosaics of the tiles in ``mask`` (see :mod:`.context`) and the
-    dense geometry they were computed with (recorded in the classifier: `wsi tme` computes its map the same
-    way)."""
+             fit: str, scale_jitter: float = 0.0) -> tuple[Any, dict[str, Any]]:
+    """Context windows of ``n_mosaics`` random mosaics of the tiles in ``mask`` (see :mod:`.context`; each
+    mosaic magnified by a factor in [1 − ``scale_jitter``, 1 + ``scale_jitter``]) and the dense geometry they
+    were computed with (recorded in the classifier: `wsi tme` computes its map the same way)."""
     from wsi_pipeline.tme.classifier import TissueClassifier
     from wsi_pipeline.tme.context import ContextSpec, context_windows
     from wsi_pipeline.tme.dense import dense_geometry, resolve_method
@@ -124,10 +148,12 @@ def _context(cfg: TissueTrainConfig, encoder: Any, tiles: Any, mask: np.ndarray,
     method = resolve_method("auto", encoder)
     geo = dense_geometry(probe, encoder, method)
     pools = [[tiles.paths[i] for i in np.flatnonzero(mask & (tiles.labels == c))] for c in range(len(tiles.class_names))]
-    spec = ContextSpec(n_mosaics=n_mosaics, grid=tuple(cfg.context_grid), windows=cfg.context_windows, seed=seed)
+    spec = ContextSpec(n_mosaics=n_mosaics, grid=tuple(cfg.context_grid), windows=cfg.context_windows, seed=seed,
+                       scale_jitter=scale_jitter)
     windows = context_windows(encoder, geo, method, pools, cfg.mpp, spec, cfg.precision, fit)
     info = {"method": method, "cell_px": geo.cell_px, "window_cells": geo.window_cells, "window_px": geo.window_px,
-            "n_mosaics": n_mosaics, "grid": list(spec.grid), "windows_per_mosaic": spec.windows, "seed": seed}
+            "n_mosaics": n_mosaics, "grid": list(spec.grid), "windows_per_mosaic": spec.windows, "seed": seed,
+            "scale_jitter": spec.scale_jitter}
     return windows, info
 
 
@@ -151,11 +177,14 @@ def context_report(clf: TissueClassifier, windows: Any, n_mosaics: int) -> dict[
 
 
 def area_confusion_cv(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_cls: int, hp: dict[str, Any],
-                      context: Any = None, context_weight: float = 1.0, folds: int = 4) -> np.ndarray:
+                      context: Any = None, context_weight: float = 1.0, folds: int = 4,
+                      scored: np.ndarray | None = None) -> np.ndarray:
     """The head's soft confusion matrix by grouped cross-validation on the training tiles: for each fold of
     groups (source images), a head refit on the other folds (plus every context window, when given)
     predicts the fold's tiles; row ``i`` is the mean predicted probability vector of the tiles of class ``i``
-    (:meth:`~wsi_pipeline.tme.classifier.TissueClassifier.correct_areas` inverts it)."""
+    (:meth:`~wsi_pipeline.tme.classifier.TissueClassifier.correct_areas` inverts it). ``scored`` (bool per
+    row): only those rows enter the matrix (the tiles at their own scale, not their magnified copies, which
+    are fitted on but are not what a slide at its true µm/px shows)."""
     from sklearn.model_selection import GroupKFold
 
     from wsi_pipeline.tme.classifier import TissueClassifier
@@ -173,7 +202,44 @@ def area_confusion_cv(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_cls: i
         head = TissueClassifier([str(i) for i in range(n_cls)], "", x.shape[1], 1.0, head=hp["head"],
                                 hidden=hp["hidden"], state=state)
         oof[te] = head.predict_proba(x[te])
-    return np.stack([oof[y == c].mean(axis=0) if np.any(y == c) else np.eye(n_cls)[c] for c in range(n_cls)])
+    keep = np.ones(len(x), bool) if scored is None else np.asarray(scored, bool)
+    return np.stack([oof[keep & (y == c)].mean(axis=0) if np.any(keep & (y == c)) else np.eye(n_cls)[c]
+                     for c in range(n_cls)])
+
+
+def _training_tiles(cfg: TissueTrainConfig, encoder: Any, fit: str, tiles: Any, feats: np.ndarray,
+                    train: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """(tile index per row, features) of the training tiles, plus ``scale_copies`` magnified copies of each
+    with ``scale_jitter`` (seeded factors in [1 − j, 1 + j])."""
+    from wsi_pipeline.tiles.split import seeded_rng
+
+    idx = np.flatnonzero(train)
+    rows, x = [idx], [feats[idx]]
+    if cfg.scale_jitter and cfg.scale_copies:
+        rng = seeded_rng(cfg.seed, "scale-jitter")
+        paths = [tiles.paths[i] for i in idx]
+        for _ in range(cfg.scale_copies):
+            magnify = rng.uniform(1 - cfg.scale_jitter, 1 + cfg.scale_jitter, len(idx))
+            rows.append(idx)
+            x.append(_embed_with_cache(cfg, encoder, fit, paths, device, magnify=magnify))
+        log.info("%d magnified copies of the %d training tiles (factors %.2f–%.2f)", cfg.scale_copies, len(idx),
+                 1 - cfg.scale_jitter, 1 + cfg.scale_jitter)
+    return np.concatenate(rows), np.concatenate(x)
+
+
+def _held_out_magnified(cfg: TissueTrainConfig, encoder: Any, fit: str, tiles: Any, is_test: np.ndarray,
+                        clf: TissueClassifier, device: str, factors: tuple[float, ...] = (0.93, 1.07)
+                        ) -> dict[str, Any]:
+    """Held-out balanced accuracy and per-class recall with every test tile magnified by each factor (a
+    scanner's µm/px off by a few per cent, or a cell size that is not the training one)."""
+    idx = np.flatnonzero(is_test)
+    paths = [tiles.paths[i] for i in idx]
+    out = {}
+    for f in factors:
+        x = _embed_with_cache(cfg, encoder, fit, paths, device, magnify=np.full(len(idx), f))
+        rep = classification_report(tiles.labels[idx], clf.predict(x), clf.class_names)
+        out[f"{f:g}"] = {"balanced_accuracy": rep["balanced_accuracy"], "per_class_recall": rep["per_class_recall"]}
+    return out
 
 
 def run_tissue_train(
@@ -214,9 +280,11 @@ def run_tissue_train(
           "weight_decay": cfg.weight_decay, "seed": cfg.seed}
     context: dict[str, Any] = {}
     ctx_train = None
-    x_fit, t_fit, w_fit = feats[~is_test], np.eye(n_cls, dtype=np.float32)[y[~is_test]], None
+    rows, x_tiles = _training_tiles(cfg, encoder, fit, tiles, feats, ~is_test, device)
+    x_fit, t_fit, w_fit = x_tiles, np.eye(n_cls, dtype=np.float32)[y[rows]], None
     if cfg.context_mosaics:
-        ctx_train, context = _context(cfg, encoder, tiles, ~is_test, cfg.context_mosaics, cfg.seed, fit)
+        ctx_train, context = _context(cfg, encoder, tiles, ~is_test, cfg.context_mosaics, cfg.seed, fit,
+                                      cfg.context_scale_jitter)
         n1, n2 = len(x_fit), len(ctx_train.features)
         x_fit = np.concatenate([x_fit, ctx_train.features])
         t_fit = np.concatenate([t_fit, ctx_train.fractions])
@@ -231,19 +299,22 @@ def run_tissue_train(
         input_size=int(meta.input_size), fit=fit, encoder_weights_sha256=encoder.weights_sha256, state=state,
     )
     test_rep = classification_report(y[is_test], clf.predict(feats[is_test]), clf.class_names)
+    scaled = _held_out_magnified(cfg, encoder, fit, tiles, is_test, clf, device)
     train_rep = classification_report(y[~is_test], clf.predict(feats[~is_test]), clf.class_names)
     baseline = colour_baseline(tiles.paths, y, is_test, clf.class_names, cfg.seed)
     clf.metrics = {
         "held_out": test_rep,
         "train_balanced_accuracy": train_rep["balanced_accuracy"],
         "colour_baseline_held_out": baseline,
+        "held_out_magnified": scaled,
     }
     if cfg.area_correction:
         mode = [split.mode[tiles.class_names[c]] for c in y]
         groups = np.array([str(s) if m == "source" else str(p) for s, m, p in zip(tiles.sources, mode, tiles.paths,
                                                                                    strict=True)])
-        tr = ~is_test
-        matrix = area_confusion_cv(feats[tr], y[tr], groups[tr], n_cls, hp, ctx_train, cfg.context_weight)
+        nominal = np.arange(len(rows)) < int((~is_test).sum())  # the tiles themselves, not magnified copies
+        matrix = area_confusion_cv(x_tiles, y[rows], groups[rows], n_cls, hp, ctx_train, cfg.context_weight,
+                                   scored=nominal)
         clf.area_correction = {"method": "soft-confusion", "matrix": np.round(matrix, 5).tolist(),
                                "estimated_on": "4-fold cross-validation over the training source images (tiles); "
                                                "each fold's head refit with every context window"}
