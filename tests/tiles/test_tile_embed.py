@@ -80,3 +80,23 @@ def test_image_files_are_embedded_at_the_encoder_scale(cnn, tmp_path: Path, fit:
     ref = embed_tiles(cnn, encoder_inputs(tiles, 0.495, cnn, fit), precision="fp32")
     assert seen == [2, 2, 1]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_image_files_with_their_own_scale_keep_their_order(cnn, tmp_path: Path) -> None:
+    """One µm/px per file (e.g. magnified copies of training tiles): each file is brought to the encoder's scale
+    from its own µm/px, and the rows come back in the order of the files, whatever order they are read in."""
+    from PIL import Image
+
+    from wsi_pipeline.tiles.transform import encoder_input
+
+    tiles = _tiles([150, 150, 150, 150], seed=2)
+    paths = []
+    for i, t in enumerate(tiles):
+        paths.append(tmp_path / f"m{i}.png")
+        Image.fromarray(t).save(paths[-1])
+    mpps = [0.55, 0.45, 0.495, 0.45]
+    got = embed_image_files(cnn, paths, mpps, FIT_NATIVE, batch_size=2, precision="fp32")
+    ref = np.concatenate([embed_tiles(cnn, [encoder_input(t, m, cnn, FIT_NATIVE)], precision="fp32")
+                          for t, m in zip(tiles, mpps, strict=True)])
+    assert {encoder_input(t, m, cnn, FIT_NATIVE).shape[0] for t, m in zip(tiles, mpps, strict=True)} == {165, 135, 148}
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)

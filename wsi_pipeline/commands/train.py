@@ -30,9 +30,9 @@ def register(app: typer.Typer) -> None:
                                                   "(default 20)."),
         calibration: str = typer.Option(None, "--calibration",
                                         help="Post-hoc calibration fitted on the out-of-fold predictions: auto "
-                                             "(default: binary platt, or stacked when the other targets' "
-                                             "outputs lower the cross-fitted log loss; multiclass "
-                                             "temperature), platt, stacked, temperature, isotonic or none."),
+                                             "(default: binary platt, multiclass temperature), platt, stacked "
+                                             "(binary targets read the model's other targets' outputs), "
+                                             "temperature, isotonic or none."),
         folds: int = typer.Option(None, "--folds", help="Patient-level CV folds (default 5)."),
         seed: int = typer.Option(None, "--seed", help="Random seed (folds, initialisation, sampling)."),
         encoder: str = typer.Option(None, "--encoder", "-e", help="Features folder (default: the only one)."),

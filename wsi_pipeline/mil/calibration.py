@@ -118,8 +118,8 @@ def create_calibrator(method: str, multiclass: bool = False, params: Mapping[str
 
 
 def resolve_method(requested: str, spec: TargetSpec) -> str:
-    """The method used for one target: ``auto`` → platt (binary) / temperature (multiclass); Platt scaling (and stacked) of a multiclass target is temperature
-    scaling."""
+    """The method used for one target: ``auto`` → platt (binary) / temperature (multiclass); Platt scaling
+    (and stacked) of a multiclass target is temperature scaling."""
     if requested not in calibration_choices():
         raise ConfigError(f"--calibration {requested!r}: unknown; use one of {', '.join(calibration_choices())}")
     if requested == AUTO:
@@ -616,12 +616,15 @@ def cross_fit(
             rows = fold == k
             x[rows] = np.concatenate([c(np.asarray(v)[rows], k) for c, (_, v) in zip(context, others, strict=True)],
                                      axis=-1)
+    def ctx(rows: np.ndarray) -> np.ndarray | None:
+        return None if x is None else x[rows]
+
     out = np.empty_like(prob)
     for k in range(n_folds):
         fit_rows, rows = labelled & (fold != k), fold == k
-        cal = fit_calibrator(method, spec, std[fit_rows], y[fit_rows].astype(int), None if x is None else x[fit_rows])
-        out[rows] = prob[rows] if cal.method == NONE else cal(std[rows], None if x is None else x[rows])
-    final = fit_calibrator(method, spec, std[labelled], y[labelled].astype(int), None if x is None else x[labelled])
+        cal = fit_calibrator(method, spec, std[fit_rows], y[fit_rows].astype(int), ctx(fit_rows))
+        out[rows] = prob[rows] if cal.method == NONE else cal(std[rows], ctx(rows))
+    final = fit_calibrator(method, spec, std[labelled], y[labelled].astype(int), ctx(labelled))
     if final.method == NONE:
         center, scale, context = [], [], []
     return out, TargetCalibrator(final, center, scale, context)
@@ -652,12 +655,10 @@ def calibrate_target(
     method = resolve_method(requested, spec)
     if requested != AUTO or spec.kind != BINARY or not others:
         return cross_fit(method, spec, prob, y, fold, others)
-    fits = {m: cross_fit(m, spec, prob, y, fold, others) for m in ("platt", STACKED)}
-    losses = {m: log_loss(crossed, y) for m, (crossed, _) in fits.items()}
-    chosen = "platt"
-    crossed, cal = fits[chosen]
-    cal.selection = {"rule": AUTO_RULE, "log_loss": losses, "chosen": chosen}
-    log.info("calibration of %r: %s (cross-fitted OOF log loss platt %.4f, stacked %.4f)", spec.name, chosen,
+    crossed, cal = cross_fit("platt", spec, prob, y, fold)
+    losses = {"platt": log_loss(crossed, y), STACKED: log_loss(cross_fit(STACKED, spec, prob, y, fold, others)[0], y)}
+    cal.selection = {"rule": AUTO_RULE, "log_loss": losses, "chosen": "platt"}
+    log.info("calibration of %r: platt (cross-fitted OOF log loss %.4f; stacked would have %.4f)", spec.name,
              losses["platt"], losses[STACKED])
     return crossed, cal
 

@@ -20,8 +20,8 @@ class TrainConfig:
     inner ``selection_folds``-fold CV of ≤ ``selection_epochs`` epochs within each outer fold's training
     patients; a later candidate must beat a simpler one by more than ``selection_margin`` (mil.selection).
     ``calibration``: post-hoc calibration of the classification outputs, fitted on the out-of-fold
-    predictions: auto (binary: platt, or stacked when the model's other targets lower the cross-fitted OOF log
-    loss; multiclass temperature), platt, stacked, temperature, isotonic or none (mil.calibration).
+    predictions: auto (binary platt, multiclass temperature), platt, stacked (binary targets read the model's
+    other targets' outputs), temperature, isotonic or none (mil.calibration).
     """
 
     run: str = ""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from wsi_pipeline.tiles.folders import read_rgb
-from wsi_pipeline.tiles.transform import encoder_inputs
+from wsi_pipeline.tiles.transform import encoder_input
 
 if TYPE_CHECKING:
     import torch
@@ -82,20 +82,24 @@ def embed_images(
 def embed_image_files(
     encoder: Encoder,
     paths: Sequence[Path],
-    src_mpp: float,
+    src_mpp: float | Sequence[float],
     fit: str,
     batch_size: int = 64,
     precision: str = "fp32",
     device: str | torch.device = "cpu",
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Embed image files at ``src_mpp`` µm/px at the encoder's µm/px with ``fit``
-    (:func:`wsi_pipeline.tiles.transform.encoder_input`), ``batch_size`` files at a time → float32 (N, embed_dim);
-    ``progress(n)`` after each batch."""
+    """Embed image files at ``src_mpp`` µm/px (one value, or one per file) at the encoder's µm/px with ``fit``
+    (:func:`wsi_pipeline.tiles.transform.encoder_input`), ``batch_size`` files at a time → float32 (N, embed_dim),
+    in the order given; ``progress(n)`` after each batch. Files are read in order of their µm/px, so that a
+    batch of files whose µm/px differ holds few tile sizes (:func:`embed_tiles` batches by size)."""
+    mpps = np.broadcast_to(np.asarray(src_mpp, np.float64), (len(paths),))
+    order = np.argsort(mpps, kind="stable")
     out = np.empty((len(paths), encoder.embed_dim), np.float32)
     for s in range(0, len(paths), batch_size):
-        imgs = encoder_inputs([read_rgb(p) for p in paths[s : s + batch_size]], src_mpp, encoder, fit)
-        out[s : s + len(imgs)] = embed_tiles(encoder, imgs, batch_size, precision, device)
+        idx = order[s : s + batch_size]
+        imgs = [encoder_input(read_rgb(paths[i]), float(mpps[i]), encoder, fit) for i in idx]
+        out[idx] = embed_tiles(encoder, imgs, batch_size, precision, device)
         if progress is not None:
             progress(len(imgs))
     return out

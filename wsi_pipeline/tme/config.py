@@ -225,8 +225,8 @@ class TissueTrainConfig:
     context_grid: tuple[int, int] = (10, 12)  # cells per mosaic
     # scale jitter: ``scale_copies`` extra copies of each training tile magnified by a factor drawn uniformly
     # from [1 − j, 1 + j] before embedding (``context_scale_jitter``: each context mosaic too, one factor per
-    # mosaic), so the head does not hinge on the exact nucleus size (held out, a 7 % magnification took the lymphocyte recall of a head
-    # trained without it from 0.87 to 0.53); 0 = off
+    # mosaic), so the head does not hinge on the exact nucleus size (held out, a 7 % magnification took the
+    # lymphocyte recall of a head trained without it from 0.87 to 0.53); 0 = off
     scale_jitter: float = 0.0
     scale_copies: int = 2
     context_scale_jitter: float = 0.0

@@ -83,22 +83,6 @@ def _cache_path(cfg: TissueTrainConfig, encoder: Any, fit: str, paths: list[Any]
     return Path(cfg.feature_cache) / f"tiles-{key}.npz"
 
 
-def _embed_magnified(cfg: TissueTrainConfig, encoder: Any, fit: str, paths: list[Any], magnify: np.ndarray,
-                     device: str) -> np.ndarray:
-    """Embed each tile magnified by its factor (read as if its pixels were ``magnify`` × larger)."""
-    from wsi_pipeline.tiles.embed import embed_tiles
-    from wsi_pipeline.tiles.folders import read_rgb
-    from wsi_pipeline.tiles.transform import encoder_input
-
-    out = np.empty((len(paths), encoder.embed_dim), np.float32)
-    step = 4 * cfg.batch_size
-    for s in range(0, len(paths), step):
-        imgs = [encoder_input(read_rgb(p), cfg.mpp * float(m), encoder, fit)
-                for p, m in zip(paths[s:s + step], magnify[s:s + step], strict=True)]
-        out[s:s + len(imgs)] = embed_tiles(encoder, imgs, cfg.batch_size, cfg.precision, device)
-    return out
-
-
 def _embed_with_cache(
     cfg: TissueTrainConfig, encoder: Any, fit: str, paths: list[Any], device: str,
     tick: Callable[[int], None] | None = None, magnify: np.ndarray | None = None,
@@ -111,10 +95,8 @@ def _embed_with_cache(
     if cache is not None and cache.exists():
         log.info("features from the cache %s", cache)
         return np.load(cache)["features"]
-    if magnify is None:
-        feats = embed_image_files(encoder, paths, cfg.mpp, fit, cfg.batch_size, cfg.precision, device, tick)
-    else:
-        feats = _embed_magnified(cfg, encoder, fit, paths, magnify, device)
+    src_mpp = cfg.mpp if magnify is None else cfg.mpp * np.asarray(magnify, np.float64)  # magnified: larger pixels
+    feats = embed_image_files(encoder, paths, src_mpp, fit, cfg.batch_size, cfg.precision, device, tick)
     if cache is not None:
         from wsi_pipeline.formats.atomic import atomic_path
 
