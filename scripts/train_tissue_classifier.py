@@ -120,6 +120,7 @@ data: cite it when you use them. Not for clinical use.
 
 def write_card(clf: TissueClassifier, out: Path) -> Path:
     from wsi_pipeline.tme.classifier import format_confusion
+    from wsi_pipeline.tme.config import ROLE_LYMPHOCYTES, ClassRoles
 
     held = clf.metrics["held_out"]
     tr = clf.training
@@ -129,7 +130,7 @@ def write_card(clf: TissueClassifier, out: Path) -> Path:
     ctx = tr.get("context") or {}
     ctx_eval = clf.metrics.get("held_out_context") or {}
     mag = clf.metrics.get("held_out_magnified") or {}
-    lymph = next((c for c in clf.class_names if "LYMPH" in c.upper()), clf.class_names[0])
+    lymph = next(c for c in clf.class_names if ClassRoles().role_of(c) == ROLE_LYMPHOCYTES)
     magnified_rows = "\n".join(
         ["| magnification | balanced accuracy | " + lymph + " recall |", "|---|---|---|",
          f"| 1 | {held['balanced_accuracy']:.3f} | {held['per_class_recall'][lymph]:.3f} |"]
