@@ -22,6 +22,11 @@ For every model (default ``auto@1`` and each registered head with one context ri
 
     nice python scripts/eval_calibration.py --work /tmp/mil-eval --cohorts kather
     nice python scripts/eval_calibration.py --work /tmp/mil-eval --cohorts synthetic --tag calibration-synth
+
+``--sites N`` (kather): the train cohort's source images are dealt to N sites and `wsi train` runs with
+``--group-by site``, so the out-of-fold predictions that the calibrator is fitted on come from models that
+never saw the slide's source images, as the test cohort's do. Use another ``--work`` (the train cohort
+differs); the test cohort can be linked from a run without sites.
 """
 
 from __future__ import annotations

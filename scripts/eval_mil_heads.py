@@ -104,9 +104,11 @@ def cohort_params(kind: str, split: str, n: int, a: argparse.Namespace) -> dict[
     from wsi_pipeline.synth.kather import MosaicParams, split_kather_by_source
 
     mp = MosaicParams()
-    return {"kind": kind, "split": split, "n_patients": n, "seed": KATHER_SEEDS[split], "grid": list(a.grid),
-            "split_sha1": _split_sha1(split_kather_by_source(SHARED / "kather16", mp.test_fraction,
-                                                             mp.split_seed))}
+    p = {"kind": kind, "split": split, "n_patients": n, "seed": KATHER_SEEDS[split], "grid": list(a.grid),
+         "split_sha1": _split_sha1(split_kather_by_source(SHARED / "kather16", mp.test_fraction, mp.split_seed))}
+    if split == "train" and a.sites:  # the test cohort's unseen source images are one more site
+        p["sites"] = a.sites
+    return p
 
 
 def cached_params(kind: str, split: str, out: Path) -> dict[str, Any]:
@@ -170,10 +172,10 @@ def build_cohort(kind: str, split: str, out: Path, params: dict[str, Any]) -> Pa
                 save_truth(p.spec, out / "truth" / f"{p.spec.slide_id}.npz")
         write_labels_csv(labels, labels_frame(planned))
     else:
-        from wsi_pipeline.synth.kather import build_kather_mosaic_cohort
+        from wsi_pipeline.synth.kather import MosaicParams, build_kather_mosaic_cohort
 
         build_kather_mosaic_cohort(SHARED / "kather16", out, n, split=split, seed=params["seed"],
-                                   grid=tuple(params["grid"]))
+                                   grid=tuple(params["grid"]), params=MosaicParams(sites=params.get("sites", 0)))
     write_text_atomic(meta, json.dumps(params))
     if cached_params(kind, split, out) != params:
         raise SystemExit(f"{out}: the cohort just built does not match its parameters {params}")
@@ -298,7 +300,7 @@ def train_and_predict(spec: str, cohort_dir: Path, encoder: str, weights_sha: st
            "targets": TARGETS, "model_out": str(mdir), "head": head, "folds": a.folds, "epochs": a.epochs,
            "context_rings": rings, "baseline": False, "seed": a.seed, "encoder": encoder,
            "threads": a.threads, "n_bootstrap": a.n_boot, "head_kwargs": head_kwargs, "calibration": a.calibration,
-           **over}
+           **({"group_by": "site"} if a.sites and cohort_dir.name == "kather" else {}), **over}
     pred = train_cached_and_predict(cohort_dir, cfg, {"weights_sha256": weights_sha, "model_json": MODEL_JSON_VERSION},
                                     model_label(spec))
     main = read_model_json(mdir)["main_variant"]
@@ -464,6 +466,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--calibration", default="auto",
                     help="post-hoc calibration of `wsi train` (auto, platt, temperature, isotonic, none)")
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--sites", type=int, default=0,
+                    help="kather: deal the train cohort's source images to this many sites (a `site` column) and "
+                         "train with --group-by site, so out-of-fold predictions come from unseen sites as the "
+                         "test cohort's do (default 0: one pool, folds by patient)")
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--n-boot", type=int, default=1000, help="patient-level bootstrap resamples (>= 1000)")
     ap.add_argument("--seed", type=int, default=0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from wsi_pipeline.errors import ConfigError
-from wsi_pipeline.evaluate.splits import MISSING_STRATUM, inner_split, patient_folds, patient_strata
+from wsi_pipeline.evaluate.splits import MISSING_STRATUM, group_folds, inner_split, patient_folds, patient_strata
 
 
 def _cohort(seed: int = 0) -> tuple[list[str], list[str], np.ndarray]:
@@ -56,3 +56,23 @@ def test_inner_split_is_stratified_and_disjoint():
 def test_too_many_folds_is_a_config_error():
     with pytest.raises(ConfigError, match="fewer folds"):
         patient_folds({"a": 0, "b": 1}, 3)
+
+
+def test_group_folds_keep_every_group_in_one_fold_and_balance_patients():
+    sizes = {"A": 9, "B": 7, "C": 6, "D": 5, "E": 4, "F": 3, "G": 2}
+    group_of = {f"{g}{i}": g for g, n in sizes.items() for i in range(n)}
+    folds = group_folds(group_of, 3, seed=0, column="site")
+    assert set(folds) == set(group_of)
+    for g in sizes:  # a site is never split between folds
+        assert len({folds[p] for p, q in group_of.items() if q == g}) == 1
+    per_fold = Counter(folds.values())
+    assert sorted(per_fold) == [0, 1, 2] and max(per_fold.values()) - min(per_fold.values()) <= 2, per_fold
+    assert group_folds(group_of, 3, seed=0, column="site") == folds  # deterministic
+
+
+def test_group_folds_with_too_few_groups_say_how_many_folds_fit():
+    group_of = {"p1": "north", "p2": "south", "p3": "south"}
+    with pytest.raises(ConfigError, match=r"--group-by site: 2 group\(s\) \(north, south\) for 3 folds.*--folds 2"):
+        group_folds(group_of, 3, column="site")
+    with pytest.raises(ConfigError, match="leave out --group-by"):
+        group_folds({"p1": "x", "p2": "x"}, 2, column="site")

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.formats.h5 import A_EMBED_DIM, A_ENCODER, A_TARGET_MPP, write_features_h5
 from wsi_pipeline.formats.tables import write_labels_csv
 from wsi_pipeline.mil.calibration import calibrator_from_dict, fit_calibrator, member_stats, standardize
@@ -209,3 +210,60 @@ def test_baseline_warning_says_what_differs_from_the_baseline():
     assert "**Warning" in text and "--head meanpool" in text and "--context-rings 0" not in text
     text = "\n".join(selection_markdown({}, {**check, "loses_to_baseline": False}))
     assert "Warning" not in text and "at least as well" in text
+
+
+def _with_sites(labels: Path, n_sites: int) -> Path:
+    df = pd.read_csv(labels, dtype=str)
+    df["site"] = [f"site-{i % n_sites + 1}" for i in range(len(df))]
+    return write_labels_csv(labels.with_name("labels_sites.csv"), df)
+
+
+def test_group_by_site_keeps_each_site_out_of_its_own_models(tmp_path):
+    """`wsi train --group-by site`: every site's patients in one outer fold (so the OOF predictions, and the
+    calibrator fitted on them, come from models that never saw the site), and the head selection's inner
+    folds grouped by site as well."""
+    from wsi_pipeline.mil.cv import Variant
+    from wsi_pipeline.mil.train import FoldTask, _patients, build_cohort
+
+    labels = _with_sites(mean_signal_cohort(tmp_path, n_patients=36, seed=2), 6)
+    cfg = TrainConfig(run=str(tmp_path / "run"), labels=str(labels), targets="response:binary",
+                      model_out=str(tmp_path / "m"), head="meanpool", folds=3, group_by="site", epochs=4,
+                      context_rings=0, baseline=False, seed=0, threads=1, n_bootstrap=200, hidden=16,
+                      selection_folds=2).validate()
+    site = pd.read_csv(labels, dtype=str).set_index("patient_id")["site"]
+    cohort = build_cohort(cfg)
+    assert cohort.groups == site.to_dict()
+    v = Variant("meanpool", "meanpool", {})
+    for fold in range(3):
+        held, pool = _patients(cohort, cfg, FoldTask(v, fold))
+        assert not set(site[sorted(held)]) & set(site[sorted(pool)])
+        for inner in range(2):  # inner folds of the head selection: grouped too (4 sites left for 2 folds)
+            test, train = _patients(cohort, cfg, FoldTask(v, fold, inner))
+            assert test and train and not set(site[sorted(test)]) & set(site[sorted(train)])
+            assert not (test | set(train)) & held
+    run_train(cfg)
+    oof = pd.read_csv(tmp_path / "m" / "oof_predictions.csv", dtype={"patient_id": str})
+    assert (oof.assign(site=site[oof.patient_id].to_numpy()).groupby("site").fold.nunique() == 1).all()
+    assert oof.fold.nunique() == 3
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["cohort"]["group_by"] == "site"
+    assert "every 'site' value in one fold" in (tmp_path / "m" / "metrics.md").read_text()
+
+
+def test_group_by_errors_name_the_file_the_cause_and_the_fix(tmp_path):
+    from wsi_pipeline.errors import LabelsError
+    from wsi_pipeline.mil.train import build_cohort
+
+    labels = _with_sites(mean_signal_cohort(tmp_path, n_patients=12, seed=3), 4)
+    cfg = TrainConfig(run=str(tmp_path / "run"), labels=str(labels), targets="response:binary",
+                      model_out=str(tmp_path / "m"), folds=3, group_by="hospital")
+    with pytest.raises(LabelsError, match=r"labels_sites.csv: --group-by 'hospital': no such column.*site"):
+        build_cohort(cfg)
+    df = pd.read_csv(labels, dtype=str)
+    df.loc[1, "patient_id"] = df.loc[0, "patient_id"]  # one patient, two slides, two sites
+    two = write_labels_csv(tmp_path / "two.csv", df)
+    with pytest.raises(LabelsError, match=r"two.csv: patient 'M000' has slides in 'site' groups"):
+        build_cohort(TrainConfig(**{**cfg.__dict__, "labels": str(two), "group_by": "site"}))
+    few = TrainConfig(**{**cfg.__dict__, "group_by": "site", "folds": 5})
+    with pytest.raises(ConfigError, match=r"--group-by site: 4 group\(s\).*use --folds 4"):
+        build_cohort(few)

@@ -190,3 +190,31 @@ def test_kather_cohort_follows_the_cohort_model(kather_dir: Path, tmp_path: Path
         with openslide.OpenSlide(str(tmp_path / f"{sid}.svs")) as s:
             assert s.dimensions == (cm.shape[1] * 150, cm.shape[0] * 150)
             assert float(s.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.495)
+
+
+def test_sites_draw_from_disjoint_source_images(kather_dir: Path, split: pd.DataFrame,
+                                                tmp_path: Path) -> None:
+    """`MosaicParams(sites=N)`: the split's source images dealt to N sites (whole images where a class has at
+    least N of them), every slide drawn from one site only and labelled with it."""
+    from wsi_pipeline.synth.kather import site_pools
+    from wsi_pipeline.synth.tissue import stable_seed
+
+    train = split[split.split == "train"]
+    pools = site_pools(train, 3, seed=0)
+    source_of = dict(zip(train.path, train.source, strict=True))
+    for c in KATHER_CLASSES:
+        sets = [{source_of[p] for p in site[c]} for site in pools]
+        assert all(site[c] for site in pools), c
+        assert sum(len(site[c]) for site in pools) == (train.class_name == c).sum()
+        if train[train.class_name == c].source.nunique() >= 3:
+            assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2]), c
+    df = build_kather_mosaic_cohort(kather_dir, tmp_path, n_slides=3, split="train", seed=4, grid=(6, 8),
+                                    params=MosaicParams(sites=3))
+    assert df.site.tolist() == ["site-1", "site-2", "site-3"]
+    name_to_path = {Path(p).name: p for p in train.path}
+    pools = site_pools(train, 3, seed=stable_seed("kather-sites", 4, "train"))  # the generator's draw
+    for i, sid in enumerate(df.slide_id):
+        with np.load(tmp_path / "truth" / f"{sid}.npz") as z:
+            used = {name_to_path[str(t)] for t in z["tiles"].ravel()}
+        mine = {p for paths in pools[i].values() for p in paths}
+        assert used <= mine, sid

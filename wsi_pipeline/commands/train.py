@@ -34,6 +34,10 @@ def register(app: typer.Typer) -> None:
                                              "(binary targets read the model's other targets' outputs), "
                                              "temperature, isotonic or none."),
         folds: int = typer.Option(None, "--folds", help="Patient-level CV folds (default 5)."),
+        group_by: str = typer.Option(None, "--group-by",
+                                     help="Labels column (site, hospital, scanner) whose every value falls in one "
+                                          "fold, so out-of-fold figures, the calibrator and the head choice come "
+                                          "from models that never saw that group; needs at least --folds values."),
         seed: int = typer.Option(None, "--seed", help="Random seed (folds, initialisation, sampling)."),
         encoder: str = typer.Option(None, "--encoder", "-e", help="Features folder (default: the only one)."),
         covariates: str = typer.Option(None, "--covariates",
@@ -72,7 +76,8 @@ def register(app: typer.Typer) -> None:
         base: dict[str, Any] = load_yaml(config) if config else {}
         overrides = {
             "labels": str(labels) if labels else None, "targets": targets,
-            "model_out": str(model_out) if model_out else None, "head": head, "folds": folds, "seed": seed,
+            "model_out": str(model_out) if model_out else None, "head": head, "folds": folds, "group_by": group_by,
+            "seed": seed,
             "encoder": encoder, "covariates": parse_covariates(covariates) if covariates else None,
             "epochs": epochs, "lr": lr, "context_rings": context_rings, "max_tiles": max_tiles,
             "batch_bags": batch_bags,

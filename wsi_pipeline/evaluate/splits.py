@@ -4,6 +4,11 @@ Folds are assigned to patients, never to slides, so that all slides of one patie
 Stratification: within every stratum (class of the stratification target, or "missing"), patients are
 shuffled with the seed and dealt to folds in turn, each time to the fold that is currently smallest, so
 every fold gets the same share (±1) of each stratum and the fold sizes stay balanced.
+
+Grouped folds (:func:`group_folds`, ``wsi train --group-by COLUMN``): every patient of one group (a site, a
+hospital, a scanner) falls in one fold, so the out-of-fold predictions, and what is fitted on them (the
+calibrator, the head choice, the decision cut-off), come from models that never saw that group. Groups are
+dealt whole, largest first, each to the fold with the fewest patients.
 """
 
 from __future__ import annotations
@@ -65,6 +70,34 @@ def patient_folds(strata: Mapping[str, Hashable], n_folds: int, seed: int = 0) -
     for p, s in strata.items():
         groups[s].append(p)
     return _deal(groups, n_folds, np.random.default_rng(seed))
+
+
+def group_folds(group_of: Mapping[str, Hashable], n_folds: int, seed: int = 0,
+                column: str = "group") -> dict[str, int]:
+    """Fold index (0..n_folds-1) of every patient of ``group_of`` (patient → group) with every group in one
+    fold: groups dealt whole, largest first (ties in seeded random order), each to the fold with the fewest
+    patients. ``column`` names the grouping in errors."""
+    if n_folds < 2:
+        raise ConfigError(f"--folds must be >= 2 (got {n_folds})")
+    members: dict[Hashable, list[str]] = defaultdict(list)
+    for p, g in group_of.items():
+        members[g].append(p)
+    if len(members) < n_folds:
+        names = ", ".join(map(str, sorted(members, key=str)[:8]))
+        fix = (f"use --folds {len(members)}" if len(members) >= 2 else
+               "leave out --group-by (one group cannot be held out from itself)")
+        raise ConfigError(f"--group-by {column}: {len(members)} group(s) ({names}) for {n_folds} folds, and each "
+                          f"group must fall in one fold; {fix}, or group by a column with more values")
+    rng = np.random.default_rng(seed)
+    keys = sorted(members, key=str)
+    ties = {k: float(r) for k, r in zip(keys, rng.random(len(keys)), strict=True)}
+    sizes = np.zeros(n_folds, dtype=int)
+    out: dict[str, int] = {}
+    for g in sorted(keys, key=lambda k: (-len(members[k]), ties[k])):
+        b = int(np.argmin(sizes))
+        out.update({p: b for p in members[g]})
+        sizes[b] += len(members[g])
+    return out
 
 
 def inner_split(

@@ -22,6 +22,9 @@ class TrainConfig:
     ``calibration``: post-hoc calibration of the classification outputs, fitted on the out-of-fold
     predictions: auto (binary platt, multiclass temperature), platt, stacked (binary targets read the model's
     other targets' outputs), temperature, isotonic or none (mil.calibration).
+    ``group_by``: a labels column (site, hospital, scanner) whose every value falls in one CV fold, so the
+    out-of-fold predictions and everything fitted on them (calibrator, head choice, cut-offs) come from models
+    that never saw that group (evaluate.splits.group_folds); None: folds by patient, stratified.
     """
 
     run: str = ""
@@ -35,6 +38,7 @@ class TrainConfig:
     selection_margin: float = 0.01
     calibration: str = "auto"
     folds: int = 5
+    group_by: str | None = None
     seed: int = 0
     encoder: str | None = None
     covariates: list[str] = field(default_factory=list)

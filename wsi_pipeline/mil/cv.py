@@ -46,6 +46,7 @@ class Cohort:
     folds: dict[str, int]  # patient → fold
     strata: dict[str, Any]
     embed_dim: int = 0
+    groups: dict[str, str] = field(default_factory=dict)  # patient → group (--group-by), empty when ungrouped
     _stats: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def slides_of(self, patients: set[str]) -> list[str]:

@@ -118,7 +118,8 @@ def _fmt(d: dict[str, Any] | None) -> str:
 
 def metrics_markdown(title: str, metrics: dict[str, Any], specs: Sequence[TargetSpec]) -> str:
     c = metrics["cohort"]
-    how = f"{c['folds']}-fold patient-level CV, pooled out-of-fold predictions" if c.get("folds") else \
+    grouped = f" (every {c['group_by']!r} value in one fold)" if c.get("group_by") else ""
+    how = f"{c['folds']}-fold patient-level CV{grouped}, pooled out-of-fold predictions" if c.get("folds") else \
         "held-out cohort (the model never saw these patients)"
     lines = [
         f"# {title}", "",
@@ -201,7 +202,7 @@ def write_training_outputs(
     comparisons = compare(frames, truth, specs, comparison_pairs(variants), weights)
     metrics = {
         "cohort": {"n_patients": len(truth), "n_slides": len(labels.slide_ids), "folds": cfg.folds,
-                   "n_bootstrap": cfg.n_bootstrap, "seed": cfg.seed, "encoder": info.to_dict()},
+                   "group_by": cfg.group_by, "n_bootstrap": cfg.n_bootstrap, "seed": cfg.seed, "encoder": info.to_dict()},
         "main_model": variants[0].name,
         "protocol": "pooled out-of-fold patient-level predictions (mean of slide predictions); percentile CIs "
                     "from patient-level bootstrap resamples shared by all models",

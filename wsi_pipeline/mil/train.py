@@ -57,7 +57,9 @@ from wsi_pipeline.mil.model_io import FoldCard, ModelCard, ModelDir, VariantCard
 from wsi_pipeline.mil.selection import AUTO, HeadSelection, choose_head, criterion_scores, fixed_head
 from wsi_pipeline.mil.targets import (
     REGRESSION,
+    Labels,
     load_labels,
+    read_labels_table,
     stratify_target,
     targets_from_config,
 )
@@ -114,7 +116,7 @@ def seed_of(*parts: object) -> int:
 
 # ---------------------------------------------------------------- cohort
 def build_cohort(cfg: TrainConfig) -> Cohort:
-    from wsi_pipeline.evaluate.splits import patient_folds, patient_strata
+    from wsi_pipeline.evaluate.splits import group_folds, patient_folds, patient_strata
 
     specs = targets_from_config(cfg.targets)
     labels_all = load_labels(cfg.labels, specs, fit_classes=True)
@@ -135,19 +137,61 @@ def build_cohort(cfg: TrainConfig) -> Cohort:
             raise LabelsError(f"{cfg.labels}: target {s.name!r} has no label on any slide with features")
     strat = stratify_target(specs)
     strata = patient_strata(labels.patient_ids, labels.values[strat.name] if strat else None)
-    folds = patient_folds(strata, cfg.folds, cfg.seed)
-    return Cohort(labels, store, specs, dict(zip(labels.slide_ids, labels.patient_ids, strict=True)), folds, strata)
+    groups = patient_groups(cfg.labels, cfg.group_by, labels) if cfg.group_by else {}
+    folds = group_folds(groups, cfg.folds, cfg.seed, cfg.group_by) if groups else patient_folds(strata, cfg.folds, cfg.seed)
+    if groups:
+        _log_groups(cfg, groups, folds)
+    return Cohort(labels, store, specs, dict(zip(labels.slide_ids, labels.patient_ids, strict=True)), folds, strata,
+                  groups=groups)
+
+
+def _log_groups(cfg: TrainConfig, groups: dict[str, str], folds: dict[str, int]) -> None:
+    per_fold: dict[int, set[str]] = {}
+    for p, f in folds.items():
+        per_fold.setdefault(f, set()).add(groups[p])
+    n = len(set(groups.values()))
+    log.info("folds grouped by %r: %d groups in %d folds (%s)", cfg.group_by, n, cfg.folds,
+             "; ".join(f"fold {f + 1}: {', '.join(sorted(g))}" for f, g in sorted(per_fold.items())))
+    fewest = n - max(len(g) for g in per_fold.values())
+    if cfg.head == AUTO and fewest < cfg.selection_folds:
+        log.warning("--group-by %s: an outer fold keeps only %d group(s) for the %d-fold head selection; its inner "
+                    "folds are split by patient instead (more groups, or fewer selection folds, keep them grouped)",
+                    cfg.group_by, fewest, cfg.selection_folds)
+
+
+def patient_groups(path: str, column: str, labels: Labels) -> dict[str, str]:
+    """patient → value of the labels CSV's ``column`` (``--group-by``) for the patients of ``labels``; every
+    slide of a patient must name one group."""
+    table = read_labels_table(path)
+    if column not in table.columns:
+        raise LabelsError(f"{path}: --group-by {column!r}: no such column (columns: {', '.join(table.columns)}); "
+                          f"name the column that holds each patient's site, or leave out --group-by")
+    out: dict[str, str] = {}
+    for sid, pid in zip(labels.slide_ids, labels.patient_ids, strict=True):
+        g = str(table.at[sid, column]).strip()
+        if not g or g.lower() == "nan":
+            raise LabelsError(f"{path}: slide {sid!r} has no {column!r} value; fill it in (every slide of a grouped "
+                              f"cohort needs its group), or leave out --group-by")
+        if out.setdefault(pid, g) != g:
+            raise LabelsError(f"{path}: patient {pid!r} has slides in {column!r} groups {out[pid]!r} and {g!r}; a "
+                              f"patient must belong to one group; correct the CSV")
+    return out
 
 
 def _patients(cohort: Cohort, cfg: TrainConfig, task: FoldTask) -> tuple[set[str], dict[str, Any]]:
     """(held-out patients, training pool with strata) of a task: the outer fold, or an inner fold of the
     head selection drawn inside the outer fold's training patients only."""
-    from wsi_pipeline.evaluate.splits import patient_folds
+    from wsi_pipeline.evaluate.splits import group_folds, patient_folds
 
     pool = {p: s for p, s in cohort.strata.items() if cohort.folds[p] != task.fold}
     if task.inner < 0:
         return {p for p, f in cohort.folds.items() if f == task.fold}, pool
-    inner = patient_folds(pool, cfg.selection_folds, seed_of(cfg.seed, "select", task.fold))
+    seed = seed_of(cfg.seed, "select", task.fold)
+    pool_groups = {p: cohort.groups[p] for p in pool if p in cohort.groups}
+    if len(set(pool_groups.values())) >= cfg.selection_folds:
+        inner = group_folds(pool_groups, cfg.selection_folds, seed, cfg.group_by or "group")
+    else:  # too few groups left in this outer fold's training patients (build_cohort warned)
+        inner = patient_folds(pool, cfg.selection_folds, seed)
     test = {p for p, f in inner.items() if f == task.inner}
     return test, {p: s for p, s in pool.items() if p not in test}
 

@@ -143,6 +143,31 @@ class MosaicParams:
     split_seed: int = 0  # seed of the train/test split (keep it fixed across cohorts)
     downsamples: tuple[int, ...] = (1, 4, 16)
     quality: int = 90
+    # > 0: the split's source images are dealt to this many "sites" (a class with fewer source images than
+    # sites is dealt tile by tile) and slide i draws its tiles from site i mod sites only, recorded in a
+    # ``site`` column: a multi-site cohort whose sites differ as hospitals do, for ``wsi train --group-by site``
+    sites: int = 0
+
+
+def site_pools(pool_df: Any, sites: int, seed: int) -> list[dict[str, list[str]]]:
+    """``pool_df`` (rows of :func:`split_kather_by_source`) dealt to ``sites`` disjoint pools, class by class:
+    whole source images, seeded round-robin, where a class has at least ``sites`` of them; else its tiles."""
+    rng = np.random.default_rng(seed)
+    out: list[dict[str, list[str]]] = [{c: [] for c in KATHER_CLASSES} for _ in range(sites)]
+    for c in KATHER_CLASSES:
+        rows = pool_df[pool_df.class_name == c]
+        units = sorted(rows.source.unique())
+        by_source = rows.source.nunique() >= sites
+        keys = [units[i] for i in rng.permutation(len(units))] if by_source else \
+            [rows.path.iloc[i] for i in rng.permutation(len(rows))]
+        for k, key in enumerate(keys):
+            paths = rows.path[rows.source == key].tolist() if by_source else [key]
+            out[k % sites][c].extend(sorted(paths))
+    for k, pools in enumerate(out):
+        empty = [c for c, v in pools.items() if not v and (pool_df.class_name == c).any()]
+        if empty:
+            raise LabelsError(f"site {k + 1} of {sites} has no tile of {empty}; use fewer sites")
+    return out
 
 
 def _load_tile(path: str, k: int, flip: bool) -> np.ndarray:
@@ -236,6 +261,7 @@ def build_kather_mosaic_cohort(
     write_text_atomic(out / "tile_split.csv", tiles.drop(columns=["path"]).to_csv(index=False))
     pool_df = tiles[tiles.split == split]
     pools = {c: pool_df.path[pool_df.class_name == c].tolist() for c in KATHER_CLASSES}
+    per_site = site_pools(pool_df, p.sites, stable_seed("kather-sites", seed, split)) if p.sites > 0 else []
     rng = np.random.default_rng(stable_seed("kather-cohort", seed, split))
     probs = np.asarray(p.phenotype_probs, float) / sum(p.phenotype_probs)
     om = p.outcome
@@ -244,7 +270,7 @@ def build_kather_mosaic_cohort(
         slide_id = f"kather-{split}-{i + 1:03d}"
         phenotype = str(rng.choice(PHENOTYPES, p=probs))
         cm = make_class_map(grid, phenotype, rng, p.layout)
-        img, used = compose_mosaic(cm, pools, rng)
+        img, used = compose_mosaic(cm, per_site[i % p.sites] if per_site else pools, rng)
         truth = mosaic_truth(cm)
         path = out / f"{slide_id}.svs"
         size = (img.shape[1], img.shape[0])
@@ -277,6 +303,8 @@ def build_kather_mosaic_cohort(
             "os_true_log_hazard": survival["os_true_log_hazard"],
         }
         row.update({f"frac_{c}": round(truth[f"frac_{c}"], 4) for c in KATHER_CLASSES if c != "08_EMPTY"})
+        if per_site:
+            row["site"] = f"site-{i % p.sites + 1}"
         rows.append(row)
         log.info("wrote %s (%s, TIL %.3f)", path, phenotype, truth["til_fraction"])
     df = pd.DataFrame(rows)
