@@ -160,3 +160,85 @@ def test_folded_forward_equals_the_reference_colour_transfer(kather_dir: Path) -
     assert (out - ref)[keep].abs().max() < 1e-3
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert mod(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def mosaic(kather_dir: Path, px: int, rows: int, cols: int) -> np.ndarray:
+    """A region of kather16 tiles (one per class, cropped to ``px``), ``rows`` × ``cols`` of them."""
+    tiles = [im[:px, :px] for im in kather_tiles(kather_dir, 1)]
+    return np.concatenate([np.concatenate(tiles[r * cols:(r + 1) * cols], 1) for r in range(rows)], 0)
+
+
+def local_reference(region: np.ndarray, window_px: int, block_px: int, target_mean: tuple[float, ...],
+                    target_std: tuple[float, ...], max_gain: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sliding colour transfer done plainly in float64 with scikit-image: L*a*b* moments of the window
+    (block_px blocks, clipped at the edges) per block, gain and offset upsampled bilinearly, L*a*b* mapped
+    per pixel. Returns normalised (1, 3, H, W) and the mask of colours scikit-image and the module clip alike."""
+    from skimage.color import lab2rgb, lab2xyz, rgb2lab
+
+    lab = torch.from_numpy(rgb2lab(region)).permute(2, 0, 1)[None]  # float64
+    k = max(1, round(window_px / block_px)) | 1
+    m = torch.nn.functional.avg_pool2d(torch.cat([lab, lab * lab], 1), block_px)
+    m = torch.nn.functional.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=False)
+    npx = window_px * window_px
+    std = ((m[:, 3:] - m[:, :3] ** 2) * npx / (npx - 1)).clamp_min(0).sqrt()
+    gain = (torch.tensor(target_std, dtype=torch.float64).view(1, 3, 1, 1) / std.clamp_min(1e-6)).clamp(max=max_gain)
+    offset = torch.tensor(target_mean, dtype=torch.float64).view(1, 3, 1, 1) - gain * m[:, :3]
+    p = torch.nn.functional.interpolate(torch.cat([gain, offset], 1), size=region.shape[:2], mode="bilinear",
+                                        align_corners=False)
+    out = (lab * p[:, :3] + p[:, 3:])[0].permute(1, 2, 0).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        rgb = torch.from_numpy(np.clip(lab2rgb(out), 0, 1)).permute(2, 0, 1)[None].float()
+    in_gamut = torch.from_numpy((lab2xyz(out) >= 0).all(axis=-1))[None, None].expand_as(rgb)
+    return (rgb - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1), in_gamut
+
+
+def test_sliding_standardisation_equals_the_plain_recipe(kather_dir: Path) -> None:
+    """forward_local against the recipe done plainly (scikit-image, float64), on a mosaic of tissue classes
+    with a black and a blank patch (the linear toes, the gain cap): window moments, edges, interpolation."""
+    region = mosaic(kather_dir, 144, 2, 3)
+    region[8:40, 8:40] = 0
+    region[-64:, -64:] = 246
+    target_mean, target_std = (56.0, 22.0, -7.5), (14.0, 6.9, 5.2)
+    mod = ReinhardStandardize(target_mean, target_std, MEAN, STD, max_gain=4.0)
+    ref, keep = local_reference(region, 136, 8, target_mean, target_std, 4.0)
+    assert keep.float().mean() > 0.99
+    x = to_normalised([region])
+    out = mod.forward_local(x, 136, 8)
+    assert out.shape == x.shape and out.is_contiguous()
+    assert (out - x).abs().mean() > 0.1  # it does change the colours
+    assert (out - ref)[keep].abs().max() < 1e-4
+
+
+def test_sliding_standardisation_from_uint8_pixels_equals_the_normalised_path(kather_dir: Path) -> None:
+    """forward_local_pixels (the sRGB curve read off a table) = forward_local of the preprocessed pixels."""
+    region = mosaic(kather_dir, 144, 2, 4)
+    region[:24, :24] = 0
+    region[-64:, -64:] = 246
+    mod = ReinhardStandardize((56.0, 22.0, -7.5), (14.0, 6.9, 5.2), MEAN, STD)
+    ref = mod.forward_local(to_normalised([region]), 148, 8)
+    out = mod.forward_local_pixels(torch.from_numpy(region)[None], 148, 8, torch.channels_last)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    assert (out - ref).abs().max() < 5e-5
+    with pytest.raises(ValueError, match="uint8"):
+        mod.forward_local_pixels(to_normalised([region]), 148, 8)
+
+
+@pytest.mark.parametrize(("tile_px", "block_px"), [(136, 8), (150, 6)])
+def test_sliding_standardisation_of_a_repeated_tile_is_the_tiles(kather_dir: Path, tile_px: int,
+                                                                 block_px: int) -> None:
+    """forward_local against forward: in a region that repeats one tile, every window of the tile's size holds
+    the tile's pixels once, so away from the edges (where windows shrink) each pixel is mapped as the tile's
+    own standardisation maps it."""
+    tile = next(im for im in kather_tiles(kather_dir, 1) if im.std() > 20)[:tile_px, :tile_px]
+    mod = ReinhardStandardize((56.0, 22.0, -7.5), (14.0, 6.9, 5.2), MEAN, STD)
+    x = to_normalised([np.tile(tile, (3, 3, 1))])
+    out = mod.forward_local(x, tile_px, block_px)
+    ref = mod(to_normalised([tile])).repeat(1, 1, 3, 3)
+    k = tile_px // block_px  # odd: the window is the tile
+    # pixels whose interpolated gains come from blocks with whole windows
+    a, b = (k // 2 + 1) * block_px, (3 * k - k // 2 - 1) * block_px
+    assert b - a >= tile_px
+    inner = (slice(None), slice(None), slice(a, b), slice(a, b))
+    assert (out - x)[inner].abs().mean() > 0.1
+    assert (out - ref)[inner].abs().max() < 2e-4

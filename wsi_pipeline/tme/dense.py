@@ -238,13 +238,15 @@ def region_feature_map(encoder: Encoder, region: np.ndarray, geo: DenseGeometry,
 
     from wsi_pipeline.encoders.base import autocast
 
-    x = encoder.preprocess(torch.from_numpy(np.require(region, requirements=["C", "W"]))[None], resize=False)
-    if encoder.stain is not None and geo.stain == "local":
-        x = encoder.stain.forward_local(x, geo.window_px, STAIN_BLOCK_PX)
-    elif encoder.stain is not None and geo.stain == "region":
-        x = encoder.stain(x)
-    if encoder.is_cnn:
-        x = x.contiguous(memory_format=torch.channels_last)
+    pixels = torch.from_numpy(np.require(region, requirements=["C", "W"]))[None]
+    memory_format = torch.channels_last if encoder.is_cnn else torch.contiguous_format
+    if encoder.stain is not None and geo.stain == "local":  # = forward_local of the preprocessed region
+        x = encoder.stain.forward_local_pixels(pixels, geo.window_px, STAIN_BLOCK_PX, memory_format)
+    else:
+        x = encoder.preprocess(pixels, resize=False)
+        if encoder.stain is not None and geo.stain == "region":
+            x = encoder.stain(x)
+    x = x.contiguous(memory_format=memory_format)
     with autocast(encoder.device, precision):
         fmap = (net or encoder.trunk.forward_features)(x)
     return fmap[0].float()
