@@ -106,7 +106,7 @@ def cohort_params(kind: str, split: str, n: int, a: argparse.Namespace) -> dict[
     mp = MosaicParams()
     p = {"kind": kind, "split": split, "n_patients": n, "seed": KATHER_SEEDS[split], "grid": list(a.grid),
          "split_sha1": _split_sha1(split_kather_by_source(SHARED / "kather16", mp.test_fraction, mp.split_seed))}
-    if split == "train" and a.sites:  # the test cohort's unseen source images are one more site
+    if split == "train" and getattr(a, "sites", 0):  # the test cohort's unseen source images are one more site
         p["sites"] = a.sites
     return p
 
@@ -300,7 +300,7 @@ def train_and_predict(spec: str, cohort_dir: Path, encoder: str, weights_sha: st
            "targets": TARGETS, "model_out": str(mdir), "head": head, "folds": a.folds, "epochs": a.epochs,
            "context_rings": rings, "baseline": False, "seed": a.seed, "encoder": encoder,
            "threads": a.threads, "n_bootstrap": a.n_boot, "head_kwargs": head_kwargs, "calibration": a.calibration,
-           **({"group_by": "site"} if a.sites and cohort_dir.name == "kather" else {}), **over}
+           **({"group_by": "site"} if getattr(a, "sites", 0) and cohort_dir.name == "kather" else {}), **over}
     pred = train_cached_and_predict(cohort_dir, cfg, {"weights_sha256": weights_sha, "model_json": MODEL_JSON_VERSION},
                                     model_label(spec))
     main = read_model_json(mdir)["main_variant"]

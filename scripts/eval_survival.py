@@ -142,12 +142,15 @@ def train_and_predict(cdir: Path, encoder: str, sha: str, a: argparse.Namespace)
     """Train the survival-only model on the train cohort (cached by settings); test-cohort predictions."""
     from wsi_pipeline.runfolder.layout import safe_name
 
-    mdir = cdir / "models" / f"{safe_name(encoder)}-{sha[:8] or 'na'}" / f"survival-{a.head}"
+    label = a.head if a.instance_encoder == "mlp" else f"{a.head}-{a.instance_encoder}"
+    label += "" if a.context_rings == 1 else f"-r{a.context_rings}"
+    mdir = cdir / "models" / f"{safe_name(encoder)}-{sha[:8] or 'na'}" / f"survival-{label}"
     cfg = {"run": str(cdir / "train"), "labels": str(cdir / "train_slides" / "labels.csv"), "targets": TARGET,
            "model_out": str(mdir), "head": a.head, "folds": a.folds, "epochs": a.epochs, "seed": a.seed,
            "encoder": encoder, "batch_bags": a.batch_bags, "baseline": False, "threads": a.threads,
-           "n_bootstrap": a.n_boot}
-    return cohorts.train_cached_and_predict(cdir, cfg, {"weights_sha256": sha}, f"the survival model ({a.head})")
+           "n_bootstrap": a.n_boot, "instance_encoder": a.instance_encoder,
+           "context_rings": a.context_rings}
+    return cohorts.train_cached_and_predict(cdir, cfg, {"weights_sha256": sha}, f"the survival model ({label})")
 
 
 def oracle_frame(labels: Any, specs: list) -> Any:
@@ -217,6 +220,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="synthetic slide size in px at 0.5 µm/px (default 2600 2200)")
     ap.add_argument("--encoder", default=None, help="encoder (default: the shipped default encoder)")
     ap.add_argument("--head", default="meanpool", help="MIL head of the survival model (default meanpool)")
+    ap.add_argument("--instance-encoder", default="mlp", choices=("mlp", "interact"),
+                    help="tile encoder of the head: mlp (default) or interact (tile × neighbourhood; 1 ring)")
+    ap.add_argument("--context-rings", type=int, default=1, help="context rings of the head's tiles (default 1)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--batch-bags", type=int, default=16,

@@ -430,7 +430,8 @@ def run_cohort(args: argparse.Namespace, clf: Any, cohort_name: str, cohort: lis
         meta.setdefault("extract_seconds", {})[cohort_name] = time.perf_counter() - t0
     for footprint in args.footprints:
         cfg = TMEConfig(classifier=clf.path, encoder_weights=args.encoder_weights, device="cpu",
-                        spatial=SpatialConfig(band_um=args.band_um), footprint=footprint, overwrite=True)
+                        spatial=SpatialConfig(band_um=args.band_um), footprint=footprint, overwrite=True,
+                        precision=args.precision)
         t0 = time.perf_counter()
         summary = run_tme(run, cfg)
         seconds = time.perf_counter() - t0
@@ -455,6 +456,8 @@ def main() -> int:
     ap.add_argument("--classifier", default="", help="classifier folder (default: the shipped one)")
     ap.add_argument("--encoder-weights", default=None)
     ap.add_argument("--n-slides", type=int, default=30)
+    ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"),
+                    help="autocast of `wsi tme`'s encoder (default bf16, its default)")
     ap.add_argument("--grid", type=int, nargs=2, default=(16, 20), metavar=("ROWS", "COLS"))
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--band-um", type=float, default=200.0)

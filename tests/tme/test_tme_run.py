@@ -164,8 +164,9 @@ def default_run(setup: dict[str, Path]) -> Path:
 def test_tme_reuses_run_features_at_the_classifier_scale(setup: dict[str, Path], default_run: Path) -> None:
     run = default_run
     layout = RunLayout(run)
+    # the RUN's features were extracted in fp32: embed from the slide in fp32 too, so only the route differs
     args = ["tme", str(run), "--classifier", str(setup["clf"]), "--encoder-weights", str(setup["weights"]),
-            "--device", "cpu", "--footprint", "tile"]
+            "--device", "cpu", "--footprint", "tile", "--precision", "fp32"]
     _invoke(args)
     _, from_features, attrs = F.read_tme_h5(layout.tme_h5("mosaic"))
     assert attrs["feature_source"] == "run-features"

@@ -163,7 +163,9 @@ class TMEConfig:
     # "area_correction", estimated by cross-validation on its training sources); no effect without one
     area_correction: bool = True
     device: str = "auto"
-    precision: str = "fp32"
+    # bf16 as `wsi extract`: on the misaligned held-out mosaics the dense read-out is the same as with fp32
+    # (phenotype 0.967 both, TIL Spearman 0.821 vs 0.820, composition MAE 0.031 vs 0.029), 1.5x faster on CPU
+    precision: str = "bf16"
     batch_size: int = 64
     num_workers: int = 0
     overwrite: bool = False
