@@ -171,7 +171,7 @@ def _with_legend(path: str | Path, img: Any, class_names: Sequence[str], colours
         y += row_h
     path = Path(path)
     with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG", compress_level=1)  # 3× faster than zlib's default 6, file ~10 % larger
     return path
 
 
