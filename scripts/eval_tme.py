@@ -276,6 +276,10 @@ def evaluate(run: Path, cohort: list[dict[str, Any]], class_names: list[str], fo
         "phenotype_confusion": {"labels": labels,
                                 "matrix": confusion_matrix(phen_true, phen_pred, labels=labels).tolist()},
         "misread": [f"{s}: {t} → {p}" for s, t, p in zip(ids, phen_true, phen_pred, strict=True) if t != p],
+        # mean read/true TIL fraction per true phenotype: where the read-out loses lymphocytes (a ranking across
+        # phenotypes suffers when one phenotype's lymphocytes are read at a lower share than another's)
+        "til_read_over_true": {ph: float(np.mean(pred_til[phen_true == ph]) / np.mean(truth_til[phen_true == ph]))
+                               for ph in ("inflamed", "excluded", "desert") if np.any(phen_true == ph)},
     }
     clf_index = {n: i for i, n in enumerate(class_names)}
     yt, yp = [], []
@@ -324,6 +328,8 @@ def print_result(name: str, r: dict[str, Any]) -> None:
     print("  per class: " + "  ".join(f"{k}={v:.3f}" for k, v in r["area_fraction_mae"].items()))
     print(f"  map vs truth classes: balanced accuracy {r['map_balanced_accuracy']:.3f}; recall "
           + "  ".join(f"{k}={v:.2f}" for k, v in r["map_recall"].items()))
+    print("  TIL read / true, by true phenotype: "
+          + "  ".join(f"{k}={v:.2f}" for k, v in r.get("til_read_over_true", {}).items()))
     if r["misread"]:
         print("  misread: " + "; ".join(r["misread"]))
 
@@ -355,6 +361,10 @@ def card_section(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> st
     lines += ["Per-class area-fraction MAE (fractions of tissue):", ""]
     for name, r in results.items():
         lines.append(f"- {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["area_fraction_mae"].items()))
+    lines += ["", "Mean TIL fraction read over the true one, by true phenotype (the lymphocytes a read-out loses):",
+              ""]
+    for name, r in results.items():
+        lines.append(f"- {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.get("til_read_over_true", {}).items()))
     if meta.get("agreement"):
         a = meta["agreement"]
         lines += ["", f"Fully convolutional windows against the same windows classified one by one "
