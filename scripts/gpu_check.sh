@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue #19's GPU check, in one go on a fresh GPU machine (run from the repository root; writes under $OUT):
 #   1. installs the carried wheels (scripts/gpu_wheels.sh) that the machine lacks;
-#   2. runs `scripts/bench_extract.py --suite gpu` (builds a 24000x18000 bench slide; device-decode check,
+#   2. checks the encoder's stain standardisation on the device against the CPU path ($OUT/stain_gpu.log);
+#   3. runs `scripts/bench_extract.py --suite gpu` (builds a 24000x18000 bench slide; device-decode check,
 #      reader table per decode mode, resnet50-trunc / ViT-B/16 / ViT-L/16 model-only vs end-to-end with the
 #      loop breakdown and GPU busy, whole-process `wsi extract` tiles/s and main-process peak RSS at 14
 #      reader processes). Figures go to $OUT/bench/gpu_suite.json part by part (a failing part keeps the
@@ -21,6 +22,9 @@ fi
 $PY -c "import openslide, simplejpeg, imagecodecs; print('openslide', openslide.__version__, openslide.__library_version__, 'simplejpeg', simplejpeg.__version__)" >> "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 WSI_BENCH_DIR=/tmp/wsi_bench
+# the encoder's stain standardisation on the device (one piece, float64 window moments) against the CPU path
+timeout 120 $PY -m pytest -q -p no:cacheprovider tests/encoders/test_stain_norm.py -k accelerator 2>&1 | tail -3 \
+  | tee "$OUT/stain_gpu.log"
 timeout "${SUITE_TIMEOUT:-470}" $PY scripts/bench_extract.py --suite gpu --out "$OUT/bench" --work /tmp/wsi_bench "$@" \
   2>&1 | grep -v -e "DeprecationWarning" -e "warnings.warn" | tee "$OUT/suite.log"
 echo "suite exit: ${PIPESTATUS[0]}" | tee -a "$OUT/suite.log"

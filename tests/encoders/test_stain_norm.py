@@ -242,3 +242,21 @@ def test_sliding_standardisation_of_a_repeated_tile_is_the_tiles(kather_dir: Pat
     inner = (slice(None), slice(None), slice(a, b), slice(a, b))
     assert (out - x)[inner].abs().mean() > 0.1
     assert (out - ref)[inner].abs().max() < 2e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it)")
+def test_accelerator_path_equals_the_cpu_path(kather_dir: Path) -> None:
+    """On an accelerator the standardisation runs in one piece (no cache-sized strips) with its window
+    moments in float64 on the device: the same result as the CPU's strips, per tile and sliding."""
+    region = mosaic(kather_dir, 144, 2, 4)
+    region[:24, :24] = 0
+    mod = ReinhardStandardize((56.0, 22.0, -7.5), (14.0, 6.9, 5.2), MEAN, STD)
+    x = to_normalised([region])
+    gpu = mod.to("cuda")
+    cpu_local = ReinhardStandardize((56.0, 22.0, -7.5), (14.0, 6.9, 5.2), MEAN, STD).forward_local(x, 148, 8)
+    assert (gpu.forward_local(x.cuda(), 148, 8).cpu() - cpu_local).abs().max() < 1e-4
+    pixels = torch.from_numpy(region)[None]
+    assert (gpu.forward_local_pixels(pixels.cuda(), 148, 8).cpu() - cpu_local).abs().max() < 1e-4
+    tiles = to_normalised(kather_tiles(kather_dir, 1))
+    cpu_tiles = ReinhardStandardize((56.0, 22.0, -7.5), (14.0, 6.9, 5.2), MEAN, STD)(tiles)
+    assert (gpu(tiles.cuda()).cpu() - cpu_tiles).abs().max() < 1e-4
