@@ -64,9 +64,7 @@ def _srgb_to_linear_(rgb: torch.Tensor) -> torch.Tensor:
 
 def srgb_to_linear_table(device: torch.device | str | None = None) -> torch.Tensor:
     """Linear RGB of the 256 uint8 sRGB codes (float32, computed in float64)."""
-    v = torch.arange(256, dtype=torch.float64) / 255.0
-    lin = torch.where(v > _SRGB_KNEE, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)
-    return lin.float().to(device)
+    return _srgb_to_linear_(torch.arange(256, dtype=torch.float64) / 255.0).float().to(device)
 
 
 def _xyz_to_f_(t: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,7 @@ from wsi_pipeline.mil.selection import AUTO, HeadSelection, choose_head, criteri
 from wsi_pipeline.mil.targets import (
     REGRESSION,
     Labels,
-    load_labels,
+    encode_labels,
     read_labels_table,
     stratify_target,
     targets_from_config,
@@ -119,7 +119,8 @@ def build_cohort(cfg: TrainConfig) -> Cohort:
     from wsi_pipeline.evaluate.splits import group_folds, patient_folds, patient_strata
 
     specs = targets_from_config(cfg.targets)
-    labels_all = load_labels(cfg.labels, specs, fit_classes=True)
+    table = read_labels_table(cfg.labels)  # read once: the targets and the --group-by column
+    labels_all = encode_labels(table, specs, fit_classes=True)
     store = BagStore(cfg.run, cfg.encoder, cfg.context_rings, cfg.cache_mb)
     have = set(store.slide_ids())
     usable = [s for s in labels_all.slide_ids if s in have]
@@ -137,7 +138,7 @@ def build_cohort(cfg: TrainConfig) -> Cohort:
             raise LabelsError(f"{cfg.labels}: target {s.name!r} has no label on any slide with features")
     strat = stratify_target(specs)
     strata = patient_strata(labels.patient_ids, labels.values[strat.name] if strat else None)
-    groups = patient_groups(cfg.labels, cfg.group_by, labels) if cfg.group_by else {}
+    groups = patient_groups(table, cfg.group_by, labels) if cfg.group_by else {}
     folds = group_folds(groups, cfg.folds, cfg.seed, cfg.group_by) if groups else patient_folds(strata, cfg.folds, cfg.seed)
     if groups:
         _log_groups(cfg, groups, folds)
@@ -159,10 +160,10 @@ def _log_groups(cfg: TrainConfig, groups: dict[str, str], folds: dict[str, int])
                     cfg.group_by, fewest, cfg.selection_folds)
 
 
-def patient_groups(path: str, column: str, labels: Labels) -> dict[str, str]:
-    """patient → value of the labels CSV's ``column`` (``--group-by``) for the patients of ``labels``; every
-    slide of a patient must name one group."""
-    table = read_labels_table(path)
+def patient_groups(table: Any, column: str, labels: Labels) -> dict[str, str]:
+    """patient → value of the labels table's ``column`` (``--group-by``; ``table``: :func:`read_labels_table`)
+    for the patients of ``labels``; every slide of a patient must name one group."""
+    path = table.attrs["path"]
     if column not in table.columns:
         raise LabelsError(f"{path}: --group-by {column!r}: no such column (columns: {', '.join(table.columns)}); "
                           f"name the column that holds each patient's site, or leave out --group-by")

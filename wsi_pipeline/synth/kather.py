@@ -157,7 +157,7 @@ def site_pools(pool_df: Any, sites: int, seed: int) -> list[dict[str, list[str]]
     for c in KATHER_CLASSES:
         rows = pool_df[pool_df.class_name == c]
         units = sorted(rows.source.unique())
-        by_source = rows.source.nunique() >= sites
+        by_source = len(units) >= sites
         keys = [units[i] for i in rng.permutation(len(units))] if by_source else \
             [rows.path.iloc[i] for i in rng.permutation(len(rows))]
         for k, key in enumerate(keys):
