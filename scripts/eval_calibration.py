@@ -17,6 +17,8 @@ For every model (default ``auto@1`` and each registered head with one context ri
   writes them (the model's recorded calibrator);
 * out of fold (training cohort, from the model's ``oof_predictions.csv``): the same figures, *after* being
   the cross-fitted calibrated OOF probabilities;
+* held out, *after, aligned*: calibrated, with the features standardised by the test cohort's own
+  statistics (`wsi predict --align-features`: test-time alignment to a shifted site);
 * the generator's own probability as a reference row (its ECE is not 0 on a few dozen patients);
 * for ``auto``: the head it chose, why, and every candidate's inner-CV scores.
 
@@ -84,9 +86,12 @@ def heldout(cdir: Path, mdir: Path, encoder: str, spec: Any, weights: Any, label
     from wsi_pipeline.mil.predict import predict_run
 
     out = {}
-    for when, calibrated in (("before", False), ("after", True)):  # the calibrated table is left in place
+    # "aligned": calibrated, with the test cohort's own feature statistics (`wsi predict --align-features`);
+    # last, so the table left in place is the plain calibrated one
+    for when, calibrated, aligned in (("before", False, False), ("aligned", True, True), ("after", True, False)):
         predict_run(PredictConfig(run=str(cdir / "test"), model=str(mdir), encoder=encoder, write_scores=False,
-                                  labels=str(cdir / "test_slides" / "labels.csv"), calibrated=calibrated))
+                                  labels=str(cdir / "test_slides" / "labels.csv"), calibrated=calibrated,
+                                  align_features=aligned))
         pat = patient_table(read_predictions_csv(cdir / "test" / "predictions.csv"), labels, spec)
         out[when] = figures(pat["y"].to_numpy(), pat[f"{TARGET}_prob"].to_numpy(), pat["true_prob"].to_numpy(),
                             weights)
@@ -129,8 +134,8 @@ def markdown(kind: str, encoder: str, res: dict[str, Any], n_test: int, n_train:
              f"### Held out ({n_test} test patients; 95% CIs from patient-level bootstrap)", "", *header]
     ref = None
     for label, r in res.items():
-        for when in ("before", "after"):
-            lines.append(_row(label, r["head"], when, r["heldout"][when]))
+        for when in ("before", "after", "aligned"):
+            lines.append(_row(label, r["head"], when if when != "aligned" else "after, aligned", r["heldout"][when]))
         ref = r["heldout"]["reference"]
     if ref is not None:
         lines.append(_row("generator's true P", "–", "reference", ref))

@@ -49,6 +49,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -243,11 +244,12 @@ def extract(run: Path, encoder: str, weights: str | None) -> tuple[str, str]:
 
 # ---------------------------------------------------------------- models
 def parse_model(spec: str) -> tuple[str, int, dict[str, Any]]:
-    """``HEAD[@RINGS][:key=value,...]`` → head, context rings, TrainConfig overrides (``head.X`` → head kwargs)."""
+    """``HEAD[@RINGS][:key=value,...]`` → head, context rings, TrainConfig overrides (``head.X`` → head kwargs);
+    a value may be a JSON list, e.g. ``abmil@1:covariates=["age","stage"]``."""
     main, _, opts = spec.partition(":")
     head, _, rings = main.partition("@")
     over: dict[str, Any] = {}
-    for kv in filter(None, opts.split(",")):
+    for kv in filter(None, re.split(r",(?![^\[]*\])", opts)):  # commas inside a JSON list stay in the value
         k, _, v = kv.partition("=")
         over[k] = json.loads(v) if v[:1].isdigit() or v[:1] in "-[{" or v in ("true", "false") else v
     return head, int(rings) if rings else 1, over
@@ -256,7 +258,7 @@ def parse_model(spec: str) -> tuple[str, int, dict[str, Any]]:
 def model_label(spec: str) -> str:
     head, rings, over = parse_model(spec)
     label = f"{head}+ctx{rings}" if rings else head
-    return label + "".join(f"_{k}{v}" for k, v in over.items())
+    return label + "".join(f"_{k}{'+'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in over.items())
 
 
 def models_dir(cohort_dir: Path, encoder: str, weights_sha: str) -> Path:

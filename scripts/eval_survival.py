@@ -22,7 +22,8 @@ at patient level, with 95 % CIs from ``--n-boot`` patient bootstrap resamples sh
 Cohorts and tiles are cached as in `scripts/eval_mil_heads.py` (whose cohort and tiling steps this script
 uses), features per encoder weights, trained models per training settings.
 
-    nice python scripts/eval_survival.py --work /tmp/surv-eval               # both cohorts (~25 min, 2 cores)
+    nice python scripts/eval_survival.py --work /tmp/surv-eval --cohorts synthetic        # ~15 min, 2 cores
+    nice python scripts/eval_survival.py --work /tmp/surv-eval --cohorts kather --head abmil  # ~20 min
     nice python scripts/eval_survival.py --work /tmp/surv-smoke --cohorts kather --n-train 20 --n-test 12 \\
         --grid 8 10 --folds 2 --epochs 3                                          # smoke test (minutes)
 
@@ -45,7 +46,7 @@ import eval_mil_heads as cohorts  # same folder: the cached cohort / tiling / ex
 REPO = Path(__file__).resolve().parents[1]
 TARGET = "os:survival(os_months,os_event)"
 TRUTH_COLUMN = "os_true_log_hazard"
-DEFAULT_SIZES = {"synthetic": (80, 60), "kather": (250, 80)}
+DEFAULT_SIZES = {"synthetic": (80, 60), "kather": (400, 80)}
 MODEL, ORACLE = "model", "oracle"
 
 
@@ -212,7 +213,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--work", type=Path, required=True, help="scratch folder (outside the repository)")
     ap.add_argument("--out", type=Path, default=None, help="markdown file for the table (default <work>/survival.md)")
     ap.add_argument("--cohorts", nargs="+", default=["synthetic", "kather"], choices=["synthetic", "kather"])
-    ap.add_argument("--n-train", type=int, default=None, help="train patients (default: synthetic 80, kather 250)")
+    ap.add_argument("--n-train", type=int, default=None, help="train patients (default: synthetic 80, kather 400)")
     ap.add_argument("--n-test", type=int, default=None, help="test patients (default: synthetic 60, kather 80)")
     ap.add_argument("--grid", type=int, nargs=2, default=(16, 20), metavar=("ROWS", "COLS"),
                     help="kather mosaic size in 150-px tiles (default 16 20)")

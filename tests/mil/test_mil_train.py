@@ -185,6 +185,49 @@ def test_predict_refuses_other_encoder_or_scale(trained, cohort, tmp_path):
         predict_run(PredictConfig(run=str(other), model=str(trained)))
 
 
+def _shifted_copy(run: Path, out: Path, n: int | None = None) -> Path:
+    """The RUN's features (the first ``n`` slides) as another site would give them: every dimension scaled
+    and shifted (a stain / scanner shift of the whole cohort)."""
+    rng = np.random.default_rng(3)
+    files = sorted((run / "features" / "sim").glob("*.h5"))[:n]
+    dim = read_features_h5(files[0]).features.shape[1]
+    scale, shift = rng.uniform(0.5, 2.0, dim), rng.normal(0.0, 2.0, dim)
+    for src in files:
+        fs = read_features_h5(src)
+        write_features_h5(out / "features" / "sim" / src.name, (fs.features * scale + shift).astype(np.float32),
+                          fs.l0_xy, fs.attrs)
+    return out
+
+
+def _probs(run: Path, model: Path, **kw) -> np.ndarray:
+    predict_run(PredictConfig(run=str(run), model=str(model), write_scores=False, **kw))
+    return pd.read_csv(run / "predictions.csv").sort_values("slide_id")["response_prob"].to_numpy()
+
+
+def test_align_features_undoes_a_cohort_shift(trained, cohort, tmp_path):
+    run, labels = cohort
+    shifted = _shifted_copy(run, tmp_path / "site2")
+    plain, moved = _probs(run, trained), _probs(shifted, trained)
+    assert np.abs(moved - plain).max() > 0.05  # the shift moves the predictions
+    aligned, moved_aligned = _probs(run, trained, align_features=True), _probs(shifted, trained, align_features=True)
+    # aligned to its own statistics, a cohort predicts the same whatever per-dimension shift its site adds
+    np.testing.assert_allclose(moved_aligned, aligned, atol=2e-4)
+    # and on the training cohort itself (its statistics are the training folds') it changes little
+    assert np.abs(aligned - plain).mean() < 0.05
+    out = _invoke("predict", shifted, "--model", trained, "--labels", labels, "--align-features", "--force")
+    assert "predictions.csv" in out
+    np.testing.assert_allclose(pd.read_csv(shifted / "predictions.csv").sort_values("slide_id")["response_prob"],
+                               aligned, atol=2e-4)
+    resolved = yaml.safe_load((shifted / "configs" / "predict.yaml").read_text())
+    assert resolved["predict"]["align_features"] is True and len(resolved["model"]["features_aligned"]) == 16
+
+
+def test_align_features_needs_a_cohort(trained, cohort, tmp_path):
+    few = _shifted_copy(cohort[0], tmp_path / "few", n=4)
+    with pytest.raises(ConfigError, match="at least 10 slides; this RUN has 4"):
+        predict_run(PredictConfig(run=str(few), model=str(trained), align_features=True))
+
+
 def test_covariates_comparison(cohort, tmp_path):
     run, labels = cohort
     model = tmp_path / "cov"

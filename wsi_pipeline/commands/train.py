@@ -108,6 +108,10 @@ def register(app: typer.Typer) -> None:
         no_scores: bool = typer.Option(False, "--no-scores", help="Skip per-tile score files."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         force: bool = typer.Option(False, "--force", help="Predict even when the tables are up to date."),
+        align_features: bool = typer.Option(
+            False, "--align-features",
+            help="Standardise the features with this RUN's own statistics instead of the training folds' "
+                 "(a cohort from another site or scanner; at least 10 slides, case mix like the training cohort's)."),
     ) -> None:
         """Predict every slide: RUN/predictions.csv, RUN/patient_predictions.csv, RUN/scores/<model>/*.h5."""
         from wsi_pipeline.commands.stageview import failure_footer, print_failures
@@ -115,7 +119,8 @@ def register(app: typer.Typer) -> None:
         from wsi_pipeline.mil.predict import run_predict
 
         cfg = PredictConfig(run=str(run), model=str(model), encoder=encoder, labels=str(labels) if labels else None,
-                            variant=variant, write_scores=not no_scores, device=device, force=force)
+                            variant=variant, write_scores=not no_scores, device=device, force=force,
+                            align_features=align_features)
         res = _with_status("predict", lambda cb: run_predict(cfg, status=cb))
         f = res.figures
         if res.note == "up to date":

@@ -115,6 +115,9 @@ class PredictConfig:
     device: str = "auto"
     force: bool = False  # predict even when the tables are up to date with the same inputs
     calibrated: bool = True  # apply the calibrators recorded at training (False: the raw fold average)
+    # standardise the features with this RUN's own per-dimension statistics instead of the training folds'
+    # (test-time feature alignment for a cohort from another site or scanner; needs a cohort, not a few slides)
+    align_features: bool = False
 
 
 @dataclass

@@ -143,6 +143,18 @@ class Ensemble:
         """The model's name: its directory's name (RUN/scores/<name>/, what `wsi heatmap --model DIR` finds)."""
         return self.dir.root.resolve().name
 
+    def align_features(self, mean: Any, std: Any) -> int:
+        """Standardise every fold model's tile embeddings with these per-dimension statistics (a predicted
+        cohort's own) instead of those of its training folds; returns how many fold models took them (a
+        covariates-only variant takes none)."""
+        n = 0
+        for _, model, _ in self.members:
+            if self.variant.image and hasattr(model, "set_feature_stats"):
+                model.set_feature_stats(torch.as_tensor(mean, dtype=torch.float32).to(self.device),
+                                        torch.as_tensor(std, dtype=torch.float32).to(self.device))
+                n += 1
+        return n
+
     def predict(self, bag: Bag | None, covariate_rows: Any = None, tiles: bool = True) -> SlidePrediction:
         """Predict one slide; ``covariate_rows`` is a one-row labels DataFrame when the model uses covariates."""
         if self.needs_covariates and covariate_rows is None:

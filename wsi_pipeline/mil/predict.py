@@ -39,6 +39,7 @@ STAGE = "predict"
 
 A_TARGET_KINDS = "target_kinds"
 MPP_TOLERANCE = 0.02  # relative
+MIN_ALIGN_SLIDES = 10  # --align-features: fewer slides describe themselves, not a site
 
 
 @dataclass
@@ -83,15 +84,40 @@ def score_attrs(ens: Ensemble, info: EncoderInfo) -> dict[str, Any]:
     return attrs
 
 
-def scores_key(model_digest: str, ens: Ensemble, features_h5: Path, covariates: Any) -> str:
+def scores_key(model_digest: str, ens: Ensemble, features_h5: Path, covariates: Any, aligned: str = "") -> str:
     """What one slide's per-tile scores depend on: the model (its files), the variant, the slide's features
-    (their own resume key) and, for a model with covariates, the slide's covariate row."""
+    (their own resume key), for a model with covariates the slide's covariate row, and with
+    ``--align-features`` the cohort's feature statistics (``aligned``: their digest)."""
     from wsi_pipeline.formats.h5 import A_PARAMS_HASH, read_h5_attrs
     from wsi_pipeline.formats.hashing import params_hash
 
     rows = None if covariates is None else covariates.to_dict("records")
-    return params_hash({"model": model_digest, "variant": ens.variant.name, "covariates": rows,
-                        "features": read_h5_attrs(features_h5).get(A_PARAMS_HASH, "")})
+    key = {"model": model_digest, "variant": ens.variant.name, "covariates": rows,
+           "features": read_h5_attrs(features_h5).get(A_PARAMS_HASH, "")}
+    return params_hash({**key, "aligned": aligned} if aligned else key)
+
+
+def align_to_cohort(ens: Ensemble, store: BagStore, slide_ids: list[str]) -> str:
+    """``--align-features``: standardise the model's inputs with the per-dimension mean and std of every tile
+    of this RUN (instead of its training folds' statistics), so a cohort whose features are shifted as a
+    whole — another site, scanner or stain — meets the heads where they were trained. It assumes the RUN is a
+    cohort with a case mix like the training cohort's; on a few slides the statistics describe those slides,
+    not the site, hence the minimum. Returns a digest of the statistics (part of the per-tile scores' key)."""
+    import hashlib
+
+    import numpy as np
+
+    from wsi_pipeline.mil.cv import feature_sums, stats_from_sums
+
+    if len(slide_ids) < MIN_ALIGN_SLIDES:
+        raise ConfigError(
+            f"{store.layout.features_dir(store.encoder)}: --align-features estimates the cohort's feature "
+            f"statistics and needs at least {MIN_ALIGN_SLIDES} slides; this RUN has {len(slide_ids)}. Predict "
+            "the whole cohort in one RUN, or leave out --align-features")
+    mean, std = stats_from_sums(*feature_sums(store, slide_ids, ens.card.encoder_info.embed_dim))
+    n = ens.align_features(mean, std)
+    log.info("features aligned to this cohort's statistics (%d slides) in %d fold models", len(slide_ids), n)
+    return hashlib.sha256(np.concatenate([mean, std]).astype(np.float64).tobytes()).hexdigest()[:16]
 
 
 def predict_run(cfg: PredictConfig, progress: Callable[[str], None] | None = None) -> PredictResult:
@@ -112,6 +138,7 @@ def predict_run(cfg: PredictConfig, progress: Callable[[str], None] | None = Non
         raise ConfigError(f"{store.layout.features_dir(store.encoder)}: no feature files; run `wsi extract`")
     info = store.info(slide_ids)
     check_encoder(trained, info, store.layout.features_dir(store.encoder))
+    aligned = align_to_cohort(ens, store, slide_ids) if cfg.align_features else ""
     df = read_labels_table(cfg.labels) if cfg.labels else None
     if ens.needs_covariates and df is None:
         raise LabelsError(f"model {ens.name!r} uses covariates {ens.card.covariate_columns}: pass --labels CSV")
@@ -136,7 +163,7 @@ def predict_run(cfg: PredictConfig, progress: Callable[[str], None] | None = Non
         sp = ens.predict(bag, rows, tiles=cfg.write_scores)
         preds.append(sp.values)
         out = layout.scores_h5(ens.name, sid)
-        key = scores_key(model_digest, ens, store.layout.features_h5(store.encoder, sid), rows)
+        key = scores_key(model_digest, ens, store.layout.features_h5(store.encoder, sid), rows, aligned)
         if cfg.write_scores and read_h5_attrs(out).get(A_PARAMS_HASH) != key:  # unchanged scores keep their file
             scores = {k: v.astype(np.float32) for k, v in sp.tile_scores.items()}
             write_scores_h5(out, ScoreSet(bag.l0_xy, scores, {k: v.astype(np.float32) for k, v in sp.attention.items()},
@@ -147,7 +174,8 @@ def predict_run(cfg: PredictConfig, progress: Callable[[str], None] | None = Non
     patients = patient_frame(slides, ens.specs, thresholds=ens.thresholds)
     write_patient_predictions_csv(layout.patient_predictions_csv, patients)
     save_resolved(cfg.run, "predict", {"predict": cfg, "model": {"name": ens.name, "variant": ens.variant.name,
-                                                            "calibrated": bool(ens.calibrators)}})
+                                                            "calibrated": bool(ens.calibrators),
+                                                            "features_aligned": aligned}})
     return PredictResult(layout.predictions_csv, layout.patient_predictions_csv,
                          layout.scores_dir(ens.name) if cfg.write_scores else None, len(slide_ids),
                          time.perf_counter() - t0, done)
@@ -180,7 +208,7 @@ class PredictStage:
         return params_hash({"model": folder_digest(cfg.model), "variant": cfg.variant, "encoder": self.encoder,
                             "features": stamps(sorted(self.layout.features_dir(self.encoder).glob("*.h5"))),
                             "labels": content_digest(cfg.labels), "write_scores": cfg.write_scores,
-                            "calibrated": cfg.calibrated})
+                            "calibrated": cfg.calibrated, **({"align_features": True} if cfg.align_features else {})})
 
     def outputs_exist(self) -> bool:
         return self.layout.predictions_csv.exists() and self.layout.patient_predictions_csv.exists()
