@@ -37,6 +37,7 @@ class RunConfig:
     report: bool = True
     recursive: bool = False
     force: bool = False  # redo tiling and everything that depends on it
+    align_features: bool = False  # predict with the cohort's own feature statistics (`wsi predict --align-features`)
     tiling: TilingConfig = field(default_factory=TilingConfig)
     extract: dict[str, Any] = field(default_factory=dict)  # ExtractConfig fields
     heatmap: dict[str, Any] = field(default_factory=dict)  # HeatmapConfig fields
@@ -82,7 +83,7 @@ def config_from_yaml(path: str | Path, base: RunConfig) -> RunConfig:
             setattr(cfg, key, value)
         else:
             raise ConfigError(f"{path}: unknown section {key!r}; known: tiling, extract, heatmap, tme, model, "
-                              "encoder, labels, workers, heatmaps, report")
+                              "encoder, labels, workers, heatmaps, report, align_features")
     return cfg
 
 
@@ -184,7 +185,8 @@ def _predict(cfg: RunConfig, encoder: str, model_dir: Path, progress: Progress |
     layout = RunLayout(cfg.out)
     if not any(layout.features_dir(encoder).glob("*.h5")):
         return StageSummary("predict", note="no features: nothing to predict")
-    pcfg = PredictConfig(run=str(cfg.out), model=str(model_dir), encoder=encoder, labels=cfg.labels, force=cfg.force)
+    pcfg = PredictConfig(run=str(cfg.out), model=str(model_dir), encoder=encoder, labels=cfg.labels, force=cfg.force,
+                         align_features=cfg.align_features)
     return run_predict(pcfg, progress=progress)
 
 

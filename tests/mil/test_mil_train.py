@@ -220,6 +220,12 @@ def test_align_features_undoes_a_cohort_shift(trained, cohort, tmp_path):
                                aligned, atol=2e-4)
     resolved = yaml.safe_load((shifted / "configs" / "predict.yaml").read_text())
     assert resolved["predict"]["align_features"] is True and len(resolved["model"]["features_aligned"]) == 16
+    # `wsi run --align-features` hands the flag to its predict stage
+    from wsi_pipeline.pipeline import RunConfig, _predict
+
+    _predict(RunConfig(out=str(shifted), align_features=True, force=True), "sim", trained, None)
+    np.testing.assert_allclose(pd.read_csv(shifted / "predictions.csv").sort_values("slide_id")["response_prob"],
+                               aligned, atol=2e-4)
 
 
 def test_align_features_needs_a_cohort(trained, cohort, tmp_path):

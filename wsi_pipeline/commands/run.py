@@ -27,6 +27,9 @@ def register(app: typer.Typer) -> None:
         no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML report."),
         recursive: bool = typer.Option(False, "--recursive", "-r", help="Search the folder recursively."),
         force: bool = typer.Option(False, "--force", help="Redo tiling and everything that depends on it."),
+        align_features: bool = typer.Option(
+            False, "--align-features",
+            help="Predict with this cohort's own feature statistics (slides from another site; at least 10)."),
         tiling: TilingOptions = None,  # type: ignore[assignment] - filled by @tiling_options
     ) -> None:
         """Tile → extract → predict → TME → heatmaps → report. Resumable; failed slides are summarised."""
@@ -45,6 +48,7 @@ def register(app: typer.Typer) -> None:
         cfg.tme, cfg.heatmaps, cfg.report = cfg.tme and not no_tme, cfg.heatmaps and not no_heatmaps, \
             cfg.report and not no_report
         cfg.recursive, cfg.force = recursive, force
+        cfg.align_features = cfg.align_features or align_features
         cfg.tiling = tiling.apply(cfg.tiling)
         from wsi_pipeline.commands.stageview import failure_footer, print_failures, print_table, stage_progress
 
