@@ -103,10 +103,7 @@ def align_to_cohort(ens: Ensemble, store: BagStore, slide_ids: list[str]) -> str
     whole — another site, scanner or stain — meets the heads where they were trained. It assumes the RUN is a
     cohort with a case mix like the training cohort's; on a few slides the statistics describe those slides,
     not the site, hence the minimum. Returns a digest of the statistics (part of the per-tile scores' key)."""
-    import hashlib
-
-    import numpy as np
-
+    from wsi_pipeline.formats.hashing import params_hash
     from wsi_pipeline.mil.cv import feature_sums, stats_from_sums
 
     if len(slide_ids) < MIN_ALIGN_SLIDES:
@@ -114,10 +111,11 @@ def align_to_cohort(ens: Ensemble, store: BagStore, slide_ids: list[str]) -> str
             f"{store.layout.features_dir(store.encoder)}: --align-features estimates the cohort's feature "
             f"statistics and needs at least {MIN_ALIGN_SLIDES} slides; this RUN has {len(slide_ids)}. Predict "
             "the whole cohort in one RUN, or leave out --align-features")
-    mean, std = stats_from_sums(*feature_sums(store, slide_ids, ens.card.encoder_info.embed_dim))
+    tiles_only = BagStore(store.layout.root, store.encoder, context_rings=0, cache_mb=0)  # no rings to discard
+    mean, std = stats_from_sums(*feature_sums(tiles_only, slide_ids, ens.card.encoder_info.embed_dim))
     n = ens.align_features(mean, std)
     log.info("features aligned to this cohort's statistics (%d slides) in %d fold models", len(slide_ids), n)
-    return hashlib.sha256(np.concatenate([mean, std]).astype(np.float64).tobytes()).hexdigest()[:16]
+    return params_hash({"mean": mean.tolist(), "std": std.tolist()})
 
 
 def predict_run(cfg: PredictConfig, progress: Callable[[str], None] | None = None) -> PredictResult:
