@@ -11,7 +11,8 @@ mosaic cells and with the grid falling anywhere.
      that does not divide the tile grid) and the whole mosaic shifted by a random offset of up to one cell.
 2. `wsi tile` with every default (224 px at 0.5 µm/px), then `wsi tme` with each footprint (`--footprint grid`:
    one class per 74-µm cell of the TME's own grid anchored at the tiles' corner; `dense`: the dense
-   class-probability map of overlapping field-of-view windows), timed; `--extract` also times
+   class-probability map of overlapping field-of-view windows, its composition through the classifier's map
+   refinement; `dense-raw`: the same map without it, `--no-map-refinement`), timed; `--extract` also times
    `wsi extract` on the same RUN.
 3. Per cohort × footprint: immune-phenotype accuracy, `til_fraction` Spearman against the truth and the mean
    per-class area-fraction MAE (fractions of tissue), each with a 95 % bootstrap CI over slides, and the
@@ -43,7 +44,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "kather16"
 COHORTS = ("aligned", "misaligned")
-FOOTPRINTS = ("grid", "dense")
+FOOTPRINTS = ("grid", "dense", "dense-raw")  # dense-raw: `wsi tme --footprint dense --no-map-refinement`
 CELL_RANGE = (140, 160)  # misaligned: mosaic cell sizes (px at 0.495 µm/px)
 
 
@@ -66,6 +67,21 @@ def held_out_pools(kather_dir: Path, clf: Any) -> tuple[dict[str, list[str]], se
     pools = {c: [str(tiles.paths[i]) for i in np.flatnonzero(np.asarray(keep) & (tiles.labels == k))]
              for k, c in enumerate(tiles.class_names)}
     return pools, train_sources, train_files
+
+
+def training_pools(kather_dir: Path, clf: Any) -> dict[str, list[str]]:
+    """Tile paths per class that the classifier was trained on (its training sources, and the training files of
+    the classes split by tile): the complement of :func:`held_out_pools` (scripts/train_map_refiner.py)."""
+    from wsi_pipeline.tiles.folders import load_labelled_folder
+
+    split = clf.training.get("split", {})
+    if "train_sources" not in split:
+        raise SystemExit(f"{clf.path}: the classifier does not record its training sources; retrain it")
+    sources, files = set(split["train_sources"]), set(split.get("train_files_split_by_tile", []))
+    tiles = load_labelled_folder(kather_dir)
+    keep = np.array([s in sources or p.name in files for s, p in zip(tiles.sources, tiles.paths, strict=True)])
+    return {c: [str(tiles.paths[i]) for i in np.flatnonzero(keep & (tiles.labels == k))]
+            for k, c in enumerate(tiles.class_names)}
 
 
 def placement(cohort: str, rng: np.random.Generator) -> tuple[int, tuple[int, int]]:
@@ -210,7 +226,7 @@ def map_points(layout: Any, sid: str, footprint: str) -> tuple[np.ndarray, np.nd
     from wsi_pipeline.tme.dense import map_shape
 
     xy, probs, attrs = F.read_tme_h5(layout.tme_h5(sid))
-    if footprint == "dense":
+    if footprint.startswith("dense"):
         dense = F.read_tme_dense(layout.tme_h5(sid))
         h, w = map_shape(dense)
         yy, xx = np.mgrid[0:h, 0:w]
@@ -383,7 +399,9 @@ def card_section(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> st
                   + ", ".join(f"{k} {v:.0f} s" for k, v in meta["extract_seconds"].items()) + "."]
     lines += ["", "`grid`: one class per 74-µm cell of the TME's own grid anchored at the tiles' corner; `dense`: "
               "overlapping windows of the classifier's field of view, one per 16-µm map cell, combined into a "
-              "class-probability map (`wsi_pipeline.tme.dense`). `wsi tme --footprint auto` uses `dense` only for a "
+              "class-probability map (`wsi_pipeline.tme.dense`), its composition read through the classifier's map "
+              "refinement when it has one (`wsi_pipeline.tme.refine`); `dense-raw`: the composition from the same "
+              "window map with the classifier's global area correction (`--no-map-refinement`). `wsi tme --footprint auto` uses `dense` only for a "
               "classifier trained on context windows whose classifier.json records this evaluation (`--record`) "
               "with `dense` at least as good as `grid` on the misaligned mosaics; otherwise `grid`.", CARD_END]
     return "\n".join(lines) + "\n"
@@ -408,12 +426,13 @@ def record_footprint_eval(clf: Any, results: dict[str, dict[str, Any]], meta: di
     from wsi_pipeline.tme.classifier import CLASSIFIER_JSON
     from wsi_pipeline.tme.run import FOOTPRINT_EVAL, dense_validated
 
-    names = {f: f"misaligned/{f}" for f in FOOTPRINTS}
+    names = {f: f"misaligned/{f}" for f in ("grid", "dense")}
     missing = [k for k in names.values() if k not in results]
     if missing:
         raise SystemExit(f"--record needs the misaligned cohort with both footprints (missing {missing})")
     rec: dict[str, Any] = {"cohort": "misaligned", "n_slides": meta["n_slides"], "grid_cells": meta.get("grid"),
-                           "seed": meta.get("seed"), "classifier_sha256": clf.weights_sha256}
+                           "seed": meta.get("seed"), "classifier_sha256": clf.weights_sha256,
+                           "map_refinement": clf.has_map_refinement}
     for f, k in names.items():
         r = results[k]
         rec[f] = {"phenotype_accuracy": r["phenotype_accuracy"], "phenotype_accuracy_ci": r["phenotype_accuracy_ci"],
@@ -440,8 +459,8 @@ def run_cohort(args: argparse.Namespace, clf: Any, cohort_name: str, cohort: lis
         meta.setdefault("extract_seconds", {})[cohort_name] = time.perf_counter() - t0
     for footprint in args.footprints:
         cfg = TMEConfig(classifier=clf.path, encoder_weights=args.encoder_weights, device="cpu",
-                        spatial=SpatialConfig(band_um=args.band_um), footprint=footprint, overwrite=True,
-                        precision=args.precision)
+                        spatial=SpatialConfig(band_um=args.band_um), footprint=footprint.removesuffix("-raw"),
+                        overwrite=True, precision=args.precision, map_refinement=footprint != "dense-raw")
         t0 = time.perf_counter()
         summary = run_tme(run, cfg)
         seconds = time.perf_counter() - t0

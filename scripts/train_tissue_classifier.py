@@ -100,15 +100,16 @@ scanner's µm/px off by a few per cent, or tissue whose cells are larger than th
 ## Recipe
 `nice python scripts/train_tissue_classifier.py` ({head} head{hidden_note}, class-balanced soft cross-entropy,
 full-batch AdamW, {epochs} steps, lr {lr}, weight decay {wd}; features standardised). CPU, {seconds:.0f} s.
-Then `nice python scripts/eval_tme.py --extract --agreement 3 --record --json models/{name}/eval_tme.json
+Then `nice python scripts/train_map_refiner.py --classifier models/{name}` fits the map refinement on mosaics of the training sources (section *Map refinement*), and `nice python scripts/eval_tme.py --extract --agreement 3 --record --json models/{name}/eval_tme.json
 --card models/{name}/README.md` adds the held-out mosaic evaluation below and records the misaligned
 grid-against-dense figures in `classifier.json` (`metrics.footprint_eval`, with the weights' checksum), which
-`wsi tme --footprint auto` decides on. A retrained demo encoder (new weights checksum) needs both steps again:
+`wsi tme --footprint auto` decides on. A retrained demo encoder (new weights checksum) needs all three steps again:
 `wsi tme` refuses a classifier whose encoder weights changed.
 
 ## Files
 `classifier.json` (class names, encoder, embed dim, µm/px, fit, metrics, split, training summary) and
-`model.safetensors` (feature mean/std and the head weights).
+`model.safetensors` (feature mean/std, the head weights and the map refinement's `refine.*` tensors;
+`classifier.json` `map_refinement` holds its architecture, what it was fitted on and its validation).
 
 ## Attribution and licence
 Trained on the tiles of Kather JN, Weis CA, Bianconi F, Melchers SM, Schad LR, Gaiser T, Marx A,

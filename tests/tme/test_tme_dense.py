@@ -122,6 +122,30 @@ def test_fcn_windows_agree_with_per_window_classification(shifted_runs: dict[str
     assert a["argmax_agreement"] >= 0.6, a
 
 
+def test_map_refinement_can_be_left_out(shifted_runs: dict[str, Path], tmp_path: Path) -> None:
+    """The shipped classifier's map refinement gives the composition; `--no-map-refinement` reads it from the
+    window map with the classifier's global area correction. The phenotype comes from the window map either way."""
+    import shutil
+
+    import pandas as pd
+
+    from wsi_pipeline.tme.classifier import load_classifier
+    from wsi_pipeline.tme.config import TMEConfig
+    from wsi_pipeline.tme.run import run_tme
+
+    assert load_classifier(None).has_map_refinement
+    run = tmp_path / "raw"
+    shutil.copytree(shifted_runs["shift113"], run)
+    assert run_tme(run, TMEConfig(device="cpu", footprint="dense", map_refinement=False, write_png=False,
+                                  write_geojson=False)).ok
+    raw, refined = (pd.read_csv(r / "tme.csv").iloc[0] for r in (run, shifted_runs["shift113"]))
+    assert not raw["map_refined"] and raw["area_corrected"]
+    assert refined["map_refined"] and not refined["area_corrected"]
+    assert raw["phenotype_reason"] == refined["phenotype_reason"]
+    assert raw["til_fraction_soft"] == pytest.approx(refined["til_fraction_soft"], abs=1e-6)
+    assert abs(raw["area_frac_stroma"] - refined["area_frac_stroma"]) > 1e-3  # a different composition
+
+
 def test_read_out_does_not_depend_on_where_the_grid_falls(shifted_runs: dict[str, Path]) -> None:
     import pandas as pd
 

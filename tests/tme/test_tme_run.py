@@ -329,6 +329,10 @@ def test_auto_footprint_is_dense_only_for_a_validated_classifier(setup: dict[str
     _record_footprint_eval(clf, dense_better=True, sha="0" * 64)  # an evaluation of other weights
     ok, why = dense_validated(clf)
     assert not ok and "these weights" in why
+    _record_footprint_eval(clf, dense_better=True)
+    clf.metrics["footprint_eval"]["map_refinement"] = True  # evaluated refined; this classifier has no refinement
+    ok, why = dense_validated(clf)
+    assert not ok and "map refinement" in why and resolve_footprint(TMEConfig(), clf, tiles) == "grid"
     assert resolve_footprint(TMEConfig(footprint="dense"), clf, tiles) == "dense"  # explicit always wins
 
 

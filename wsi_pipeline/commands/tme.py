@@ -121,6 +121,11 @@ def register(app: typer.Typer) -> None:
         no_area_correction: bool = typer.Option(False, "--no-area-correction",
                                                 help="Report the dense map's raw expected areas, without the "
                                                      "classifier's confusion correction."),
+        no_map_refinement: bool = typer.Option(False, "--no-map-refinement",
+                                               help="Dense footprint: read the window map as it is, without the "
+                                                    "classifier's map refinement (a small network that reads each "
+                                                    "map cell with its neighbourhood; classifier.json "
+                                                    "map_refinement)."),
         fit_rules: bool = typer.Option(False, "--fit-rules",
                                        help="After the read-out, fit the phenotype thresholds to --labels "
                                             "(column immune_phenotype; 5-fold CV) and write them to "
@@ -172,6 +177,7 @@ def register(app: typer.Typer) -> None:
             reuse_features=not no_reuse_features and base.reuse_features,
             footprint=pick(footprint, base.footprint), dense_method=pick(dense_method, base.dense_method),
             area_correction=base.area_correction and not no_area_correction,
+            map_refinement=base.map_refinement and not no_map_refinement,
             batch_size=batch_size, device=device, precision=precision, overwrite=overwrite,
         ).validate()
         if fit_rules and labels is None:

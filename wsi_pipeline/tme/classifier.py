@@ -52,6 +52,9 @@ class TissueClassifier:
     state: dict[str, np.ndarray] = field(default_factory=dict)  # feat_mean, feat_std, head.* weights
     # {"method": "soft-confusion", "matrix": C×C (row = true class: its mean predicted probabilities), ...}
     area_correction: dict[str, Any] = field(default_factory=dict)
+    # {"architecture": RefinerSpec.to_json(), "fitted_on": ..., "metrics": ...} when model.safetensors holds
+    # ``refine.*`` tensors (wsi_pipeline.tme.refine); {} = none
+    map_refinement: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     path: str = ""
@@ -121,6 +124,26 @@ class TissueClassifier:
             return np.asarray(expected, np.float64)
         return soft_adjusted_areas(np.asarray(m, np.float64), np.asarray(expected, np.float64))
 
+    @property
+    def has_map_refinement(self) -> bool:
+        return bool(self.map_refinement)
+
+    def refiner(self) -> nn.Module:
+        """The map refinement network (:mod:`wsi_pipeline.tme.refine`); ConfigError when there is none."""
+        from wsi_pipeline.tme.refine import RefinerSpec, load_refiner
+
+        if not self.map_refinement:
+            raise ConfigError(f"the classifier {self.path or self.encoder} has no map refinement; fit one with "
+                              "scripts/train_map_refiner.py or use --no-map-refinement")
+        spec = RefinerSpec.from_json(self.map_refinement.get("architecture", {}))
+        return load_refiner(spec, self.n_classes, self.state)
+
+    def refine_map(self, probs: np.ndarray, area: np.ndarray) -> np.ndarray:
+        """A dense window map (H×W×C) → per-cell class-area estimates (see :mod:`wsi_pipeline.tme.refine`)."""
+        from wsi_pipeline.tme.refine import refine_probs
+
+        return refine_probs(self.refiner(), probs, area)
+
     # ---- I/O
     def to_json(self) -> dict[str, Any]:
         return {
@@ -137,6 +160,7 @@ class TissueClassifier:
             "head": self.head,
             "hidden": int(self.hidden),
             "area_correction": self.area_correction,
+            "map_refinement": self.map_refinement,
             "metrics": self.metrics,
             "training": self.training,
         }
@@ -230,6 +254,7 @@ def load_classifier(name_or_path: str | Path | None = None) -> TissueClassifier:
         encoder_weights_sha256=str(meta.get("encoder_weights_sha256", "")),
         state=dict(state),
         area_correction=dict(meta.get("area_correction") or {}),
+        map_refinement=dict(meta.get("map_refinement") or {}),
         metrics=dict(meta.get("metrics", {})),
         training=dict(meta.get("training", {})),
         path=str(folder),
@@ -242,6 +267,13 @@ def load_classifier(name_or_path: str | Path | None = None) -> TissueClassifier:
         clf.module()
     except RuntimeError as e:
         raise WeightsError(f"{wpath}: weights do not match the {clf.head} head in {jpath} ({e})") from e
+    if clf.map_refinement:
+        try:
+            clf.refiner()
+        except RuntimeError as e:
+            raise WeightsError(f"{wpath}: the map refinement's tensors do not match its architecture in {jpath} "
+                               f"({e}); re-fit it with scripts/train_map_refiner.py, or delete "
+                               "'map_refinement' from classifier.json") from e
     return clf
 
 

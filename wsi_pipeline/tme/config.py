@@ -162,6 +162,11 @@ class TMEConfig:
     # correct the dense map's expected class areas for the classifier's confusions (classifier.json
     # "area_correction", estimated by cross-validation on its training sources); no effect without one
     area_correction: bool = True
+    # dense footprint: the composition (area_frac_*, til_fraction, tumour_stroma_ratio) from the window map passed
+    # through the classifier's map refinement (classifier.json "map_refinement", wsi_pipeline.tme.refine) when it
+    # has one, instead of the global area correction; compartments, densities and the phenotype stay the window
+    # map's
+    map_refinement: bool = True
     device: str = "auto"
     # bf16 as `wsi extract`: on the misaligned held-out mosaics the dense read-out is the same as with fp32
     # (phenotype 0.967 both, TIL Spearman 0.821 vs 0.820, composition MAE 0.031 vs 0.029), 1.5x faster on CPU
@@ -193,6 +198,7 @@ class TMEConfig:
         out = {"precision": self.precision, "footprint": self.footprint}
         if self.footprint in ("auto", "dense"):
             out["dense_method"] = self.dense_method
+            out["map_refinement"] = self.map_refinement
         return out
 
 

@@ -131,18 +131,21 @@ FOOTPRINT_EVAL = "footprint_eval"  # classifier.json metrics key (scripts/eval_t
 EVAL_FIGURES = ("phenotype_accuracy", "til_spearman", "area_fraction_mae")  # higher, higher, lower is better
 
 
-def dense_validated(clf: TissueClassifier) -> tuple[bool, str]:
+def dense_validated(clf: TissueClassifier, map_refinement: bool = True) -> tuple[bool, str]:
     """Whether ``--footprint auto`` may use the dense map for ``clf``: the classifier was trained for it (context
     windows, :mod:`wsi_pipeline.tme.context`) and its weights were evaluated on misaligned held-out mosaics
     (``metrics.footprint_eval`` in classifier.json, written by ``scripts/eval_tme.py --record`` with the
     checksum of ``model.safetensors``, compared with the one taken when the classifier was loaded), where the
     dense map was at least as good as the ``grid`` footprint on phenotype accuracy, TIL Spearman and
-    composition MAE. Returns (ok, why)."""
+    composition MAE. An evaluation made with the classifier's map refinement does not validate the unrefined
+    map (``map_refinement`` False: ``--no-map-refinement``). Returns (ok, why)."""
     if not int((clf.training.get("context") or {}).get("n_mosaics", 0) or 0):
         return False, "not trained on context windows (`wsi tissue-train --context-mosaics N`)"
     ev = clf.metrics.get(FOOTPRINT_EVAL) or {}
     if not ev or not clf.weights_sha256 or ev.get("classifier_sha256") != clf.weights_sha256:
         return False, "no misaligned mosaic evaluation of these weights (scripts/eval_tme.py --record)"
+    if ev.get("map_refinement") and not (map_refinement and clf.has_map_refinement):
+        return False, "evaluated with the map refinement, which this read-out leaves out (--no-map-refinement)"
     grid, dense = ev.get("grid") or {}, ev.get("dense") or {}
     try:
         worse = [k for k, sign in zip(EVAL_FIGURES, (1, 1, -1), strict=True)
@@ -167,7 +170,7 @@ def resolve_footprint(cfg: TMEConfig, clf: TissueClassifier, tiles: F.TileSet) -
     if cfg.footprint == "auto":
         if fov <= 0:
             return "tile"
-        ok, why = dense_validated(clf)
+        ok, why = dense_validated(clf, cfg.map_refinement)
         log.debug("--footprint auto: %s for %s (%s)", FOOTPRINT_DENSE if ok else "grid", clf.path, why)
         return FOOTPRINT_DENSE if ok else "grid"
     if cfg.footprint == "tile" or fov <= 0 or not len(tiles):
@@ -386,12 +389,16 @@ def dense_row(ctx: TMEContext, slide_id: str, tiles: F.TileSet) -> dict[str, Any
     layout, clf, cfg = ctx.layout, ctx.clf, ctx.cfg
     _, dense, source = slide_dense(ctx, slide_id, tiles)
     roles = cfg.roles.resolve(clf.class_names)
-    correct = clf.correct_areas if cfg.area_correction and clf.area_correction else None
+    # the composition from the refined map when the classifier has a refinement (it estimates each cell's class
+    # areas from its neighbourhood: no global confusion correction on top), else the corrected window map
+    refined = clf.refine_map(dense.probs, dense.area) if cfg.map_refinement and clf.has_map_refinement else None
+    correct = clf.correct_areas if cfg.area_correction and clf.area_correction and refined is None else None
     metrics, comp = map_metrics(dense.probs, dense.area, clf.class_names, roles, dense.cell_um, clf.tile_um,
-                                cfg.spatial, correct)
+                                cfg.spatial, correct, refined=refined)
     phenotype, reason = immune_phenotype(metrics, cfg.rules)
     row = _row_head(slide_id, phenotype, reason, metrics, clf, source, tiles, FOOTPRINT_DENSE)
     row.update({"n_tiles": len(tiles), "area_corrected": bool(correct is not None),
+                "map_refined": refined is not None,
                 "map_window_um": dense.window_um})
     if not dense.area.any() or not (cfg.write_png or cfg.write_geojson):
         return row

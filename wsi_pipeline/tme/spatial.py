@@ -217,6 +217,7 @@ def map_metrics(
     fov_um: float,
     spatial: SpatialConfig,
     correct: Any = None,
+    refined: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], Compartments]:
     """All per-slide metrics of a dense class-probability map (H×W×C over the cells of ``area``).
 
@@ -225,8 +226,10 @@ def map_metrics(
     probabilities summed over the compartment's cells (not votes). The slide's composition (``area_frac_*``,
     ``til_fraction``, ``tumour_stroma_ratio``, ``nontissue_fraction``) is also passed through ``correct`` (a
     C-vector → C-vector correction of the classifier's confusions, e.g.
-    :meth:`wsi_pipeline.tme.classifier.TissueClassifier.correct_areas`) when given; ``til_fraction_soft`` and
-    the compartment densities (the phenotype's inputs) stay uncorrected expected areas. Tile counts
+    :meth:`wsi_pipeline.tme.classifier.TissueClassifier.correct_areas`) when given, or taken from ``refined``
+    (the same map passed through the classifier's map refinement, :mod:`wsi_pipeline.tme.refine`: per-cell
+    class-area estimates read with their neighbourhood) when given; ``til_fraction_soft``, the compartments and
+    their densities (the phenotype's inputs) stay the window map's expected areas. Tile counts
     (``n_tumour_tiles``, ``n_lymphocyte_tiles``, ``n_margin_tiles``) are areas in classifier fields of view
     (cells × (cell_um / fov_um)²), so ``rules.min_tumour_tiles`` keeps its meaning."""
     p = np.asarray(probs, np.float64)
@@ -239,6 +242,8 @@ def map_metrics(
 
     raw = p[area].sum(axis=0) if area.any() else np.zeros(len(class_names))
     whole = np.asarray(correct(raw), np.float64) if correct is not None and raw.sum() > 0 else raw
+    if refined is not None and area.any():
+        whole = np.asarray(refined, np.float64)[area].sum(axis=0)
     fov_cells = (cell_um / fov_um) ** 2 if fov_um > 0 else 1.0
     n_tissue = float(whole[tissue_cls].sum())
     out: dict[str, Any] = {"n_map_cells": int(area.sum()), "map_cell_um": float(cell_um),

@@ -1,0 +1,161 @@
+"""Fit the map refinement of a tissue classifier (``wsi_pipeline.tme.refine``) and store it in the classifier
+folder (``model.safetensors`` tensors ``refine.*``, ``classifier.json`` ``map_refinement``).
+
+1. Mosaic slides of the classifier's **training** tiles (``eval_tme.training_pools``: its training source
+   images only; the held-out mosaics of ``scripts/eval_tme.py`` use the other sources), laid out by the
+   project's layout generator (``synth.layout.make_class_map``, kather mosaic parameters, one third per immune
+   phenotype) and placed as the evaluation's ``misaligned`` cohort does (cells of 140–160 px, random origin),
+   with their own seed.
+2. ``wsi tile`` with every default, then ``wsi tme --footprint dense --no-map-refinement``: the window maps
+   exactly as `wsi tme` computes them.
+3. The true class fractions of every map cell (4 × 4 points per cell against the mosaic's class map).
+4. The refinement is fitted on ``1 − --val-fraction`` of the slides and checked on the rest (slide-level TIL
+   fraction Spearman and composition MAE: the window map with the classifier's area correction against the
+   refined map); what is stored is that fit, with the figures.
+
+    nice python scripts/train_map_refiner.py --out /tmp/refiner --n-slides 240
+    nice python scripts/eval_tme.py --out /tmp/eval --record   # then re-evaluate on the held-out mosaics
+
+The refinement learns the tissue architecture of the generator's mosaics as well as the classifier's local
+confusions; it is recorded as fitted on them (``fitted_on``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import eval_tme as E
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cell_truth(c: dict[str, Any], dense: Any, slide_mpp: float, class_names: list[str], ss: int = 4) -> np.ndarray:
+    """H×W×C true class fractions of the dense map's cells (``ss`` × ``ss`` points per cell; glass and points
+    off the mosaic count as 08_EMPTY)."""
+    from wsi_pipeline.synth.kather import CLASS_FOLDERS
+
+    h, w = dense.probs.shape[:2]
+    yy, xx = np.mgrid[0:h * ss, 0:w * ss]
+    pts = np.stack([dense.origin_l0[0] + (xx.ravel() + 0.5) / ss * dense.cell_l0,
+                    dense.origin_l0[1] + (yy.ravel() + 0.5) / ss * dense.cell_l0], axis=1)
+    code = np.maximum(E.truth_at(c, pts, slide_mpp), 0).reshape(h * ss, w * ss)
+    to_clf = np.array([class_names.index(n) for n in CLASS_FOLDERS])
+    onehot = np.eye(len(class_names), dtype=np.float32)[to_clf[code]]
+    return onehot.reshape(h, ss, w, ss, len(class_names)).mean(axis=(1, 3))
+
+
+def examples(run: Path, cohort: list[dict[str, Any]], class_names: list[str]) -> list[Any]:
+    from wsi_pipeline.formats import api as F
+    from wsi_pipeline.runfolder.layout import RunLayout
+    from wsi_pipeline.tme.refine import RefinerExample
+
+    layout = RunLayout(run)
+    out = []
+    for c in cohort:
+        path = layout.tme_h5(c["slide_id"])
+        dense = F.read_tme_dense(path)
+        if dense is None:
+            raise SystemExit(f"{path}: no dense map")
+        mpp = float(F.read_h5_attrs(path)[F.A_SLIDE_MPP])
+        out.append(RefinerExample(dense.probs, dense.area, cell_truth(c, dense, mpp, class_names)))
+    return out
+
+
+def slide_figures(clf: Any, exs: list[Any], cohort: list[dict[str, Any]], refined: bool) -> dict[str, float]:
+    """TIL fraction Spearman, composition MAE and phenotype accuracy of ``exs`` read as `wsi tme` reads a dense
+    map (the composition from the refined map, or from the window map with the area correction; the phenotype
+    from the window map either way)."""
+    from scipy.stats import spearmanr
+
+    from wsi_pipeline.tme.config import TMEConfig
+    from wsi_pipeline.tme.rules import immune_phenotype
+    from wsi_pipeline.tme.spatial import class_column, map_metrics
+
+    cfg = TMEConfig()
+    roles = cfg.roles.resolve(clf.class_names)
+    tissue = [n for n in clf.class_names if n != "08_EMPTY"]
+    til, true_til, err, ok = [], [], [], []
+    for ex, c in zip(exs, cohort, strict=True):
+        met, _ = map_metrics(ex.probs, ex.area, clf.class_names, roles, 16.0, clf.tile_um, cfg.spatial,
+                             None if refined else clf.correct_areas,
+                             refined=clf.refine_map(ex.probs, ex.area) if refined else None)
+        til.append(met["til_fraction"])
+        true_til.append(c["truth"]["til_fraction"])
+        err.append(np.mean([abs(met[f"area_frac_{class_column(n)}"] - c["truth"][f"frac_{n}"]) for n in tissue]))
+        ok.append(immune_phenotype(met, cfg.rules)[0] == c["phenotype"])
+    return {"til_spearman": float(spearmanr(til, true_til).statistic), "area_fraction_mae": float(np.mean(err)),
+            "phenotype_accuracy": float(np.mean(ok))}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--classifier", default=str(REPO / "models" / "wsip-tissue-kather16"))
+    ap.add_argument("--data", default=str(E.DATA))
+    ap.add_argument("--out", default=str(REPO / "runs" / "map-refiner"), help="mosaics and RUN (not the repo)")
+    ap.add_argument("--n-slides", type=int, default=240)
+    ap.add_argument("--grid", type=int, nargs=2, default=(16, 20), metavar=("ROWS", "COLS"))
+    ap.add_argument("--seed", type=int, default=777, help="mosaics (the evaluation uses 2024)")
+    ap.add_argument("--val-fraction", type=float, default=0.2)
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--hidden", type=int, default=32)
+    ap.add_argument("--dilations", type=int, nargs="+", default=(1, 2, 4, 1))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+
+    from wsi_pipeline.tme.classifier import load_classifier
+    from wsi_pipeline.tme.config import TMEConfig
+    from wsi_pipeline.tme.refine import STATE_PREFIX, RefinerSpec, fit_refiner
+    from wsi_pipeline.tme.run import run_tme
+
+    clf = load_classifier(args.classifier)
+    pools = E.training_pools(Path(args.data), clf)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    cohort = E.build_cohort(out, "misaligned", pools, (set(), set()), args.n_slides, tuple(args.grid), args.seed)
+    run = out / "run"
+    E.tile_run(run, cohort)
+    summary = run_tme(run, TMEConfig(classifier=clf.path, device="cpu", footprint="dense", map_refinement=False))
+    if summary.failed:
+        raise SystemExit(f"tme failed: {summary.failed[:3]}")
+    exs = examples(run, cohort, clf.class_names)
+    print(f"{len(exs)} training mosaics and their window maps in {time.perf_counter() - t0:.0f} s")
+    n_val = round(args.val_fraction * len(exs))
+    order = np.random.default_rng(args.seed).permutation(len(exs))
+    val, fit = sorted(order[:n_val]), sorted(order[n_val:])
+    spec = RefinerSpec(hidden=args.hidden, dilations=tuple(args.dilations), epochs=args.epochs, seed=args.seed)
+    t0 = time.perf_counter()
+    state, training = fit_refiner([exs[i] for i in fit], spec)
+    training["seconds"] = time.perf_counter() - t0
+    clf.state = {k: v for k, v in clf.state.items() if not k.startswith(STATE_PREFIX)} | state
+    clf.map_refinement = {
+        "architecture": spec.to_json(),
+        "fitted_on": {"mosaics": len(fit), "grid_cells": list(args.grid), "seed": args.seed,
+                      "layout": "wsi_pipeline.synth.layout.make_class_map (synth.kather.KATHER_LAYOUT), one third "
+                                "per immune phenotype",
+                      "cell_px": list(E.CELL_RANGE), "tiles": "the classifier's training sources only",
+                      "script": "scripts/train_map_refiner.py"},
+        "training": training,
+    }
+    if val:
+        vc = [cohort[i] for i in val]
+        ve = [exs[i] for i in val]
+        clf.map_refinement["validation"] = {"mosaics": len(val),
+                                            "window_map": slide_figures(clf, ve, vc, refined=False),
+                                            "refined": slide_figures(clf, ve, vc, refined=True)}
+        print(f"validation ({len(val)} training-source mosaics not fitted on): {clf.map_refinement['validation']}")
+    clf.save(clf.path)
+    print(f"stored the map refinement in {clf.path} (fit {training['seconds']:.0f} s; soft CE "
+          f"{training['loss_unrefined']:.4f} unrefined → {training['loss_last_epoch']:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

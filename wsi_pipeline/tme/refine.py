@@ -1,0 +1,203 @@
+"""Map refinement: a small convolutional network that turns the dense map's window probabilities into
+per-cell class-area estimates, reading each cell together with its neighbourhood.
+
+Why: a window of the classifier's field of view straddling lymphocytes and stroma looks like complex stroma,
+so the dense map reads the lymphocytes of an excluded slide's margin band at about half their area, and a
+single global correction of the classifier's confusions cannot undo it: the loss depends on what lies around
+the cell (scripts/eval_tme.py; models/wsip-tissue-kather16/README.md). The refinement sees the map around each
+cell (a receptive field of about three fields of view) and is fitted to predict the true class fractions of
+each map cell on mosaics with known class maps (``scripts/train_map_refiner.py``).
+
+`wsi tme` (dense footprint) reads the slide's composition (``area_frac_*``, ``til_fraction``,
+``tumour_stroma_ratio``) from the refined map, in place of the classifier's global area correction. The
+compartments, their lymphocyte densities and so the immune phenotype stay those of the window map, on which the
+phenotype rules were validated (on the held-out mosaics the refined map under-reads lymphocytes inside tumour
+nests against the rules' thresholds: 4 of 10 inflamed slides would read as desert).
+
+What it learns is also the tissue architecture of the mosaics it was fitted on (which classes border which,
+how much of each): it is a prior, fitted on the project's layout generator, and recorded as such in the
+classifier's ``map_refinement`` entry. ``wsi tme --no-map-refinement`` reads the window map as it is.
+
+Network: the map's C class probabilities (zero outside the tissue area) and the area mask in; dilated 3 × 3
+convolutions with ReLU; a 1 × 1 convolution whose output is *added* to the log of the input probabilities
+(zero-initialised, so an untrained refinement is the identity); softmax out. Fitted with the soft cross-entropy
+against each cell's true class fractions, over the cells of the tissue area, with random flips and 90°
+rotations of whole maps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from wsi_pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+STATE_PREFIX = "refine."  # the refinement's tensors in the classifier's model.safetensors
+EPS = 1e-4
+
+
+@dataclass(frozen=True)
+class RefinerSpec:
+    """Architecture and fit of the refinement network."""
+
+    hidden: int = 32
+    dilations: tuple[int, ...] = (1, 2, 4, 1)
+    epochs: int = 60
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+    @property
+    def receptive_cells(self) -> int:
+        """Map cells on a side of one output cell's receptive field."""
+        return 1 + 2 * sum(self.dilations)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"hidden": self.hidden, "dilations": list(self.dilations), "epochs": self.epochs, "lr": self.lr,
+                "weight_decay": self.weight_decay, "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> RefinerSpec:
+        try:
+            return cls(hidden=int(doc["hidden"]), dilations=tuple(int(d) for d in doc["dilations"]),
+                       epochs=int(doc.get("epochs", 60)), lr=float(doc.get("lr", 3e-3)),
+                       weight_decay=float(doc.get("weight_decay", 1e-4)), seed=int(doc.get("seed", 0)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"map_refinement: bad architecture entry {dict(doc)!r} ({e}); re-fit it with "
+                              "scripts/train_map_refiner.py") from e
+
+
+def build_refiner(spec: RefinerSpec, n_classes: int) -> nn.Module:
+    """The refinement network (untrained: the identity on probability maps)."""
+    import torch
+    from torch import nn
+
+    class MapRefiner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layers: list[nn.Module] = []
+            cin = n_classes + 1
+            for d in spec.dilations:
+                layers += [nn.Conv2d(cin, spec.hidden, 3, padding=d, dilation=d), nn.ReLU()]
+                cin = spec.hidden
+            self.body = nn.Sequential(*layers)
+            self.out = nn.Conv2d(cin, n_classes, 1)
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+
+        def forward(self, probs: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
+            """(B, C, H, W) probabilities and (B, 1, H, W) area → (B, C, H, W) logits."""
+            x = torch.cat([probs * area, area], dim=1)
+            return self.out(self.body(x)) + torch.log(probs.clamp_min(EPS))
+
+    return MapRefiner()
+
+
+def _tensors(probs: np.ndarray, area: np.ndarray) -> tuple[Any, Any]:
+    import torch
+
+    p = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(probs, np.float32), -1, 0))[None])
+    a = torch.from_numpy(np.asarray(area, np.float32)[None, None])
+    return p, a
+
+
+def refine_probs(net: nn.Module, probs: np.ndarray, area: np.ndarray) -> np.ndarray:
+    """H×W×C window map → H×W×C refined class fractions (float32; cells outside ``area`` unchanged)."""
+    import torch
+
+    probs = np.asarray(probs, np.float32)
+    area = np.asarray(area, bool)
+    if probs.size == 0 or not area.any():
+        return probs
+    p, a = _tensors(probs, area)
+    with torch.inference_mode():
+        out = torch.softmax(net.eval()(p, a), dim=1)[0].numpy()
+    return np.where(area[..., None], np.moveaxis(out, 0, -1), probs).astype(np.float32)
+
+
+def load_refiner(spec: RefinerSpec, n_classes: int, state: Mapping[str, np.ndarray]) -> nn.Module:
+    """The network with the ``refine.*`` tensors of a classifier's state (strict: raises RuntimeError on a
+    mismatch)."""
+    import torch
+
+    net = build_refiner(spec, n_classes)
+    sd = {k[len(STATE_PREFIX):]: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()
+          if k.startswith(STATE_PREFIX)}
+    net.load_state_dict(sd, strict=True)
+    return net.eval()
+
+
+@dataclass
+class RefinerExample:
+    """One map to fit on: the window map (H×W×C), its tissue area (H×W) and the true class fractions of each
+    cell (H×W×C, rows sum to 1 inside the area)."""
+
+    probs: np.ndarray
+    area: np.ndarray
+    truth: np.ndarray
+
+
+def _augment(rng: np.random.Generator, *xs: Any) -> list[Any]:
+    import torch
+
+    k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
+    out = [torch.rot90(x, k, (-2, -1)) for x in xs]
+    return [x.flip(-1) for x in out] if flip else out
+
+
+def fit_refiner(examples: Sequence[RefinerExample], spec: RefinerSpec = RefinerSpec(),
+                progress: Any = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Fit the refinement on ``examples`` (one map per step, soft cross-entropy over the area cells); returns
+    (the ``refine.*`` tensors, a training summary)."""
+    import torch
+    import torch.nn.functional as tf
+
+    if not examples:
+        raise ConfigError("map refinement: no maps to fit on")
+    n_classes = int(examples[0].probs.shape[-1])
+    torch.manual_seed(spec.seed)
+    rng = np.random.default_rng(spec.seed)
+    net = build_refiner(spec, n_classes)
+    opt = torch.optim.AdamW(net.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    data = []
+    for ex in examples:
+        p, a = _tensors(ex.probs, ex.area)
+        y, _ = _tensors(ex.truth, ex.area)
+        data.append((p, a, y))
+    losses = []
+    net.train()
+    for epoch in range(spec.epochs):
+        total = 0.0
+        for i in rng.permutation(len(data)):
+            p, a, y = _augment(rng, *data[i])
+            logp = tf.log_softmax(net(p, a), dim=1)
+            loss = -((y * logp).sum(dim=1) * a[:, 0]).sum() / a.sum().clamp_min(1.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        losses.append(total / len(data))
+        if progress is not None:
+            progress(epoch + 1, spec.epochs)
+    state = {STATE_PREFIX + k: v.detach().numpy().astype(np.float32) for k, v in net.state_dict().items()}
+    before = float(np.mean([_soft_ce(ex.probs, ex.area, ex.truth) for ex in examples]))
+    summary = {"n_maps": len(examples), "n_cells": int(sum(ex.area.sum() for ex in examples)),
+               "loss_first_epoch": losses[0], "loss_last_epoch": losses[-1], "loss_unrefined": before}
+    log.info("map refinement: %d maps, soft CE %.4f unrefined → %.4f", len(examples), before, losses[-1])
+    return state, summary
+
+
+def _soft_ce(probs: np.ndarray, area: np.ndarray, truth: np.ndarray) -> float:
+    a = np.asarray(area, bool)
+    if not a.any():
+        return 0.0
+    return float(-(np.asarray(truth)[a] * np.log(np.clip(np.asarray(probs)[a], EPS, None))).sum(-1).mean())
