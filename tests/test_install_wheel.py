@@ -8,6 +8,7 @@ repository, finds the shipped models (``models/`` ships inside the wheel as ``ws
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import os
 import shutil
@@ -95,6 +96,11 @@ def test_wheel_installed_with_target_runs_from_outside_the_repo(tmp_path: Path) 
     n_slides = len(list((work / "samples").glob("*.svs")))
     assert len(list((out / "features" / "wsip-dino-r10").glob("*.h5"))) == n_slides
     assert (out / "tme.csv").is_file() and (out / "report.html").is_file()
+    # the wheel's tissue classifier carries its map refinement and its recorded evaluation: `auto` reads dense maps
+    with (out / "tme.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == n_slides and {r["footprint"] for r in rows} == {"dense"}
+    assert {r["map_refined"] for r in rows} == {"True"}
     assert len((out / "predictions.csv").read_text().strip().splitlines()) == n_slides + 1
 
 
