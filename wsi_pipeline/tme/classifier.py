@@ -5,7 +5,8 @@ A classifier folder holds::
     classifier.json     format_version, class_names, encoder, embed_dim, mpp (µm/px of the pixels the encoder
                         saw), tile_um (field of view of a training tile), input_size, fit (how a training
                         tile met the encoder input), head, hidden, metrics, training summary
-    model.safetensors   feature mean/std and the head's weights (float32)
+    model.safetensors   feature mean/std, the head's weights and the optional map refinement's ``refine.*``
+                        tensors (float32; :mod:`wsi_pipeline.tme.refine`)
     README.md           model card (for shipped classifiers)
 
 Physical scale is part of the model: :meth:`TissueClassifier.check_scale` refuses features made at another
@@ -52,8 +53,8 @@ class TissueClassifier:
     state: dict[str, np.ndarray] = field(default_factory=dict)  # feat_mean, feat_std, head.* weights
     # {"method": "soft-confusion", "matrix": C×C (row = true class: its mean predicted probabilities), ...}
     area_correction: dict[str, Any] = field(default_factory=dict)
-    # {"architecture": RefinerSpec.to_json(), "fitted_on": ..., "metrics": ...} when model.safetensors holds
-    # ``refine.*`` tensors (wsi_pipeline.tme.refine); {} = none
+    # {"architecture": RefinerSpec.to_json(), "fitted_on": ..., "training": ..., "validation": ...} when
+    # model.safetensors holds ``refine.*`` tensors (wsi_pipeline.tme.refine); {} = none
     map_refinement: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
