@@ -52,6 +52,22 @@ def cell_truth(c: dict[str, Any], dense: Any, slide_mpp: float, class_names: lis
     return onehot.reshape(h, ss, w, ss, len(class_names)).mean(axis=(1, 3))
 
 
+def map_geometry(run: Path, cohort: list[dict[str, Any]]) -> dict[str, Any]:
+    """The dense maps' cell, window and method (one geometry for all: the refinement is fitted on it)."""
+    from wsi_pipeline.formats import api as F
+    from wsi_pipeline.runfolder.layout import RunLayout
+
+    geos = set()
+    for c in cohort:
+        d = F.read_tme_dense(RunLayout(run).tme_h5(c["slide_id"]))
+        if d is not None:
+            geos.add((round(d.cell_um, 3), round(d.window_um, 3), d.method))
+    if len(geos) != 1:
+        raise SystemExit(f"the training maps do not share one geometry: {sorted(geos)}")
+    cell_um, window_um, method = geos.pop()
+    return {"map_cell_um": cell_um, "window_um": window_um, "method": method}
+
+
 def examples(run: Path, cohort: list[dict[str, Any]], class_names: list[str]) -> list[Any]:
     from wsi_pipeline.formats import api as F
     from wsi_pipeline.runfolder.layout import RunLayout
@@ -141,7 +157,7 @@ def main() -> int:
                       "layout": "wsi_pipeline.synth.layout.make_class_map (synth.kather.KATHER_LAYOUT), one third "
                                 "per immune phenotype",
                       "cell_px": list(E.CELL_RANGE), "tiles": "the classifier's training sources only",
-                      "script": "scripts/train_map_refiner.py"},
+                      "script": "scripts/train_map_refiner.py", **map_geometry(run, cohort)},
         "training": training,
     }
     if val:

@@ -146,6 +146,27 @@ def test_map_refinement_can_be_left_out(shifted_runs: dict[str, Path], tmp_path:
     assert abs(raw["area_frac_stroma"] - refined["area_frac_stroma"]) > 1e-3  # a different composition
 
 
+def test_map_refinement_is_left_out_for_maps_of_another_geometry(shifted_runs: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    """`--dense-method window` makes maps of 37-µm cells; the refinement was fitted on 16-µm fcn maps, so the
+    composition falls back to the area-corrected window map (and says so) instead of a refinement at the wrong
+    scale."""
+    import shutil
+
+    import pandas as pd
+
+    from wsi_pipeline.tme.config import TMEConfig
+    from wsi_pipeline.tme.run import run_tme
+
+    run = tmp_path / "window"
+    shutil.copytree(shifted_runs["shift37"], run)
+    assert run_tme(run, TMEConfig(device="cpu", footprint="dense", dense_method="window", write_png=False,
+                                  write_geojson=False)).ok
+    row = pd.read_csv(run / "tme.csv").iloc[0]
+    assert row["map_cell_um"] == pytest.approx(37.0) and row["feature_source"] == "slide-dense-window"
+    assert not row["map_refined"] and row["area_corrected"]
+
+
 def test_read_out_does_not_depend_on_where_the_grid_falls(shifted_runs: dict[str, Path]) -> None:
     import pandas as pd
 

@@ -17,6 +17,7 @@ from wsi_pipeline.tme.refine import (
     RefinerSpec,
     build_refiner,
     fit_refiner,
+    geometry_matches,
     refine_probs,
 )
 
@@ -121,3 +122,13 @@ def test_refinement_errors_are_typed(tmp_path: Path) -> None:
         plain.refine_map(np.full((4, 4, 4), 0.25, np.float32), np.ones((4, 4), bool))
     with pytest.raises(ConfigError, match="no maps"):
         fit_refiner([])
+
+
+def test_refinement_applies_only_to_maps_of_its_geometry() -> None:
+    fitted = {"map_cell_um": 16.0, "window_um": 80.0, "method": "fcn"}
+    assert geometry_matches(fitted, 16.0, 80.0, "fcn") == (True, "")
+    ok, why = geometry_matches(fitted, 37.0, 74.0, "window")  # `--dense-method window`: 37-µm cells
+    assert not ok and "map_cell_um 16" in why and "37" in why
+    ok, why = geometry_matches(fitted, 16.0, 80.0, "window")
+    assert not ok and "fcn" in why
+    assert geometry_matches({}, 37.0, 74.0, "window")[0]  # a refinement that records no geometry is not checked

@@ -125,7 +125,8 @@ def register(app: typer.Typer) -> None:
                                                help="Dense footprint: read the window map as it is, without the "
                                                     "classifier's map refinement (a small network that reads each "
                                                     "map cell with its neighbourhood; classifier.json "
-                                                    "map_refinement)."),
+                                                    "map_refinement; only for maps of the geometry it was fitted "
+                                                    "on)."),
         fit_rules: bool = typer.Option(False, "--fit-rules",
                                        help="After the read-out, fit the phenotype thresholds to --labels "
                                             "(column immune_phenotype; 5-fold CV) and write them to "

@@ -139,6 +139,15 @@ class TissueClassifier:
         spec = RefinerSpec.from_json(self.map_refinement.get("architecture", {}))
         return load_refiner(spec, self.n_classes, self.state)
 
+    def map_refinement_applies(self, cell_um: float, window_um: float, method: str) -> tuple[bool, str]:
+        """Whether the map refinement fits a dense map of this geometry (map cell, window, method), as recorded
+        when it was fitted (``map_refinement.fitted_on``); returns (ok, why not)."""
+        from wsi_pipeline.tme.refine import geometry_matches
+
+        if not self.map_refinement:
+            return False, "the classifier has no map refinement"
+        return geometry_matches(self.map_refinement.get("fitted_on") or {}, cell_um, window_um, method)
+
     def refine_map(self, probs: np.ndarray, area: np.ndarray) -> np.ndarray:
         """A dense window map (H×W×C) → per-cell class-area estimates (see :mod:`wsi_pipeline.tme.refine`)."""
         from wsi_pipeline.tme.refine import refine_probs

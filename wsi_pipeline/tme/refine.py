@@ -136,6 +136,20 @@ def load_refiner(spec: RefinerSpec, n_classes: int, state: Mapping[str, np.ndarr
     return net.eval()
 
 
+def geometry_matches(fitted_on: Mapping[str, Any], cell_um: float, window_um: float, method: str,
+                     tolerance: float = 0.02) -> tuple[bool, str]:
+    """Whether a dense map of this geometry is what the refinement was fitted on (``fitted_on``: its
+    ``map_cell_um``, ``window_um`` and ``method``; a key it does not record is not checked). Returns (ok, why)."""
+    for key, value in (("map_cell_um", cell_um), ("window_um", window_um)):
+        want = fitted_on.get(key)
+        if want and abs(float(value) - float(want)) > tolerance * float(want):
+            return False, f"the map refinement was fitted on {key} {float(want):g}, this map has {float(value):g}"
+    want_method = fitted_on.get("method")
+    if want_method and str(want_method) != str(method):
+        return False, f"the map refinement was fitted on {want_method} window maps, this map is {method}"
+    return True, ""
+
+
 @dataclass
 class RefinerExample:
     """One map to fit on: the window map (H×W×C), its tissue area (H×W) and the true class fractions of each

@@ -381,6 +381,21 @@ def _row_head(slide_id: str, phenotype: str, reason: str, metrics: dict[str, Any
     return row
 
 
+def refinement_applies(ctx: TMEContext, slide_id: str, dense: F.TMEDenseMap) -> bool:
+    """Whether this slide's composition is read through the classifier's map refinement: asked for
+    (``map_refinement``), present, and fitted on maps of this geometry (a map of another cell size or window
+    method, e.g. ``--dense-method window``, falls back to the area-corrected window map, with a warning)."""
+    clf = ctx.clf
+    if not (ctx.cfg.map_refinement and clf.has_map_refinement):
+        return False
+    ok, why = clf.map_refinement_applies(dense.cell_um, dense.window_um, dense.method)
+    if not ok:
+        log.warning("%s: map refinement left out: %s; the composition comes from the window map with the "
+                    "area correction (use --dense-method %s to apply it)", slide_id, why,
+                    (clf.map_refinement.get("fitted_on") or {}).get("method", "auto"))
+    return ok
+
+
 def dense_row(ctx: TMEContext, slide_id: str, tiles: F.TileSet) -> dict[str, Any]:
     """The read-out of one slide from its dense map (see the module docstring)."""
     from wsi_pipeline.tme.rules import immune_phenotype
@@ -391,7 +406,7 @@ def dense_row(ctx: TMEContext, slide_id: str, tiles: F.TileSet) -> dict[str, Any
     roles = cfg.roles.resolve(clf.class_names)
     # the composition from the refined map when the classifier has a refinement (it estimates each cell's class
     # areas from its neighbourhood: no global confusion correction on top), else the corrected window map
-    refined = clf.refine_map(dense.probs, dense.area) if cfg.map_refinement and clf.has_map_refinement else None
+    refined = clf.refine_map(dense.probs, dense.area) if refinement_applies(ctx, slide_id, dense) else None
     correct = clf.correct_areas if cfg.area_correction and clf.area_correction and refined is None else None
     metrics, comp = map_metrics(dense.probs, dense.area, clf.class_names, roles, dense.cell_um, clf.tile_um,
                                 cfg.spatial, correct, refined=refined)
