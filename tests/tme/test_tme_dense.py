@@ -139,6 +139,9 @@ def test_map_refinement_can_be_left_out(shifted_runs: dict[str, Path], tmp_path:
     assert run_tme(run, TMEConfig(device="cpu", footprint="dense", map_refinement=False, write_png=False,
                                   write_geojson=False)).ok
     raw, refined = (pd.read_csv(r / "tme.csv").iloc[0] for r in (run, shifted_runs["shift113"]))
+    # a read-out setting: the stored window map is reused, not recomputed
+    h5 = "tme/shift113.h5"
+    assert (run / h5).stat().st_mtime_ns == (shifted_runs["shift113"] / h5).stat().st_mtime_ns
     assert not raw["map_refined"] and raw["area_corrected"]
     assert refined["map_refined"] and not refined["area_corrected"]
     assert raw["phenotype_reason"] == refined["phenotype_reason"]

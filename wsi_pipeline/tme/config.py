@@ -198,7 +198,6 @@ class TMEConfig:
         out = {"precision": self.precision, "footprint": self.footprint}
         if self.footprint in ("auto", "dense"):
             out["dense_method"] = self.dense_method
-            out["map_refinement"] = self.map_refinement
         return out
 
 

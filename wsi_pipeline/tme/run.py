@@ -492,6 +492,7 @@ class TMEStage:
                               "footprint": footprint,
                               "spatial": cfg.spatial, "rules": cfg.rules, "roles": cfg.roles, "png": cfg.write_png,
                               "area_correction": ctx.clf.area_correction if cfg.area_correction else None,
+                              "map_refinement": cfg.map_refinement,  # read-out only: the stored map is reused
                               "geojson": cfg.write_geojson, "thumb": cfg.thumbnail_max, "n": len(tiles)})
 
     def done(self, item: SlideItem, key: str) -> SlideOutcome | None:
