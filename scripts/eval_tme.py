@@ -8,7 +8,11 @@ mosaic cells and with the grid falling anywhere.
    Two cohorts (same class maps and tiles, seeded):
    * ``aligned``: 150-px cells (the tiles as they are, 74.25 µm) from the slide's corner;
    * ``misaligned``: per slide, a cell size drawn from 140–160 px (each tile resized to it: 69–79 µm, a size
-     that does not divide the tile grid) and the whole mosaic shifted by a random offset of up to one cell.
+     that does not divide the tile grid) and the whole mosaic shifted by a random offset of up to one cell;
+   * ``random`` (only when asked, ``--cohorts random``): placed as ``misaligned``, but with *random* layouts
+     instead of the generator's (:func:`random_class_map`: no nests, bands or phenotypes, every class about
+     as frequent): what a read-out has learned of the generator's tissue architecture does not help there.
+     Its slides have no immune phenotype (accuracy not applicable).
 2. `wsi tile` with every default (224 px at 0.5 µm/px), then `wsi tme` with each footprint (`--footprint grid`:
    one class per 74-µm cell of the TME's own grid anchored at the tiles' corner; `dense`: the dense
    class-probability map of overlapping field-of-view windows, its composition through the classifier's map
@@ -43,7 +47,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "kather16"
-COHORTS = ("aligned", "misaligned")
+COHORTS = ("aligned", "misaligned", "random")
+DEFAULT_COHORTS = ("aligned", "misaligned")
+NO_PHENOTYPE = "n/a"  # the truth phenotype of a random layout
 FOOTPRINTS = ("grid", "dense", "dense-raw")  # dense-raw: `wsi tme --footprint dense --no-map-refinement`
 CELL_RANGE = (140, 160)  # misaligned: mosaic cell sizes (px at 0.495 µm/px)
 
@@ -108,6 +114,16 @@ def place(img: np.ndarray, n_cells: tuple[int, int], cell: int, offset: tuple[in
     return out
 
 
+def random_class_map(grid: tuple[int, int], rng: np.random.Generator, coherence: float = 0.6) -> np.ndarray:
+    """A random layout in the codes of ``synth.kather.CLASS_FOLDERS`` (0 = glass): each cell copies its upper or
+    left neighbour with probability ``coherence``, else draws one of the 8 codes uniformly; a glass frame."""
+    from wsi_pipeline.tme.context import random_layout
+
+    cm = random_layout(grid, 8, rng, coherence)
+    cm[0, :] = cm[-1, :] = cm[:, 0] = cm[:, -1] = 0
+    return cm.astype(np.int8)
+
+
 def build_cohort(out: Path, cohort: str, pools: dict[str, list[str]], seen: tuple[set[str], set[str]], n: int,
                  grid: tuple[int, int], seed: int) -> list[dict[str, Any]]:
     """Mosaic slides + truth (same class maps and tiles in every cohort); refuses any tile from a training
@@ -125,8 +141,11 @@ def build_cohort(out: Path, cohort: str, pools: dict[str, list[str]], seen: tupl
     result = []
     for i in range(n):
         sid = f"heldout-{i + 1:03d}"
-        phenotype = PHENOTYPES[i % 3]
-        cm = make_class_map(grid, phenotype, rng, KATHER_LAYOUT)
+        if cohort == "random":
+            phenotype, cm = NO_PHENOTYPE, random_class_map(grid, rng)
+        else:
+            phenotype = PHENOTYPES[i % 3]
+            cm = make_class_map(grid, phenotype, rng, KATHER_LAYOUT)
         img, used = compose_mosaic(cm, pools, rng)
         for name in used.ravel():
             if parse_source_id(name) in seen[0] or name in seen[1]:
@@ -277,7 +296,8 @@ def evaluate(run: Path, cohort: list[dict[str, Any]], class_names: list[str], fo
     tissue_classes = [n for n in class_names if n != "08_EMPTY"]
     err = np.stack([np.abs(tme.loc[ids, f"area_frac_{class_column(n)}"].to_numpy(float)
                            - np.array([c["truth"][f"frac_{n}"] for c in cohort])) for n in tissue_classes], axis=1)
-    v = {"pred": pred_til, "true": truth_til, "ok": (phen_true == phen_pred).astype(float), "err": err}
+    ok = np.where(phen_true == NO_PHENOTYPE, np.nan, (phen_true == phen_pred).astype(float))
+    v = {"pred": pred_til, "true": truth_til, "ok": ok, "err": err}
     labels = ["inflamed", "excluded", "desert", "not_evaluable"]
     out: dict[str, Any] = {
         "n_slides": len(cohort),
@@ -290,8 +310,9 @@ def evaluate(run: Path, cohort: list[dict[str, Any]], class_names: list[str], fo
         "area_fraction_mae_ci": bootstrap(v, lambda s: float(s["err"].mean())),
         "area_fraction_mae": {n: float(err[:, i].mean()) for i, n in enumerate(tissue_classes)},
         "phenotype_confusion": {"labels": labels,
-                                "matrix": confusion_matrix(phen_true, phen_pred, labels=labels).tolist()},
-        "misread": [f"{s}: {t} → {p}" for s, t, p in zip(ids, phen_true, phen_pred, strict=True) if t != p],
+                                "matrix": confusion_matrix(phen_true, phen_pred, labels=labels).tolist()
+                                if np.isin(phen_true, labels).any() else []},
+        "misread": [f"{s}: {t} → {p}" for s, t, p in zip(ids, phen_true, phen_pred, strict=True) if t not in (p, NO_PHENOTYPE)],
         # mean read/true TIL fraction per true phenotype: where the read-out loses lymphocytes (a ranking across
         # phenotypes suffers when one phenotype's lymphocytes are read at a lower share than another's)
         "til_read_over_true": {ph: float(np.mean(pred_til[phen_true == ph]) / np.mean(truth_til[phen_true == ph]))
@@ -336,9 +357,16 @@ def _ci(r: dict[str, Any], key: str) -> str:
     return f"[{lo:.3f}, {hi:.3f}]"
 
 
+def _phenotype(r: dict[str, Any]) -> str:
+    """Phenotype accuracy with its CI, or n/a (random layouts have no phenotype)."""
+    if not np.isfinite(r["phenotype_accuracy"]):
+        return "n/a"
+    return f"{r['phenotype_accuracy']:.3f} {_ci(r, 'phenotype_accuracy')}"
+
+
 def print_result(name: str, r: dict[str, Any]) -> None:
     print(f"\n== {name} ({r['n_slides']} held-out slides, wsi tme {r['seconds']:.0f} s)")
-    print(f"immune-phenotype accuracy {r['phenotype_accuracy']:.3f} {_ci(r, 'phenotype_accuracy')}; "
+    print(f"immune-phenotype accuracy {_phenotype(r)}; "
           f"til_fraction Spearman {r['til_spearman']:.3f} {_ci(r, 'til_spearman')} (MAE {r['til_mae']:.3f}); "
           f"area-fraction MAE {r['area_fraction_mae_mean']:.3f} {_ci(r, 'area_fraction_mae')}")
     print("  per class: " + "  ".join(f"{k}={v:.3f}" for k, v in r["area_fraction_mae"].items()))
@@ -358,7 +386,7 @@ def results_table(results: dict[str, dict[str, Any]]) -> list[str]:
              "map bal. acc. | `wsi tme` s |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         cohort, footprint = name.split("/")
-        lines.append(f"| {cohort} | {footprint} | {r['phenotype_accuracy']:.3f} {_ci(r, 'phenotype_accuracy')} | "
+        lines.append(f"| {cohort} | {footprint} | {_phenotype(r)} | "
                      f"{r['til_spearman']:.3f} {_ci(r, 'til_spearman')} | {r['area_fraction_mae_mean']:.3f} "
                      f"{_ci(r, 'area_fraction_mae')} | {r['map_balanced_accuracy']:.3f} | {r['seconds']:.0f} |")
     return lines
@@ -371,7 +399,8 @@ def card_section(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> st
              f"{n} mosaic slides per cohort of {grid[0]}×{grid[1]} kather16 tiles (one third per immune phenotype), "
              "built from the held-out source images only. `aligned`: 150-px cells from the slide corner; "
              f"`misaligned`: the same mosaics with cells of {CELL_RANGE[0]}–{CELL_RANGE[1]} px (drawn per slide) "
-             "shifted by a random offset. `wsi tile` (224 px at 0.5 µm/px) → `wsi tme` with every other default "
+             "shifted by a random offset; `random` (when evaluated): placed as misaligned, with random layouts "
+             "instead of the generator's (no nests, bands or phenotypes; every class about as frequent). `wsi tile` (224 px at 0.5 µm/px) → `wsi tme` with every other default "
              "(band 200 µm). 95 % bootstrap CIs over slides. Figures are computed, not typed: rerun the script to "
              "refresh them.", "", *results_table(results), ""]
     lines += ["Per-class area-fraction MAE (fractions of tissue):", ""]
@@ -380,7 +409,8 @@ def card_section(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> st
     lines += ["", "Mean TIL fraction read over the true one, by true phenotype (the lymphocytes a read-out loses):",
               ""]
     for name, r in results.items():
-        lines.append(f"- {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.get("til_read_over_true", {}).items()))
+        if r.get("til_read_over_true"):
+            lines.append(f"- {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["til_read_over_true"].items()))
     if meta.get("agreement"):
         a = meta["agreement"]
         lines += ["", f"Fully convolutional windows against the same windows classified one by one "
@@ -490,7 +520,7 @@ def main() -> int:
     ap.add_argument("--grid", type=int, nargs=2, default=(16, 20), metavar=("ROWS", "COLS"))
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--band-um", type=float, default=200.0)
-    ap.add_argument("--cohorts", nargs="+", default=list(COHORTS), choices=COHORTS)
+    ap.add_argument("--cohorts", nargs="+", default=list(DEFAULT_COHORTS), choices=COHORTS)
     ap.add_argument("--footprints", nargs="+", default=list(FOOTPRINTS), choices=FOOTPRINTS)
     ap.add_argument("--extract", action="store_true", help="also time `wsi extract` on each cohort's RUN")
     ap.add_argument("--agreement", type=int, default=0, metavar="N",

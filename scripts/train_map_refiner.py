@@ -5,19 +5,22 @@ folder (``model.safetensors`` tensors ``refine.*``, ``classifier.json`` ``map_re
    images only; the held-out mosaics of ``scripts/eval_tme.py`` use the other sources), laid out by the
    project's layout generator (``synth.layout.make_class_map``, kather mosaic parameters, one third per immune
    phenotype) and placed as the evaluation's ``misaligned`` cohort does (cells of 140–160 px, random origin),
-   with their own seed.
+   with their own seed; and ``--random-slides`` more with random layouts (``eval_tme.random_class_map``: no
+   nests, bands or phenotypes, every class about as frequent), placed the same way.
 2. ``wsi tile`` with every default, then ``wsi tme --footprint dense --no-map-refinement``: the window maps
    exactly as `wsi tme` computes them.
 3. The true class fractions of every map cell (4 × 4 points per cell against the mosaic's class map).
-4. The refinement is fitted on ``1 − --val-fraction`` of the slides and checked on the rest (slide-level TIL
-   fraction Spearman and composition MAE: the window map with the classifier's area correction against the
-   refined map); what is stored is that fit, with the figures.
+4. The refinement is fitted on ``1 − --val-fraction`` of the slides of both kinds and checked on the rest of
+   each (slide-level TIL fraction Spearman and composition MAE: the window map with the classifier's area
+   correction against the refined map); what is stored is that fit, with the figures.
 
     nice python scripts/train_map_refiner.py --out /tmp/refiner --n-slides 240
     nice python scripts/eval_tme.py --out /tmp/eval --record   # then re-evaluate on the held-out mosaics
 
-The refinement learns the tissue architecture of the generator's mosaics as well as the classifier's local
-confusions; it is recorded as fitted on them (``fitted_on``).
+The refinement learns the tissue architecture and class frequencies of the layouts it is fitted on as well as
+the classifier's local confusions: fitted on the generator's layouts alone it read random layouts worse than the
+window map with the area correction (`eval_tme.py --cohorts random`), hence the random layouts beside them. It
+is recorded as fitted on them (``fitted_on``).
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def examples(run: Path, cohort: list[dict[str, Any]], class_names: list[str]) ->
 def slide_figures(clf: Any, exs: list[Any], cohort: list[dict[str, Any]], refined: bool) -> dict[str, float]:
     """TIL fraction Spearman, composition MAE and phenotype accuracy of ``exs`` read as `wsi tme` reads a dense
     map (the composition from the refined map, or from the window map with the area correction; the phenotype
-    from the window map either way)."""
+    from the window map either way). With ``refined``, also the phenotype read from the refined map itself
+    (``refined_map_phenotype_accuracy``: why `wsi tme` keeps the window map's)."""
     from scipy.stats import spearmanr
 
     from wsi_pipeline.tme.config import TMEConfig
@@ -98,17 +102,51 @@ def slide_figures(clf: Any, exs: list[Any], cohort: list[dict[str, Any]], refine
     cfg = TMEConfig()
     roles = cfg.roles.resolve(clf.class_names)
     tissue = [n for n in clf.class_names if n != "08_EMPTY"]
-    til, true_til, err, ok = [], [], [], []
+    til, true_til, err, ok, ok_refined = [], [], [], [], []
     for ex, c in zip(exs, cohort, strict=True):
+        ref = clf.refine_map(ex.probs, ex.area) if refined else None
         met, _ = map_metrics(ex.probs, ex.area, clf.class_names, roles, 16.0, clf.tile_um, cfg.spatial,
-                             None if refined else clf.correct_areas,
-                             refined=clf.refine_map(ex.probs, ex.area) if refined else None)
+                             None if refined else clf.correct_areas, refined=ref)
         til.append(met["til_fraction"])
         true_til.append(c["truth"]["til_fraction"])
         err.append(np.mean([abs(met[f"area_frac_{class_column(n)}"] - c["truth"][f"frac_{n}"]) for n in tissue]))
+        if c["phenotype"] == E.NO_PHENOTYPE:  # a random layout: no phenotype to read
+            continue
         ok.append(immune_phenotype(met, cfg.rules)[0] == c["phenotype"])
-    return {"til_spearman": float(spearmanr(til, true_til).statistic), "area_fraction_mae": float(np.mean(err)),
-            "phenotype_accuracy": float(np.mean(ok))}
+        if ref is not None:
+            met_ref, _ = map_metrics(ref, ex.area, clf.class_names, roles, 16.0, clf.tile_um, cfg.spatial)
+            ok_refined.append(immune_phenotype(met_ref, cfg.rules)[0] == c["phenotype"])
+    out = {"til_spearman": float(spearmanr(til, true_til).statistic), "area_fraction_mae": float(np.mean(err))}
+    if ok:
+        out["phenotype_accuracy"] = float(np.mean(ok))
+    if ok_refined:
+        out["refined_map_phenotype_accuracy"] = float(np.mean(ok_refined))
+    return out
+
+
+def window_maps(args: argparse.Namespace, clf: Any, pools: dict[str, list[str]], cohort_name: str, n: int,
+                seed: int) -> tuple[list[dict[str, Any]], list[Any]]:
+    """``n`` mosaics of ``cohort_name`` (``misaligned``: the generator's layouts; ``random``: random layouts, both
+    placed as the misaligned cohort), tiled and read by `wsi tme --footprint dense --no-map-refinement`."""
+    from wsi_pipeline.tme.config import TMEConfig
+    from wsi_pipeline.tme.run import run_tme
+
+    out = Path(args.out)
+    cohort = E.build_cohort(out, cohort_name, pools, (set(), set()), n, tuple(args.grid), seed)
+    run = out / ("run" if cohort_name == "misaligned" else f"run-{cohort_name}")
+    E.tile_run(run, cohort)
+    summary = run_tme(run, TMEConfig(classifier=clf.path, device="cpu", footprint="dense", map_refinement=False,
+                                     overwrite=args.overwrite))
+    if summary.failed:
+        raise SystemExit(f"tme failed: {summary.failed[:3]}")
+    return cohort, examples(run, cohort, clf.class_names)
+
+
+def split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(validation, fit) indices."""
+    n_val = round(fraction * n)
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(order[:n_val]), sorted(order[n_val:])
 
 
 def main() -> int:
@@ -116,57 +154,62 @@ def main() -> int:
     ap.add_argument("--classifier", default=str(REPO / "models" / "wsip-tissue-kather16"))
     ap.add_argument("--data", default=str(E.DATA))
     ap.add_argument("--out", default=str(REPO / "runs" / "map-refiner"), help="mosaics and RUN (not the repo)")
-    ap.add_argument("--n-slides", type=int, default=240)
+    ap.add_argument("--n-slides", type=int, default=240, help="mosaics laid out by the generator")
+    ap.add_argument("--random-slides", type=int, default=120,
+                    help="mosaics with random layouts, fitted on too (a refinement fitted on the generator's layouts "
+                         "alone learns their class frequencies and architecture: it then misreads other layouts)")
     ap.add_argument("--grid", type=int, nargs=2, default=(16, 20), metavar=("ROWS", "COLS"))
     ap.add_argument("--seed", type=int, default=777, help="mosaics (the evaluation uses 2024)")
     ap.add_argument("--val-fraction", type=float, default=0.2)
-    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--epochs", type=int, default=80)
+    ap.add_argument("--overwrite", action="store_true", help="recompute the window maps of an existing --out")
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--dilations", type=int, nargs="+", default=(1, 2, 4, 1))
+    ap.add_argument("--global-context", action="store_true",
+                    help="also give every cell the slide's mean window probabilities (RefinerSpec.global_context)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
 
     from wsi_pipeline.tme.classifier import load_classifier
-    from wsi_pipeline.tme.config import TMEConfig
     from wsi_pipeline.tme.refine import STATE_PREFIX, RefinerSpec, fit_refiner
-    from wsi_pipeline.tme.run import run_tme
 
     clf = load_classifier(args.classifier)
     pools = E.training_pools(Path(args.data), clf)
-    out = Path(args.out)
     t0 = time.perf_counter()
-    cohort = E.build_cohort(out, "misaligned", pools, (set(), set()), args.n_slides, tuple(args.grid), args.seed)
-    run = out / "run"
-    E.tile_run(run, cohort)
-    summary = run_tme(run, TMEConfig(classifier=clf.path, device="cpu", footprint="dense", map_refinement=False))
-    if summary.failed:
-        raise SystemExit(f"tme failed: {summary.failed[:3]}")
-    exs = examples(run, cohort, clf.class_names)
-    print(f"{len(exs)} training mosaics and their window maps in {time.perf_counter() - t0:.0f} s")
-    n_val = round(args.val_fraction * len(exs))
-    order = np.random.default_rng(args.seed).permutation(len(exs))
-    val, fit = sorted(order[:n_val]), sorted(order[n_val:])
-    spec = RefinerSpec(hidden=args.hidden, dilations=tuple(args.dilations), epochs=args.epochs, seed=args.seed)
+    cohort, exs = window_maps(args, clf, pools, "misaligned", args.n_slides, args.seed)
+    rcohort, rexs = window_maps(args, clf, pools, "random", args.random_slides, args.seed + 1) \
+        if args.random_slides else ([], [])
+    print(f"{len(exs)} + {len(rexs)} (random layouts) training mosaics and their window maps in "
+          f"{time.perf_counter() - t0:.0f} s")
+    val, fit = split(len(exs), args.val_fraction, args.seed)
+    rval, rfit = split(len(rexs), args.val_fraction, args.seed + 1)
+    spec = RefinerSpec(hidden=args.hidden, dilations=tuple(args.dilations), epochs=args.epochs, seed=args.seed,
+                       global_context=args.global_context)
     t0 = time.perf_counter()
-    state, training = fit_refiner([exs[i] for i in fit], spec)
+    state, training = fit_refiner([exs[i] for i in fit] + [rexs[i] for i in rfit], spec)
     training["seconds"] = time.perf_counter() - t0
     clf.state = {k: v for k, v in clf.state.items() if not k.startswith(STATE_PREFIX)} | state
     clf.map_refinement = {
         "architecture": spec.to_json(),
-        "fitted_on": {"mosaics": len(fit), "grid_cells": list(args.grid), "seed": args.seed,
+        "fitted_on": {"mosaics": len(fit) + len(rfit), "generator_layouts": len(fit), "random_layouts": len(rfit),
+                      "grid_cells": list(args.grid), "seed": args.seed,
                       "layout": "wsi_pipeline.synth.layout.make_class_map (synth.kather.KATHER_LAYOUT), one third "
-                                "per immune phenotype",
+                                "per immune phenotype; and random layouts (scripts/eval_tme.py random_class_map)",
                       "cell_px": list(E.CELL_RANGE), "tiles": "the classifier's training sources only",
-                      "script": "scripts/train_map_refiner.py", **map_geometry(run, cohort)},
+                      "script": "scripts/train_map_refiner.py", **map_geometry(Path(args.out) / "run", cohort)},
         "training": training,
     }
-    if val:
-        vc = [cohort[i] for i in val]
-        ve = [exs[i] for i in val]
-        clf.map_refinement["validation"] = {"mosaics": len(val),
-                                            "window_map": slide_figures(clf, ve, vc, refined=False),
-                                            "refined": slide_figures(clf, ve, vc, refined=True)}
-        print(f"validation ({len(val)} training-source mosaics not fitted on): {clf.map_refinement['validation']}")
+    validation = {}
+    for key, cs, es, idx in (("validation", cohort, exs, val), ("validation_random_layouts", rcohort, rexs, rval)):
+        if idx:
+            vc, ve = [cs[i] for i in idx], [es[i] for i in idx]
+            validation[key] = {"mosaics": len(idx), "window_map": slide_figures(clf, ve, vc, refined=False),
+                               "refined": slide_figures(clf, ve, vc, refined=True)}
+            print(f"{key} ({len(idx)} training-source mosaics not fitted on): {validation[key]}")
+    if "validation" in validation:
+        validation["validation"]["note"] = ("phenotype from the window map in both rows, as wsi tme reads it "
+                                            "(refined_map_phenotype_accuracy: read from the refined map itself)")
+    clf.map_refinement.update(validation)
     clf.save(clf.path)
     print(f"stored the map refinement in {clf.path} (fit {training['seconds']:.0f} s; soft CE "
           f"{training['loss_unrefined']:.4f} unrefined → {training['loss_last_epoch']:.4f})")

@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 
 from wsi_pipeline.formats import api as F
-from wsi_pipeline.tme.dense import box_sum_valid, needed_windows, overlap_add
+from wsi_pipeline.tme.dense import (
+    DenseGeometry,
+    box_sum_valid,
+    choose_chunk,
+    column_runs,
+    fcn_regions,
+    needed_windows,
+    overlap_add,
+    region_cost,
+)
 
 T, S, L, E = 0, 1, 3, 7  # kather16 class indices: 01_TUMOR, 02_STROMA, 04_LYMPHO, 08_EMPTY
 # an inflamed layout: lymphocytes inside a tumour nest, stroma around, glass frame
@@ -44,6 +53,37 @@ def test_window_index_grid_and_overlap_add() -> None:
     np.testing.assert_allclose(m[1, 2, 0], x[1:3, 2:4].mean())
     done[2, 3] = False  # a missing window is left out of the mean
     np.testing.assert_allclose(overlap_add(probs, done, 2)[1, 2, 0], (x[1, 2] + x[1, 3] + x[2, 2]) / 3)
+
+
+def _square_block_cost(need: np.ndarray, geo: DenseGeometry, chunk: int) -> int:
+    """Cells computed by square regions of ``chunk`` windows on a fixed grid (the planner before strips)."""
+    blocks = sum(bool(need[a:a + chunk, b:b + chunk].any())
+                 for a in range(0, need.shape[0], chunk) for b in range(0, need.shape[1], chunk))
+    return blocks * (chunk + geo.halo_cells) ** 2
+
+
+def test_fcn_regions_cover_each_needed_window_once_within_the_memory_bound() -> None:
+    """The fully convolutional regions: every needed window in exactly one region, no region over the cell
+    bound, and far fewer cells than square regions on a fixed grid for a ragged tissue outline."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:120, 0:150]
+    # two blobs with ragged outlines and a hole, like tissue fragments
+    area = ((yy - 45) ** 2 + (xx - 50) ** 2 < 35 ** 2 + rng.integers(-300, 300, yy.shape)) | \
+        ((yy - 85) ** 2 / 2 + (xx - 120) ** 2 < 25 ** 2)
+    area &= ~(((yy - 45) ** 2 + (xx - 50) ** 2) < 8 ** 2)
+    geo = DenseGeometry(mpp=0.5, cell_px=32, window_cells=5, window_px=148, max_region_cells=48 * 48)
+    need = needed_windows(area, geo.window_cells)
+    geo = choose_chunk(need, geo)
+    cover = np.zeros(need.shape, np.int64)
+    for a, b, h, w in fcn_regions(need, geo):
+        assert h <= geo.chunk and (h + geo.halo_cells) * (w + geo.halo_cells) <= geo.max_region_cells
+        cover[a:a + h, b:b + w] += 1
+    assert cover.max() == 1 and cover[need].min() == 1
+    cells = region_cost(need, geo)
+    best_square = min(_square_block_cost(need, geo, c) for c in range(8, 41, 4))
+    assert cells < 0.8 * best_square, (cells, best_square)
+    assert column_runs(np.array([1, 1, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 1], bool), gap=2, max_len=3) == \
+        [(0, 3), (3, 5), (9, 12), (12, 13)]
 
 
 def _mosaic_slide(root: Path, kather_dir: Path, offset: tuple[int, int], name: str) -> Path:

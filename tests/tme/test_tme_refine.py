@@ -87,6 +87,50 @@ def test_refinement_learns_a_context_dependent_confusion() -> None:
         np.testing.assert_allclose(m.sum(-1), 1.0, atol=1e-5)
 
 
+def _slide_prior_examples(n: int, seed: int) -> list[RefinerExample]:
+    """Maps whose left half reads 50/50 between A and B everywhere: on a slide with LYM in its right half the
+    left half is truly A, on a slide with MIX there it is B. Only the slide's composition tells them apart: the
+    right half is beyond the receptive field of most of the left half."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        kind = LYM if rng.random() < 0.5 else MIX
+        truth = np.zeros((8, 48, 4), np.float32)
+        truth[:, :24, A if kind == LYM else B] = 1.0
+        truth[:, 24:, kind] = 1.0
+        probs = truth.copy()
+        probs[:, :24] = [0.5, 0.5, 0.0, 0.0]
+        probs = np.clip(probs + rng.uniform(0, 0.02, probs.shape), 1e-3, None)
+        out.append(RefinerExample((probs / probs.sum(-1, keepdims=True)).astype(np.float32),
+                                  np.ones((8, 48), bool), truth))
+    return out
+
+
+def test_global_context_reads_the_slide_composition() -> None:
+    """With ``global_context`` every cell also sees the slide's mean window probabilities, so a class share that
+    local evidence cannot decide is read from the rest of the slide; the local refinement stays at 50/50 far from
+    the telling half. Untrained, it is still the identity; the setting round-trips through its JSON."""
+    import torch
+
+    spec = RefinerSpec(hidden=16, dilations=(1, 2, 1), epochs=25, seed=0, global_context=True)
+    assert RefinerSpec.from_json(spec.to_json()) == spec and not RefinerSpec.from_json({"hidden": 8,
+                                                                                        "dilations": [1]}).global_context
+    ex0 = _examples(1, seed=0)[0]
+    np.testing.assert_allclose(refine_probs(build_refiner(spec, 4), ex0.probs, ex0.area), ex0.probs, atol=2e-3)
+    fit, test = _slide_prior_examples(24, seed=5), _slide_prior_examples(8, seed=6)
+    errors = {}
+    for use_global in (False, True):
+        sp = RefinerSpec(hidden=16, dilations=(1, 2, 1), epochs=25, seed=0, global_context=use_global)
+        state, _ = fit_refiner(fit, sp)
+        net = build_refiner(sp, 4)
+        net.load_state_dict({k[len(STATE_PREFIX):]: torch.from_numpy(v) for k, v in state.items()})
+        far = slice(0, 16)  # columns whose receptive field (± 4 cells) does not reach the right half
+        errors[use_global] = float(np.mean([np.abs(refine_probs(net, ex.probs, ex.area)[:, far] - ex.truth[:, far])
+                                            .sum(-1).mean() for ex in test]))
+    assert errors[False] > 0.8, errors  # about 1: the local refinement cannot tell A from B there
+    assert errors[True] < 0.3, errors
+
+
 def _classifier_with_refinement(tmp_path: Path) -> tuple[TissueClassifier, Path]:
     rng = np.random.default_rng(0)
     x, y = rng.normal(0, 1, (40, 8)).astype(np.float32), np.arange(40) % 4

@@ -304,6 +304,14 @@ class TMEDenseMap:
     method: str
 
 
+def stored_dense(dense: TMEDenseMap) -> TMEDenseMap:
+    """``dense`` as :func:`write_tme_h5` stores it and :func:`read_tme_dense` reads it back (probabilities at
+    float16): a read-out computed from a fresh map then equals one from the stored map (a resumed run)."""
+    import dataclasses
+
+    return dataclasses.replace(dense, probs=np.asarray(dense.probs, np.float16).astype(np.float32))
+
+
 def write_tme_h5(path: str | Path, l0_xy: np.ndarray, probs: np.ndarray, attrs: Mapping[str, Any],
                  dense: TMEDenseMap | None = None) -> None:
     """``coords`` + ``probs`` (per classified tile, or per RUN tile for the dense footprint), and the dense

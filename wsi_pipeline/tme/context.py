@@ -112,12 +112,13 @@ def window_fractions(layout: np.ndarray, n_classes: int, cell_px: int, y0: np.nd
     return out / np.maximum(out.sum(axis=1, keepdims=True), 1e-12)
 
 
-def _crop(img: np.ndarray, y: int, x: int, size: int) -> np.ndarray:
-    """``size`` × ``size`` px from (y, x) of ``img``, white outside."""
-    out = np.full((size, size, 3), WHITE, np.uint8)
+def _crop(img: np.ndarray, y: int, x: int, size: int, width: int | None = None) -> np.ndarray:
+    """``size`` × ``width`` (default ``size``) px from (y, x) of ``img``, white outside."""
+    width = size if width is None else width
+    out = np.full((size, width, 3), WHITE, np.uint8)
     h, w = img.shape[:2]
     ys, xs = max(0, y), max(0, x)
-    ye, xe = min(h, y + size), min(w, x + size)
+    ye, xe = min(h, y + size), min(w, x + width)
     if ye > ys and xe > xs:
         out[ys - y:ye - y, xs - x:xe - x] = img[ys:ye, xs:xe]
     return out
@@ -145,7 +146,7 @@ def mosaic_windows(encoder: Encoder, geo: DenseGeometry, method: str, img: np.nd
         sample[pick[:, 0], pick[:, 1]] = True
         off = (k - 1 + geo.margin) * cp
         feats = np.zeros((*need.shape, encoder.embed_dim), np.float32)
-        for a0, b0, f in fcn_window_features(lambda a, b: _crop(img, a * cp - off, b * cp - off, geo.region_px),
+        for a0, b0, f in fcn_window_features(lambda a, b, h, w: _crop(img, a * cp - off, b * cp - off, h, w),
                                              encoder, geo, sample, precision):
             feats[a0:a0 + f.shape[0], b0:b0 + f.shape[1]] = f
         x = feats[pick[:, 0], pick[:, 1]]

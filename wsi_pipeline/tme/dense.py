@@ -15,11 +15,11 @@ Geometry (all from the classifier and its encoder; nothing depends on the RUN ti
 Two ways to get the window probabilities (:data:`METHODS`)
 ----------------------------------------------------------
 * ``fcn`` (convolutional encoders with average pooling, e.g. the shipped resnet10t): the encoder's feature map
-  is computed once over large regions (``chunk`` windows a side, plus ``margin`` cells of context on every
-  side) read at the classifier's µm/px through the extraction reader
-  (:func:`wsi_pipeline.features.reader.open_tile_reader`); every window's feature is the average of the
-  pre-pool feature map over its k × k cells (what global average pooling does to a tile), and the tissue head
-  is applied to all of them at once. The encoder's per-tile stain standardisation, when it has one, slides
+  is computed once over large regions (:func:`fcn_regions`: strips of ``chunk`` window rows cut to the runs
+  of windows the map needs, plus ``margin`` cells of context on every side) read at the classifier's µm/px
+  through the extraction reader (:func:`wsi_pipeline.features.reader.open_tile_reader`); every window's feature
+  is the average of the pre-pool feature map over its k × k cells (what global average pooling does to a
+  tile), and the tissue head is applied to all of them at once. The encoder's per-tile stain standardisation, when it has one, slides
   with the pixel (:meth:`wsi_pipeline.encoders.stain.ReinhardStandardize.forward_local`: each pixel mapped
   with the moments of the field of view centred on it).
 * ``window``: each window read and embedded on its own, exactly as a training tile (any encoder, ViTs
@@ -61,8 +61,9 @@ class DenseGeometry:
     cell_px: int
     window_cells: int
     window_px: int  # the classifier's field of view (a training tile), ≤ window_cells × cell_px
-    chunk: int = 24  # windows per region side (fcn)
+    chunk: int = 24  # windows per strip of regions (fcn; the regions' largest height)
     margin: int = 2  # cells of context around a region's windows (fcn)
+    max_region_cells: int = 88 * 88  # feature-map cells of the largest region (fcn; bounds its memory)
     # the encoder's per-tile stain standardisation over a region (fcn): "local" (each pixel with the moments of
     # the field of view centred on it: what a window's own standardisation does), "region" (one
     # standardisation per region) or "none" (left out); measured in scripts/eval_tme.py --stain-modes
@@ -77,8 +78,19 @@ class DenseGeometry:
         return self.window_cells * self.cell_px * self.mpp
 
     @property
+    def halo_cells(self) -> int:
+        """Cells a region adds to the windows it computes: the window's extent and the context margins."""
+        return self.window_cells - 1 + 2 * self.margin
+
+    @property
     def region_px(self) -> int:
-        return (self.chunk + self.window_cells - 1 + 2 * self.margin) * self.cell_px
+        """The side of the largest region's height (and of the squares a region is read in)."""
+        return (self.chunk + self.halo_cells) * self.cell_px
+
+    @property
+    def max_region_windows(self) -> int:
+        """Windows across the widest region of a strip."""
+        return max(1, self.max_region_cells // (self.chunk + self.halo_cells) - self.halo_cells)
 
 
 def map_shape(dense: F.TMEDenseMap) -> tuple[int, int]:
@@ -176,19 +188,43 @@ def needed_windows(area: np.ndarray, k: int) -> np.ndarray:
     return box_sum_valid(padded, k) > 0.5
 
 
-def choose_chunk(need: np.ndarray, geo: DenseGeometry, sizes: range = range(16, 81, 4)) -> DenseGeometry:
-    """The region size (windows a side) that computes the fewest feature-map pixels for ``need``: every
-    region costs (chunk + window_cells − 1 + 2·margin)² cells and only regions with a needed window run."""
-    best, best_cost = geo.chunk, np.inf
-    for c in sizes:
-        hb, wb = -(-need.shape[0] // c), -(-need.shape[1] // c)
-        padded = np.zeros((hb * c, wb * c), bool)
-        padded[:need.shape[0], :need.shape[1]] = need
-        n = int(padded.reshape(hb, c, wb, c).any(axis=(1, 3)).sum())
-        cost = n * (c + geo.window_cells - 1 + 2 * geo.margin) ** 2
-        if cost < best_cost:
-            best, best_cost = c, cost
-    return dataclasses.replace(geo, chunk=best)
+def column_runs(cols: np.ndarray, gap: int, max_len: int) -> list[tuple[int, int]]:
+    """Runs [c0, c1) of True in ``cols``, runs apart by at most ``gap`` False joined (a separate region would
+    cost its halo again), each at most ``max_len`` long."""
+    idx = np.flatnonzero(cols)
+    if not len(idx):
+        return []
+    breaks = np.flatnonzero(np.diff(idx) > gap + 1)
+    starts, ends = np.r_[idx[0], idx[breaks + 1]], np.r_[idx[breaks], idx[-1]] + 1
+    return [(int(c), int(min(c + max_len, c1))) for c0, c1 in zip(starts, ends, strict=True)
+            for c in range(int(c0), int(c1), max_len)]
+
+
+def fcn_regions(need: np.ndarray, geo: DenseGeometry) -> list[tuple[int, int, int, int]]:
+    """The regions that compute ``need``'s windows: strips of ``geo.chunk`` window rows, each cut into runs of
+    needed window columns (:func:`column_runs`, at most ``geo.max_region_windows`` wide) and cropped to the
+    rows that a run needs. Returns (a, b, h, w): the h × w windows from window index (a, b)."""
+    out = []
+    halo, width = geo.halo_cells, geo.max_region_windows
+    for a0 in range(0, need.shape[0], geo.chunk):
+        strip = need[a0:a0 + geo.chunk]
+        for c0, c1 in column_runs(strip.any(axis=0), halo, width):
+            rows = np.flatnonzero(strip[:, c0:c1].any(axis=1))
+            out.append((a0 + int(rows[0]), c0, int(rows[-1] - rows[0]) + 1, c1 - c0))
+    return out
+
+
+def region_cost(need: np.ndarray, geo: DenseGeometry) -> int:
+    """Feature-map cells that :func:`fcn_regions` computes for ``need``."""
+    halo = geo.halo_cells
+    return sum((h + halo) * (w + halo) for _, _, h, w in fcn_regions(need, geo))
+
+
+def choose_chunk(need: np.ndarray, geo: DenseGeometry, sizes: range = range(8, 81, 4)) -> DenseGeometry:
+    """The strip height (windows) whose regions compute the fewest feature-map cells for ``need``
+    (:func:`region_cost`; the smaller on ties)."""
+    costs = {c: region_cost(need, dataclasses.replace(geo, chunk=c)) for c in sizes}
+    return dataclasses.replace(geo, chunk=min(costs, key=lambda c: (costs[c], c)))
 
 
 def overlap_add(window_probs: np.ndarray, done: np.ndarray, k: int) -> np.ndarray:
@@ -232,7 +268,7 @@ def feature_map_net(encoder: Encoder) -> Any:
 
 def region_feature_map(encoder: Encoder, region: np.ndarray, geo: DenseGeometry, precision: str,
                        net: Any = None) -> Any:
-    """uint8 (S, S, 3) region at the encoder's µm/px → its pre-pool feature map (D, S/cell, S/cell), with the
+    """uint8 (H, W, 3) region at the encoder's µm/px → its pre-pool feature map (D, H/cell, W/cell), with the
     encoder's stain standardisation sliding over the field of view (``net``: :func:`feature_map_net`)."""
     import torch
 
@@ -252,12 +288,12 @@ def region_feature_map(encoder: Encoder, region: np.ndarray, geo: DenseGeometry,
     return fmap[0].float()
 
 
-def pooled_window_features(fmap: Any, k: int, margin: int, n: int) -> np.ndarray:
-    """Average of the feature map over every k × k block of cells of the n × n windows after ``margin``
-    cells → (n·n, D) row-major."""
+def pooled_window_features(fmap: Any, k: int, margin: int, n: tuple[int, int]) -> np.ndarray:
+    """Average of the feature map over every k × k block of cells of the n[0] × n[1] windows after ``margin``
+    cells → (n[0]·n[1], D) row-major."""
     import torch
 
-    core = fmap[:, margin:margin + n + k - 1, margin:margin + n + k - 1]
+    core = fmap[:, margin:margin + n[0] + k - 1, margin:margin + n[1] + k - 1]
     pooled = torch.nn.functional.avg_pool2d(core[None], k, stride=1)[0]
     return pooled.permute(1, 2, 0).reshape(-1, pooled.shape[0]).cpu().numpy()
 
@@ -267,25 +303,22 @@ def _chunk_l0(origin: tuple[float, float], cell_l0: float, a0: int, b0: int, off
                      round(origin[1] + (a0 - offset_cells) * cell_l0)], np.int64)
 
 
-def fcn_window_features(read_region: Callable[[int, int], np.ndarray], encoder: Encoder, geo: DenseGeometry,
-                        need: np.ndarray, precision: str, net: Any = None) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Fully convolutional window features, region by region: for every block of ``geo.chunk`` × ``geo.chunk``
-    window indices with a needed window, ``read_region(a0, b0)`` gives the ``geo.region_px`` region whose
-    first window index is (a0, b0) (it starts ``window_cells - 1 + margin`` cells before that window's first
-    cell); yields (a0, b0, features (h, w, D)) cut to ``need``'s extent."""
+def fcn_window_features(read_region: Callable[[int, int, int, int], np.ndarray], encoder: Encoder,
+                        geo: DenseGeometry, need: np.ndarray, precision: str, net: Any = None
+                        ) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Fully convolutional window features, region by region (:func:`fcn_regions`): for the h × w windows from
+    window index (a, b), ``read_region(a, b, height_px, width_px)`` gives the region that starts
+    ``window_cells - 1 + margin`` cells before window (a, b)'s first cell, (h + halo) × (w + halo) cells
+    (``geo.halo_cells``). Yields (a, b, features (h, w, D))."""
     import torch
 
     net = net if net is not None else feature_map_net(encoder)
-    n, hw, ww = geo.chunk, need.shape[0], need.shape[1]
+    cell, halo = geo.cell_px, geo.halo_cells
     with torch.inference_mode():
-        for a0 in range(0, hw, n):
-            for b0 in range(0, ww, n):
-                block = need[a0:a0 + n, b0:b0 + n]
-                if not block.any():
-                    continue
-                fmap = region_feature_map(encoder, read_region(a0, b0), geo, precision, net)
-                feats = pooled_window_features(fmap, geo.window_cells, geo.margin, n).reshape(n, n, -1)
-                yield a0, b0, feats[:block.shape[0], :block.shape[1]]
+        for a, b, h, w in fcn_regions(need, geo):
+            region = read_region(a, b, (h + halo) * cell, (w + halo) * cell)
+            fmap = region_feature_map(encoder, region, geo, precision, net)
+            yield a, b, pooled_window_features(fmap, geo.window_cells, geo.margin, (h, w)).reshape(h, w, -1)
 
 
 def window_probs_fcn(reader: TileReader, encoder: Encoder, clf: TissueClassifier, geo: DenseGeometry,
@@ -298,8 +331,12 @@ def window_probs_fcn(reader: TileReader, encoder: Encoder, clf: TissueClassifier
     probs = np.zeros((*need.shape, clf.n_classes), np.float32)
     done = np.zeros(need.shape, bool)
 
-    def read(a0: int, b0: int) -> np.ndarray:
-        return reader.read(_chunk_l0(origin, cell_l0, a0, b0, offset))
+    side = geo.region_px  # the reader's square; a wider region is read as squares side by side
+
+    def read(a0: int, b0: int, height: int, width: int) -> np.ndarray:
+        step = side // geo.cell_px
+        xy = np.stack([_chunk_l0(origin, cell_l0, a0, b0 + j * step, offset) for j in range(-(-width // side))])
+        return np.concatenate(list(reader.read_many(xy)), axis=1)[:height, :width]
 
     for a0, b0, feats in fcn_window_features(read, encoder, geo, need, precision, net):
         h, w = feats.shape[:2]

@@ -11,14 +11,17 @@ each map cell on mosaics with known class maps (``scripts/train_map_refiner.py``
 `wsi tme` (dense footprint) reads the slide's composition (``area_frac_*``, ``til_fraction``,
 ``tumour_stroma_ratio``) from the refined map, in place of the classifier's global area correction. The
 compartments, their lymphocyte densities and so the immune phenotype stay those of the window map, on which the
-phenotype rules were validated (on the held-out mosaics the refined map under-reads lymphocytes inside tumour
-nests against the rules' thresholds: 4 of 10 inflamed slides would read as desert).
+phenotype rules were validated (a refinement fitted on the generator's layouts alone under-read lymphocytes
+inside tumour nests against the rules' thresholds: 4 of 10 held-out inflamed slides would have read as desert).
 
 What it learns is also the tissue architecture of the mosaics it was fitted on (which classes border which,
-how much of each): it is a prior, fitted on the project's layout generator, and recorded as such in the
-classifier's ``map_refinement`` entry. ``wsi tme --no-map-refinement`` reads the window map as it is.
+how much of each): it is a prior, recorded in the classifier's ``map_refinement`` entry. Fitted on the project's
+layout generator alone it read other layouts worse than the window map (it assumed the generator's class
+frequencies), so the shipped one is fitted on the generator's layouts and random ones together
+(``scripts/train_map_refiner.py``). ``wsi tme --no-map-refinement`` reads the window map as it is.
 
-Network: the map's C class probabilities (zero outside the tissue area) and the area mask in; dilated 3 × 3
+Network: the map's C class probabilities (zero outside the tissue area) and the area mask in (with
+``global_context``, also the slide's mean window probabilities in every cell); dilated 3 × 3
 convolutions with ReLU; a 1 × 1 convolution whose output is *added* to the log of the input probabilities
 (zero-initialised, so an untrained refinement is the identity); softmax out. Fitted with the soft cross-entropy
 against each cell's true class fractions, over the cells of the tissue area, with random flips and 90°
@@ -55,6 +58,10 @@ class RefinerSpec:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     seed: int = 0
+    # also give every cell the slide's mean window probabilities (its tissue composition as the window map reads
+    # it), so that how much of a class there is can be read from the slide rather than assumed from the layouts
+    # fitted on
+    global_context: bool = False
 
     @property
     def receptive_cells(self) -> int:
@@ -63,14 +70,15 @@ class RefinerSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {"hidden": self.hidden, "dilations": list(self.dilations), "epochs": self.epochs, "lr": self.lr,
-                "weight_decay": self.weight_decay, "seed": self.seed}
+                "weight_decay": self.weight_decay, "seed": self.seed, "global_context": self.global_context}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> RefinerSpec:
         try:
             return cls(hidden=int(doc["hidden"]), dilations=tuple(int(d) for d in doc["dilations"]),
                        epochs=int(doc.get("epochs", 60)), lr=float(doc.get("lr", 3e-3)),
-                       weight_decay=float(doc.get("weight_decay", 1e-4)), seed=int(doc.get("seed", 0)))
+                       weight_decay=float(doc.get("weight_decay", 1e-4)), seed=int(doc.get("seed", 0)),
+                       global_context=bool(doc.get("global_context", False)))
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"map_refinement: bad architecture entry {dict(doc)!r} ({e}); re-fit it with "
                               "scripts/train_map_refiner.py") from e
@@ -85,7 +93,7 @@ def build_refiner(spec: RefinerSpec, n_classes: int) -> nn.Module:
         def __init__(self) -> None:
             super().__init__()
             layers: list[nn.Module] = []
-            cin = n_classes + 1
+            cin = n_classes + 1 + (n_classes if spec.global_context else 0)
             for d in spec.dilations:
                 layers += [nn.Conv2d(cin, spec.hidden, 3, padding=d, dilation=d), nn.ReLU()]
                 cin = spec.hidden
@@ -97,6 +105,9 @@ def build_refiner(spec: RefinerSpec, n_classes: int) -> nn.Module:
         def forward(self, probs: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
             """(B, C, H, W) probabilities and (B, 1, H, W) area → (B, C, H, W) logits."""
             x = torch.cat([probs * area, area], dim=1)
+            if spec.global_context:  # the area-weighted mean of the map, the same in every cell
+                mean = (probs * area).sum((2, 3), keepdim=True) / area.sum((2, 3), keepdim=True).clamp_min(1.0)
+                x = torch.cat([x, mean.expand_as(probs) * area], dim=1)
             return self.out(self.body(x)) + torch.log(probs.clamp_min(EPS))
 
     return MapRefiner()
