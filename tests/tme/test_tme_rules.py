@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.tme.config import PhenotypeRules, tme_config_from_dict
-from wsi_pipeline.tme.rules import immune_phenotype
+from wsi_pipeline.tme.rules import immune_phenotype, phenotype_margin
 
 RULES = PhenotypeRules(min_tumour_tiles=3, inflamed_min_tumour_density=0.10, excluded_min_margin_density=0.20)
 
@@ -28,6 +30,23 @@ def test_rule_table(n_tum: int, d_tum: float, d_mar: float, expected: str) -> No
     phenotype, reason = immune_phenotype(metrics, RULES)
     assert phenotype == expected
     assert reason
+
+
+@pytest.mark.parametrize(
+    ("d_tum", "d_mar", "margin"),
+    [
+        (0.30, 0.50, 2.0),  # inflamed: only the tumour density decides, 3× its threshold
+        (0.099, 0.60, 0.01),  # excluded by a hair: 1 % under the inflamed threshold
+        (0.00, 0.21, 0.05),  # excluded: the margin density 5 % over its threshold decides
+        (0.05, 0.19, 0.05),  # desert: the closer of the two thresholds (margin 5 % under)
+    ],
+)
+def test_phenotype_margin_is_the_closest_deciding_threshold(d_tum: float, d_mar: float, margin: float) -> None:
+    """How far a call lies from flipping, relative to the thresholds that decided it: a borderline slide (e.g.
+    the demo's P002_1, 0.099 against 0.10) can be told from a clear one."""
+    metrics = {"n_tumour_tiles": 50, "lymph_density_tumour": d_tum, "lymph_density_margin": d_mar}
+    assert phenotype_margin(metrics, RULES) == pytest.approx(margin)
+    assert math.isnan(phenotype_margin({**metrics, "n_tumour_tiles": 2}, RULES))  # not evaluable
 
 
 def test_thresholds_are_configurable() -> None:

@@ -55,6 +55,23 @@ def immune_phenotype(metrics: Mapping[str, Any], rules: PhenotypeRules) -> tuple
     )
 
 
+def phenotype_margin(metrics: Mapping[str, Any], rules: PhenotypeRules) -> float:
+    """How far the call of :func:`immune_phenotype` lies from flipping: the smallest relative distance
+    ``|density − threshold| / threshold`` over the thresholds that decided it (inflamed: the tumour density
+    against ``inflamed_min_tumour_density``; excluded and desert: that, and the margin density against
+    ``excluded_min_margin_density``). NaN when the slide is not evaluable. A margin of 0.05 means a density
+    within 5 % of its threshold: a borderline call that a small change of the map can turn."""
+    n_tum = float(metrics.get("n_tumour_tiles", 0) or 0)
+    if n_tum < rules.min_tumour_tiles:
+        return float("nan")
+    d_tum = _value(metrics, "lymph_density_tumour")
+    t_inf, t_exc = rules.inflamed_min_tumour_density, rules.excluded_min_margin_density
+    gaps = [abs(d_tum - t_inf) / max(t_inf, 1e-9)]
+    if d_tum < t_inf:
+        gaps.append(abs(_value(metrics, "lymph_density_margin") - t_exc) / max(t_exc, 1e-9))
+    return float(min(gaps))
+
+
 # ---------------------------------------------------------------- fitting the thresholds
 def _candidates(values: np.ndarray, keep: float) -> np.ndarray:
     """Thresholds between consecutive distinct values (midpoints), below the smallest, and ``keep``."""

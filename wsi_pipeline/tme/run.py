@@ -372,9 +372,16 @@ def slide_row(ctx: TMEContext, slide_id: str) -> dict[str, Any]:
     return grid_row(ctx, slide_id, tiles, footprint)
 
 
-def _row_head(slide_id: str, phenotype: str, reason: str, metrics: dict[str, Any], clf: TissueClassifier,
-              source: str, tiles: F.TileSet, footprint: str) -> dict[str, Any]:
-    row: dict[str, Any] = {"slide_id": slide_id, "immune_phenotype": phenotype, "phenotype_reason": reason}
+def _row_head(slide_id: str, metrics: dict[str, Any], ctx: TMEContext, source: str, tiles: F.TileSet,
+              footprint: str) -> dict[str, Any]:
+    """The row's phenotype (with its reason and margin, :func:`wsi_pipeline.tme.rules.phenotype_margin`), the
+    metrics and where they come from."""
+    from wsi_pipeline.tme.rules import immune_phenotype, phenotype_margin
+
+    clf, rules = ctx.clf, ctx.cfg.rules
+    phenotype, reason = immune_phenotype(metrics, rules)
+    row: dict[str, Any] = {"slide_id": slide_id, "immune_phenotype": phenotype, "phenotype_reason": reason,
+                           "phenotype_margin": phenotype_margin(metrics, rules)}
     row.update(metrics)
     row.update({"classifier": Path(clf.path).name, "classifier_mpp": clf.mpp, "feature_source": source,
                 "footprint": footprint, "tiles_target_mpp": tiles.target_mpp})
@@ -398,7 +405,6 @@ def refinement_applies(ctx: TMEContext, slide_id: str, dense: F.TMEDenseMap) -> 
 
 def dense_row(ctx: TMEContext, slide_id: str, tiles: F.TileSet) -> dict[str, Any]:
     """The read-out of one slide from its dense map (see the module docstring)."""
-    from wsi_pipeline.tme.rules import immune_phenotype
     from wsi_pipeline.tme.spatial import class_column, map_metrics
 
     layout, clf, cfg = ctx.layout, ctx.clf, ctx.cfg
@@ -410,8 +416,8 @@ def dense_row(ctx: TMEContext, slide_id: str, tiles: F.TileSet) -> dict[str, Any
     correct = clf.correct_areas if cfg.area_correction and clf.area_correction and refined is None else None
     metrics, comp = map_metrics(dense.probs, dense.area, clf.class_names, roles, dense.cell_um, clf.tile_um,
                                 cfg.spatial, correct, refined=refined)
-    phenotype, reason = immune_phenotype(metrics, cfg.rules)
-    row = _row_head(slide_id, phenotype, reason, metrics, clf, source, tiles, FOOTPRINT_DENSE)
+    row = _row_head(slide_id, metrics, ctx, source, tiles, FOOTPRINT_DENSE)
+    phenotype = row["immune_phenotype"]
     row.update({"n_tiles": len(tiles), "area_corrected": bool(correct is not None),
                 "map_refined": refined is not None,
                 "map_window_um": dense.window_um})
@@ -437,7 +443,6 @@ def dense_row(ctx: TMEContext, slide_id: str, tiles: F.TileSet) -> dict[str, Any
 
 def grid_row(ctx: TMEContext, slide_id: str, tiles: F.TileSet, footprint: str) -> dict[str, Any]:
     """The read-out of one slide from one class per classified tile (footprints tile, classifier, grid)."""
-    from wsi_pipeline.tme.rules import immune_phenotype
     from wsi_pipeline.tme.spatial import compartments, grid_metrics, rasterise
 
     layout, clf, cfg = ctx.layout, ctx.clf, ctx.cfg
@@ -449,8 +454,8 @@ def grid_row(ctx: TMEContext, slide_id: str, tiles: F.TileSet, footprint: str) -
     prob_grid = np.zeros((*grid.labels.shape, clf.n_classes), np.float32)
     prob_grid[grid.rows, grid.cols] = probs
     metrics = grid_metrics(grid.labels, clf.class_names, roles, grid.stride_um, cfg.spatial, prob_grid)
-    phenotype, reason = immune_phenotype(metrics, cfg.rules)
-    row = _row_head(slide_id, phenotype, reason, metrics, clf, source, tiles, footprint)
+    row = _row_head(slide_id, metrics, ctx, source, tiles, footprint)
+    phenotype = row["immune_phenotype"]
     if len(tiles) and (cfg.write_png or cfg.write_geojson):
         comp = compartments(grid.labels, roles, grid.stride_um, cfg.spatial)
         per_tile = {
