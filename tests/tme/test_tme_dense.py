@@ -189,6 +189,36 @@ def test_map_refinement_can_be_left_out(shifted_runs: dict[str, Path], tmp_path:
     assert abs(raw["area_frac_stroma"] - refined["area_frac_stroma"]) > 1e-3  # a different composition
 
 
+def test_rows_of_an_older_release_are_recomputed_from_the_stored_map(shifted_runs: dict[str, Path], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A RUN whose tme.csv rows were written before `phenotype_margin` existed (older ROW_VERSION): a rerun
+    recomputes the rows (they gain the column) and reuses the stored dense map; a second rerun does nothing."""
+    import shutil
+
+    import pandas as pd
+
+    import wsi_pipeline.tme.run as tme_run
+    from wsi_pipeline.tme.config import TMEConfig
+
+    run = tmp_path / "old"
+    shutil.copytree(shifted_runs["shift37"], run)
+    cfg = TMEConfig(device="cpu", footprint="dense", write_png=False, write_geojson=False)
+    monkeypatch.setattr(tme_run, "ROW_VERSION", 1)
+    assert tme_run.run_tme(run, cfg).ok  # rows keyed as an older release would key them
+    record = run / "tme" / "shift37.json"
+    old = F.read_stage_record(record)
+    old["row"].pop("phenotype_margin")  # what that release wrote
+    F.write_stage_record(record, old)
+    monkeypatch.setattr(tme_run, "ROW_VERSION", 2)
+    h5 = run / "tme" / "shift37.h5"
+    mtime = h5.stat().st_mtime_ns
+    assert tme_run.run_tme(run, cfg).ok
+    row = pd.read_csv(run / "tme.csv").iloc[0]
+    assert np.isfinite(row["phenotype_margin"]) and h5.stat().st_mtime_ns == mtime
+    summary = tme_run.run_tme(run, cfg)
+    assert summary.ok and not summary.done and summary.skipped == ["shift37"]
+
+
 def test_map_refinement_is_left_out_for_maps_of_another_geometry(shifted_runs: dict[str, Path],
                                                                  tmp_path: Path) -> None:
     """`--dense-method window` makes maps of 37-µm cells; the refinement was fitted on 16-µm fcn maps, so the

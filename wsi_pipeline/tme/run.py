@@ -57,6 +57,7 @@ FOOTPRINT_DENSE = "dense"
 A_CLASSIFIER_MPP = "classifier_mpp"
 A_FEATURE_SOURCE = "feature_source"
 A_CLASSIFIER_SHA256 = "classifier_sha256"
+ROW_VERSION = 2  # what a tme.csv row holds (2: phenotype_margin); in the stage key, so older rows are recomputed
 FIRST_COLUMNS = (
     "slide_id", "immune_phenotype", "til_fraction", "til_fraction_soft", "lymph_density_tumour",
     "lymph_density_margin", "stromal_til_fraction", "tumour_stroma_ratio",
@@ -494,7 +495,7 @@ class TMEStage:
         tiles, footprint = run_tiles(ctx.layout, ctx.clf, ctx.cfg, item.slide_id)
         cfg = ctx.cfg
         return F.params_hash({"probs": ctx.resume_key(str(tiles.attrs.get(F.A_PARAMS_HASH, ""))),
-                              "footprint": footprint,
+                              "row_version": ROW_VERSION, "footprint": footprint,
                               "spatial": cfg.spatial, "rules": cfg.rules, "roles": cfg.roles, "png": cfg.write_png,
                               "area_correction": ctx.clf.area_correction if cfg.area_correction else None,
                               "map_refinement": cfg.map_refinement,  # read-out only: the stored map is reused
