@@ -35,6 +35,7 @@ def tme_client(review_run, tmp_path):
                    {F.A_CLASS_NAMES: NAMES, F.A_PATCH_SIZE_L0: review_run.tile_size_l0}, dense=dense)
     F.write_stage_record(layout.tme_record_json("blob"), {"key": "k", "row": {
         "slide_id": "blob", "immune_phenotype": "desert", "phenotype_reason": "lymph_density_tumour=0.000 < 0.1",
+        "phenotype_margin": 0.013,
         "area_frac_tumor": 0.1, "area_frac_stroma": 0.9, "footprint": "dense"}})
     with TestClient(create_app(root), base_url="http://127.0.0.1") as c:
         yield c
@@ -47,6 +48,7 @@ def test_tme_map_is_placed_at_its_level0_origin(tme_client) -> None:
     t = info["tme"]
     assert t["origin_l0"] == [100.0, 60.0] and t["cell_l0"] == 32.0 and (t["width"], t["height"]) == (30, 20)
     assert t["phenotype"] == "desert" and "lymph_density_tumour" in t["reason"] and t["footprint"] == "dense"
+    assert t["margin"] == 0.013  # the viewer marks the call borderline (under 0.1)
     legend = {c["name"]: c for c in t["classes"]}
     assert legend["01_TUMOR"]["share"] == 0.1 and legend["04_LYMPHO"]["share"] is None
     assert legend["01_TUMOR"]["color"] == "#" + "".join(f"{v:02x}" for v in class_colour("01_TUMOR"))

@@ -40,7 +40,16 @@ class TMEOverlay:
         return {"overlay": url, "origin_l0": [float(v) for v in self.origin_l0], "cell_l0": float(self.cell_l0),
                 "width": int(self.rgba.shape[1]), "height": int(self.rgba.shape[0]), "classes": legend,
                 "phenotype": self.row.get("immune_phenotype"), "reason": self.row.get("phenotype_reason"),
-                "footprint": self.row.get("footprint")}
+                "margin": _finite(self.row.get("phenotype_margin")), "footprint": self.row.get("footprint")}
+
+
+def _finite(value: Any) -> float | None:
+    """A float for JSON, None when missing or not finite (rows written before ``phenotype_margin``)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) else None
 
 
 def _colour(labels: np.ndarray, class_names: list[str]) -> np.ndarray:

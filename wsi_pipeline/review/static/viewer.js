@@ -404,7 +404,10 @@
     const t = st.info.tme;
     if (!t) return;
     ui.tmeSection.hidden = false;
-    ui.tmePhenotype.textContent = t.phenotype ? `immune phenotype: ${t.phenotype}` : "";
+    // a call within 10 % of a threshold is borderline (tme.csv phenotype_margin)
+    const borderline = t.margin !== null && t.margin !== undefined && t.margin < 0.1
+      ? ` (borderline: ${(100 * t.margin).toFixed(1)} % from its threshold)` : "";
+    ui.tmePhenotype.textContent = t.phenotype ? `immune phenotype: ${t.phenotype}${borderline}` : "";
     ui.tmePhenotype.title = t.reason || "";
     for (const c of t.classes) {
       const li = document.createElement("li");
