@@ -11,8 +11,7 @@ run (fresh outputs every round):
 
 Prints the median seconds, the ratios to extraction, and the fully convolutional work: the feature-map cells
 its regions compute per RUN-tile cell (``wsi_pipeline.tme.dense.fcn_regions``), against the floor (the union
-of the input cells that the needed windows read) and against square regions on a fixed grid (the planner
-before strips).
+of the input cells that the needed windows read).
 
     nice python scripts/bench_tme.py [--slide PATH] [--rounds 2] [--work /tmp/wsi_bench_tme]
 """
@@ -31,8 +30,7 @@ import numpy as np
 
 
 def region_work(run: Path) -> dict[str, float]:
-    """Feature-map cells per RUN-tile cell: the regions' (strips), square regions on a fixed grid (best chunk)
-    and the floor."""
+    """Feature-map cells per RUN-tile cell: the regions' and the floor."""
     from scipy.ndimage import binary_dilation
 
     from wsi_pipeline.formats import api as F
@@ -43,23 +41,16 @@ def region_work(run: Path) -> dict[str, float]:
 
     clf = load_classifier(None)
     geo = dense_geometry(clf, create_classifier_encoder(clf, None, "cpu"), METHOD_FCN)
-    tile_cells = strips = squares = floor = 0.0
+    tile_cells = regions = floor = 0.0
     for path in sorted(RunLayout(run).tiles_dir.glob("*.h5")):
         tiles = F.read_tiles_h5(path)
         _, area = map_grid(tiles, geo.cell_px * geo.mpp / tiles.slide_mpp)
         need = needed_windows(area, geo.window_cells)
-        strips += region_cost(need, choose_chunk(need, geo))
-        squares += min(_square_cost(need, geo, c) for c in range(16, 81, 4))
+        regions += region_cost(need, choose_chunk(need, geo))
         reach = geo.window_cells + 2 * geo.margin  # input cells of one window, a side
         floor += binary_dilation(np.pad(need, reach), np.ones((reach, reach), bool)).sum()
         tile_cells += len(tiles) * (tiles.tile_size * tiles.target_mpp / (geo.cell_px * geo.mpp)) ** 2
-    return {"strips": strips / tile_cells, "squares": squares / tile_cells, "floor": floor / tile_cells}
-
-
-def _square_cost(need: np.ndarray, geo: Any, chunk: int) -> int:
-    blocks = sum(bool(need[a:a + chunk, b:b + chunk].any())
-                 for a in range(0, need.shape[0], chunk) for b in range(0, need.shape[1], chunk))
-    return blocks * (chunk + geo.halo_cells) ** 2
+    return {"regions": regions / tile_cells, "floor": floor / tile_cells}
 
 
 def timed(fn: Any) -> float:
@@ -106,8 +97,7 @@ def main() -> int:
     for k, v in med.items():
         print(f"| {k} | {v:.1f} | {v / med['extract']:.2f} |")
     w = region_work(run)
-    print(f"fully convolutional feature-map cells per RUN-tile cell: {w['strips']:.2f} (square regions on a fixed "
-          f"grid: {w['squares']:.2f}; floor: {w['floor']:.2f})")
+    print(f"fully convolutional feature-map cells per RUN-tile cell: {w['regions']:.2f} (floor: {w['floor']:.2f})")
     return 0
 
 

@@ -312,7 +312,8 @@ def evaluate(run: Path, cohort: list[dict[str, Any]], class_names: list[str], fo
         "phenotype_confusion": {"labels": labels,
                                 "matrix": confusion_matrix(phen_true, phen_pred, labels=labels).tolist()
                                 if np.isin(phen_true, labels).any() else []},
-        "misread": [f"{s}: {t} → {p}" for s, t, p in zip(ids, phen_true, phen_pred, strict=True) if t not in (p, NO_PHENOTYPE)],
+        "misread": [f"{s}: {t} → {p}" for s, t, p in zip(ids, phen_true, phen_pred, strict=True)
+                    if t not in (p, NO_PHENOTYPE)],
         # mean read/true TIL fraction per true phenotype: where the read-out loses lymphocytes (a ranking across
         # phenotypes suffers when one phenotype's lymphocytes are read at a lower share than another's)
         "til_read_over_true": {ph: float(np.mean(pred_til[phen_true == ph]) / np.mean(truth_til[phen_true == ph]))
@@ -400,9 +401,9 @@ def card_section(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> st
              "built from the held-out source images only. `aligned`: 150-px cells from the slide corner; "
              f"`misaligned`: the same mosaics with cells of {CELL_RANGE[0]}–{CELL_RANGE[1]} px (drawn per slide) "
              "shifted by a random offset; `random` (when evaluated): placed as misaligned, with random layouts "
-             "instead of the generator's (no nests, bands or phenotypes; every class about as frequent). `wsi tile` (224 px at 0.5 µm/px) → `wsi tme` with every other default "
-             "(band 200 µm). 95 % bootstrap CIs over slides. Figures are computed, not typed: rerun the script to "
-             "refresh them.", "", *results_table(results), ""]
+             "instead of the generator's (no nests, bands or phenotypes; every class about as frequent). "
+             "`wsi tile` (224 px at 0.5 µm/px) → `wsi tme` with every other default (band 200 µm). 95 % bootstrap "
+             "CIs over slides. Figures are computed, not typed: rerun the script to refresh them.", "", *results_table(results), ""]
     lines += ["Per-class area-fraction MAE (fractions of tissue):", ""]
     for name, r in results.items():
         lines.append(f"- {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["area_fraction_mae"].items()))

@@ -113,8 +113,8 @@ def test_global_context_reads_the_slide_composition() -> None:
     import torch
 
     spec = RefinerSpec(hidden=16, dilations=(1, 2, 1), epochs=25, seed=0, global_context=True)
-    assert RefinerSpec.from_json(spec.to_json()) == spec and not RefinerSpec.from_json({"hidden": 8,
-                                                                                        "dilations": [1]}).global_context
+    assert RefinerSpec.from_json(spec.to_json()) == spec
+    assert not RefinerSpec.from_json({"hidden": 8, "dilations": [1]}).global_context  # refinements fitted before
     ex0 = _examples(1, seed=0)[0]
     np.testing.assert_allclose(refine_probs(build_refiner(spec, 4), ex0.probs, ex0.area), ex0.probs, atol=2e-3)
     fit, test = _slide_prior_examples(24, seed=5), _slide_prior_examples(8, seed=6)

@@ -34,9 +34,9 @@ class TMEOverlay:
         colours = class_colours(self.class_names)
         legend = []
         for name in self.class_names:
-            share = self.row.get(f"area_frac_{class_column(name)}")
+            share = _finite(self.row.get(f"area_frac_{class_column(name)}"))
             legend.append({"name": name, "color": "#" + "".join(f"{int(c):02x}" for c in colours[name]),
-                           "share": round(float(share), 4) if share is not None and np.isfinite(share) else None})
+                           "share": None if share is None else round(share, 4)})
         return {"overlay": url, "origin_l0": [float(v) for v in self.origin_l0], "cell_l0": float(self.cell_l0),
                 "width": int(self.rgba.shape[1]), "height": int(self.rgba.shape[0]), "classes": legend,
                 "phenotype": self.row.get("immune_phenotype"), "reason": self.row.get("phenotype_reason"),
@@ -44,7 +44,7 @@ class TMEOverlay:
 
 
 def _finite(value: Any) -> float | None:
-    """A float for JSON, None when missing or not finite (rows written before ``phenotype_margin``)."""
+    """A float for JSON; None when missing or not finite (e.g. a row written before ``phenotype_margin``)."""
     try:
         v = float(value)
     except (TypeError, ValueError):

@@ -19,9 +19,10 @@ Two ways to get the window probabilities (:data:`METHODS`)
   of windows the map needs, plus ``margin`` cells of context on every side) read at the classifier's µm/px
   through the extraction reader (:func:`wsi_pipeline.features.reader.open_tile_reader`); every window's feature
   is the average of the pre-pool feature map over its k × k cells (what global average pooling does to a
-  tile), and the tissue head is applied to all of them at once. The encoder's per-tile stain standardisation, when it has one, slides
-  with the pixel (:meth:`wsi_pipeline.encoders.stain.ReinhardStandardize.forward_local`: each pixel mapped
-  with the moments of the field of view centred on it).
+  tile), and the tissue head is applied to all of them at once. The encoder's per-tile stain standardisation,
+  when it has one, slides with the pixel
+  (:meth:`wsi_pipeline.encoders.stain.ReinhardStandardize.forward_local`: each pixel mapped with the moments
+  of the field of view centred on it).
 * ``window``: each window read and embedded on its own, exactly as a training tile (any encoder, ViTs
   included; :func:`window_probs_direct`). Also the reference that :func:`fcn_window_agreement` checks the
   ``fcn`` result against.
