@@ -219,6 +219,45 @@ def test_rows_of_an_older_release_are_recomputed_from_the_stored_map(shifted_run
     assert summary.ok and not summary.done and summary.skipped == ["shift37"]
 
 
+def test_refitting_only_the_map_refinement_reuses_the_stored_maps(shifted_runs: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    """The stored dense map is keyed on what makes the window probabilities (the head), not on the whole
+    classifier file: a classifier whose map refinement alone was refitted recomputes the rows from the stored
+    map (its composition changes), while a changed head recomputes the map."""
+    import shutil
+
+    import pandas as pd
+
+    from wsi_pipeline.tme.classifier import load_classifier
+    from wsi_pipeline.tme.config import TMEConfig
+    from wsi_pipeline.tme.refine import STATE_PREFIX
+    from wsi_pipeline.tme.run import run_tme
+
+    run, folder = tmp_path / "run", tmp_path / "clf"
+    shutil.copytree(shifted_runs["shift37"], run)
+    shutil.copytree(load_classifier().path, folder)
+    cfg = TMEConfig(classifier=str(folder), device="cpu", footprint="dense", write_png=False, write_geojson=False)
+    assert run_tme(run, cfg).ok
+    h5 = run / "tme" / "shift37.h5"
+    mtime, before = h5.stat().st_mtime_ns, pd.read_csv(run / "tme.csv").iloc[0]
+    clf = load_classifier(folder)
+    head_key = clf.window_map_sha256()
+    last = max(k for k in clf.state if k.startswith(STATE_PREFIX) and k.endswith("bias"))
+    clf.state[last] = clf.state[last] + np.linspace(-1, 1, len(clf.state[last]), dtype=np.float32)  # a refit
+    clf.save(folder)
+    assert load_classifier(folder).window_map_sha256() == head_key
+    summary = run_tme(run, cfg)
+    after = pd.read_csv(run / "tme.csv").iloc[0]
+    assert summary.done == ["shift37"] and h5.stat().st_mtime_ns == mtime  # the row again, from the stored map
+    assert after["til_fraction"] != before["til_fraction"]
+    assert after["immune_phenotype"] == before["immune_phenotype"]  # the phenotype reads the window map
+    head = next(k for k in clf.state if not k.startswith(STATE_PREFIX) and k.endswith("bias"))
+    clf.state[head] = clf.state[head] + 0.5
+    clf.save(folder)
+    assert load_classifier(folder).window_map_sha256() != head_key
+    assert run_tme(run, cfg).done == ["shift37"] and h5.stat().st_mtime_ns != mtime  # a new head: a new map
+
+
 def test_map_refinement_is_left_out_for_maps_of_another_geometry(shifted_runs: dict[str, Path],
                                                                  tmp_path: Path) -> None:
     """`--dense-method window` makes maps of 37-µm cells; the refinement was fitted on 16-µm fcn maps, so the

@@ -154,6 +154,25 @@ class TissueClassifier:
 
         return refine_probs(self.refiner(), probs, area)
 
+    def window_map_sha256(self) -> str:
+        """Checksum of what makes the classifier's per-tile and per-window probabilities: its head tensors
+        (not the map refinement's ``refine.*``, which only reads the stored map) and the fields of
+        classifier.json that shape a window (classes, encoder and its weights, µm/px, field of view, input, head).
+        The resume key of the stored probabilities and dense maps of `wsi tme`, so that refitting only the map
+        refinement reuses every stored map."""
+        import hashlib
+
+        from wsi_pipeline.tme.refine import STATE_PREFIX
+
+        h = hashlib.sha256()
+        for name in sorted(k for k in self.state if not k.startswith(STATE_PREFIX)):
+            a = np.ascontiguousarray(self.state[name], dtype=np.float32)
+            h.update(f"{name}:{a.shape}".encode())
+            h.update(a.tobytes())
+        fields = {k: self.to_json()[k] for k in ("class_names", "encoder", "encoder_weights_sha256", "embed_dim",
+                                                   "mpp", "tile_um", "input_size", "fit", "head", "hidden")}
+        return F.params_hash({"head_tensors": h.hexdigest(), **fields})
+
     # ---- I/O
     def to_json(self) -> dict[str, Any]:
         return {

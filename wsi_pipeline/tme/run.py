@@ -215,8 +215,9 @@ class TMEContext:
     layout: RunLayout
     clf: TissueClassifier
     cfg: TMEConfig
-    classifier_sha256: str
+    classifier_sha256: str  # of its whole model.safetensors (map refinement included): the rows' key
     device: str = "cpu"
+    map_sha256: str = ""  # TissueClassifier.window_map_sha256: the stored probabilities' and maps' key
     _encoder: Any = field(default=None, repr=False)
     _net: Any = field(default=None, repr=False)
 
@@ -235,7 +236,8 @@ class TMEContext:
         return self._net
 
     def resume_key(self, tiles_key: str) -> str:
-        return F.params_hash({**self.cfg.params(), "classifier_sha256": self.classifier_sha256,
+        """The stored probabilities' (and dense map's) key: not the map refinement, which reads them."""
+        return F.params_hash({**self.cfg.params(), "window_map_sha256": self.map_sha256 or self.clf.window_map_sha256(),
                               "tiles": tiles_key})
 
 
@@ -495,6 +497,7 @@ class TMEStage:
         tiles, footprint = run_tiles(ctx.layout, ctx.clf, ctx.cfg, item.slide_id)
         cfg = ctx.cfg
         return F.params_hash({"probs": ctx.resume_key(str(tiles.attrs.get(F.A_PARAMS_HASH, ""))),
+                              "classifier_sha256": ctx.classifier_sha256,  # the map refinement reads the row
                               "row_version": ROW_VERSION, "footprint": footprint,
                               "spatial": cfg.spatial, "rules": cfg.rules, "roles": cfg.roles, "png": cfg.write_png,
                               "area_correction": ctx.clf.area_correction if cfg.area_correction else None,
@@ -565,7 +568,7 @@ def run_tme(
     clf = load_classifier(cfg.classifier or None)
     cfg.roles.resolve(clf.class_names)  # fail early on a classifier without tumour/lymphocyte classes
     clf_sha = F.file_sha256(Path(clf.path) / WEIGHTS_FILE)
-    ctx = TMEContext(layout, clf, cfg, clf_sha, str(resolve_device(cfg.device)))
+    ctx = TMEContext(layout, clf, cfg, clf_sha, str(resolve_device(cfg.device)), clf.window_map_sha256())
     save_resolved(run_root, STAGE, {"tme": cfg, "classifier_path": clf.path, "classifier_mpp": clf.mpp})
     summary = run_per_slide(TMEStage(ctx), [SlideItem(sid) for sid in ids], layout, workers=0,
                             progress=progress)
