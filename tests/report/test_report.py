@@ -106,6 +106,22 @@ def test_sections_follow_the_inputs(fake_run: Any, tmp_path: Path) -> None:
     assert "tme" in build_report(ReportConfig(run=str(minimal), n_boot=200)).sections
 
 
+def test_tme_table_marks_borderline_phenotypes(fake_run: Any, tmp_path: Path) -> None:
+    """A phenotype within 10 % of a rule's threshold (tme.csv phenotype_margin) is marked in the TME table."""
+    import pandas as pd
+
+    minimal = tmp_path / "RUN"
+    minimal.mkdir()
+    shutil.copy(fake_run.run / "predictions.csv", minimal / "predictions.csv")
+    tme = pd.read_csv(fake_run.run / "tme.csv")
+    assert len(tme) >= 2
+    tme["phenotype_margin"] = [0.013] + [0.5] * (len(tme) - 1)
+    tme.to_csv(minimal / "tme.csv", index=False)
+    html = build_report(ReportConfig(run=str(minimal), n_boot=200)).path.read_text()
+    assert html.count("borderline (1.3 %)") == 1 and "borderline (50.0 %)" not in html
+    assert f"(1 of {len(tme)} slides)" in html
+
+
 def test_report_cli(fake_run: Any, tmp_path: Path) -> None:
     run, labels = fake_run.run, fake_run.labels
     out = tmp_path / "r.html"

@@ -48,7 +48,7 @@ def test_tme_map_is_placed_at_its_level0_origin(tme_client) -> None:
     t = info["tme"]
     assert t["origin_l0"] == [100.0, 60.0] and t["cell_l0"] == 32.0 and (t["width"], t["height"]) == (30, 20)
     assert t["phenotype"] == "desert" and "lymph_density_tumour" in t["reason"] and t["footprint"] == "dense"
-    assert t["margin"] == 0.013  # the viewer marks the call borderline (under 0.1)
+    assert t["margin"] == 0.013 and t["borderline"] is True  # the viewer marks the call borderline (under 0.1)
     legend = {c["name"]: c for c in t["classes"]}
     assert legend["01_TUMOR"]["share"] == 0.1 and legend["04_LYMPHO"]["share"] is None
     assert legend["01_TUMOR"]["color"] == "#" + "".join(f"{v:02x}" for v in class_colour("01_TUMOR"))

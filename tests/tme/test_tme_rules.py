@@ -8,7 +8,7 @@ import pytest
 
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.tme.config import PhenotypeRules, tme_config_from_dict
-from wsi_pipeline.tme.rules import immune_phenotype, phenotype_margin
+from wsi_pipeline.tme.rules import immune_phenotype, is_borderline, phenotype_margin
 
 RULES = PhenotypeRules(min_tumour_tiles=3, inflamed_min_tumour_density=0.10, excluded_min_margin_density=0.20)
 
@@ -47,6 +47,13 @@ def test_phenotype_margin_is_the_closest_deciding_threshold(d_tum: float, d_mar:
     metrics = {"n_tumour_tiles": 50, "lymph_density_tumour": d_tum, "lymph_density_margin": d_mar}
     assert phenotype_margin(metrics, RULES) == pytest.approx(margin)
     assert math.isnan(phenotype_margin({**metrics, "n_tumour_tiles": 2}, RULES))  # not evaluable
+    assert is_borderline(margin) == (margin < 0.1)
+
+
+def test_borderline_reads_missing_and_non_finite_margins_as_not_borderline() -> None:
+    """Rows written before phenotype_margin (empty CSV cell, None) and non-evaluable slides (NaN) are not marked."""
+    assert [is_borderline(v) for v in (0.013, 0.0999, 0.1, None, "", float("nan"), "0.05")] == [
+        True, True, False, False, False, False, True]
 
 
 def test_thresholds_are_configurable() -> None:

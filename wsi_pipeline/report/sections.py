@@ -459,15 +459,35 @@ def tme_section(data: ReportData) -> Section | None:
                                                                           for c in fracs]]
     rows = []
     for _, r in tme.iterrows():
-        rows.append([Cell(f"<b>{esc(r[SLIDE_ID])}</b>"), *([Cell(badge(r[pheno]))] if pheno else []),
+        rows.append([Cell(f"<b>{esc(r[SLIDE_ID])}</b>"), *([_phenotype_cell(r, pheno)] if pheno else []),
                      *[Cell(fmt_num(r[c]), "num") for c in [*keys, *fracs]]])
     body = figures([figure(F.tme_overview(tme, pheno, til, fracs), "Immune phenotype, TIL fraction and mean "
                                                                    "tissue composition over slides.")], wide=True)
     body += ("<p class='note'>Area fractions (tiles of the class / all tiles) per tissue class; densities are "
-             "lymphocyte tiles over compartment tiles (see wsi tme).</p>")
+             "lymphocyte tiles over compartment tiles (see wsi tme).")
+    if pheno and "phenotype_margin" in tme.columns:
+        from wsi_pipeline.tme.rules import BORDERLINE_MARGIN, is_borderline
+
+        n = sum(is_borderline(v) for v in tme["phenotype_margin"])
+        body += (f" A phenotype marked <i>borderline</i> lies within {100 * BORDERLINE_MARGIN:g} % of a rule's "
+                 f"threshold (tme.csv <code>phenotype_margin</code>): a small change of the map can turn it "
+                 f"({n} of {len(tme)} slides).")
+    body += "</p>"
     body += table(headers, rows)
     return Section("tme", "Tumour microenvironment", body,
                    lead=f"The interpretable TME read-out of {len(tme)} slides (RUN/tme.csv).")
+
+
+def _phenotype_cell(row: pd.Series, pheno: str) -> Cell:
+    """The phenotype badge; a borderline call says so, with its margin and reason as the tooltip."""
+    from wsi_pipeline.tme.rules import is_borderline
+
+    margin = row.get("phenotype_margin")
+    if not is_borderline(margin):
+        return Cell(badge(row[pheno]))
+    why = esc(f"{100 * float(margin):.1f} % from its threshold: {row.get('phenotype_reason', '')}")
+    return Cell(f"{badge(row[pheno])} <span class='note' title='{why}'>borderline "
+                f"({100 * float(margin):.1f} %)</span>")
 
 
 # ---------------------------------------------------------------- analyses

@@ -29,6 +29,7 @@ class TMEOverlay:
 
     def payload(self, url: str) -> dict[str, Any]:
         """What the viewer needs: the raster's URL and placement, the legend and the phenotype."""
+        from wsi_pipeline.tme.rules import is_borderline
         from wsi_pipeline.tme.spatial import class_column
 
         colours = class_colours(self.class_names)
@@ -40,7 +41,8 @@ class TMEOverlay:
         return {"overlay": url, "origin_l0": [float(v) for v in self.origin_l0], "cell_l0": float(self.cell_l0),
                 "width": int(self.rgba.shape[1]), "height": int(self.rgba.shape[0]), "classes": legend,
                 "phenotype": self.row.get("immune_phenotype"), "reason": self.row.get("phenotype_reason"),
-                "margin": _finite(self.row.get("phenotype_margin")), "footprint": self.row.get("footprint")}
+                "margin": _finite(self.row.get("phenotype_margin")),
+                "borderline": is_borderline(self.row.get("phenotype_margin")), "footprint": self.row.get("footprint")}
 
 
 def _finite(value: Any) -> float | None:

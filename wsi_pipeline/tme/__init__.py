@@ -37,8 +37,8 @@ Outputs of ``wsi tme RUN``
 * ``RUN/tme.csv``: one row per slide, ``slide_id`` first, then ``immune_phenotype``, ``til_fraction``,
   ``lymph_density_tumour``, ``lymph_density_margin``, ``stromal_til_fraction``, ``tumour_stroma_ratio``,
   ``phenotype_reason``, ``phenotype_margin`` (how far the call lies from flipping: the deciding density's
-  relative distance to its threshold, :func:`wsi_pipeline.tme.rules.phenotype_margin`; under about 0.1 the
-  call is borderline), ``area_frac_<class>`` (of tissue tiles), ``nontissue_fraction``, counts and
+  relative distance to its threshold, :func:`wsi_pipeline.tme.rules.phenotype_margin`; under
+  ``rules.BORDERLINE_MARGIN`` = 0.1 the call is borderline, and the viewer and the HTML report say so), ``area_frac_<class>`` (of tissue tiles), ``nontissue_fraction``, counts and
   areas (see :mod:`wsi_pipeline.tme.spatial` for every definition).
 
 Using the read-out downstream

@@ -55,6 +55,18 @@ def immune_phenotype(metrics: Mapping[str, Any], rules: PhenotypeRules) -> tuple
     )
 
 
+BORDERLINE_MARGIN = 0.1  # a phenotype_margin under this: a borderline call (viewer and report say so)
+
+
+def is_borderline(margin: Any) -> bool:
+    """Whether a ``phenotype_margin`` marks a borderline call (False when missing or not finite)."""
+    try:
+        m = float(margin)
+    except (TypeError, ValueError):
+        return False
+    return bool(np.isfinite(m) and m < BORDERLINE_MARGIN)
+
+
 def phenotype_margin(metrics: Mapping[str, Any], rules: PhenotypeRules) -> float:
     """How far the call of :func:`immune_phenotype` lies from flipping: the smallest relative distance
     ``|density − threshold| / threshold`` over the thresholds that decided it (inflamed: the tumour density

@@ -404,8 +404,8 @@
     const t = st.info.tme;
     if (!t) return;
     ui.tmeSection.hidden = false;
-    // a call within 10 % of a threshold is borderline (tme.csv phenotype_margin)
-    const borderline = t.margin !== null && t.margin !== undefined && t.margin < 0.1
+    // a call close to a threshold is borderline (tme.csv phenotype_margin; the server decides: rules.is_borderline)
+    const borderline = t.borderline && t.margin !== null && t.margin !== undefined
       ? ` (borderline: ${(100 * t.margin).toFixed(1)} % from its threshold)` : "";
     ui.tmePhenotype.textContent = t.phenotype ? `immune phenotype: ${t.phenotype}${borderline}` : "";
     ui.tmePhenotype.title = t.reason || "";
