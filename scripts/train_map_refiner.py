@@ -8,13 +8,18 @@ folder (``model.safetensors`` tensors ``refine.*``, ``classifier.json`` ``map_re
    with their own seed; and ``--random-slides`` more with random layouts (``eval_tme.random_class_map``: no
    nests, bands or phenotypes, every class about as frequent), placed the same way.
 2. ``wsi tile`` with every default, then ``wsi tme --footprint dense --no-map-refinement``: the window maps
-   exactly as `wsi tme` computes them.
+   exactly as `wsi tme` computes them. With ``--cross-fit K`` (what the shipped refinement uses) the maps are
+   not read by the classifier itself, which has seen every one of these tiles and reads them almost perfectly,
+   but by K fold classifiers (:func:`wsi_pipeline.tme.train.source_fold_classifiers`: the classifier's recipe
+   refit without one fold of its training sources), each reading mosaics of the tiles it left out: the
+   refinement then learns how the classifier reads source images it never saw, which is how it meets every
+   user's slide (stacking, as in cross-fitted calibration).
 3. The true class fractions of every map cell (4 × 4 points per cell against the mosaic's class map).
 4. The refinement is fitted on ``1 − --val-fraction`` of the slides of both kinds and checked on the rest of
    each (slide-level TIL fraction Spearman and composition MAE: the window map with the classifier's area
    correction against the refined map); what is stored is that fit, with the figures.
 
-    nice python scripts/train_map_refiner.py --out /tmp/refiner --n-slides 240
+    nice python scripts/train_map_refiner.py --out /tmp/refiner            # --cross-fit 4 (default)
     nice python scripts/eval_tme.py --out /tmp/eval --record   # then re-evaluate on the held-out mosaics
 
 The refinement learns the tissue architecture and class frequencies of the layouts it is fitted on as well as
@@ -125,13 +130,13 @@ def slide_figures(clf: Any, exs: list[Any], cohort: list[dict[str, Any]], refine
 
 
 def window_maps(args: argparse.Namespace, clf: Any, pools: dict[str, list[str]], cohort_name: str, n: int,
-                seed: int) -> tuple[list[dict[str, Any]], list[Any]]:
+                seed: int, out: Path) -> tuple[list[dict[str, Any]], list[Any], Path]:
     """``n`` mosaics of ``cohort_name`` (``misaligned``: the generator's layouts; ``random``: random layouts, both
-    placed as the misaligned cohort), tiled and read by `wsi tme --footprint dense --no-map-refinement`."""
+    placed as the misaligned cohort) under ``out``, tiled and read by `wsi tme --footprint dense
+    --no-map-refinement` with ``clf``; and their RUN."""
     from wsi_pipeline.tme.config import TMEConfig
     from wsi_pipeline.tme.run import run_tme
 
-    out = Path(args.out)
     cohort = E.build_cohort(out, cohort_name, pools, (set(), set()), n, tuple(args.grid), seed)
     run = out / ("run" if cohort_name == "misaligned" else f"run-{cohort_name}")
     E.tile_run(run, cohort)
@@ -139,7 +144,66 @@ def window_maps(args: argparse.Namespace, clf: Any, pools: dict[str, list[str]],
                                      overwrite=args.overwrite))
     if summary.failed:
         raise SystemExit(f"tme failed: {summary.failed[:3]}")
-    return cohort, examples(run, cohort, clf.class_names)
+    return cohort, examples(run, cohort, clf.class_names), run
+
+
+def fold_classifiers(args: argparse.Namespace, clf: Any) -> list[Any]:
+    """The classifier's recipe refit ``--cross-fit`` times, each without one fold of its training sources
+    (:func:`wsi_pipeline.tme.train.source_fold_classifiers`; kept in ``--out``/folds and reused)."""
+    from wsi_pipeline.config import from_dict
+    from wsi_pipeline.tme.classifier import load_classifier
+    from wsi_pipeline.tme.config import TissueTrainConfig
+    from wsi_pipeline.tme.train import source_fold_classifiers
+
+    folder = Path(args.out) / "folds"
+    paths = [folder / f"fold-{k}" for k in range(args.cross_fit)]
+    if all((p / "classifier.json").exists() for p in paths):
+        return [load_classifier(p) for p in paths]
+    conf = dict(clf.training["config"])
+    conf["context_grid"] = tuple(conf["context_grid"])
+    cfg = from_dict(TissueTrainConfig, {**conf, "out": str(folder), "data": args.data,
+                                        "feature_cache": str(Path(args.out) / "features")})
+    t0 = time.perf_counter()
+    source_fold_classifiers(cfg, args.cross_fit)
+    print(f"{args.cross_fit} fold classifiers in {time.perf_counter() - t0:.0f} s")
+    return [load_classifier(p) for p in paths]
+
+
+def fold_pools(data: Path, fold_clf: Any) -> dict[str, list[str]]:
+    """Tile paths per class of the training tiles ``fold_clf`` left out."""
+    from wsi_pipeline.tiles.folders import load_labelled_folder
+
+    cf = fold_clf.training["cross_fit"]
+    sources, files = set(cf["held_out_sources"]), set(cf["held_out_files"])
+    tiles = load_labelled_folder(data)
+    keep = np.array([s in sources or p.name in files for s, p in zip(tiles.sources, tiles.paths, strict=True)])
+    return {c: [str(tiles.paths[i]) for i in np.flatnonzero(keep & (tiles.labels == k))]
+            for k, c in enumerate(tiles.class_names)}
+
+
+def all_window_maps(args: argparse.Namespace, clf: Any) -> tuple[list[Any], list[Any], list[Any], list[Any], Path]:
+    """(generator-layout cohort, its examples, random-layout cohort, its examples, a RUN of the first kind): read
+    by ``clf`` itself from mosaics of its training tiles, or, with ``--cross-fit K``, by K fold classifiers, each
+    from mosaics of the tiles it left out."""
+    out = Path(args.out)
+    if not args.cross_fit:
+        parts = [(clf, E.training_pools(Path(args.data), clf), out, args.n_slides, args.random_slides, 0)]
+    else:
+        folds = fold_classifiers(args, clf)
+        k = len(folds)
+        parts = [(f, fold_pools(Path(args.data), f), out / f"fold-{i}", args.n_slides // k, args.random_slides // k,
+                  100 * (i + 1)) for i, f in enumerate(folds)]
+    cohort, exs, rcohort, rexs, run = [], [], [], [], None
+    for reader, pools, where, n, n_random, shift in parts:
+        c, e, r = window_maps(args, reader, pools, "misaligned", n, args.seed + shift, where)
+        cohort += c
+        exs += e
+        run = run or r
+        if n_random:
+            c, e, _ = window_maps(args, reader, pools, "random", n_random, args.seed + 1 + shift, where)
+            rcohort += c
+            rexs += e
+    return cohort, exs, rcohort, rexs, run
 
 
 def split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -163,6 +227,10 @@ def main() -> int:
     ap.add_argument("--val-fraction", type=float, default=0.2)
     ap.add_argument("--epochs", type=int, default=80)
     ap.add_argument("--overwrite", action="store_true", help="recompute the window maps of an existing --out")
+    ap.add_argument("--cross-fit", type=int, default=4, metavar="K",
+                    help="read the training mosaics with K fold classifiers, each refit without the source images "
+                         "its mosaics are made of (so the refinement learns how the classifier reads sources it "
+                         "never saw); 0: with the classifier itself")
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--dilations", type=int, nargs="+", default=(1, 2, 4, 1))
     ap.add_argument("--global-context", action="store_true",
@@ -174,11 +242,8 @@ def main() -> int:
     from wsi_pipeline.tme.refine import STATE_PREFIX, RefinerSpec, fit_refiner
 
     clf = load_classifier(args.classifier)
-    pools = E.training_pools(Path(args.data), clf)
     t0 = time.perf_counter()
-    cohort, exs = window_maps(args, clf, pools, "misaligned", args.n_slides, args.seed)
-    rcohort, rexs = window_maps(args, clf, pools, "random", args.random_slides, args.seed + 1) \
-        if args.random_slides else ([], [])
+    cohort, exs, rcohort, rexs, run = all_window_maps(args, clf)
     print(f"{len(exs)} + {len(rexs)} (random layouts) training mosaics and their window maps in "
           f"{time.perf_counter() - t0:.0f} s")
     val, fit = split(len(exs), args.val_fraction, args.seed)
@@ -196,7 +261,10 @@ def main() -> int:
                       "layout": "wsi_pipeline.synth.layout.make_class_map (synth.kather.KATHER_LAYOUT), one third "
                                 "per immune phenotype; and random layouts (scripts/eval_tme.py random_class_map)",
                       "cell_px": list(E.CELL_RANGE), "tiles": "the classifier's training sources only",
-                      "script": "scripts/train_map_refiner.py", **map_geometry(Path(args.out) / "run", cohort)},
+                      "read_by": (f"cross-fitted: {args.cross_fit} fold classifiers (the classifier's recipe "
+                                  "refit without one fold of its training sources), each reading mosaics of the "
+                                  "tiles it left out" if args.cross_fit else "the classifier itself"),
+                      "script": "scripts/train_map_refiner.py", **map_geometry(run, cohort)},
         "training": training,
     }
     validation = {}

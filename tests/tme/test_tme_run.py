@@ -401,3 +401,33 @@ def test_context_mosaics_are_magnified_by_the_scale_jitter(kather_dir: Path) -> 
     assert cell == 148 and cell_big == 163 and big.shape[:2] == (2 * 163, 2 * 163)
     frac = window_fractions(layout, 2, cell_big, np.array([0.0]), np.array([0.0]), float(cell_big))
     assert frac[0] == pytest.approx([1.0, 0.0])
+
+
+def test_source_fold_classifiers_leave_out_each_training_source_once(setup: dict[str, Path]) -> None:
+    """Cross-fitting (scripts/train_map_refiner.py --cross-fit): the recipe refit once per fold of the training
+    source images, each without its fold; every training tile is left out by exactly one fold classifier, never
+    a test tile, and what a fold classifier was fitted on never includes what it left out."""
+    from wsi_pipeline.errors import ConfigError
+    from wsi_pipeline.tiles.folders import load_labelled_folder
+    from wsi_pipeline.tme.classifier import load_classifier
+    from wsi_pipeline.tme.config import TissueTrainConfig
+    from wsi_pipeline.tme.train import source_fold_classifiers
+
+    cfg = TissueTrainConfig(data=str(setup["kather"]), out=str(setup["root"] / "folds"), encoder=ENCODER,
+                            weights=str(setup["weights"]), max_per_class=6, epochs=20, device="cpu",
+                            context_mosaics=1, context_windows=20, scale_jitter=0.1, scale_copies=1)
+    folds = source_fold_classifiers(cfg, 2)
+    assert [Path(f.path).name for f in folds] == ["fold-0", "fold-1"]
+    tiles = load_labelled_folder(setup["kather"])
+    left_out: list[str] = []
+    for k, f in enumerate(load_classifier(setup["root"] / "folds" / f"fold-{k}") for k in range(2)):
+        cf, split = f.training["cross_fit"], f.training["split"]
+        assert cf["fold"] == k and cf["folds"] == 2 and (cf["held_out_sources"] or cf["held_out_files"])
+        assert not set(cf["held_out_sources"]) & set(split["train_sources"])
+        assert not set(cf["held_out_files"]) & set(split["train_files_split_by_tile"])
+        assert not (set(cf["held_out_sources"]) | set(split["train_sources"])) & set(split["test_sources"])
+        assert f.training["context"]["n_mosaics"] == 1 and f.class_names == list(tiles.class_names)
+        left_out += cf["held_out_sources"] + cf["held_out_files"]
+    assert len(left_out) == len(set(left_out))  # each left out once
+    with pytest.raises(ConfigError, match="at least 2 folds"):
+        source_fold_classifiers(cfg, 1)

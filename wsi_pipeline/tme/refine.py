@@ -18,7 +18,10 @@ What it learns is also the tissue architecture of the mosaics it was fitted on (
 how much of each): it is a prior, recorded in the classifier's ``map_refinement`` entry. Fitted on the project's
 layout generator alone it read other layouts worse than the window map (it assumed the generator's class
 frequencies), so the shipped one is fitted on the generator's layouts and random ones together
-(``scripts/train_map_refiner.py``). ``wsi tme --no-map-refinement`` reads the window map as it is.
+(``scripts/train_map_refiner.py``). It is also fitted on maps that fold classifiers read of source images they
+never saw (``--cross-fit``): the classifier reads its own training tiles almost perfectly, so a refinement
+fitted on its own maps of them never learned what it must undo on a user's slide (lymphocytes of unseen source
+images read at about half their area). ``wsi tme --no-map-refinement`` reads the window map as it is.
 
 Network: the map's C class probabilities (zero outside the tissue area) and the area mask in (with
 ``global_context``, also the slide's mean window probabilities in every cell); dilated 3 × 3

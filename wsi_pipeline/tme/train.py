@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.tme.classifier import TissueClassifier, classification_report, fit_head
 from wsi_pipeline.tme.config import TissueTrainConfig
 
@@ -224,18 +225,38 @@ def _held_out_magnified(cfg: TissueTrainConfig, encoder: Any, fit: str, tiles: A
     return out
 
 
-def run_tissue_train(
-    cfg: TissueTrainConfig, progress: Callable[[int, int], None] | None = None
-) -> TissueClassifier:
-    """Train, evaluate on held-out source images and save a tissue classifier (see module docstring)."""
+@dataclass
+class _Prepared:
+    """What every fit of the recipe shares: the tiles, their split and features, the encoder."""
+
+    tiles: Any
+    is_test: np.ndarray
+    split: Any
+    encoder: Any
+    fit: str
+    feats: np.ndarray
+    device: str
+    hp: dict[str, Any]
+
+    @property
+    def n_cls(self) -> int:
+        return len(self.tiles.class_names)
+
+    def groups(self) -> np.ndarray:
+        """Per tile: its source image, or its file for the classes split by tile (what the folds group by)."""
+        t = self.tiles
+        mode = [self.split.mode[t.class_names[c]] for c in t.labels]
+        return np.array([str(s) if m == "source" else str(p) for s, m, p in zip(t.sources, mode, t.paths, strict=True)])
+
+
+def _prepare(cfg: TissueTrainConfig, progress: Callable[[int, int], None] | None = None) -> _Prepared:
     from wsi_pipeline.encoders.base import resolve_device
     from wsi_pipeline.encoders.registry import create_encoder
-    from wsi_pipeline.tiles.folders import load_labelled_folder, read_rgb
+    from wsi_pipeline.tiles.folders import load_labelled_folder
     from wsi_pipeline.tiles.split import source_split
-    from wsi_pipeline.tiles.transform import choose_fit, scaled_size
+    from wsi_pipeline.tiles.transform import choose_fit
 
     cfg.validate()
-    t0 = time.perf_counter()
     tiles = load_labelled_folder(cfg.data)
     if cfg.max_per_class:
         keep = _subsample(tiles.labels, cfg.max_per_class, cfg.seed)
@@ -246,7 +267,6 @@ def run_tissue_train(
              [c for c, m in split.mode.items() if m == "tile"] or "none")
     device = str(resolve_device(cfg.device))
     encoder = create_encoder(cfg.encoder or None, cfg.weights, device=device)
-    meta = encoder.meta
     fit = choose_fit(encoder)
     done = [0]
 
@@ -256,30 +276,57 @@ def run_tissue_train(
             progress(done[0], len(tiles))
 
     feats = _embed_with_cache(cfg, encoder, fit, tiles.paths, device, _tick)
-    y = tiles.labels
-    n_cls = len(tiles.class_names)
     hp = {"head": cfg.head, "hidden": cfg.hidden, "epochs": cfg.epochs, "lr": cfg.lr,
           "weight_decay": cfg.weight_decay, "seed": cfg.seed}
-    context: dict[str, Any] = {}
-    ctx_train = None
-    rows, x_tiles = _training_tiles(cfg, encoder, fit, tiles, feats, ~is_test, device)
-    x_fit, t_fit, w_fit = x_tiles, np.eye(n_cls, dtype=np.float32)[y[rows]], None
+    return _Prepared(tiles, is_test, split, encoder, fit, feats, device, hp)
+
+
+def _fit_on(cfg: TissueTrainConfig, pre: _Prepared, rows: np.ndarray, x_tiles: np.ndarray, mask: np.ndarray,
+            context_seed: int) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """(head state, context windows, their description) of the recipe fitted on the tiles in ``mask`` (their
+    rows of ``x_tiles``, magnified copies included) and on context windows of mosaics of those tiles."""
+    keep = mask[rows]
+    x_fit, t_fit, w_fit = x_tiles[keep], np.eye(pre.n_cls, dtype=np.float32)[pre.tiles.labels[rows[keep]]], None
+    ctx, context = None, {}
     if cfg.context_mosaics:
-        ctx_train, context = _context(cfg, encoder, tiles, ~is_test, cfg.context_mosaics, cfg.seed, fit,
-                                      cfg.context_scale_jitter)
-        n1, n2 = len(x_fit), len(ctx_train.features)
-        x_fit = np.concatenate([x_fit, ctx_train.features])
-        t_fit = np.concatenate([t_fit, ctx_train.fractions])
+        ctx, context = _context(cfg, pre.encoder, pre.tiles, mask, cfg.context_mosaics, context_seed, pre.fit,
+                                cfg.context_scale_jitter)
+        n1, n2 = len(x_fit), len(ctx.features)
+        x_fit = np.concatenate([x_fit, ctx.features])
+        t_fit = np.concatenate([t_fit, ctx.fractions])
         w_fit = np.concatenate([np.full(n1, 1.0 / n1), np.full(n2, cfg.context_weight / max(1, n2))])
         log.info("%d context windows of %d training mosaics (%s)", n2, cfg.context_mosaics, context["method"])
-    state = fit_head(x_fit, t_fit, n_cls, sample_weight=w_fit, **hp)
-    first = read_rgb(tiles.paths[0])
-    tile_um = first.shape[1] * cfg.mpp
-    clf = TissueClassifier(
-        class_names=list(tiles.class_names), encoder=meta.name, embed_dim=int(meta.embed_dim),
-        mpp=float(meta.mpp), head=cfg.head, hidden=cfg.hidden, tile_um=float(tile_um),
-        input_size=int(meta.input_size), fit=fit, encoder_weights_sha256=encoder.weights_sha256, state=state,
+    return fit_head(x_fit, t_fit, pre.n_cls, sample_weight=w_fit, **pre.hp), ctx, context
+
+
+def _classifier(cfg: TissueTrainConfig, pre: _Prepared, state: dict[str, Any]) -> TissueClassifier:
+    from wsi_pipeline.tiles.folders import read_rgb
+
+    meta = pre.encoder.meta
+    return TissueClassifier(
+        class_names=list(pre.tiles.class_names), encoder=meta.name, embed_dim=int(meta.embed_dim),
+        mpp=float(meta.mpp), head=cfg.head, hidden=cfg.hidden,
+        tile_um=float(read_rgb(pre.tiles.paths[0]).shape[1] * cfg.mpp), input_size=int(meta.input_size),
+        fit=pre.fit, encoder_weights_sha256=pre.encoder.weights_sha256, state=state,
     )
+
+
+def run_tissue_train(
+    cfg: TissueTrainConfig, progress: Callable[[int, int], None] | None = None
+) -> TissueClassifier:
+    """Train, evaluate on held-out source images and save a tissue classifier (see module docstring)."""
+    from wsi_pipeline.tiles.folders import read_rgb
+    from wsi_pipeline.tiles.transform import scaled_size
+
+    t0 = time.perf_counter()
+    pre = _prepare(cfg, progress)
+    tiles, is_test, split, encoder, fit, feats, device = (pre.tiles, pre.is_test, pre.split, pre.encoder, pre.fit,
+                                                          pre.feats, pre.device)
+    y, n_cls, meta = tiles.labels, pre.n_cls, encoder.meta
+    rows, x_tiles = _training_tiles(cfg, encoder, fit, tiles, feats, ~is_test, device)
+    state, ctx_train, context = _fit_on(cfg, pre, rows, x_tiles, ~is_test, cfg.seed)
+    first = read_rgb(tiles.paths[0])
+    clf = _classifier(cfg, pre, state)
     test_rep = classification_report(y[is_test], clf.predict(feats[is_test]), clf.class_names)
     scaled = _held_out_magnified(cfg, encoder, fit, tiles, is_test, clf, device)
     train_rep = classification_report(y[~is_test], clf.predict(feats[~is_test]), clf.class_names)
@@ -291,11 +338,9 @@ def run_tissue_train(
         "held_out_magnified": scaled,
     }
     if cfg.area_correction:
-        mode = [split.mode[tiles.class_names[c]] for c in y]
-        groups = np.array([str(s) if m == "source" else str(p) for s, m, p in zip(tiles.sources, mode, tiles.paths,
-                                                                                   strict=True)])
+        groups = pre.groups()
         nominal = np.arange(len(rows)) < int((~is_test).sum())  # the tiles themselves, not magnified copies
-        matrix = area_confusion_cv(x_tiles, y[rows], groups[rows], n_cls, hp, ctx_train, cfg.context_weight,
+        matrix = area_confusion_cv(x_tiles, y[rows], groups[rows], n_cls, pre.hp, ctx_train, cfg.context_weight,
                                    scored=nominal)
         clf.area_correction = {"method": "soft-confusion", "matrix": np.round(matrix, 5).tolist(),
                                "estimated_on": "4-fold cross-validation over the training source images (tiles); "
@@ -306,7 +351,7 @@ def run_tissue_train(
         clf.metrics["held_out_context"] = context_report(clf, ctx_test, n_eval)
     fit_idx = np.flatnonzero(~is_test)
     if cfg.final_fit_all:
-        clf.state = fit_head(feats, y, n_cls, **hp)
+        clf.state = fit_head(feats, y, n_cls, **pre.hp)
         fit_idx = np.arange(len(tiles))
     clf.training = {
         "data": str(cfg.data),
@@ -326,3 +371,44 @@ def run_tissue_train(
     log.info("held-out balanced accuracy %.3f (colour baseline %.3f); saved %s",
              test_rep["balanced_accuracy"], baseline["balanced_accuracy"], cfg.out)
     return clf
+
+
+def source_fold_classifiers(cfg: TissueTrainConfig, folds: int = 4) -> list[TissueClassifier]:
+    """Cross-fitting: the recipe of :func:`run_tissue_train` refit ``folds`` times on the training side, each
+    time without one fold of its source images (grouped as the area correction groups them; the classes split
+    by tile, by file), saved to ``cfg.out/fold-<k>``. Each records the training tiles it never saw
+    (``training["cross_fit"]``: ``held_out_sources``, ``held_out_files``), so that what is fitted on its reading
+    of them (the map refinement, ``scripts/train_map_refiner.py --cross-fit``) learns how a classifier reads
+    source images it was not trained on, which is how the shipped classifier meets every user's slide."""
+    from pathlib import Path
+
+    from sklearn.model_selection import GroupKFold
+
+    if folds < 2:
+        raise ConfigError(f"cross-fitting needs at least 2 folds (got {folds})")
+    pre = _prepare(cfg)
+    train = ~pre.is_test
+    rows, x_tiles = _training_tiles(cfg, pre.encoder, pre.fit, pre.tiles, pre.feats, train, pre.device)
+    groups = pre.groups()
+    idx = np.flatnonzero(train)
+    out = []
+    for k, (_, held) in enumerate(GroupKFold(folds).split(idx, groups=groups[idx])):
+        t0 = time.perf_counter()
+        held_mask = np.zeros(len(pre.tiles), bool)
+        held_mask[idx[held]] = True
+        state, _, context = _fit_on(cfg, pre, rows, x_tiles, train & ~held_mask, cfg.seed + 1000 + k)
+        clf = _classifier(cfg, pre, state)
+        fit_idx = np.flatnonzero(train & ~held_mask)
+        summary = _split_summary(cfg, pre.tiles, pre.split, fit_idx)
+        held_summary = _split_summary(cfg, pre.tiles, pre.split, idx[held])
+        clf.training = {
+            "data": str(cfg.data), "data_mpp": cfg.mpp, "split": summary, "fit_on": f"train, fold {k} left out",
+            "context": context, "config": {k2: v for k2, v in asdict(cfg).items() if k2 not in ("out",)},
+            "cross_fit": {"fold": k, "folds": folds, "held_out_sources": held_summary["train_sources"],
+                          "held_out_files": held_summary["train_files_split_by_tile"]},
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        clf.save(Path(cfg.out) / f"fold-{k}")
+        log.info("fold %d/%d: %d tiles left out, fitted in %.0f s", k + 1, folds, len(held), time.perf_counter() - t0)
+        out.append(clf)
+    return out
