@@ -78,12 +78,16 @@ def held_out_pools(kather_dir: Path, clf: Any) -> tuple[dict[str, list[str]], se
 def training_pools(kather_dir: Path, clf: Any) -> dict[str, list[str]]:
     """Tile paths per class that the classifier was trained on (its training sources, and the training files of
     the classes split by tile): the complement of :func:`held_out_pools` (scripts/train_map_refiner.py)."""
-    from wsi_pipeline.tiles.folders import load_labelled_folder
-
     split = clf.training.get("split", {})
     if "train_sources" not in split:
         raise SystemExit(f"{clf.path}: the classifier does not record its training sources; retrain it")
-    sources, files = set(split["train_sources"]), set(split.get("train_files_split_by_tile", []))
+    return pools_of(kather_dir, set(split["train_sources"]), set(split.get("train_files_split_by_tile", [])))
+
+
+def pools_of(kather_dir: Path, sources: set[str], files: set[str]) -> dict[str, list[str]]:
+    """Tile paths per class of the tiles from ``sources`` (source image ids) or named in ``files``."""
+    from wsi_pipeline.tiles.folders import load_labelled_folder
+
     tiles = load_labelled_folder(kather_dir)
     keep = np.array([s in sources or p.name in files for s, p in zip(tiles.sources, tiles.paths, strict=True)])
     return {c: [str(tiles.paths[i]) for i in np.flatnonzero(keep & (tiles.labels == k))]

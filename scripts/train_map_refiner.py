@@ -171,14 +171,8 @@ def fold_classifiers(args: argparse.Namespace, clf: Any) -> list[Any]:
 
 def fold_pools(data: Path, fold_clf: Any) -> dict[str, list[str]]:
     """Tile paths per class of the training tiles ``fold_clf`` left out."""
-    from wsi_pipeline.tiles.folders import load_labelled_folder
-
     cf = fold_clf.training["cross_fit"]
-    sources, files = set(cf["held_out_sources"]), set(cf["held_out_files"])
-    tiles = load_labelled_folder(data)
-    keep = np.array([s in sources or p.name in files for s, p in zip(tiles.sources, tiles.paths, strict=True)])
-    return {c: [str(tiles.paths[i]) for i in np.flatnonzero(keep & (tiles.labels == k))]
-            for k, c in enumerate(tiles.class_names)}
+    return E.pools_of(data, set(cf["held_out_sources"]), set(cf["held_out_files"]))
 
 
 def all_window_maps(args: argparse.Namespace, clf: Any) -> tuple[list[Any], list[Any], list[Any], list[Any], Path]:

@@ -485,9 +485,9 @@ def _phenotype_cell(row: pd.Series, pheno: str) -> Cell:
     margin = row.get("phenotype_margin")
     if not is_borderline(margin):
         return Cell(badge(row[pheno]))
-    why = esc(f"{100 * float(margin):.1f} % from its threshold: {row.get('phenotype_reason', '')}")
-    return Cell(f"{badge(row[pheno])} <span class='note' title='{why}'>borderline "
-                f"({100 * float(margin):.1f} %)</span>")
+    pct = f"{100 * float(margin):.1f} %"
+    why = esc(f"{pct} from its threshold: {row.get('phenotype_reason', '')}")
+    return Cell(f"{badge(row[pheno])} <span class='note' title='{why}'>borderline ({pct})</span>")
 
 
 # ---------------------------------------------------------------- analyses

@@ -169,8 +169,8 @@ class TissueClassifier:
             a = np.ascontiguousarray(self.state[name], dtype=np.float32)
             h.update(f"{name}:{a.shape}".encode())
             h.update(a.tobytes())
-        fields = {k: self.to_json()[k] for k in ("class_names", "encoder", "encoder_weights_sha256", "embed_dim",
-                                                   "mpp", "tile_um", "input_size", "fit", "head", "hidden")}
+        fields = {k: getattr(self, k) for k in ("class_names", "encoder", "encoder_weights_sha256", "embed_dim",
+                                                  "mpp", "tile_um", "input_size", "fit", "head", "hidden")}
         return F.params_hash({"head_tensors": h.hexdigest(), **fields})
 
     # ---- I/O

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -217,7 +218,6 @@ class TMEContext:
     cfg: TMEConfig
     classifier_sha256: str  # of its whole model.safetensors (map refinement included): the rows' key
     device: str = "cpu"
-    map_sha256: str = ""  # TissueClassifier.window_map_sha256: the stored probabilities' and maps' key
     _encoder: Any = field(default=None, repr=False)
     _net: Any = field(default=None, repr=False)
 
@@ -235,10 +235,14 @@ class TMEContext:
             self._net = feature_map_net(prepare_for_inference(self.encoder(), resolve_device(self.device)))
         return self._net
 
+    @cached_property
+    def map_sha256(self) -> str:
+        """:meth:`TissueClassifier.window_map_sha256`: what the stored probabilities and maps depend on."""
+        return self.clf.window_map_sha256()
+
     def resume_key(self, tiles_key: str) -> str:
         """The stored probabilities' (and dense map's) key: not the map refinement, which reads them."""
-        return F.params_hash({**self.cfg.params(), "window_map_sha256": self.map_sha256 or self.clf.window_map_sha256(),
-                              "tiles": tiles_key})
+        return F.params_hash({**self.cfg.params(), "window_map_sha256": self.map_sha256, "tiles": tiles_key})
 
 
 def create_classifier_encoder(clf: TissueClassifier, weights: str | None, device: str) -> Encoder:
@@ -568,7 +572,7 @@ def run_tme(
     clf = load_classifier(cfg.classifier or None)
     cfg.roles.resolve(clf.class_names)  # fail early on a classifier without tumour/lymphocyte classes
     clf_sha = F.file_sha256(Path(clf.path) / WEIGHTS_FILE)
-    ctx = TMEContext(layout, clf, cfg, clf_sha, str(resolve_device(cfg.device)), clf.window_map_sha256())
+    ctx = TMEContext(layout, clf, cfg, clf_sha, str(resolve_device(cfg.device)))
     save_resolved(run_root, STAGE, {"tme": cfg, "classifier_path": clf.path, "classifier_mpp": clf.mpp})
     summary = run_per_slide(TMEStage(ctx), [SlideItem(sid) for sid in ids], layout, workers=0,
                             progress=progress)

@@ -237,6 +237,7 @@ class _Prepared:
     feats: np.ndarray
     device: str
     hp: dict[str, Any]
+    tile_px: int  # width of the tiles (px at cfg.mpp)
 
     @property
     def n_cls(self) -> int:
@@ -252,7 +253,7 @@ class _Prepared:
 def _prepare(cfg: TissueTrainConfig, progress: Callable[[int, int], None] | None = None) -> _Prepared:
     from wsi_pipeline.encoders.base import resolve_device
     from wsi_pipeline.encoders.registry import create_encoder
-    from wsi_pipeline.tiles.folders import load_labelled_folder
+    from wsi_pipeline.tiles.folders import load_labelled_folder, read_rgb
     from wsi_pipeline.tiles.split import source_split
     from wsi_pipeline.tiles.transform import choose_fit
 
@@ -278,7 +279,7 @@ def _prepare(cfg: TissueTrainConfig, progress: Callable[[int, int], None] | None
     feats = _embed_with_cache(cfg, encoder, fit, tiles.paths, device, _tick)
     hp = {"head": cfg.head, "hidden": cfg.hidden, "epochs": cfg.epochs, "lr": cfg.lr,
           "weight_decay": cfg.weight_decay, "seed": cfg.seed}
-    return _Prepared(tiles, is_test, split, encoder, fit, feats, device, hp)
+    return _Prepared(tiles, is_test, split, encoder, fit, feats, device, hp, int(read_rgb(tiles.paths[0]).shape[1]))
 
 
 def _fit_on(cfg: TissueTrainConfig, pre: _Prepared, rows: np.ndarray, x_tiles: np.ndarray, mask: np.ndarray,
@@ -300,13 +301,11 @@ def _fit_on(cfg: TissueTrainConfig, pre: _Prepared, rows: np.ndarray, x_tiles: n
 
 
 def _classifier(cfg: TissueTrainConfig, pre: _Prepared, state: dict[str, Any]) -> TissueClassifier:
-    from wsi_pipeline.tiles.folders import read_rgb
-
     meta = pre.encoder.meta
     return TissueClassifier(
         class_names=list(pre.tiles.class_names), encoder=meta.name, embed_dim=int(meta.embed_dim),
         mpp=float(meta.mpp), head=cfg.head, hidden=cfg.hidden,
-        tile_um=float(read_rgb(pre.tiles.paths[0]).shape[1] * cfg.mpp), input_size=int(meta.input_size),
+        tile_um=float(pre.tile_px * cfg.mpp), input_size=int(meta.input_size),
         fit=pre.fit, encoder_weights_sha256=pre.encoder.weights_sha256, state=state,
     )
 
@@ -315,7 +314,6 @@ def run_tissue_train(
     cfg: TissueTrainConfig, progress: Callable[[int, int], None] | None = None
 ) -> TissueClassifier:
     """Train, evaluate on held-out source images and save a tissue classifier (see module docstring)."""
-    from wsi_pipeline.tiles.folders import read_rgb
     from wsi_pipeline.tiles.transform import scaled_size
 
     t0 = time.perf_counter()
@@ -325,7 +323,6 @@ def run_tissue_train(
     y, n_cls, meta = tiles.labels, pre.n_cls, encoder.meta
     rows, x_tiles = _training_tiles(cfg, encoder, fit, tiles, feats, ~is_test, device)
     state, ctx_train, context = _fit_on(cfg, pre, rows, x_tiles, ~is_test, cfg.seed)
-    first = read_rgb(tiles.paths[0])
     clf = _classifier(cfg, pre, state)
     test_rep = classification_report(y[is_test], clf.predict(feats[is_test]), clf.class_names)
     scaled = _held_out_magnified(cfg, encoder, fit, tiles, is_test, clf, device)
@@ -356,8 +353,8 @@ def run_tissue_train(
     clf.training = {
         "data": str(cfg.data),
         "data_mpp": cfg.mpp,
-        "tile_px": int(first.shape[1]),
-        "scaled_tile_px": scaled_size(int(first.shape[1]), cfg.mpp, meta.mpp),
+        "tile_px": pre.tile_px,
+        "scaled_tile_px": scaled_size(pre.tile_px, cfg.mpp, meta.mpp),
         "n_tiles": len(tiles),
         "n_train": int((~is_test).sum()),
         "n_test": int(is_test.sum()),

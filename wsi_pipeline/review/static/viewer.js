@@ -405,7 +405,7 @@
     if (!t) return;
     ui.tmeSection.hidden = false;
     // a call close to a threshold is borderline (tme.csv phenotype_margin; the server decides: rules.is_borderline)
-    const borderline = t.borderline && t.margin !== null && t.margin !== undefined
+    const borderline = t.borderline  // implies a finite margin
       ? ` (borderline: ${(100 * t.margin).toFixed(1)} % from its threshold)` : "";
     ui.tmePhenotype.textContent = t.phenotype ? `immune phenotype: ${t.phenotype}${borderline}` : "";
     ui.tmePhenotype.title = t.reason || "";
