@@ -221,9 +221,15 @@ def tile_run(run: Path, cohort: list[dict[str, Any]]) -> None:
 
 
 def run_extract(run: Path, encoder: str, weights: str | None) -> None:
+    """`wsi extract` of the RUN from scratch (its stored features removed first: a resumed extraction takes no
+    time, which is not what the timing compares)."""
+    import shutil
+
     from wsi_pipeline.features.config import ExtractConfig
     from wsi_pipeline.features.extract import run_extract as _extract
+    from wsi_pipeline.runfolder.layout import RunLayout
 
+    shutil.rmtree(RunLayout(run).features_dir(encoder), ignore_errors=True)
     res = _extract(run, ExtractConfig(encoder=encoder, weights=weights, device="cpu", num_workers=0))
     if getattr(res, "failed", None):
         raise SystemExit(f"extraction failed: {res.failed}")

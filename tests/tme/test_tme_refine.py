@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -176,3 +177,57 @@ def test_refinement_applies_only_to_maps_of_its_geometry() -> None:
     ok, why = geometry_matches(fitted, 16.0, 80.0, "window")
     assert not ok and "fcn" in why
     assert geometry_matches({}, 37.0, 74.0, "window")[0]  # a refinement that records no geometry is not checked
+
+
+def _load(spec: RefinerSpec, state: dict[str, np.ndarray]) -> Any:  # a torch module
+    import torch
+
+    net = build_refiner(spec, 4)
+    net.load_state_dict({k[len(STATE_PREFIX):]: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    return net
+
+
+def test_an_ensemble_is_its_members_fitted_alike_and_their_geometric_mean(tmp_path: Path) -> None:
+    """``members`` = 3: member i is exactly the single fit with seed ``seed + i``; the refined map is the
+    normalised geometric mean of the members' maps, so its soft cross-entropy against the truth is at most the
+    members' mean (log of a normaliser ≤ 1); untrained it is the identity; it round-trips through the JSON and
+    the classifier folder; a refinement fitted before (no ``members``) reads as one network."""
+    fit, test = _examples(12, seed=7), _examples(6, seed=8)
+    spec = RefinerSpec(hidden=8, dilations=(1, 2), epochs=6, seed=10, members=3)
+    assert RefinerSpec.from_json(spec.to_json()) == spec
+    assert RefinerSpec.from_json({"hidden": 8, "dilations": [1]}).members == 1
+    ex0 = test[0]
+    np.testing.assert_allclose(refine_probs(build_refiner(spec, 4), ex0.probs, ex0.area), ex0.probs, atol=2e-3)
+
+    ticks: list[tuple[int, int]] = []
+    state, summary = fit_refiner(fit, spec, progress=lambda done, total: ticks.append((done, total)))
+    assert ticks[-1] == (18, 18) and len(summary["members_loss_last_epoch"]) == 3
+    single = RefinerSpec(hidden=8, dilations=(1, 2), epochs=6)
+    members = []
+    for i in range(3):
+        alone, _ = fit_refiner(fit, RefinerSpec(hidden=8, dilations=(1, 2), epochs=6, seed=10 + i))
+        prefix = f"{STATE_PREFIX}members.{i}."
+        mine = {STATE_PREFIX + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        assert mine.keys() == alone.keys()
+        for k, v in alone.items():
+            np.testing.assert_array_equal(mine[k], v)
+        members.append(_load(single, alone))
+    assert len(state) == 3 * len(alone)
+
+    ens = _load(spec, state)
+    for ex in test:
+        maps = [refine_probs(m, ex.probs, ex.area) for m in members]
+        geo = np.exp(np.mean(np.log(maps), axis=0))
+        geo /= geo.sum(-1, keepdims=True)
+        out = refine_probs(ens, ex.probs, ex.area)
+        np.testing.assert_allclose(out, geo, atol=1e-5)
+        ce = [float(-(ex.truth * np.log(m)).sum(-1).mean()) for m in maps]
+        assert float(-(ex.truth * np.log(out)).sum(-1).mean()) <= np.mean(ce) + 1e-6
+
+    clf = TissueClassifier(["01_TUMOR", "02_STROMA", "04_LYMPHO", "03_COMPLEX"], "enc", 8, mpp=0.5, tile_um=74.25,
+                           state={**fit_head(np.random.default_rng(0).normal(0, 1, (40, 8)).astype(np.float32),
+                                             np.arange(40) % 4, 4, epochs=5), **state})
+    clf.map_refinement = {"architecture": spec.to_json(), "training": summary}
+    back = load_classifier(clf.save(tmp_path / "clf"))
+    assert back.map_refinement["architecture"]["members"] == 3
+    np.testing.assert_array_equal(back.refine_map(ex0.probs, ex0.area), refine_probs(ens, ex0.probs, ex0.area))
