@@ -221,16 +221,12 @@ def tile_run(run: Path, cohort: list[dict[str, Any]]) -> None:
 
 
 def run_extract(run: Path, encoder: str, weights: str | None) -> None:
-    """`wsi extract` of the RUN from scratch (its stored features removed first: a resumed extraction takes no
-    time, which is not what the timing compares)."""
-    import shutil
-
+    """`wsi extract` of the RUN from scratch (``force``: a resumed extraction takes no time, which is not what the
+    timing compares)."""
     from wsi_pipeline.features.config import ExtractConfig
     from wsi_pipeline.features.extract import run_extract as _extract
-    from wsi_pipeline.runfolder.layout import RunLayout
 
-    shutil.rmtree(RunLayout(run).features_dir(encoder), ignore_errors=True)
-    res = _extract(run, ExtractConfig(encoder=encoder, weights=weights, device="cpu", num_workers=0))
+    res = _extract(run, ExtractConfig(encoder=encoder, weights=weights, device="cpu", num_workers=0, force=True))
     if getattr(res, "failed", None):
         raise SystemExit(f"extraction failed: {res.failed}")
 
