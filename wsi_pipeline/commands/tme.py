@@ -123,8 +123,9 @@ def register(app: typer.Typer) -> None:
                                                      "classifier's confusion correction."),
         no_map_refinement: bool = typer.Option(False, "--no-map-refinement",
                                                help="Dense footprint: read the window map as it is, without the "
-                                                    "classifier's map refinement (a small network that reads each "
-                                                    "map cell with its neighbourhood; classifier.json "
+                                                    "classifier's map refinement (a small network, or an ensemble of "
+                                                    "them, reading each map cell with its neighbourhood; "
+                                                    "classifier.json "
                                                     "map_refinement; only for maps of the geometry it was fitted "
                                                     "on)."),
         fit_rules: bool = typer.Option(False, "--fit-rules",

@@ -13,8 +13,9 @@ Modules
   map computes them, class-area fractions as soft labels).
 * ``dense``: the dense class-probability map (overlapping field-of-view windows, fully convolutional or one by
   one; what ``--footprint auto`` uses for a classifier validated for it, :func:`wsi_pipeline.tme.run.dense_validated`).
-* ``refine``: the map refinement (a small convolutional network over the dense map, fitted to the true class
-  fractions of mosaic cells; the dense read-out's composition when the classifier carries one).
+* ``refine``: the map refinement (a small convolutional network over the dense map, or an ensemble of such
+  networks, fitted to the true class fractions of mosaic cells; the dense read-out's composition when the
+  classifier carries one).
 * ``spatial``: tile grid, tumour region, peri-tumoural band, per-slide metrics of a label grid or of the
   dense map (pure).
 * ``rules``: the immune-phenotype rule table and fitting its thresholds with cross-validation (pure).
