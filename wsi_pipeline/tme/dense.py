@@ -377,14 +377,6 @@ def window_probs_direct(reader: TileReader, encoder: Encoder, clf: TissueClassif
 
 
 # ---------------------------------------------------------------- a slide
-def reader_threads(encoder: Encoder) -> int:
-    """Decoding threads for the regions: torch's intra-op threads on a CPU (as ``wsi extract`` reads in-process:
-    the region is read between forward passes, by as many threads as compute them), else 1."""
-    import torch
-
-    return torch.get_num_threads() if encoder.device.type == "cpu" else 1
-
-
 def dense_slide_map(tiles: F.TileSet, encoder: Encoder, clf: TissueClassifier, method: str = "auto",
                     precision: str = "fp32", batch_size: int = 64, device: str = "cpu",
                     geo: DenseGeometry | None = None, net: Any = None) -> F.TMEDenseMap:
@@ -414,7 +406,7 @@ def dense_slide_map(tiles: F.TileSet, encoder: Encoder, clf: TissueClassifier, m
     if method == METHOD_FCN:
         geo = choose_chunk(need, geo)
         spec = ReadSpec(target_mpp=geo.mpp, tile_size=geo.region_px, slide_mpp=tiles.slide_mpp)
-        with open_tile_reader(path, spec, threads=reader_threads(encoder)) as reader:
+        with open_tile_reader(path, spec) as reader:
             wprobs, done = window_probs_fcn(reader, encoder, clf, geo, origin, cell_l0, need, precision, net)
     else:
         spec = ReadSpec(target_mpp=geo.mpp, tile_size=geo.window_px, slide_mpp=tiles.slide_mpp)

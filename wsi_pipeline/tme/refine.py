@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -223,14 +223,16 @@ def fit_refiner(examples: Sequence[RefinerExample], spec: RefinerSpec = RefinerS
     if not examples:
         raise ConfigError("map refinement: no maps to fit on")
     n_classes = int(examples[0].probs.shape[-1])
-    fits = []
-    for i in range(spec.members):
-        def member_progress(epoch: int, epochs: int, i: int = i) -> None:
-            if progress is not None:
-                progress(i * epochs + epoch, spec.members * epochs)
+    data = [(*_tensors(ex.probs, ex.area), _tensors(ex.truth, ex.area)[0]) for ex in examples]
+    n_steps = spec.members * spec.epochs
 
-        fits.append(_fit_member(examples, dataclasses.replace(spec, members=1, seed=spec.seed + i), n_classes,
-                                member_progress))
+    def tick(done: int) -> None:
+        if progress is not None:
+            progress(done, n_steps)
+
+    fits = [_fit_member(data, dataclasses.replace(spec, members=1, seed=spec.seed + i), n_classes,
+                        lambda epoch, i=i: tick(i * spec.epochs + epoch))
+            for i in range(spec.members)]
     prefix = [STATE_PREFIX] if spec.members == 1 else [f"{STATE_PREFIX}members.{i}." for i in range(spec.members)]
     state = {p + k: v for p, (net_state, _) in zip(prefix, fits, strict=True) for k, v in net_state.items()}
     before = float(np.mean([_soft_ce(ex.probs, ex.area, ex.truth) for ex in examples]))
@@ -244,9 +246,10 @@ def fit_refiner(examples: Sequence[RefinerExample], spec: RefinerSpec = RefinerS
     return state, summary
 
 
-def _fit_member(examples: Sequence[RefinerExample], spec: RefinerSpec, n_classes: int,
-                progress: Any) -> tuple[dict[str, np.ndarray], list[float]]:
-    """One network fitted on ``examples``: (its tensors without prefix, the mean loss of every epoch)."""
+def _fit_member(data: Sequence[tuple[Any, Any, Any]], spec: RefinerSpec, n_classes: int,
+                on_epoch: Callable[[int], None]) -> tuple[dict[str, np.ndarray], list[float]]:
+    """One network fitted on ``data`` ((probs, area, truth) tensors per map): (its tensors without prefix, the
+    mean loss of every epoch); ``on_epoch(e)`` after epoch e (1-based)."""
     import torch
     import torch.nn.functional as tf
 
@@ -254,11 +257,6 @@ def _fit_member(examples: Sequence[RefinerExample], spec: RefinerSpec, n_classes
     rng = np.random.default_rng(spec.seed)
     net = build_refiner(spec, n_classes)
     opt = torch.optim.AdamW(net.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    data = []
-    for ex in examples:
-        p, a = _tensors(ex.probs, ex.area)
-        y, _ = _tensors(ex.truth, ex.area)
-        data.append((p, a, y))
     losses = []
     net.train()
     for epoch in range(spec.epochs):
@@ -272,7 +270,7 @@ def _fit_member(examples: Sequence[RefinerExample], spec: RefinerSpec, n_classes
             opt.step()
             total += loss.item()
         losses.append(total / len(data))
-        progress(epoch + 1, spec.epochs)
+        on_epoch(epoch + 1)
     return {k: v.detach().numpy().astype(np.float32) for k, v in net.state_dict().items()}, losses
 
 
