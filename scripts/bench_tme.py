@@ -13,7 +13,12 @@ Prints the median seconds, the ratios to extraction, and the fully convolutional
 its regions compute per RUN-tile cell (``wsi_pipeline.tme.dense.fcn_regions``), against the floor (the union
 of the input cells that the needed windows read).
 
-    nice python scripts/bench_tme.py [--slide PATH] [--rounds 2] [--work /tmp/wsi_bench_tme]
+    nice python scripts/bench_tme.py [--slide PATH] [--rounds 2] [--work /tmp/wsi_bench_tme] [--device auto]
+
+``--device``: both stages on it (``auto``: CUDA when there is one). On a GPU, `wsi extract` reads with its
+default reader processes (all cores but one) and `wsi tme` with as many reading threads, the next region read
+while the current one is computed (``wsi_pipeline.tme.dense.reader_threads``); ``scripts/gpu_check.sh``
+runs this there.
 """
 
 from __future__ import annotations
@@ -64,9 +69,11 @@ def main() -> int:
     ap.add_argument("--slide", type=Path, default=None, help="default: the cached bench slide")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "wsi_bench_tme")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda (both stages)")
     args = ap.parse_args()
 
     from wsi_pipeline.config import TilingConfig
+    from wsi_pipeline.encoders.base import resolve_device
     from wsi_pipeline.features.config import ExtractConfig
     from wsi_pipeline.features.extract import run_extract
     from wsi_pipeline.runfolder.layout import RunLayout
@@ -77,7 +84,7 @@ def main() -> int:
     from wsi_pipeline.tme.run import run_tme
 
     slide = args.slide or make_bench_slide(default_bench_path(BenchSlideParams()), BenchSlideParams())
-    run = args.work / "run"
+    run = args.work / f"run-{slide.stem}"  # one RUN per slide, so a --work shared by slides keeps them apart
     if not run_tile([slide], run, TilingConfig().validate(), workers=0).ok:
         raise SystemExit(f"tiling {slide} failed")
     layout = RunLayout(run)
@@ -85,14 +92,15 @@ def main() -> int:
     secs: dict[str, list[float]] = {"extract": [], "tme dense": [], "tme grid": []}
     for _ in range(args.rounds):
         shutil.rmtree(layout.root / "features", ignore_errors=True)
-        secs["extract"].append(timed(lambda: run_extract(run, ExtractConfig(encoder=clf.encoder, device="cpu"))))
+        secs["extract"].append(timed(lambda: run_extract(run, ExtractConfig(encoder=clf.encoder,
+                                                                              device=args.device))))
         for footprint in ("dense", "grid"):
-            cfg = TMEConfig(device="cpu", footprint=footprint, overwrite=True)
+            cfg = TMEConfig(device=args.device, footprint=footprint, overwrite=True)
             secs[f"tme {footprint}"].append(timed(lambda cfg=cfg: run_tme(run, cfg)))
     n_tiles = sum(1 for _ in layout.tiles_dir.glob("*.h5"))
     med = {k: statistics.median(v) for k, v in secs.items()}
     print(f"{slide.name}: {n_tiles} slide(s), classifier {Path(clf.path).name} (encoder {clf.encoder}); "
-          f"median of {args.rounds} rounds")
+          f"device {resolve_device(args.device)}; median of {args.rounds} rounds")
     print("| stage | seconds | ratio to extract |\n|---|---|---|")
     for k, v in med.items():
         print(f"| {k} | {v:.1f} | {v / med['extract']:.2f} |")

@@ -6,7 +6,9 @@
 #      reader table per decode mode, resnet50-trunc / ViT-B/16 / ViT-L/16 model-only vs end-to-end with the
 #      loop breakdown and GPU busy, whole-process `wsi extract` tiles/s and main-process peak RSS at 14
 #      reader processes). Figures go to $OUT/bench/gpu_suite.json part by part (a failing part keeps the
-#      others), the tables to $OUT/bench/gpu_suite.md; the log to $OUT/suite.log.
+#      others), the tables to $OUT/bench/gpu_suite.md; the log to $OUT/suite.log;
+#   4. issue #21's speed target on the device: `scripts/bench_tme.py --device cuda` on the suite's bench slide
+#      (`wsi extract` against `wsi tme` dense and grid, seconds and ratios) → $OUT/tme.log.
 # Usage: bash scripts/gpu_check.sh [--quick]      (--quick: a small slide, a smoke test; works on CPU too)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check_out}
@@ -25,6 +27,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 WSI_BENCH_D
 # the encoder's stain standardisation on the device (one piece, float64 window moments) against the CPU path
 timeout 120 $PY -m pytest -q -p no:cacheprovider tests/encoders/test_stain_norm.py -k accelerator 2>&1 | tail -3 \
   | tee "$OUT/stain_gpu.log"
-timeout "${SUITE_TIMEOUT:-470}" $PY scripts/bench_extract.py --suite gpu --out "$OUT/bench" --work /tmp/wsi_bench "$@" \
+timeout "${SUITE_TIMEOUT:-400}" $PY scripts/bench_extract.py --suite gpu --out "$OUT/bench" --work /tmp/wsi_bench "$@" \
   2>&1 | grep -v -e "DeprecationWarning" -e "warnings.warn" | tee "$OUT/suite.log"
 echo "suite exit: ${PIPESTATUS[0]}" | tee -a "$OUT/suite.log"
+SLIDE=$(ls /tmp/wsi_bench/suite*/bench_*.svs 2>/dev/null | head -1)
+if [ -n "$SLIDE" ]; then
+  timeout "${TME_TIMEOUT:-150}" $PY scripts/bench_tme.py --slide "$SLIDE" --rounds 2 --device auto \
+    --work /tmp/wsi_bench_tme 2>&1 | grep -v -e "DeprecationWarning" -e "warnings.warn" | tee "$OUT/tme.log"
+  echo "tme exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tme.log"
+else
+  echo "no bench slide under /tmp/wsi_bench: bench_tme skipped" | tee "$OUT/tme.log"
+fi

@@ -162,6 +162,86 @@ def test_fcn_windows_agree_with_per_window_classification(shifted_runs: dict[str
     assert a["argmax_agreement"] >= 0.6, a
 
 
+def test_reading_threads_and_read_ahead_leave_the_map_unchanged(shifted_runs: dict[str, Path]) -> None:
+    """On a GPU the map's regions are read by a thread pool, the next region while the current one is computed
+    (reader_threads); the map must be the same bit for bit as read in turn, over several regions."""
+    import dataclasses
+
+    from wsi_pipeline.runfolder.layout import RunLayout
+    from wsi_pipeline.tme.classifier import load_classifier
+    from wsi_pipeline.tme.dense import (
+        METHOD_FCN,
+        dense_geometry,
+        dense_slide_map,
+        map_grid,
+        reader_threads,
+    )
+    from wsi_pipeline.tme.run import create_classifier_encoder
+
+    assert reader_threads("cpu") == 1 and reader_threads("cuda") >= 1
+    tiles = F.read_tiles_h5(RunLayout(shifted_runs["shift37"]).tiles_h5("shift37"))
+    clf = load_classifier(None)
+    enc = create_classifier_encoder(clf, None, "cpu")
+    geo = dataclasses.replace(dense_geometry(clf, enc, METHOD_FCN), max_region_cells=30 * 30)
+    _, area = map_grid(tiles, geo.cell_px * geo.mpp / tiles.slide_mpp)
+    need = needed_windows(area, geo.window_cells)
+    assert len(fcn_regions(need, choose_chunk(need, geo))) >= 3  # the read-ahead has regions to overlap
+    maps = [dense_slide_map(tiles, enc, clf, METHOD_FCN, "bf16", geo=geo, threads=t) for t in (1, 3)]
+    np.testing.assert_array_equal(maps[0].probs, maps[1].probs)
+    np.testing.assert_array_equal(maps[0].area, maps[1].area)
+
+
+def test_tme_num_workers_option_reads_the_same_map(shifted_runs: dict[str, Path], tmp_path: Path) -> None:
+    """`wsi tme --num-workers N` (reading threads) gives the row the stage wrote with the default; a negative
+    count is a typed configuration error."""
+    import shutil
+
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from wsi_pipeline.cli import build_app
+    from wsi_pipeline.errors import ConfigError
+    from wsi_pipeline.tme.config import TMEConfig
+
+    run = tmp_path / "run"
+    shutil.copytree(shifted_runs["origin"], run)
+    before = pd.read_csv(run / "tme.csv")
+    res = CliRunner().invoke(build_app(), ["tme", str(run), "--device", "cpu", "--footprint", "dense",
+                                           "--overwrite", "--num-workers", "3"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    pd.testing.assert_frame_equal(pd.read_csv(run / "tme.csv"), before)
+    with pytest.raises(ConfigError, match="num_workers"):
+        TMEConfig(num_workers=-1).validate()
+
+
+def test_read_ahead_reads_in_order_one_at_a_time_and_ahead_of_the_caller() -> None:
+    import threading
+    import time
+
+    from wsi_pipeline.tme.dense import read_ahead
+
+    busy, events, lock = [0], [], threading.Lock()
+
+    def read(i: int) -> np.ndarray:
+        with lock:
+            busy[0] += 1
+            assert busy[0] == 1  # never two reads at once: the reader is not shared between threads
+        events.append(("read", i))
+        time.sleep(0.01)
+        with lock:
+            busy[0] -= 1
+        return np.full(2, i)
+
+    out = []
+    for i, arr in read_ahead(range(4), read, prefetch=True):
+        time.sleep(0.03)  # the caller computes; the next read is done meanwhile
+        events.append(("used", i))
+        out.append(int(arr[0]))
+    assert out == [0, 1, 2, 3]
+    assert events.index(("read", 1)) < events.index(("used", 0))  # item 1 was read while item 0 was used
+    assert [i for i, _ in read_ahead(range(3), lambda i: np.zeros(1), prefetch=False)] == [0, 1, 2]
+
+
 def test_map_refinement_can_be_left_out(shifted_runs: dict[str, Path], tmp_path: Path) -> None:
     """The shipped classifier's map refinement gives the composition; `--no-map-refinement` reads it from the
     window map with the classifier's global area correction. The phenotype comes from the window map either way."""

@@ -137,6 +137,11 @@ def register(app: typer.Typer) -> None:
                                                help="Always embed from the slides (ignore RUN/features)."),
         batch_size: int = typer.Option(64, "--batch-size"),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+        num_workers: int = typer.Option(None, "--num-workers",
+                                        help="Threads reading the dense map's regions, the next region read "
+                                             "while the current one is computed (0 = auto: all cores but one "
+                                             "with CUDA, as `wsi extract`; 1 on a CPU). The map is the same "
+                                             "whatever it is."),
         precision: str = typer.Option("bf16", "--precision",
                                       help="Autocast of the classifier's encoder: bf16 (default, as `wsi extract`; "
                                            "same read-out as fp32 on the held-out mosaics, 1.5x faster on CPU), "
@@ -181,6 +186,7 @@ def register(app: typer.Typer) -> None:
             area_correction=base.area_correction and not no_area_correction,
             map_refinement=base.map_refinement and not no_map_refinement,
             batch_size=batch_size, device=device, precision=precision, overwrite=overwrite,
+            num_workers=pick(num_workers, base.num_workers),
         ).validate()
         if fit_rules and labels is None:
             raise typer.BadParameter("--fit-rules needs --labels CSV (slide_id, immune_phenotype)")

@@ -172,6 +172,9 @@ class TMEConfig:
     # (phenotype 0.967 both, TIL Spearman 0.821 vs 0.820, composition MAE 0.031 vs 0.029), 1.5x faster on CPU
     precision: str = "bf16"
     batch_size: int = 64
+    # the dense map's reading threads (decoding releases the GIL; with more than one the next region is read
+    # while the current one is computed); 0 = auto: all cores but one with CUDA, as `wsi extract`'s reader
+    # processes, one on a CPU (wsi_pipeline.tme.dense.reader_threads). The map does not depend on it.
     num_workers: int = 0
     overwrite: bool = False
     write_png: bool = True
@@ -185,6 +188,8 @@ class TMEConfig:
             raise ConfigError(f"--mpp-tolerance must be in [0, 0.5) (got {self.mpp_tolerance})")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        if self.num_workers < 0:
+            raise ConfigError(f"tme num_workers must be >= 0 (0 = auto; got {self.num_workers})")
         if self.footprint not in FOOTPRINTS:
             raise ConfigError(f"--footprint must be one of {', '.join(FOOTPRINTS)} (got {self.footprint!r})")
         if self.dense_method not in DENSE_METHODS:

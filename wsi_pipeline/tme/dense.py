@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -52,6 +53,7 @@ METHOD_FCN = "fcn"
 METHOD_WINDOW = "window"
 METHODS = ("auto", METHOD_FCN, METHOD_WINDOW)
 STAIN_BLOCK_PX = 8  # resolution of the sliding stain moments (px at the classifier's µm/px)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -305,29 +307,54 @@ def _chunk_l0(origin: tuple[float, float], cell_l0: float, a0: int, b0: int, off
 
 
 def fcn_window_features(read_region: Callable[[int, int, int, int], np.ndarray], encoder: Encoder,
-                        geo: DenseGeometry, need: np.ndarray, precision: str, net: Any = None
-                        ) -> Iterator[tuple[int, int, np.ndarray]]:
+                        geo: DenseGeometry, need: np.ndarray, precision: str, net: Any = None,
+                        prefetch: bool = False) -> Iterator[tuple[int, int, np.ndarray]]:
     """Fully convolutional window features, region by region (:func:`fcn_regions`): for the h × w windows from
     window index (a, b), ``read_region(a, b, height_px, width_px)`` gives the region that starts
     ``window_cells - 1 + margin`` cells before window (a, b)'s first cell, (h + halo) × (w + halo) cells
-    (``geo.halo_cells``). Yields (a, b, features (h, w, D))."""
+    (``geo.halo_cells``). Yields (a, b, features (h, w, D)). ``prefetch``: read the next region while this one
+    is computed (:func:`read_ahead`)."""
     import torch
 
     net = net if net is not None else feature_map_net(encoder)
     cell, halo = geo.cell_px, geo.halo_cells
+
+    def read(r: tuple[int, int, int, int]) -> np.ndarray:
+        return read_region(r[0], r[1], (r[2] + halo) * cell, (r[3] + halo) * cell)
+
     with torch.inference_mode():
-        for a, b, h, w in fcn_regions(need, geo):
-            region = read_region(a, b, (h + halo) * cell, (w + halo) * cell)
+        for (a, b, h, w), region in read_ahead(fcn_regions(need, geo), read, prefetch):
             fmap = region_feature_map(encoder, region, geo, precision, net)
             yield a, b, pooled_window_features(fmap, geo.window_cells, geo.margin, (h, w)).reshape(h, w, -1)
 
 
+def read_ahead(items: Iterable[T], read: Callable[[T], np.ndarray], prefetch: bool
+               ) -> Iterator[tuple[T, np.ndarray]]:
+    """``(item, read(item))`` in order; with ``prefetch``, the next item is read by a background thread while
+    the caller computes on the current one (an accelerator computes a region in a fraction of the time its
+    reading takes; on a CPU the model's threads already use every core, so nothing is read ahead there). One
+    read at a time either way, so the reader is never used from two threads at once."""
+    if not prefetch:
+        for item in items:
+            yield item, read(item)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tme-read-ahead") as ahead:
+        pending: tuple[T, Future[np.ndarray]] | None = None
+        for item in items:
+            nxt = (item, ahead.submit(read, item))
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = nxt
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
 def window_probs_fcn(reader: TileReader, encoder: Encoder, clf: TissueClassifier, geo: DenseGeometry,
                      origin: tuple[float, float], cell_l0: float, need: np.ndarray, precision: str,
-                     net: Any = None) -> tuple[np.ndarray, np.ndarray]:
+                     net: Any = None, prefetch: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Window probabilities by fully convolutional evaluation over regions read from the slide (see module
-    docstring). Returns (probs (Hw, Ww, C), done (Hw, Ww) bool) on the window index grid of
-    :func:`needed_windows`."""
+    docstring; ``prefetch``: :func:`read_ahead`). Returns (probs (Hw, Ww, C), done (Hw, Ww) bool) on the
+    window index grid of :func:`needed_windows`."""
     offset = geo.window_cells - 1 + geo.margin
     probs = np.zeros((*need.shape, clf.n_classes), np.float32)
     done = np.zeros(need.shape, bool)
@@ -339,7 +366,7 @@ def window_probs_fcn(reader: TileReader, encoder: Encoder, clf: TissueClassifier
         xy = np.stack([_chunk_l0(origin, cell_l0, a0, b0 + j * step, offset) for j in range(-(-width // side))])
         return np.concatenate(list(reader.read_many(xy)), axis=1)[:height, :width]
 
-    for a0, b0, feats in fcn_window_features(read, encoder, geo, need, precision, net):
+    for a0, b0, feats in fcn_window_features(read, encoder, geo, need, precision, net, prefetch):
         h, w = feats.shape[:2]
         probs[a0:a0 + h, b0:b0 + w] = clf.predict_proba(feats.reshape(h * w, -1)).reshape(h, w, -1)
         done[a0:a0 + h, b0:b0 + w] = True
@@ -377,11 +404,24 @@ def window_probs_direct(reader: TileReader, encoder: Encoder, clf: TissueClassif
 
 
 # ---------------------------------------------------------------- a slide
+def reader_threads(device_type: str) -> int:
+    """Decoding threads for the map's reads: on a GPU as many as `wsi extract` has reader processes there
+    (:func:`wsi_pipeline.features.engine.default_num_workers`: all cores but one; decoding releases the GIL),
+    with the next region read ahead; on a CPU one, in turn with the model (whose threads use every core:
+    reading with more threads measured no faster there)."""
+    from wsi_pipeline.features.engine import default_num_workers
+
+    return max(1, default_num_workers(device_type))
+
+
 def dense_slide_map(tiles: F.TileSet, encoder: Encoder, clf: TissueClassifier, method: str = "auto",
                     precision: str = "fp32", batch_size: int = 64, device: str = "cpu",
-                    geo: DenseGeometry | None = None, net: Any = None) -> F.TMEDenseMap:
+                    geo: DenseGeometry | None = None, net: Any = None, threads: int | None = None
+                    ) -> F.TMEDenseMap:
     """The dense class-probability map of the area the RUN ``tiles`` cover, read from their slide (``net``:
-    :func:`feature_map_net` of ``encoder``, built here when not given)."""
+    :func:`feature_map_net` of ``encoder``, built here when not given; ``threads``: the reader's decoding
+    threads, :func:`reader_threads` of the device when None; with more than one the next region is read
+    ahead too). The map does not depend on ``threads``."""
     from pathlib import Path
 
     from wsi_pipeline.encoders.base import prepare_for_inference, resolve_device
@@ -396,6 +436,7 @@ def dense_slide_map(tiles: F.TileSet, encoder: Encoder, clf: TissueClassifier, m
     method = resolve_method(classifier_method(clf, method), encoder)
     geo = geo or dense_geometry(clf, encoder, method)
     encoder = prepare_for_inference(encoder, resolve_device(device))
+    threads = reader_threads(encoder.device.type) if threads is None else max(1, int(threads))
     cell_l0 = geo.cell_px * geo.mpp / tiles.slide_mpp
     origin, area = map_grid(tiles, cell_l0)
     k = geo.window_cells
@@ -406,11 +447,12 @@ def dense_slide_map(tiles: F.TileSet, encoder: Encoder, clf: TissueClassifier, m
     if method == METHOD_FCN:
         geo = choose_chunk(need, geo)
         spec = ReadSpec(target_mpp=geo.mpp, tile_size=geo.region_px, slide_mpp=tiles.slide_mpp)
-        with open_tile_reader(path, spec) as reader:
-            wprobs, done = window_probs_fcn(reader, encoder, clf, geo, origin, cell_l0, need, precision, net)
+        with open_tile_reader(path, spec, threads=threads) as reader:
+            wprobs, done = window_probs_fcn(reader, encoder, clf, geo, origin, cell_l0, need, precision, net,
+                                            prefetch=threads > 1)
     else:
         spec = ReadSpec(target_mpp=geo.mpp, tile_size=geo.window_px, slide_mpp=tiles.slide_mpp)
-        with open_tile_reader(path, spec) as reader:
+        with open_tile_reader(path, spec, threads=threads) as reader:
             wprobs, done = window_probs_direct(reader, encoder, clf, geo, origin, cell_l0, need, precision,
                                                batch_size, device)
     probs = overlap_add(wprobs, done & need, k)

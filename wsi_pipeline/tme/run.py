@@ -340,7 +340,8 @@ def slide_dense(ctx: TMEContext, slide_id: str, tiles: F.TileSet) -> tuple[np.nd
         if dense is not None and np.array_equal(xy, tiles.l0_xy) and probs.shape[1] == clf.n_classes:
             return probs, dense, str(attrs.get(A_FEATURE_SOURCE, ""))
     dense = F.stored_dense(dense_slide_map(tiles, ctx.encoder(), clf, cfg.dense_method, cfg.precision,
-                                           cfg.batch_size, ctx.device, net=ctx.feature_map_net()))
+                                           cfg.batch_size, ctx.device, net=ctx.feature_map_net(),
+                                           threads=cfg.num_workers or None))
     probs = tile_means(dense, tiles)
     source = f"{SOURCE_DENSE}-{dense.method}"
     F.write_tme_h5(out, tiles.l0_xy, probs, _tme_attrs(ctx, slide_id, tiles, source, key), dense=dense)
