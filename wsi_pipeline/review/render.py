@@ -18,6 +18,9 @@ from wsi_pipeline.review.raster import Normalizer
 log = logging.getLogger(__name__)
 
 DPI = 100
+# zlib level of the figures and galleries (thumbnail pixels, which compress poorly): about 3x faster to write
+# than the default 6 at 5-10 % larger files (the heatmap stage spent half its time in PNG encoding)
+FAST_PNG = {"compress_level": 1}
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ def render_heatmap_figure(
         geom = FigureGeometry((bb.x0, png_h - bb.y1, bb.x1, png_h - bb.y0), (png_w, png_h))
         path = Path(path)
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=DPI)
+            fig.savefig(tmp, format="png", dpi=DPI, pil_kwargs=FAST_PNG)
     finally:
         plt.close(fig)
     return geom
@@ -180,7 +183,7 @@ def render_gallery(path: str | Path, images: Sequence[np.ndarray], captions: Seq
         draw.text((width // 2, height // 2), "no scored tiles", fill="black", font=cap_font, anchor="mm")
     path = Path(path)
     with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG", **FAST_PNG)
     return path
 
 
