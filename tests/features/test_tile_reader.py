@@ -117,3 +117,7 @@ def test_threaded_batch_reading_gives_the_same_pixels(generic_tiff: Path, fine_s
         with open_tile_reader(path, spec, threads=1) as one, open_tile_reader(path, spec, threads=3) as many:
             np.testing.assert_array_equal(many.read_many(coords), one.read_many(coords))
             np.testing.assert_array_equal(many.read_many(coords[::-1]), one.read_many(coords[::-1]))
+            np.testing.assert_array_equal(many.read_many(coords[:1]), one.read_many(coords[:1]))  # one tile
+        big = ReadSpec(target_mpp, 1024, spec.slide_mpp)  # one output tile over many stored tiles (a TME region)
+        with open_tile_reader(path, big, threads=1) as one, open_tile_reader(path, big, threads=3) as many:
+            np.testing.assert_array_equal(many.read_many(coords[:1]), one.read_many(coords[:1]))

@@ -276,8 +276,9 @@ class JpegTiffReader(TileReader):
                 for tx in range(x0 // self._tw, (x1 - 1) // self._tw + 1)]
 
     def read_many(self, l0_xy: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Decode the batch's stored tiles in parallel, then cut the output tiles in parallel from them."""
-        if self._pool is None or len(l0_xy) < 2:
+        """Decode the batch's stored tiles in parallel, then cut the output tiles in parallel from them (one large
+        output tile, e.g. a dense TME region, is decoded in parallel too)."""
+        if self._pool is None or len(l0_xy) == 0:
             return super().read_many(l0_xy, out)
         keys = list(dict.fromkeys(k for xy in l0_xy for k in self._stored_keys(*self._plan(xy)[:4])))
         if len(keys) > self._cache_tiles:  # more than the cache holds: no batch-wide prefetch

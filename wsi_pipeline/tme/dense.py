@@ -53,6 +53,7 @@ METHOD_FCN = "fcn"
 METHOD_WINDOW = "window"
 METHODS = ("auto", METHOD_FCN, METHOD_WINDOW)
 STAIN_BLOCK_PX = 8  # resolution of the sliding stain moments (px at the classifier's µm/px)
+THREADED_REGION_CACHE_TILES = 1024  # stored tiles a threaded region reader keeps decoded (see dense_slide_map)
 T = TypeVar("T")
 
 
@@ -447,7 +448,10 @@ def dense_slide_map(tiles: F.TileSet, encoder: Encoder, clf: TissueClassifier, m
     if method == METHOD_FCN:
         geo = choose_chunk(need, geo)
         spec = ReadSpec(target_mpp=geo.mpp, tile_size=geo.region_px, slide_mpp=tiles.slide_mpp)
-        with open_tile_reader(path, spec, threads=threads) as reader:
+        # threaded, a region's stored tiles are decoded at once: the cache must hold one region's (a 2816-px square
+        # at 0.5 µm/px spans about 600 DCT-scaled 240-px Aperio tiles; decoded tiles are 40-200 KB)
+        cache = THREADED_REGION_CACHE_TILES if threads > 1 else 256
+        with open_tile_reader(path, spec, threads=threads, cache_tiles=cache) as reader:
             wprobs, done = window_probs_fcn(reader, encoder, clf, geo, origin, cell_l0, need, precision, net,
                                             prefetch=threads > 1)
     else:
