@@ -7,7 +7,7 @@
 #      loop breakdown and GPU busy, whole-process `wsi extract` tiles/s and main-process peak RSS at 14
 #      reader processes). Figures go to $OUT/bench/gpu_suite.json part by part (a failing part keeps the
 #      others), the tables to $OUT/bench/gpu_suite.md; the log to $OUT/suite.log;
-#   4. issue #21's speed target on the device: `scripts/bench_tme.py --device cuda` on the suite's bench slide
+#   4. issue #21's speed target on the device: `scripts/bench_tme.py --device auto` (CUDA there) on the suite's slide
 #      (`wsi extract` against `wsi tme` dense and grid, seconds and ratios) → $OUT/tme.log.
 # Usage: bash scripts/gpu_check.sh [--quick]      (--quick: a small slide, a smoke test; works on CPU too)
 set -uo pipefail

@@ -450,8 +450,8 @@ def dense_slide_map(tiles: F.TileSet, encoder: Encoder, clf: TissueClassifier, m
         spec = ReadSpec(target_mpp=geo.mpp, tile_size=geo.region_px, slide_mpp=tiles.slide_mpp)
         # threaded, a region's stored tiles are decoded at once: the cache must hold one region's (a 2816-px square
         # at 0.5 µm/px spans about 600 DCT-scaled 240-px Aperio tiles; decoded tiles are 40-200 KB)
-        cache = THREADED_REGION_CACHE_TILES if threads > 1 else 256
-        with open_tile_reader(path, spec, threads=threads, cache_tiles=cache) as reader:
+        cache = {"cache_tiles": THREADED_REGION_CACHE_TILES} if threads > 1 else {}
+        with open_tile_reader(path, spec, threads=threads, **cache) as reader:
             wprobs, done = window_probs_fcn(reader, encoder, clf, geo, origin, cell_l0, need, precision, net,
                                             prefetch=threads > 1)
     else:
