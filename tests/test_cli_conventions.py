@@ -111,3 +111,21 @@ def test_readme_slides_csv_columns_are_the_files(tmp_path: Path, small_svs: Path
     line = next(x for x in (REPO / "README.md").read_text().splitlines() if x.strip().startswith("slides.csv "))
     documented = [re.sub(r"\s*\(.*\)", "", c).strip() for c in line.strip().removeprefix("slides.csv").split(",")]
     assert documented == header
+
+
+def test_stage_progress_names_each_stage_s_own_units(capsys: pytest.CaptureFixture[str]) -> None:
+    """`wsi run` shows extraction's rate in tiles/s (the unit its start event names), other stages by slide."""
+    import time
+
+    from wsi_pipeline.commands.stageview import stage_progress
+    from wsi_pipeline.runfolder.executor import StageEvent
+
+    with stage_progress() as hook:
+        hook(StageEvent("tile", "start", total=2))
+        hook(StageEvent("extract", "start", total=2, units_total=10, unit="tiles"))
+        for _ in range(3):
+            hook(StageEvent("extract", "units", units=2))
+            time.sleep(0.05)
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.strip()}
+    assert re.search(r"6/10 +[\d,]+ tiles/s", lines["extract"]) and "slides/s" not in lines["extract"]
+    assert "0/2" in lines["tile"] and "/s" not in lines["tile"]

@@ -85,8 +85,13 @@ def test_features_follow_tiles_order_and_match_the_encoder(tmp_path: Path, slide
 
     sub = {k: slides[k] for k in ("cmu", "generic")}
     layout = _make_run(tmp_path / "RUN", sub)
-    summary = run_extract(layout.root, _cfg(weights, precision="fp32", dtype="float32", num_workers=0))
+    events: list = []
+    summary = run_extract(layout.root, _cfg(weights, precision="fp32", dtype="float32", num_workers=0),
+                          progress=events.append)
     assert summary.ok and summary.figures["tiles"] == 24
+    start = events[0]  # the progress display counts tiles, and names them so
+    assert (start.kind, start.units_total, start.unit) == ("start", 24, "tiles")
+    assert sum(e.units for e in events if e.kind == "units") == 24
     enc = create_encoder(ENCODER, str(weights))
     for sid, (path, n) in sub.items():
         fs = F.read_features_h5(layout.features_h5(ENCODER, sid))

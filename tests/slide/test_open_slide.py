@@ -126,7 +126,9 @@ def test_non_slide_file(tmp_path: Path) -> None:
 def test_malformed_dicom(bad_dcm: Path) -> None:
     with pytest.raises(CorruptSlideError) as exc:
         open_slide(bad_dcm)
-    assert str(bad_dcm) in str(exc.value) and "image flavor" in str(exc.value)
+    msg = str(exc.value)  # the true cause from the header, OpenSlide's own words, and a fix
+    assert str(bad_dcm) in msg and "image flavor" in msg
+    assert "ImageType (0008,0008) is missing" in msg and "PYDICOM 2.1.2" in msg and "conformant DICOM WSI" in msg
 
 
 def test_plain_png_image(tmp_path: Path, shared_data: Path) -> None:

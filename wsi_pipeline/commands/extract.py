@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
         ).validate()
         if _rank() == 0:
             save_resolved(run, "extract", {"extract": cfg})
-        with stage_progress(unit="tiles") as progress:
+        with stage_progress() as progress:
             summary = run_extract(run, cfg, progress=progress)
         _report(summary)
         print_failures([summary])

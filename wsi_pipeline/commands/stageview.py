@@ -13,22 +13,22 @@ MARKS = {"done": "✓", "skipped": "=", "failed": "✗"}
 
 
 @contextlib.contextmanager
-def stage_progress(unit: str = "slides") -> Iterator[Progress]:
+def stage_progress() -> Iterator[Progress]:
     """A rich progress display with one bar per stage; a stage that announces ``units_total`` (extraction:
-    tiles) gets a bar in those units with a rate column."""
+    tiles) gets a bar in those units with a rate column in them (e.g. "740 tiles/s")."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("[bold]{task.fields[stage]:<8}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("{task.description}"))
     with Progress(*columns, transient=False) as bar:
         tasks: dict[str, Any] = {}
-        by_units: set[str] = set()
+        by_units: dict[str, str] = {}  # stage → the name of its units
 
         def hook(ev: StageEvent) -> None:
             if ev.kind == "start":
                 total = ev.units_total if ev.units_total else ev.total
                 if ev.units_total:
-                    by_units.add(ev.stage)
+                    by_units[ev.stage] = ev.unit or "units"
                 tasks[ev.stage] = bar.add_task("", total=max(total or 0, 1), stage=ev.stage, rate="")
                 return
             task = tasks.get(ev.stage)
@@ -37,7 +37,7 @@ def stage_progress(unit: str = "slides") -> Iterator[Progress]:
             if ev.kind == "units":
                 bar.advance(task, ev.units)
                 speed = bar.tasks[task].speed
-                bar.update(task, rate=f"{speed:,.0f} {unit}/s" if speed else "")
+                bar.update(task, rate=f"{speed:,.0f} {by_units.get(ev.stage, 'units')}/s" if speed else "")
             elif ev.kind == "slide" and ev.outcome is not None:
                 if ev.stage not in by_units:
                     bar.advance(task)

@@ -289,6 +289,7 @@ class ExtractStage:
     streamed through one DataLoader and one model; each slide is written as soon as its last batch is done."""
 
     name = STAGE
+    unit = "tiles"
 
     def __init__(self, layout: RunLayout, encoder: Any, cfg: ExtractConfig, device: Any, decode: DecodePlan,
                  jobs: Sequence[SlideJob], bad: Sequence[tuple[str, WSIPipelineError]]) -> None:

@@ -119,7 +119,8 @@ class StageSummary:
 @dataclass(frozen=True)
 class StageEvent:
     """Progress of a stage. ``kind``: ``start`` (``total`` slides in scope; ``units_total`` finer units such
-    as tiles, when the stage counts them), ``units`` (``units`` more done), ``slide`` (``outcome``), ``end``."""
+    as tiles, when the stage counts them, named by ``unit``), ``units`` (``units`` more done), ``slide``
+    (``outcome``), ``end``."""
 
     stage: str
     kind: str
@@ -127,6 +128,7 @@ class StageEvent:
     units_total: int | None = None
     units: int = 0
     outcome: SlideOutcome | None = None
+    unit: str = ""
 
 
 Progress = Callable[[StageEvent], None]
@@ -156,10 +158,12 @@ class PerSlideStage(Protocol):
 class StreamingStage(Protocol):
     """Slides streamed through one pipeline. ``key`` and ``done`` run here; ``stream`` gets the slides still
     to do with their keys and yields one outcome per slide, in any order. ``units`` (optional) counts the
-    work of those slides, e.g. tiles, and ``stream`` may report them through ``emit_units``."""
+    work of those slides, e.g. tiles (what one is: ``unit``), and ``stream`` may report them through
+    ``emit_units``."""
 
     name: str
     component: str
+    unit: str
 
     def key(self, item: SlideItem) -> str: ...
 
@@ -335,7 +339,7 @@ def run_streaming(stage: StreamingStage, items: Sequence[SlideItem], layout: Run
             planned.append(planned_or_key)
         else:
             todo.append((item, planned_or_key))
-    emit(StageEvent(stage.name, "start", total=len(items), units_total=stage.units(todo)))
+    emit(StageEvent(stage.name, "start", total=len(items), units_total=stage.units(todo), unit=stage.unit))
     with _Recorder(layout, stage.name, stage.component) as record:
         for out in planned:
             _finish(out, record, summary, emit, stage.name)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from wsi_pipeline.errors import CorruptSlideError, SlideNotFoundError, UnsupportedFormatError
 from wsi_pipeline.slide.base import Slide
+from wsi_pipeline.slide.dicom import dicom_wsi_problem
 from wsi_pipeline.slide.integrity import check_complete, is_tiff
 
 OPENSLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
@@ -68,6 +69,9 @@ def open_slide(
         return TiffSlide(path, **kwargs)
     if name.endswith(IMAGE_EXTENSIONS):
         return ImageSlide(path, **kwargs)
+    dicom = dicom_wsi_problem(path)
+    if dicom:
+        raise CorruptSlideError(path, *dicom)
     if name.endswith(OPENSLIDE_EXTENSIONS):
         raise CorruptSlideError(
             path, f"has a slide extension ({path.suffix}) but no reader recognises its content",

@@ -8,6 +8,7 @@ import numpy as np
 
 from wsi_pipeline.errors import CorruptSlideError
 from wsi_pipeline.slide.base import Slide
+from wsi_pipeline.slide.dicom import dicom_wsi_problem
 from wsi_pipeline.slide.mpp import (
     finalize_mpp,
     mpp_from_openslide_properties,
@@ -30,6 +31,9 @@ class OpenSlideSlide(Slide):
         try:
             self._osr = openslide.OpenSlide(str(path))
         except openslide.OpenSlideError as e:
+            dicom = dicom_wsi_problem(Path(path))  # OpenSlide names a parsing step; the header names the cause
+            if dicom:
+                raise CorruptSlideError(path, f"{dicom[0]} (OpenSlide: {e})", dicom[1]) from e
             raise CorruptSlideError(
                 path, f"OpenSlide cannot read it ({e})",
                 "the file is damaged or not a conformant slide; re-export or re-scan it",
