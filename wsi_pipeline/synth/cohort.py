@@ -117,6 +117,12 @@ class OutcomeModel:
                 "os_true_log_hazard": round(float(log_hazard), 4)}
 
 
+def draw_age_stage(rng: np.random.Generator) -> tuple[int, int]:
+    """A patient's age (years, N(63, 10) rounded and clipped to 30–90) and stage (1–4), two draws from ``rng``."""
+    age = int(np.clip(round(rng.normal(63, 10)), 30, 90))
+    return age, int(rng.choice([1, 2, 3, 4], p=[0.15, 0.35, 0.35, 0.15]))
+
+
 @dataclass(frozen=True)
 class CohortParams:
     """What cohort to draw. ``n_patients`` patients; slides of ``size_l0`` px at ``mpp`` µm/px."""
@@ -176,8 +182,7 @@ def plan_cohort(params: CohortParams) -> list[PlannedSlide]:
     width = max(3, len(str(params.n_patients)))
     for i in range(params.n_patients):
         pid = f"{params.id_prefix}{i + 1:0{width}d}"
-        age = int(np.clip(round(rng.normal(63, 10)), 30, 90))
-        stage = int(rng.choice([1, 2, 3, 4], p=[0.15, 0.35, 0.35, 0.15]))
+        age, stage = draw_age_stage(rng)
         treated = bool(rng.random() < 0.5) if params.two_arms else True
         if params.two_arms and params.arm_assignment == "blocks":
             if i % 2 == 0:

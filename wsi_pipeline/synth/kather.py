@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from wsi_pipeline.errors import LabelsError, WSIPipelineError
-from wsi_pipeline.synth.cohort import OutcomeModel
+from wsi_pipeline.synth.cohort import OutcomeModel, draw_age_stage
 from wsi_pipeline.synth.layout import PHENOTYPES, LayoutParams, TissueClass, class_map_truth, lymph_geometry
 
 log = logging.getLogger(__name__)
@@ -286,8 +286,7 @@ def build_kather_mosaic_cohort(
                     **{k: np.asarray(v) for k, v in truth.items()},
                 )
             tmp.chmod(0o644)
-        age = int(np.clip(round(rng.normal(63, 10)), 30, 90))
-        stage = int(rng.choice([1, 2, 3, 4], p=[0.15, 0.35, 0.35, 0.15]))
+        age, stage = draw_age_stage(rng)
         eta = om.response_logit(truth["til_fraction"], phenotype, True, age, stage)
         p_resp = 1.0 / (1.0 + math.exp(-eta))
         response = int(rng.random() < p_resp)
