@@ -31,7 +31,7 @@ class RunConfig:
     model: str = DEFAULT_MODEL  # MIL model dir, or a name under models/
     encoder: str | None = None  # default: the encoder the model was trained on
     labels: str | None = None
-    workers: int | None = None  # parallel slides for tiling (default: the cores)
+    workers: int | None = None  # parallel slides for tiling and heatmaps (default: the cores)
     tme: bool = True  # TME read-out when a tissue classifier is available
     heatmaps: bool = True
     report: bool = True
@@ -209,7 +209,7 @@ def _heatmaps(cfg: RunConfig, model_dir: Path, progress: Progress | None) -> Sta
     layout = RunLayout(cfg.out)
     if not layout.scores_dir(model_dir.name).exists():
         return StageSummary("heatmap", note="no per-tile scores")
-    hcfg = from_dict(HeatmapConfig, {**cfg.heatmap, "model": str(model_dir),
+    hcfg = from_dict(HeatmapConfig, {"workers": cfg.workers, **cfg.heatmap, "model": str(model_dir),
                                      "force": cfg.force or cfg.heatmap.get("force", False)})
     return run_heatmaps(cfg.out, hcfg, progress=progress)
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.review import raster as R
 from wsi_pipeline.review.config import HeatmapConfig
 from wsi_pipeline.review.heatmap import heatmap_slide, run_heatmaps
@@ -209,3 +210,27 @@ def test_scores_with_other_coordinates_than_the_tiles_file(review_run, tmp_path:
     cell = res.index["cell_l0"]
     assert np.isnan(s0[y // cell, x // cell])  # the dropped tile has no score
     assert np.isfinite(s0).sum() == len(review_run.l0_xy) - 1
+
+
+def test_parallel_slides_draw_the_same_files(small_svs: Path, tmp_path: Path) -> None:
+    """`--workers 2` (forked per-slide processes) writes byte-identical outputs to drawing in this process."""
+    from wsi_pipeline.review.synthetic import build_scored_run
+
+    slides = []
+    for name in ("a", "b", "c"):
+        slides.append(tmp_path / f"{name}.svs")
+        shutil.copy(small_svs, slides[-1])
+    outputs = {}
+    for workers in (0, 2):
+        root = tmp_path / f"run{workers}"
+        for s in slides:
+            build_scored_run(root, s, model="demo-mil")
+        cfg = HeatmapConfig(model="demo-mil", top_k=2, targets=["response"], workers=workers)
+        summary = run_heatmaps(root, cfg)
+        assert summary.ok and sorted(summary.done) == ["a", "b", "c"]
+        out = root / "heatmaps"
+        outputs[workers] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*"))
+                            if p.is_file() and p.suffix in (".png", ".geojson")}
+    assert len(outputs[0]) >= 3 * 4 and outputs[0] == outputs[2]
+    with pytest.raises(ConfigError, match="--workers must be"):
+        HeatmapConfig(workers=-1).validate()

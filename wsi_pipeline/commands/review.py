@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         no_zarr: bool = typer.Option(False, "--no-zarr", help="Skip the multiscale zarr."),
         no_geojson: bool = typer.Option(False, "--no-geojson", help="Skip the QuPath GeoJSON."),
         force: bool = typer.Option(False, "--force", help="Redo slides whose outputs are up to date."),
+        workers: int = typer.Option(None, "--workers", "-j", help="Parallel slides (default: the cores; 0 = in-process)."),
     ) -> None:
         """Heatmaps per slide and target: PNG overlay, multiscale zarr, top/bottom-k galleries, QuPath GeoJSON."""
         from rich.console import Console
@@ -43,7 +44,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = HeatmapConfig(model=model, targets=_split(targets), scale=scale, vmin=vmin, vmax=vmax, smooth=smooth,
                             top_k=top_k, attention=attention, cmap=cmap, zarr=not no_zarr,
-                            geojson=not no_geojson, force=force).validate()
+                            geojson=not no_geojson, force=force, workers=workers).validate()
         save_resolved(run, "heatmap", {"heatmap": cfg})
         with stage_progress() as progress:
             summary = run_heatmaps(run, cfg, _split(slides) or None, progress=progress)

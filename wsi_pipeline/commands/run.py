@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
                                     help="Local weights file (or hf-hub:org/name) of --encoder, when not shipped."),
         labels: Path = typer.Option(None, "--labels", help="labels.csv (slide_id, patient_id, targets): adds metrics."),
         config: Path = typer.Option(None, "--config", help="YAML with sections tiling/extract/heatmap/tme."),
-        workers: int = typer.Option(None, "--workers", "-j", help="Parallel slides while tiling (default: cores)."),
+        workers: int = typer.Option(None, "--workers", "-j", help="Parallel slides while tiling and drawing heatmaps (default: cores)."),
         no_tme: bool = typer.Option(False, "--no-tme", help="Skip the TME read-out."),
         no_heatmaps: bool = typer.Option(False, "--no-heatmaps", help="Skip heatmaps."),
         no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML report."),

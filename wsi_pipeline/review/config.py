@@ -29,6 +29,7 @@ class HeatmapConfig:
     galleries: bool = True
     geojson: bool = True
     force: bool = False  # redo slides whose outputs are up to date
+    workers: int | None = None  # slides drawn in parallel processes (None: the cores; 0: in this process)
 
     def validate(self) -> HeatmapConfig:
         if self.scale not in SCALES:
@@ -39,6 +40,8 @@ class HeatmapConfig:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.vmin is not None and self.vmax is not None and self.vmax <= self.vmin:
             raise ConfigError(f"--vmax ({self.vmax}) must be greater than --vmin ({self.vmin})")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"--workers must be ≥ 0 (0: in this process), got {self.workers}")
         if self.thumbnail_px < 64:
             raise ConfigError(f"thumbnail size must be ≥ 64 px, got {self.thumbnail_px}")
         return self

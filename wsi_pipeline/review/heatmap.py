@@ -254,12 +254,26 @@ def run_heatmaps(
     slide_ids: list[str] | None = None,
     progress: Progress | None = None,
 ) -> StageSummary:
-    """Heatmaps for every slide with scores of the model (or ``slide_ids``); failures are recorded in
+    """Heatmaps for every slide with scores of the model (or ``slide_ids``), ``cfg.workers`` slides at a time in
+    forked processes (drawing is CPU-bound: PNG encoding, matplotlib, tile reads); failures are recorded in
     RUN/slides.csv (stage "heatmap", component = the model) and the batch goes on."""
+    from wsi_pipeline.runfolder.batch import default_workers
+
     cfg.validate()
     layout = RunLayout(run_root)
     model = resolve_model_name(layout, cfg.model)
     paths = slide_paths_from_status(layout)
     items = [SlideItem(sid, paths.get(sid, "")) for sid in slide_ids or scored_slide_ids(layout, model)]
-    return run_per_slide(HeatmapStage(layout, model, cfg, paths), items, layout, workers=0, force=cfg.force,
-                         progress=progress)
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    return run_per_slide(HeatmapStage(layout, model, cfg, paths), items, layout, workers=workers, force=cfg.force,
+                         progress=progress, before_fork=preload_heatmap_modules)
+
+
+def preload_heatmap_modules() -> None:
+    """Import what drawing one slide needs in the parent, so forked per-slide workers inherit it (matplotlib
+    and zarr take seconds to import)."""
+    import importlib
+
+    for name in ("matplotlib.pyplot", "wsi_pipeline.review.render", "wsi_pipeline.review.qupath",
+                 "wsi_pipeline.review.zarr_io", "wsi_pipeline.slide.open"):
+        importlib.import_module(name)
