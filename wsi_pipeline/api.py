@@ -58,14 +58,14 @@ def tile(slides: PathLike | Sequence[PathLike], run: PathLike, *, recursive: boo
     from wsi_pipeline.config import TilingConfig
     from wsi_pipeline.errors import ConfigError
     from wsi_pipeline.runfolder.resolved import save_resolved
-    from wsi_pipeline.slide.open import find_slides
+    from wsi_pipeline.slide.open import find_slides, no_slides_message
     from wsi_pipeline.tiling.stage import run_tile
 
     inputs = [slides] if isinstance(slides, (str, Path)) else list(slides)
     cfg = _config(TilingConfig, tiling).validate()
     paths = find_slides(inputs, recursive=recursive)
     if not paths:
-        raise ConfigError(f"no slide files found in {', '.join(map(str, inputs))} (see `wsi info`)")
+        raise ConfigError(no_slides_message(inputs, recursive))
     save_resolved(run, "tile", {"inputs": [str(p) for p in inputs], "tiling": cfg, "workers": workers})
     return run_tile(paths, run, cfg, workers=workers, force=force, progress=progress)
 

@@ -118,7 +118,9 @@ def run_pipeline(cfg: RunConfig, progress: Progress | None = None) -> RunSummary
     cfg.tiling.validate()
     paths = find_slides([cfg.slides], recursive=cfg.recursive)
     if not paths:
-        raise ConfigError(f"{cfg.slides}: no slide files found (see `wsi info` for supported formats)")
+        from wsi_pipeline.slide.open import no_slides_message
+
+        raise ConfigError(no_slides_message([cfg.slides], cfg.recursive))
     if cfg.labels:
         from wsi_pipeline.formats.tables import read_labels_csv
 
@@ -132,7 +134,8 @@ def run_pipeline(cfg: RunConfig, progress: Progress | None = None) -> RunSummary
         get_encoder_meta(cfg.encoder)  # an unknown --encoder fails now, not after tiling
     if model_mpp and abs(float(model_mpp) - cfg.tiling.target_mpp) > 0.05 * float(model_mpp):
         raise ConfigError(f"model {model_dir.name} was trained on tiles at {model_mpp} µm/px; "
-                          f"--target-mpp {cfg.tiling.target_mpp} would feed it another scale")
+                          f"--target-mpp {cfg.tiling.target_mpp} would feed it another scale: pass --target-mpp "
+                          f"{model_mpp} (or leave it out), or --model a model trained at {cfg.tiling.target_mpp} µm/px")
     resolved = {"run": cfg, "model_dir": str(model_dir), "encoder": encoder}
     save_resolved(cfg.out, "run", resolved)
     summary = RunSummary()

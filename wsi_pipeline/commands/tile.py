@@ -24,11 +24,12 @@ def register(app: typer.Typer) -> None:
         """Detect tissue and cut every slide into tiles at a true physical resolution."""
         from wsi_pipeline.runfolder.batch import default_workers, parse_shard
         from wsi_pipeline.runfolder.resolved import save_resolved
-        from wsi_pipeline.slide.open import find_slides
+        from wsi_pipeline.slide.open import find_slides, no_slides_message
+
         cfg = tiling.apply()
         paths = find_slides(inputs, recursive=recursive)
         if not paths:
-            raise typer.BadParameter(f"no slide files found in {', '.join(map(str, inputs))}")
+            raise typer.BadParameter(no_slides_message(inputs, recursive))
         the_shard = parse_shard(shard)
         n_workers = default_workers() if workers is None else workers
         save_resolved(out, "tile", {"inputs": [str(p) for p in inputs], "tiling": cfg,

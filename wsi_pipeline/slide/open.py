@@ -3,6 +3,7 @@ complete and resolves the MPP; :func:`find_slides` expands files and folders int
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from wsi_pipeline.errors import CorruptSlideError, SlideNotFoundError, UnsupportedFormatError
@@ -78,6 +79,16 @@ def open_slide(
             "the file is truncated, damaged or mislabelled; re-export it",
         )
     raise UnsupportedFormatError(path, f"unsupported file type ({path.suffix or 'no extension'})", _SUPPORTED_MSG)
+
+
+def no_slides_message(inputs: Sequence[str | Path], recursive: bool) -> str:
+    """Why ``inputs`` gave :func:`find_slides` no slide files, and what to pass instead (``--recursive`` when
+    subfolders hold slides)."""
+    names = ", ".join(map(str, inputs))
+    msg = f"{names}: no slide files found ({', '.join(SLIDE_EXTENSIONS)})"
+    if not recursive and find_slides([p for p in inputs if Path(p).is_dir()], recursive=True):
+        return msg + "; its subfolders hold slides: pass --recursive"
+    return msg + "; point it at a folder of slides or one slide (`wsi info FILE` says whether a file can be read)"
 
 
 def find_slides(inputs: list[str | Path], recursive: bool = False) -> list[Path]:
