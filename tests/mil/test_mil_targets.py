@@ -53,8 +53,12 @@ def test_labels_errors_name_the_file(tmp_path):
     csv.write_text("slide_id,response\ns1,maybe\ns2,no\ns3,yes\n")
     with pytest.raises(LabelsError, match=r"labels\.csv"):
         load_labels(csv, parse_targets("response:binary"))
-    with pytest.raises(LabelsError, match="needs column 'x'"):
+    with pytest.raises(LabelsError, match=r"needs column\(s\) \['x'\]; the columns are"):
         load_labels(csv, parse_targets("x:regression"))
+    with pytest.raises(LabelsError, match="did you mean 'response'"):  # a typo gets the closest column
+        load_labels(csv, parse_targets("respons:binary"))
+    with pytest.raises(LabelsError, match="unknown kind 'binar' \\(did you mean 'binary'\\?\\)"):
+        parse_targets("response:binar")
     (tmp_path / "nos.csv").write_text("patient_id,response\np,1\n")
     with pytest.raises(LabelsError, match="slide_id"):
         load_labels(tmp_path / "nos.csv", parse_targets("response:binary"))

@@ -22,7 +22,7 @@ from wsi_pipeline.federated.spec import RunSpec
 from wsi_pipeline.federated.sums import histogram
 from wsi_pipeline.mil.cv import Cohort, feature_sums
 from wsi_pipeline.mil.data import BagStore, subsample
-from wsi_pipeline.mil.targets import BINARY, MULTICLASS, PATIENT_ID, REGRESSION, SURVIVAL, encode_labels
+from wsi_pipeline.mil.targets import BINARY, MULTICLASS, PATIENT_ID, REGRESSION, encode_labels
 from wsi_pipeline.mil.train import batch_targets, seed_of
 
 log = logging.getLogger(__name__)
@@ -33,17 +33,12 @@ class Site:
 
     def __init__(self, sc: SiteConfig, spec: RunSpec) -> None:
         from wsi_pipeline.evaluate.splits import inner_split, patient_folds, patient_strata
-        from wsi_pipeline.mil.targets import read_labels_table, stratify_target
+        from wsi_pipeline.mil.targets import read_labels_table, require_label_columns, stratify_target
 
         self.sc, self.spec = sc, spec
         self.specs = spec.specs
         self.table = read_labels_table(sc.labels)
-        for s in self.specs:
-            cols = [s.time, s.event] if s.kind == SURVIVAL else [s.column]
-            missing = [c for c in cols if c not in self.table.columns]
-            if missing:
-                raise LabelsError(f"{sc.labels}: target {s.name!r} needs column(s) {missing}; the columns are "
-                                  f"{list(self.table.columns)}")
+        require_label_columns(self.table.columns, self.specs, str(sc.labels))
         self.store = BagStore(sc.run, sc.encoder, spec.context_rings, sc.cache_mb)
         have = set(self.store.slide_ids())
         self.slides = [s for s in self.table.index.astype(str) if s in have]

@@ -66,7 +66,8 @@ class TargetSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in TARGET_KINDS:
-            raise LabelsError(f"target {self.name!r}: unknown kind {self.kind!r}; use one of {', '.join(TARGET_KINDS)}")
+            raise LabelsError(f"target {self.name!r}: unknown kind {self.kind!r}{did_you_mean(self.kind, TARGET_KINDS)}; "
+                              f"use one of {', '.join(TARGET_KINDS)}")
         if self.bounds is not None:
             self.bounds = _check_bounds(self.name, self.kind, self.bounds)
         if self.kind == SURVIVAL:
@@ -90,6 +91,11 @@ class TargetSpec:
     @property
     def is_classification(self) -> bool:
         return self.kind in (BINARY, MULTICLASS)
+
+    @property
+    def label_columns(self) -> list[str]:
+        """The labels-table columns this target reads."""
+        return [self.time, self.event] if self.kind == SURVIVAL else [self.column]
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "kind": self.kind}
@@ -315,17 +321,33 @@ def _to_float(raw: Any, col: str, path: str) -> np.ndarray:
     return num
 
 
+def did_you_mean(name: str, known: Any) -> str:
+    """`` (did you mean 'x'?)`` when ``name`` is close to one of ``known``, else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def require_label_columns(columns: Any, targets: list[TargetSpec], path: str) -> None:
+    """Raise :class:`LabelsError` naming the first target whose columns the labels table lacks, the closest
+    column name and every column there is."""
+    have = [str(c) for c in columns]
+    for t in targets:
+        missing = [c for c in t.label_columns if c not in have]
+        if missing:
+            hints = "".join(did_you_mean(c, have) for c in missing)
+            raise LabelsError(f"{path}: target {t.name!r} needs column(s) {missing}{hints}; the columns are {have}")
+
+
 def encode_labels(df: Any, targets: list[TargetSpec], fit_classes: bool = True) -> Labels:
     """Encode the target columns of a labels DataFrame. ``fit_classes`` fills ``TargetSpec.classes`` from the
     data (training); otherwise the stored classes are used and unknown labels are an error."""
     path = str(df.attrs.get("path", "labels CSV"))
     values: dict[str, np.ndarray] = {}
     events: dict[str, np.ndarray] = {}
+    require_label_columns(df.columns, targets, path)
     for t in targets:
-        cols = [t.time, t.event] if t.kind == SURVIVAL else [t.column]
-        for c in cols:
-            if c not in df.columns:
-                raise LabelsError(f"{path}: target {t.name!r} needs column {c!r}; columns are {list(df.columns)}")
         if t.kind == SURVIVAL:
             values[t.name] = _to_float(df[t.time], t.time, path)
             ev = _to_float(df[t.event], t.event, path)
