@@ -87,20 +87,6 @@ def config_from_yaml(path: str | Path, base: RunConfig) -> RunConfig:
     return cfg
 
 
-def resolve_model_dir(model: str) -> Path:
-    """A model folder, or a name under models/ (WSI_MODELS_DIR)."""
-    from wsi_pipeline.encoders.project import models_dir
-
-    p = Path(model)
-    if (p / "model.json").exists():
-        return p
-    shipped = models_dir() / model
-    if (shipped / "model.json").exists():
-        return shipped
-    raise ConfigError(f"{model}: not a MIL model folder (no model.json) and no such model under {models_dir()}; "
-                      "train one with `wsi train` or pass --model DIR")
-
-
 def model_encoder(model_dir: Path) -> tuple[str, float | None]:
     """(encoder name, tile µm/px) the model was trained on, read from its card without importing torch."""
     from wsi_pipeline.formats.cards import read_model_json
@@ -125,6 +111,8 @@ def run_pipeline(cfg: RunConfig, progress: Progress | None = None) -> RunSummary
         from wsi_pipeline.formats.tables import read_labels_csv
 
         read_labels_csv(cfg.labels)  # a bad labels file fails now, before hours of work, not at the predict stage
+    from wsi_pipeline.mil.config import resolve_model_dir
+
     model_dir = resolve_model_dir(cfg.model)
     model_enc, model_mpp = model_encoder(model_dir)
     encoder = cfg.encoder or model_enc

@@ -42,7 +42,7 @@ def test_shipped_model_keeps_til_fraction_in_0_1_at_slide_and_tile_level(tmp_pat
     run = tmp_path / "RUN"
     _wsi("tile", slides, "--out", run)
     _wsi("extract", run, "--device", "cpu", "--num-workers", "0")
-    _wsi("predict", run, "--model", DEMO_MODEL)
+    _wsi("predict", run, "--model", DEMO_MODEL.name)  # a shipped model by its name, as `wsi run --model` takes it
 
     tiles = _til_tile_scores(run, DEMO_MODEL.name)  # unclamped: 55 of 149 tiles below zero
     assert tiles.min() >= 0.0 and tiles.max() <= 1.0

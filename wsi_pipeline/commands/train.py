@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict(
         run: Path = typer.Argument(..., help="RUN folder with features of the model's encoder."),
-        model: Path = typer.Option(..., "--model", "-m", help="Model directory from `wsi train`."),
+        model: Path = typer.Option(..., "--model", "-m", help="Model directory from `wsi train`, or a shipped model's name."),
         encoder: str = typer.Option(None, "--encoder", "-e", help="Features folder (default: the model's)."),
         labels: Path = typer.Option(None, "--labels", "-l",
                                     help="Optional labels CSV: patient_id (default slide_id) and covariates."),
@@ -137,7 +137,7 @@ def register(app: typer.Typer) -> None:
     @app.command("subgroups")
     def subgroups(
         run: Path = typer.Argument(..., help="RUN folder (predicted with `wsi predict`, or the training RUN)."),
-        model: Path = typer.Option(..., "--model", "-m", help="Model directory from `wsi train`."),
+        model: Path = typer.Option(..., "--model", "-m", help="Model directory from `wsi train`, or a shipped model's name."),
         labels: Path = typer.Option(..., "--labels", "-l", help="Labels CSV with the observed outcomes."),
         target: str = typer.Option(None, "--target", help="Binary response target (default: the model's)."),
         phenotype: str = typer.Option(None, "--phenotype", help="Multiclass target to cross with."),
@@ -163,7 +163,7 @@ def _register_evaluate(app: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate(
         run: Path = typer.Argument(..., help="RUN folder predicted with `wsi predict --model DIR`."),
-        model: Path = typer.Option(..., "--model", "-m", help="Model directory from `wsi train`."),
+        model: Path = typer.Option(..., "--model", "-m", help="Model directory from `wsi train`, or a shipped model's name."),
         labels: Path = typer.Option(..., "--labels", "-l", help="Labels CSV of this (held-out) cohort."),
         n_bootstrap: int = typer.Option(1000, "--n-bootstrap", help="Patient-level bootstrap resamples."),
         seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from wsi_pipeline.errors import ConfigError
@@ -140,6 +141,22 @@ class EvaluateConfig:
     labels: str = ""
     n_bootstrap: int = 1000
     seed: int = 0
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """A MIL model folder (with ``model.json``), or the name of one under models/ (``WSI_MODELS_DIR``), e.g.
+    ``wsip-demo-mil``: what every ``--model`` of ``wsi run`` / ``predict`` / ``evaluate`` / ``subgroups`` takes."""
+    from wsi_pipeline.encoders.project import models_dir
+    from wsi_pipeline.formats.api import MODEL_JSON
+
+    p = Path(model)
+    if (p / MODEL_JSON).exists():
+        return p
+    shipped = models_dir() / str(model)
+    if (shipped / MODEL_JSON).exists():
+        return shipped
+    raise ConfigError(f"{model}: not a MIL model folder (no {MODEL_JSON}) and no such model under {models_dir()}; "
+                      "train one with `wsi train`, or pass --model DIR")
 
 
 def resolved_config(cfg: TrainConfig) -> dict[str, Any]:

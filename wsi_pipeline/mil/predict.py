@@ -220,6 +220,11 @@ def run_predict(cfg: PredictConfig, progress: Progress | None = None,
                 status: Callable[[str], None] | None = None) -> StageSummary:
     """Predict every slide of the RUN unless the tables are up to date with the same inputs (``cfg.force``
     redoes them). ``figures``: predictions_csv, patient_predictions_csv, scores_dir."""
+    from dataclasses import replace
+
+    from wsi_pipeline.mil.config import resolve_model_dir
+
+    cfg = replace(cfg, model=str(resolve_model_dir(cfg.model)))
     stage = PredictStage(cfg, status)
     summary = run_cohort(stage, stage.layout, force=cfg.force, progress=progress)
     summary.figures.update(predictions_csv=str(stage.layout.predictions_csv),
@@ -246,12 +251,13 @@ def run_evaluate(cfg: EvaluateConfig) -> tuple[Path, dict[str, Any]]:
 
     from wsi_pipeline.formats.atomic import write_text_atomic
     from wsi_pipeline.formats.tables import read_predictions_csv
+    from wsi_pipeline.mil.config import resolve_model_dir
     from wsi_pipeline.mil.model_io import ModelDir
     from wsi_pipeline.mil.report import evaluate_heldout, metrics_markdown
     from wsi_pipeline.runfolder.layout import RunLayout
 
     layout = RunLayout(cfg.run)
-    mdir = ModelDir(cfg.model)
+    mdir = ModelDir(resolve_model_dir(cfg.model))
     card = mdir.read_card()
     name = mdir.root.resolve().name
     pred_cfg = layout.command_config_yaml("predict")

@@ -86,6 +86,11 @@ def _pick(specs: list, name: str | None, kind: str, what: str) -> Any:
 
 
 def run_subgroups(cfg: SubgroupsConfig) -> SubgroupsResult:
+    from dataclasses import replace
+
+    from wsi_pipeline.mil.config import resolve_model_dir
+
+    cfg = replace(cfg, model=str(resolve_model_dir(cfg.model)))
     mdir = ModelDir(cfg.model)
     card = mdir.read_card()
     specs = card.target_specs
