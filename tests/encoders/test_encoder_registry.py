@@ -249,3 +249,19 @@ def test_project_encoder_by_path_and_by_name(tmp_path, monkeypatch: pytest.Monke
     monkeypatch.setenv("WSI_MODELS_DIR", str(tmp_path / "empty"))
     with pytest.raises(WeightsError, match="--encoder"):
         default_encoder_name()
+
+
+def test_model_folders_are_found_by_path_marker_file_or_name(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One lookup for every kind of model folder (encoder, tissue classifier, MIL model): by its folder, its
+    marker file or its bare name under WSI_MODELS_DIR; a path with a folder part is never joined to it."""
+    from wsi_pipeline.encoders.project import find_model_folder
+
+    mil = tmp_path / "models" / "my-mil"
+    mil.mkdir(parents=True)
+    (mil / "model.json").write_text("{}")
+    monkeypatch.setenv("WSI_MODELS_DIR", str(tmp_path / "models"))
+    assert find_model_folder(mil, "model.json") == mil
+    assert find_model_folder(mil / "model.json", "model.json") == mil
+    assert find_model_folder("my-mil", "model.json") == tmp_path / "models" / "my-mil"
+    assert find_model_folder("my-mil", "encoder.json") is None  # another kind's marker
+    assert find_model_folder("elsewhere/my-mil", "model.json") is None and find_model_folder("", "model.json") is None

@@ -198,7 +198,9 @@ def _oof_training_values(cfg: PredictiveConfig, ref: ColumnRef) -> tuple[pd.Seri
     """Patient-level biomarker values of the model's training cohort: its out-of-fold predictions
     (``DIR/oof_predictions.csv`` of `wsi train`: one row per model variant and patient; the main variant
     named in ``DIR/model.json`` is used)."""
-    mdir = Path(cfg.model_dir)  # type: ignore[arg-type]
+    from wsi_pipeline.encoders.project import find_model_folder
+
+    mdir = find_model_folder(cfg.model_dir, OOF_FILE) or Path(cfg.model_dir)  # type: ignore[arg-type]
     path = mdir / OOF_FILE
     if not path.exists():
         raise ConfigError(f"{path}: not found; --model DIR must hold the {OOF_FILE} written by `wsi train`")

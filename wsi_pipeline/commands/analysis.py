@@ -30,8 +30,9 @@ def register(app: typer.Typer) -> None:
         covariates: str | None = typer.Option(None, "--covariates", help="Adjustment covariates, comma-separated."),
         select: list[str] = typer.Option([], "--select", help="Slide filter COL=VALUE (repeatable), "
                                                              "e.g. timepoint=baseline."),
-        model: Path | None = typer.Option(None, "--model", help="MIL model DIR: its oof_predictions.csv is the "
-                                                               "training subset for a learned cut-off."),
+        model: Path | None = typer.Option(None, "--model", help="MIL model DIR (or a shipped model's name): its "
+                                                               "oof_predictions.csv is the training subset for a "
+                                                               "learned cut-off."),
         scale: str = typer.Option("sd", "--scale", help="Continuous biomarker: interaction per SD (sd) or per unit."),
         json_out: Path | None = typer.Option(None, "--json", help="Also write the result JSON here."),
     ) -> None:

@@ -67,20 +67,27 @@ def is_project_encoder(path: str | Path) -> bool:
     return (p.is_dir() and (p / ENCODER_JSON).is_file()) or (p.is_file() and p.name == ENCODER_JSON)
 
 
+def find_model_folder(name_or_path: str | Path, marker: str) -> Path | None:
+    """The folder of a shipped or trained model, recognised by its ``marker`` file (``encoder.json``,
+    ``classifier.json``, ``model.json``): ``name_or_path`` is that folder, its marker file, or a bare name
+    under :func:`models_dir`. None when it is neither."""
+    p = Path(name_or_path)
+    if p.is_file() and p.name == marker:
+        return p.parent
+    if (p / marker).is_file():
+        return p
+    name = str(name_or_path)
+    if name and "/" not in name and os.sep not in name and (models_dir() / name / marker).is_file():
+        return models_dir() / name
+    return None
+
+
 def resolve_project_encoder(name_or_path: str | Path) -> Path | None:
     """The encoder folder for a path (folder or its encoder.json) or a bare name under :func:`models_dir`.
 
     Returns None when ``name_or_path`` is neither (so a registry can try its presets next).
     """
-    p = Path(name_or_path)
-    if is_project_encoder(p):
-        return p.parent if p.is_file() else p
-    name = str(name_or_path)
-    if "/" not in name and os.sep not in name:
-        cand = models_dir() / name
-        if is_project_encoder(cand):
-            return cand
-    return None
+    return find_model_folder(name_or_path, ENCODER_JSON)
 
 
 def list_project_encoders() -> list[str]:

@@ -146,15 +146,12 @@ class EvaluateConfig:
 def resolve_model_dir(model: str | Path) -> Path:
     """A MIL model folder (with ``model.json``), or the name of one under models/ (``WSI_MODELS_DIR``), e.g.
     ``wsip-demo-mil``: what every ``--model`` of ``wsi run`` / ``predict`` / ``evaluate`` / ``subgroups`` takes."""
-    from wsi_pipeline.encoders.project import models_dir
+    from wsi_pipeline.encoders.project import find_model_folder, models_dir
     from wsi_pipeline.formats.api import MODEL_JSON
 
-    p = Path(model)
-    if (p / MODEL_JSON).exists():
-        return p
-    shipped = models_dir() / str(model)
-    if (shipped / MODEL_JSON).exists():
-        return shipped
+    found = find_model_folder(model, MODEL_JSON)
+    if found is not None:
+        return found
     raise ConfigError(f"{model}: not a MIL model folder (no {MODEL_JSON}) and no such model under {models_dir()}; "
                       "train one with `wsi train`, or pass --model DIR")
 

@@ -238,17 +238,12 @@ def build_head(kind: str, embed_dim: int, n_classes: int, hidden: int = 256) -> 
 def resolve_classifier(name_or_path: str | Path | None) -> Path:
     """A classifier folder from a path (folder or its classifier.json) or a name under ``models/``;
     '' / None → the shipped default."""
-    from wsi_pipeline.encoders.project import models_dir
+    from wsi_pipeline.encoders.project import find_model_folder, models_dir
 
     target = str(name_or_path or DEFAULT_CLASSIFIER)
-    p = Path(target)
-    if p.is_file() and p.name == CLASSIFIER_JSON:
-        return p.parent
-    if (p / CLASSIFIER_JSON).is_file():
-        return p
-    cand = models_dir() / target
-    if (cand / CLASSIFIER_JSON).is_file():
-        return cand
+    found = find_model_folder(target, CLASSIFIER_JSON)
+    if found is not None:
+        return found
     raise WeightsError(
         f"{target}: no tissue classifier there (no {CLASSIFIER_JSON}, and none of that name in "
         f"{models_dir()}) — pass --classifier DIR written by `wsi tissue-train`"
