@@ -81,6 +81,8 @@ def test_train_and_predictive_read_padded_labels_alike(tmp_path: Path) -> None:
     ("slide_id,response\na,1\n  ,0\nb,1\n", r"empty slide_id on line\(s\) 3; fill in"),
     ("slide_id,response\na,1\nb,0\n a ,1\n", r"slide_id 'a' appears twice \(lines 2, 4\); one row per slide"),
     ("slide_id, x ,x\na,1,2\n", r"column\(s\) \['x'\] appear twice"),
+    ("slide_id;response;til\na;1;0,12\n", r"separated by ';' \(Excel in a European locale .*CSV UTF-8.*decimal point"),
+    ("slide_id\tresponse\na\t1\n", r"separated by tabs .*; save it as comma-separated UTF-8"),
 ])
 def test_labels_errors_name_the_file_the_rows_and_the_fix(tmp_path: Path, text: str, match: str) -> None:
     path = _write(tmp_path, text, "my_labels.csv")
@@ -96,6 +98,10 @@ def test_labels_not_found_or_not_csv(tmp_path: Path) -> None:
     bad.write_bytes(b"slide_id,x\n\xff\xfe\x00,1\n")
     with pytest.raises(LabelsError, match=r"bin\.csv: cannot parse .*UTF-8"):
         F.read_labels_csv(bad)
+    utf16 = tmp_path / "unicode.csv"  # Excel's "Unicode Text": UTF-16 with a byte-order mark
+    utf16.write_text("slide_id,response\na,1\n", encoding="utf-16")
+    with pytest.raises(LabelsError, match=r"unicode\.csv: it is UTF-16 text .*save it as comma-separated UTF-8"):
+        F.read_labels_csv(utf16)
 
 
 def test_labels_writer_round_trips_and_refuses_duplicates(tmp_path: Path) -> None:

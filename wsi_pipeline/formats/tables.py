@@ -96,6 +96,13 @@ LABELS_NA_VALUES = ("", "NA", "N/A", "n/a", "NaN", "nan", "null", "NULL", "None"
 
 
 # ---------------------------------------------------------------- labels CSV
+SAVE_AS_CSV = "save it as comma-separated UTF-8 (in Excel: Save As → CSV UTF-8 (Comma delimited))"
+OTHER_SEPARATORS = {  # a one-column header holding one of these: (what the file is, what to add to the fix)
+    ";": ("';' (Excel in a European locale saves CSV so)", ", with '.' as the decimal point"),
+    "\t": ("tabs (a tab-separated export)", ""),
+    "|": ("'|'", ""),
+}
+
 def _labels_error(path: Path, what: str, fix: str) -> LabelsError:
     return LabelsError(f"{path}: {what}; {fix}")
 
@@ -140,8 +147,14 @@ def read_labels_csv(path: str | Path, numeric: bool = False) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise _labels_error(path, f"cannot parse the labels CSV ({e})", "save it as comma-separated UTF-8") from e
+        head = path.read_bytes()[:2]
+        what = ("it is UTF-16 text (Excel's \"Unicode Text\" export), not UTF-8" if head in (b"\xff\xfe", b"\xfe\xff")
+                else f"cannot parse the labels CSV ({e})")
+        raise _labels_error(path, what, SAVE_AS_CSV) from e
     df.columns = [str(c).strip() for c in df.columns]
+    if len(df.columns) == 1 and (sep := next((c for c in OTHER_SEPARATORS if c in df.columns[0]), None)):
+        why, fix = OTHER_SEPARATORS[sep]
+        raise _labels_error(path, f"its columns are separated by {why}, not commas", SAVE_AS_CSV + fix)
     if df.columns.duplicated().any():
         dup = sorted({c for c in df.columns[df.columns.duplicated()]})
         raise _labels_error(path, f"column(s) {dup} appear twice", "rename or delete the duplicate columns")
