@@ -153,3 +153,16 @@ def test_kill_and_rerun_leaves_no_half_file(tmp_path: Path) -> None:
         a = F.read_tiles_h5(run / "tiles" / f"s{k}.h5").l0_xy
         b = F.read_tiles_h5(clean / "tiles" / f"s{k}.h5").l0_xy
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_target_finer_than_the_scan_is_warned(small_svs: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """0.25 µm/px tiles from a 0.5-µm/px scan are upsampled 2×: tiled, with a warning naming both scales and the
+    fix; 0.5 and coarser are not warned."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="wsi_pipeline.tiling.stage"):
+        tile_slide(small_svs, RunLayout(tmp_path / "fine"), TilingConfig(target_mpp=0.25, tile_size=128))
+        tile_slide(small_svs, RunLayout(tmp_path / "same"), TilingConfig(target_mpp=0.5, tile_size=128))
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert "--target-mpp 0.25 is finer than the scan (0.5 µm/px" in msg and "upsampled 2.0×" in msg
+    assert "at least 0.5" in msg

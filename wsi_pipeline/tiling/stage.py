@@ -140,6 +140,7 @@ class TileStage:
         t0 = time.perf_counter()
         layout, slide_id = self.layout, item.slide_id
         with self._open(item.path) as slide:
+            warn_if_upsampled(slide_id, slide.mpp, self.cfg.target_mpp)
             tmap = tissue_map(slide, self.cfg)
             l0_xy = tile_coordinates(slide, tmap, self.cfg)
             attrs = tile_attrs(slide, self.cfg, key)
@@ -150,6 +151,18 @@ class TileStage:
             mpp = slide.mpp
         return SlideOutcome(slide_id, path=str(Path(item.path).resolve()), n_tiles=len(l0_xy), slide_mpp=mpp,
                             seconds=time.perf_counter() - t0)
+
+
+UPSAMPLE_TOLERANCE = 1.1  # a target finer than level 0 by more than this factor is upsampling
+
+
+def warn_if_upsampled(slide_id: str, slide_mpp: float, target_mpp: float) -> None:
+    """Log a warning when tiles at ``target_mpp`` would be upsampled from a coarser scan: they would hold no
+    more detail than the scan, and a model trained at ``target_mpp`` would see blurred tissue."""
+    if target_mpp * UPSAMPLE_TOLERANCE < slide_mpp:
+        log.warning("%s: --target-mpp %g is finer than the scan (%g µm/px at level 0): tiles are upsampled %.1f× and "
+                    "hold no more detail; use a --target-mpp of at least %g, or a scan at %g µm/px or finer",
+                    slide_id, target_mpp, slide_mpp, slide_mpp / target_mpp, slide_mpp, target_mpp)
 
 
 def tile_slide(path: str | Path, layout: RunLayout, cfg: TilingConfig, slide_id: str | None = None,
