@@ -29,9 +29,9 @@ class SlideError(WSIPipelineError):
 class SlideNotFoundError(SlideError, FileNotFoundError):
     """The slide path does not exist."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, fix: str = "") -> None:
         super().__init__(path, "no such file or folder",
-                         f"check the path (a relative path starts from the current folder, {Path.cwd()})")
+                         fix or f"check the path (a relative path starts from the current folder, {Path.cwd()})")
 
 
 class UnsupportedFormatError(SlideError):

@@ -234,3 +234,30 @@ def test_parallel_slides_draw_the_same_files(small_svs: Path, tmp_path: Path) ->
     assert len(outputs[0]) >= 3 * 4 and outputs[0] == outputs[2]
     with pytest.raises(ConfigError, match="--workers must be"):
         HeatmapConfig(workers=-1).validate()
+
+
+def test_slides_moved_since_tiling_are_found_with_slide_dir(small_svs: Path, tmp_path: Path) -> None:
+    """A RUN reviewed after its slides moved: heatmaps and the viewer say to pass --slide-dir, and find the
+    slides by file name there when it is given."""
+    from fastapi.testclient import TestClient
+
+    from wsi_pipeline.review.config import ViewerConfig
+    from wsi_pipeline.review.server import create_app
+    from wsi_pipeline.review.synthetic import build_scored_run
+
+    (tmp_path / "old").mkdir()
+    slide = tmp_path / "old" / "s1.svs"
+    shutil.copy(small_svs, slide)
+    root = tmp_path / "run"
+    build_scored_run(root, slide, model="demo-mil")
+    (tmp_path / "new").mkdir()
+    slide.rename(tmp_path / "new" / "s1.svs")
+    cfg = HeatmapConfig(model="demo-mil", top_k=1, targets=["response"], workers=0)
+    (failed,) = run_heatmaps(root, cfg).failed
+    assert failed.error_type == "SlideNotFoundError" and "pass --slide-dir FOLDER" in failed.error
+    cfg.slide_dirs = [str(tmp_path / "new")]
+    assert run_heatmaps(root, cfg).done == ["s1"]
+    for dirs, status in (([], 404), ([str(tmp_path / "new")], 200)):
+        with TestClient(create_app(root, ViewerConfig(slide_dirs=dirs)), base_url="http://127.0.0.1") as client:
+            r = client.get("/dzi/s1.dzi")
+        assert r.status_code == status and ("--slide-dir" in r.text if status == 404 else "<Image" in r.text)

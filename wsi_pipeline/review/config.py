@@ -30,6 +30,7 @@ class HeatmapConfig:
     geojson: bool = True
     force: bool = False  # redo slides whose outputs are up to date
     workers: int | None = None  # slides drawn in parallel processes (None: the cores; 0: in this process)
+    slide_dirs: list[str] = field(default_factory=list)  # where to look for slides moved since tiling (by name)
 
     def validate(self) -> HeatmapConfig:
         if self.scale not in SCALES:
@@ -67,6 +68,7 @@ class ViewerConfig:
     tile_cache: int = 2048  # deep-zoom JPEG tiles kept in memory
     slide_cache: int = 8  # open slide handles kept
     cmap: str = "RdYlBu_r"
+    slide_dirs: list[str] = field(default_factory=list)  # where to look for slides moved since tiling (by name)
 
     def validate(self) -> ViewerConfig:
         if not 0 < self.port < 65536:

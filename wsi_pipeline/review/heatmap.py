@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from wsi_pipeline.review.scores import (
     SlideScores,
     input_stamps,
     load_slide_scores,
+    open_recorded_slide,
     resolve_model_name,
     scored_slide_ids,
     slide_paths_from_status,
@@ -44,14 +46,12 @@ class HeatmapResult:
 
 
 # ---------------------------------------------------------------- slide access
-def open_scored_slide(sc: SlideScores):
-    """The slide of ``sc`` opened with the MPP its tiling used."""
-    from wsi_pipeline.slide.open import open_slide
-
+def open_scored_slide(sc: SlideScores, slide_dirs: Sequence[str] = ()):
+    """The slide of ``sc`` opened with the MPP its tiling used (looked for in ``slide_dirs`` when it moved)."""
     if not sc.slide_path:
         raise SlideError(f"<{sc.slide_id}>", "the RUN folder does not record the slide's path",
                          "re-run `wsi tile` so slides.csv and the tiles file name it")
-    return open_slide(sc.slide_path, mpp=sc.slide_mpp)
+    return open_recorded_slide(sc.slide_path, sc.slide_mpp, slide_dirs)
 
 
 def thumbnail_for(sc: SlideScores, layout: RunLayout, max_px: int, slide: Any | None
@@ -147,7 +147,7 @@ def render_slide(layout: RunLayout, slide_id: str, model: str, cfg: HeatmapConfi
     slide = None
     try:
         try:
-            slide = open_scored_slide(sc)
+            slide = open_scored_slide(sc, cfg.slide_dirs)
         except SlideError as e:
             if cfg.galleries and cfg.top_k > 0:
                 raise

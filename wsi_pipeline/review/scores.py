@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,30 @@ def slide_paths_from_status(layout: RunLayout) -> dict[str, str]:
         if r.stage == "tile":
             from_tile.add(r.slide_id)
     return out
+
+
+def locate_slide(recorded: str, slide_dirs: Sequence[str | Path] = ()) -> str:
+    """The slide path the RUN recorded when it exists, else the first of ``slide_dirs`` holding a file (or an
+    MRXS/DICOM folder) of the same name: a RUN reviewed on another machine, or after the slides moved."""
+    if not recorded or not slide_dirs or Path(recorded).exists():
+        return recorded
+    name = Path(recorded).name
+    return next((str(Path(d) / name) for d in slide_dirs if (Path(d) / name).exists()), recorded)
+
+
+def open_recorded_slide(recorded: str, mpp: float | None, slide_dirs: Sequence[str | Path] = ()) -> Any:
+    """:func:`~wsi_pipeline.slide.open.open_slide` on the RUN's recorded path (see :func:`locate_slide`) with the
+    MPP the tiling used; a missing file says how to point the command at where the slides are now."""
+    from wsi_pipeline.errors import SlideNotFoundError
+    from wsi_pipeline.slide.open import open_slide
+
+    path = locate_slide(recorded, slide_dirs)
+    try:
+        return open_slide(path, mpp=mpp)
+    except SlideNotFoundError as e:
+        looked = f", nor in {', '.join(map(str, slide_dirs))}" if slide_dirs else ""
+        raise SlideNotFoundError(path, f"the RUN recorded this path when it was tiled{looked}; if the slides have "
+                                       "moved, pass --slide-dir FOLDER (where they are now)") from e
 
 
 def read_predictions(layout: RunLayout) -> dict[str, dict[str, str]]:
