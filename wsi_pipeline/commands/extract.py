@@ -7,6 +7,8 @@ from typing import Any
 
 import typer
 
+from wsi_pipeline.commands.tiling_options import slide_dir_list, slide_dir_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command("extract")
@@ -28,6 +30,7 @@ def register(app: typer.Typer) -> None:
                                            help="Decoding threads when reading in this process "
                                                 "(default: torch's thread count)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+        slide_dir: list[Path] = slide_dir_option(),
         precision: str = typer.Option("bf16", "--precision", help="bf16, fp16 or fp32 (autocast)."),
         compile_model: bool = typer.Option(False, "--compile", help="torch.compile the encoder."),
         dtype: str = typer.Option("float16", "--dtype", help="Stored feature dtype: float16 or float32."),
@@ -65,7 +68,7 @@ def register(app: typer.Typer) -> None:
             precision=precision, compile=compile_model, dtype=dtype, shard=shard,
             coords_dir=str(coords_dir) if coords_dir else None, slides_dir=str(slides_dir) if slides_dir else None,
             slide_mpp=slide_mpp, allow_mpp_mismatch=allow_mpp_mismatch, fast_reader=not no_fast_reader,
-            decode=decode, prefetch_batches=prefetch_batches, force=force,
+            decode=decode, prefetch_batches=prefetch_batches, force=force, slide_dirs=slide_dir_list(slide_dir),
         ).validate()
         if _rank() == 0:
             save_resolved(run, "extract", {"extract": cfg})

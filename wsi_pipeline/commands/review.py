@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from wsi_pipeline.commands.tiling_options import slide_dir_list, slide_dir_option
+
 
 def _split(values: list[str] | None) -> list[str]:
     out: list[str] = []
@@ -32,9 +34,7 @@ def register(app: typer.Typer) -> None:
         no_geojson: bool = typer.Option(False, "--no-geojson", help="Skip the QuPath GeoJSON."),
         force: bool = typer.Option(False, "--force", help="Redo slides whose outputs are up to date."),
         workers: int = typer.Option(None, "--workers", "-j", help="Parallel slides (default: the cores; 0 = in-process)."),
-        slide_dir: list[Path] = typer.Option(None, "--slide-dir",
-                                             help="Folder holding slides moved since tiling (repeatable; found by "
-                                                  "file name)."),
+        slide_dir: list[Path] = slide_dir_option(),
     ) -> None:
         """Heatmaps per slide and target: PNG overlay, multiscale zarr, top/bottom-k galleries, QuPath GeoJSON."""
         from rich.console import Console
@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         cfg = HeatmapConfig(model=model, targets=_split(targets), scale=scale, vmin=vmin, vmax=vmax, smooth=smooth,
                             top_k=top_k, attention=attention, cmap=cmap, zarr=not no_zarr,
                             geojson=not no_geojson, force=force, workers=workers,
-                            slide_dirs=[str(d) for d in slide_dir or []]).validate()
+                            slide_dirs=slide_dir_list(slide_dir)).validate()
         save_resolved(run, "heatmap", {"heatmap": cfg})
         with stage_progress() as progress:
             summary = run_heatmaps(run, cfg, _split(slides) or None, progress=progress)
@@ -94,14 +94,12 @@ def register(app: typer.Typer) -> None:
         allow_host: list[str] = typer.Option(None, "--allow-host",
                                              help="Also answer to this Host name (repeatable; e.g. behind a proxy). "
                                                   "Others are refused: DNS-rebinding protection."),
-        slide_dir: list[Path] = typer.Option(None, "--slide-dir",
-                                             help="Folder holding slides moved since tiling (repeatable; found by "
-                                                  "file name)."),
+        slide_dir: list[Path] = slide_dir_option(),
     ) -> None:
         """Browse the run's slides in a deep-zoom viewer with heatmap overlays."""
         from wsi_pipeline.review.config import ViewerConfig
         from wsi_pipeline.review.server import serve
 
         cfg = ViewerConfig(host=host, port=port, model=model, allow_hosts=_split(allow_host),
-                           slide_dirs=[str(d) for d in slide_dir or []]).validate()
+                           slide_dirs=slide_dir_list(slide_dir)).validate()
         serve(run, cfg, on_ready=lambda url: typer.echo(f"wsi view: {url}  (Ctrl+C to stop)"))

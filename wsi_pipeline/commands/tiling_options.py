@@ -1,4 +1,4 @@
-"""The tiling and MPP options, defined once: every command that tiles slides (`wsi tile`, `wsi run`) gets them
+"""The tiling and MPP options, and ``--slide-dir``, defined once: every command that tiles slides (`wsi tile`, `wsi run`) gets them
 through :func:`tiling_options`, which appends them to the command's signature and hands the command one
 :class:`TilingOptions` instead.
 
@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -40,6 +41,17 @@ _OPTIONS: dict[str, tuple[Any, Any]] = {
                                               help="Allow MPP = 10 / objective power when a file has none.")),
     "no_pen_rejection": (bool, typer.Option(False, "--no-pen-rejection", help="Keep pen-marked areas.")),
 }
+
+
+def slide_dir_option() -> Any:
+    """``--slide-dir DIR`` (repeatable) of every command that reads a RUN's slides after tiling (extract, tme,
+    heatmap, view): where slides moved since tiling are now, found by file name."""
+    return typer.Option(None, "--slide-dir", show_default=False,
+                        help="Folder holding slides moved since tiling (repeatable; found by file name).")
+
+
+def slide_dir_list(values: list[Path] | None) -> list[str]:
+    return [str(v) for v in values or []]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,8 @@ from typing import Any
 
 import typer
 
+from wsi_pipeline.commands.tiling_options import slide_dir_list, slide_dir_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command("tissue-train")
@@ -137,6 +139,7 @@ def register(app: typer.Typer) -> None:
                                                help="Always embed from the slides (ignore RUN/features)."),
         batch_size: int = typer.Option(64, "--batch-size"),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+        slide_dir: list[Path] = slide_dir_option(),
         num_workers: int = typer.Option(None, "--num-workers",
                                         help="Threads reading the dense map's regions, the next region read "
                                              "while the current one is computed (0 = auto: all cores but one "
@@ -186,7 +189,7 @@ def register(app: typer.Typer) -> None:
             area_correction=base.area_correction and not no_area_correction,
             map_refinement=base.map_refinement and not no_map_refinement,
             batch_size=batch_size, device=device, precision=precision, overwrite=overwrite,
-            num_workers=pick(num_workers, base.num_workers),
+            num_workers=pick(num_workers, base.num_workers), slide_dirs=slide_dir_list(slide_dir) or base.slide_dirs,
         ).validate()
         if fit_rules and labels is None:
             raise typer.BadParameter("--fit-rules needs --labels CSV (slide_id, immune_phenotype)")

@@ -17,6 +17,7 @@ class ExtractConfig:
     init_seed: int | None = None  # seed of a random-init encoder (timm:<arch>, no weights); None = 0
     batch_size: int = 32
     num_workers: int | None = None  # reader processes; None = 0 on CPU (read in-process), cores - 1 with CUDA
+    slide_dirs: list[str] = dataclasses.field(default_factory=list)  # where slides moved since tiling are (by name)
     reader_threads: int | None = None  # decoding threads when reading in-process; None = torch's threads
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "bf16"  # bf16 | fp16 | fp32 (autocast)

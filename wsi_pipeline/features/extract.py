@@ -105,7 +105,7 @@ def plan_jobs(layout: RunLayout, encoder_name: str, cfg: ExtractConfig, shard: S
     file without one: its dataset's shape), so a rank reads only its own slides' tiles files."""
     shard = shard or Shard()
     if cfg.coords_dir is None:
-        return _plan_run(layout, encoder_name, shard)
+        return _plan_run(layout, encoder_name, shard, cfg.slide_dirs)
     jobs, bad = _plan_coords(layout, encoder_name, cfg)
     return balanced_share(jobs, shard.index, shard.count), _share_bad(bad, shard)
 
@@ -142,10 +142,11 @@ def _plan_coords(layout: RunLayout, encoder_name: str, cfg: ExtractConfig
     return jobs, bad
 
 
-def _plan_run(layout: RunLayout, encoder_name: str, shard: Shard
+def _plan_run(layout: RunLayout, encoder_name: str, shard: Shard, slide_dirs: Sequence[str] = ()
               ) -> tuple[list[SlideJob], list[tuple[str, WSIPipelineError]]]:
     """This shard's slides of a RUN folder: one scan of RUN/tiles, one read of the status, sizes from its
-    tiling rows; then only this shard's tiles files are read."""
+    tiling rows; then only this shard's tiles files are read (their slides looked for in ``slide_dirs`` when
+    they moved)."""
     ids = layout.slide_ids_with_tiles()
     if not ids:
         raise TilesNotFoundError(f"{layout.tiles_dir}: no tiles files — run `wsi tile SLIDES --out {layout.root}` "
@@ -165,14 +166,17 @@ def _plan_run(layout: RunLayout, encoder_name: str, shard: Shard
     mine_bad = _share_bad(bad, shard)
     for job in balanced_share(sized, shard.index, shard.count):
         try:
-            jobs.append(_with_tiles(layout, job))
+            jobs.append(_with_tiles(layout, job, slide_dirs))
         except WSIPipelineError as e:
             mine_bad.append((job.slide_id, e))
     return jobs, mine_bad
 
 
-def _with_tiles(layout: RunLayout, job: SlideJob) -> SlideJob:
-    """``job`` with its tiles read and checked, and its slide path (the status's, else the tiles file's)."""
+def _with_tiles(layout: RunLayout, job: SlideJob, slide_dirs: Sequence[str] = ()) -> SlideJob:
+    """``job`` with its tiles read and checked, and its slide path (the status's, else the tiles file's; looked
+    for by name in ``slide_dirs`` when it moved)."""
+    from wsi_pipeline.slide.open import require_recorded_slide
+
     tiles_file = layout.tiles_h5(job.slide_id)
     tiles = F.read_tiles_h5(tiles_file)
     missing = [k for k in F.TILE_ATTRS_REQUIRED if k not in tiles.attrs]
@@ -181,6 +185,8 @@ def _with_tiles(layout: RunLayout, job: SlideJob) -> SlideJob:
     job.slide_path = job.slide_path or str(tiles.attrs.get(F.A_SLIDE_PATH) or "")
     if not job.slide_path:
         raise FormatError(tiles_file, "no slide path (slides.csv or slide_path attr); re-run `wsi tile`")
+    if len(tiles):
+        job.slide_path = require_recorded_slide(job.slide_path, slide_dirs)
     job.tiles = tiles
     return job
 
@@ -339,13 +345,16 @@ class ExtractStage:
         out = SlideOutcome(job.slide_id, path=job.slide_path, n_tiles=job.n_tiles, slide_mpp=job.tiles.slide_mpp,
                            seconds=job.seconds)
         if err or feats is None:
-            out.status, out.error, out.error_type = STATUS_FAILED, err, err.split(":", 1)[0]
+            etype, sep, message = err.partition(": ")  # the engine reports "ErrorType: message"
+            typed = bool(sep) and etype.isidentifier()
+            out.status, out.error_type = STATUS_FAILED, etype if typed else "WSIPipelineError"
+            out.error = message if typed else err or "no features produced"
             return out
         try:
             write_slide_features(job, feats, self.encoder, self.cfg, self.decode.key)
         except (WSIPipelineError, OSError, ValueError) as e:  # this slide's output only; the run goes on
             out.status, out.error_type = STATUS_FAILED, type(e).__name__
-            out.error = f"{type(e).__name__}: cannot write {job.out_path} ({e})"
+            out.error = f"cannot write {job.out_path} ({e})"
         else:
             self.tiles += job.n_tiles
         return out

@@ -118,28 +118,12 @@ def slide_paths_from_status(layout: RunLayout) -> dict[str, str]:
     return out
 
 
-def locate_slide(recorded: str, slide_dirs: Sequence[str | Path] = ()) -> str:
-    """The slide path the RUN recorded when it exists, else the first of ``slide_dirs`` holding a file (or an
-    MRXS/DICOM folder) of the same name: a RUN reviewed on another machine, or after the slides moved."""
-    if not recorded or not slide_dirs or Path(recorded).exists():
-        return recorded
-    name = Path(recorded).name
-    return next((str(Path(d) / name) for d in slide_dirs if (Path(d) / name).exists()), recorded)
-
-
 def open_recorded_slide(recorded: str, mpp: float | None, slide_dirs: Sequence[str | Path] = ()) -> Any:
-    """:func:`~wsi_pipeline.slide.open.open_slide` on the RUN's recorded path (see :func:`locate_slide`) with the
-    MPP the tiling used; a missing file says how to point the command at where the slides are now."""
-    from wsi_pipeline.errors import SlideNotFoundError
-    from wsi_pipeline.slide.open import open_slide
+    """:func:`~wsi_pipeline.slide.open.open_slide` on the path the RUN recorded at tiling (looked for by name in
+    ``slide_dirs`` when it moved) with the MPP the tiling used."""
+    from wsi_pipeline.slide.open import open_slide, require_recorded_slide
 
-    path = locate_slide(recorded, slide_dirs)
-    try:
-        return open_slide(path, mpp=mpp)
-    except SlideNotFoundError as e:
-        looked = f", nor in {', '.join(map(str, slide_dirs))}" if slide_dirs else ""
-        raise SlideNotFoundError(path, f"the RUN recorded this path when it was tiled{looked}; if the slides have "
-                                       "moved, pass --slide-dir FOLDER (where they are now)") from e
+    return open_slide(require_recorded_slide(recorded, slide_dirs), mpp=mpp)
 
 
 def read_predictions(layout: RunLayout) -> dict[str, dict[str, str]]:

@@ -81,6 +81,29 @@ def open_slide(
     raise UnsupportedFormatError(path, f"unsupported file type ({path.suffix or 'no extension'})", _SUPPORTED_MSG)
 
 
+MOVED_SLIDE_FIX = ("the RUN recorded this path when it was tiled; if the slides have moved, pass --slide-dir FOLDER "
+                   "(where they are now)")
+
+
+def locate_slide(recorded: str, slide_dirs: Sequence[str | Path] = ()) -> str:
+    """The slide path a RUN recorded at tiling when it exists, else the first of ``slide_dirs`` holding a file
+    (or an MRXS/DICOM folder) of the same name: a RUN reviewed on another machine, or after the slides moved."""
+    if not recorded or not slide_dirs or Path(recorded).exists():
+        return recorded
+    name = Path(recorded).name
+    return next((str(Path(d) / name) for d in slide_dirs if (Path(d) / name).exists()), recorded)
+
+
+def require_recorded_slide(recorded: str, slide_dirs: Sequence[str | Path] = ()) -> str:
+    """:func:`locate_slide`, raising :class:`SlideNotFoundError` with the ``--slide-dir`` fix when the slide is
+    found nowhere."""
+    path = locate_slide(recorded, slide_dirs)
+    if not path or not Path(path).exists():
+        looked = f" (not in {', '.join(map(str, slide_dirs))} either)" if slide_dirs else ""
+        raise SlideNotFoundError(path or "<no path>", MOVED_SLIDE_FIX + looked)
+    return path
+
+
 def no_slides_message(inputs: Sequence[str | Path], recursive: bool) -> str:
     """Why ``inputs`` gave :func:`find_slides` no slide files, and what to pass instead (``--recursive`` when
     subfolders hold slides)."""

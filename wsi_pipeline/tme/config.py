@@ -176,6 +176,7 @@ class TMEConfig:
     # while the current one is computed); 0 = auto: all cores but one with CUDA, as `wsi extract`'s reader
     # processes, one on a CPU (wsi_pipeline.tme.dense.reader_threads). The map does not depend on it.
     num_workers: int = 0
+    slide_dirs: list[str] = field(default_factory=list)  # where to look for slides moved since tiling (by name)
     overwrite: bool = False
     write_png: bool = True
     write_geojson: bool = True

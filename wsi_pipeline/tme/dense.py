@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from wsi_pipeline.errors import ConfigError, TilesNotFoundError
+from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.formats import api as F
+from wsi_pipeline.slide.open import require_recorded_slide
 
 if TYPE_CHECKING:
     from wsi_pipeline.encoders.base import Encoder
@@ -423,17 +424,11 @@ def dense_slide_map(tiles: F.TileSet, encoder: Encoder, clf: TissueClassifier, m
     :func:`feature_map_net` of ``encoder``, built here when not given; ``threads``: the reader's decoding
     threads, :func:`reader_threads` of the device when None; with more than one the next region is read
     ahead too). The map does not depend on ``threads``."""
-    from pathlib import Path
 
     from wsi_pipeline.encoders.base import prepare_for_inference, resolve_device
     from wsi_pipeline.features.reader import ReadSpec, open_tile_reader
 
-    path = tiles.attrs.get(F.A_SLIDE_PATH)
-    if not path or not Path(path).exists():
-        raise TilesNotFoundError(
-            f"slide file {path!r} recorded in the tiles file is missing — re-run `wsi tile` with the slides "
-            "where they are now"
-        )
+    path = require_recorded_slide(str(tiles.attrs.get(F.A_SLIDE_PATH) or ""))
     method = resolve_method(classifier_method(clf, method), encoder)
     geo = geo or dense_geometry(clf, encoder, method)
     encoder = prepare_for_inference(encoder, resolve_device(device))

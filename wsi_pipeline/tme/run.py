@@ -40,6 +40,7 @@ from wsi_pipeline.errors import ConfigError, ScaleMismatchError, TilesNotFoundEr
 from wsi_pipeline.formats import api as F
 from wsi_pipeline.runfolder.executor import Progress, SlideItem, SlideOutcome, StageSummary, run_per_slide
 from wsi_pipeline.runfolder.layout import RunLayout
+from wsi_pipeline.slide.open import require_recorded_slide
 from wsi_pipeline.tme.classifier import TissueClassifier
 from wsi_pipeline.tme.config import TMEConfig
 
@@ -108,12 +109,7 @@ def embed_slide_tiles(
     from wsi_pipeline.tiles.embed import embed_tiles
     from wsi_pipeline.tiles.transform import fit_tile, scaled_size
 
-    path = tiles.attrs.get(F.A_SLIDE_PATH)
-    if not path or not Path(path).exists():
-        raise TilesNotFoundError(
-            f"slide file {path!r} recorded in the tiles file is missing — re-run `wsi tile` with the slides "
-            "where they are now"
-        )
+    path = require_recorded_slide(str(tiles.attrs.get(F.A_SLIDE_PATH) or ""))
     mpp = encoder.meta.mpp
     size_l0, l0_xy = tiles.tile_size_l0, tiles.l0_xy
     if centre_um > 0:  # read only the centre square: its level-0 size and corners
@@ -366,6 +362,9 @@ def run_tiles(layout: RunLayout, clf: TissueClassifier, cfg: TMEConfig, slide_id
     if not tiles_path.exists():
         raise TilesNotFoundError(f"{tiles_path}: no tiles for {slide_id}; run `wsi tile` first")
     tiles = F.read_tiles_h5(tiles_path)
+    if len(tiles):  # the slide, where it is now (the map and the grid read it)
+        tiles.attrs[F.A_SLIDE_PATH] = require_recorded_slide(str(tiles.attrs.get(F.A_SLIDE_PATH) or ""),
+                                                             cfg.slide_dirs)
     footprint = resolve_footprint(cfg, clf, tiles)
     if footprint == "grid":
         tiles = fov_grid(tiles, clf.tile_um, clf.mpp)
