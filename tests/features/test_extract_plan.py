@@ -21,12 +21,19 @@ ATTRS = {F.A_TARGET_MPP: 0.5, F.A_SLIDE_MPP: 0.25, F.A_TILE_SIZE: 224, F.A_PATCH
 
 
 def _run(root: Path, sizes: dict[str, int], rows: bool = True) -> RunLayout:
+    """Tiles files naming ``root/attr/<sid>.svs`` and status rows naming ``root/status/<sid>.svs`` (empty files:
+    planning checks that a slide exists, never reads it)."""
     layout = RunLayout(root)
+    for d in ("attr", "status"):
+        (root / d).mkdir(parents=True, exist_ok=True)
     for sid, n in sizes.items():
         xy = np.stack([np.arange(n) * 448, np.zeros(n)], axis=1)
-        F.write_tiles_h5(layout.tiles_h5(sid), xy, {**ATTRS, F.A_SLIDE_PATH: f"/attr/{sid}.svs"})
+        for d in ("attr", "status"):
+            (root / d / f"{sid}.svs").touch()
+        F.write_tiles_h5(layout.tiles_h5(sid), xy, {**ATTRS, F.A_SLIDE_PATH: str(root / "attr" / f"{sid}.svs")})
         if rows:
-            update_status(layout.slides_csv, SlideStatus(sid, "tile", path=f"/status/{sid}.svs", n_tiles=n))
+            update_status(layout.slides_csv, SlideStatus(sid, "tile", path=str(root / "status" / f"{sid}.svs"),
+                                                         n_tiles=n))
     return layout
 
 
@@ -41,7 +48,7 @@ def test_ranks_read_only_their_tiles_and_partition_the_cohort(tmp_path: Path) ->
     assert [(sid, type(e)) for _, sid, e in bad] == [("s03", FormatError)]
     for jobs, _ in plans:
         for j in jobs:
-            assert j.tiles is not None and j.n_tiles == sizes[j.slide_id] and j.slide_path == f"/status/{j.slide_id}.svs"
+            assert j.tiles is not None and j.n_tiles == sizes[j.slide_id] and j.slide_path == str(tmp_path / "RUN" / "status" / f"{j.slide_id}.svs")
     loads = [sum(sizes[s] for s in part) for part in ids]
     assert max(loads) - min(loads) <= max(sizes.values())  # balanced on tiles
 
@@ -51,7 +58,7 @@ def test_tiles_without_status_rows_are_sized_from_the_files(tmp_path: Path) -> N
     layout = _run(tmp_path / "RUN", sizes, rows=False)
     jobs, bad = plan_jobs(layout, "enc", ExtractConfig())
     assert not bad and {j.slide_id: (j.n_tiles, j.slide_path) for j in jobs} == {
-        s: (n, f"/attr/{s}.svs") for s, n in sizes.items()}
+        s: (n, str(tmp_path / "RUN" / "attr" / f"{s}.svs")) for s, n in sizes.items()}
 
 
 def test_balanced_share_matches_the_greedy_rule() -> None:
