@@ -100,3 +100,16 @@ def test_open_slide_names_the_dicom_cause(tmp_path: Path) -> None:
     with pytest.raises(CorruptSlideError) as exc:
         open_slide(p)
     assert str(p) in str(exc.value) and "not a whole-slide image" in str(exc.value) and "run the command again" in str(exc.value)
+
+
+def test_the_named_cause_is_the_true_one(bad_dcm: Path, tmp_path: Path) -> None:
+    """The real malformed TCGA DICOM lacks ImageType: a copy with only that element added (before SOPClassUID,
+    (0008,0016), in tag order) opens in OpenSlide, and the diagnosis then finds nothing to name."""
+    data = bad_dcm.read_bytes()
+    sop_at = data.index(b"\x08\x00\x16\x00UI", 132 + 8)  # the data set's SOPClassUID, past the meta group's
+    fixed = tmp_path / "fixed.dcm"
+    fixed.write_bytes(data[:sop_at] + _el(0x0008, 0x0008, "CS", _text("ORIGINAL\\PRIMARY\\VOLUME\\NONE")) + data[sop_at:])
+    assert "ImageType (0008,0008) is missing" in dicom_wsi_problem(bad_dcm)[0]
+    assert dicom_wsi_problem(fixed) is None
+    with open_slide(fixed, mpp_fallback=0.5) as s:
+        assert s.dimensions == (3236, 2638)
