@@ -44,12 +44,15 @@ def _pyplot():
     return plt
 
 
-def save_png(path: str | Path, rgb_or_rgba: np.ndarray) -> Path:
+def save_png(path: str | Path, rgb_or_rgba: np.ndarray, fast: bool = False) -> Path:
+    """Write an image array as PNG, atomically: smallest file (``optimize``), or quickest (``fast``:
+    :data:`FAST_PNG`, for large images that compress poorly, such as thumbnails)."""
     from PIL import Image
 
     path = Path(path)
     with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(rgb_or_rgba)).save(tmp, format="PNG", optimize=True)
+        Image.fromarray(np.ascontiguousarray(rgb_or_rgba)).save(tmp, format="PNG",
+                                                                **(FAST_PNG if fast else {"optimize": True}))
     return path
 
 
@@ -147,9 +150,8 @@ def render_heatmap_figure(
         png_w, png_h = (int(v) for v in fig.canvas.get_width_height())
         bb = ax.get_window_extent()
         geom = FigureGeometry((bb.x0, png_h - bb.y1, bb.x1, png_h - bb.y0), (png_w, png_h))
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=DPI, pil_kwargs=FAST_PNG)
+        # the canvas just drawn at DPI is the figure's PNG (opaque: RGB): written as is, not drawn again by savefig
+        save_png(path, np.asarray(fig.canvas.buffer_rgba())[..., :3], fast=True)
     finally:
         plt.close(fig)
     return geom
