@@ -1,6 +1,7 @@
-"""The tiling and MPP options, and ``--slide-dir``, defined once: every command that tiles slides (`wsi tile`, `wsi run`) gets them
+"""The tiling and MPP options, defined once: every command that tiles slides (`wsi tile`, `wsi run`) gets them
 through :func:`tiling_options`, which appends them to the command's signature and hands the command one
-:class:`TilingOptions` instead.
+:class:`TilingOptions` instead. ``--slide-dir`` (:func:`slide_dir_option`) is defined here too, for the commands
+that read a RUN's slides again after tiling.
 
 An option left unset on the command line keeps the value of the base configuration (the dataclass default,
 or a ``--config`` YAML), so the file and the command line combine predictably.

@@ -103,6 +103,7 @@ OTHER_SEPARATORS = {  # a one-column header holding one of these: (what the file
     "|": ("'|'", ""),
 }
 
+
 def _labels_error(path: Path, what: str, fix: str) -> LabelsError:
     return LabelsError(f"{path}: {what}; {fix}")
 
