@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -319,8 +320,18 @@ def test_train_config_errors(cohort, tmp_path):
     assert res.exit_code != 0 and "--batch-bags must be >= 1" in str(res.exception or res.output)
     other = tmp_path / "other.csv"
     other.write_text("slide_id,response\nX1,1\nX2,0\n")
-    with pytest.raises(LabelsError, match="no slide_id matches"):
+    with pytest.raises(LabelsError, match=r"no slide_id matches.*slide_id must be the slide file's name"):
         run_train(TrainConfig(**{**base, "labels": str(other)}))
+    import pandas as pd
+
+    table = pd.read_csv(labels, dtype=str)
+    first = str(table["slide_id"].iloc[0])
+    for ids, said in ((table["slide_id"] + ".svs", re.escape(f"so write {first!r}")),
+                      (table["slide_id"].str.swapcase(), "differ only in upper/lower case")):
+        typo = tmp_path / "typo.csv"  # ids as file names, or in another case: the difference is named
+        table.assign(slide_id=ids).to_csv(typo, index=False)
+        with pytest.raises(LabelsError, match=said):
+            run_train(TrainConfig(**{**base, "labels": str(typo)}))
     with pytest.raises(LabelsError, match="needs column"):
         run_train(TrainConfig(**{**base, "targets": "nothere:binary"}))
 

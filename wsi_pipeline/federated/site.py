@@ -33,7 +33,12 @@ class Site:
 
     def __init__(self, sc: SiteConfig, spec: RunSpec) -> None:
         from wsi_pipeline.evaluate.splits import inner_split, patient_folds, patient_strata
-        from wsi_pipeline.mil.targets import read_labels_table, require_label_columns, stratify_target
+        from wsi_pipeline.mil.targets import (
+            read_labels_table,
+            require_label_columns,
+            stratify_target,
+            unmatched_slides_error,
+        )
 
         self.sc, self.spec = sc, spec
         self.specs = spec.specs
@@ -43,8 +48,8 @@ class Site:
         have = set(self.store.slide_ids())
         self.slides = [s for s in self.table.index.astype(str) if s in have]
         if not self.slides:
-            raise LabelsError(f"{sc.labels}: no slide_id matches a feature file in "
-                              f"{self.store.layout.features_dir(self.store.encoder)}")
+            raise unmatched_slides_error(sc.labels, [str(s) for s in self.table.index], sorted(have),
+                                         self.store.layout.features_dir(self.store.encoder))
         rows = self.table.loc[self.slides]
         self.patient_of = dict(zip(self.slides, rows[PATIENT_ID].astype(str), strict=True))
         strat = stratify_target(self.specs)

@@ -340,6 +340,25 @@ def require_label_columns(columns: Any, targets: list[TargetSpec], path: str) ->
             raise LabelsError(f"{path}: target {t.name!r} needs column(s) {missing}{hints}; the columns are {have}")
 
 
+def unmatched_slides_error(labels_path: Any, labelled: list[str], have: list[str], features_dir: Any) -> LabelsError:
+    """The error when no labelled ``slide_id`` has features: examples of both sides and, when the ids differ
+    only by a file extension or by case, that difference and its fix."""
+    from wsi_pipeline.slide.base import slide_id_from_path
+
+    have_set, have_lower = set(have), {h.lower() for h in have}
+    head = (f"{labels_path}: no slide_id matches a feature file in {features_dir} (labels: {labelled[:3]}; "
+            f"features: {sorted(have)[:3]})")
+    stripped = [s for s in labelled if slide_id_from_path(s) in have_set]
+    if stripped:
+        return LabelsError(f"{head}; the labels' slide_id holds file names ({stripped[0]!r}): a slide id is the "
+                           f"file name without its extension, so write {slide_id_from_path(stripped[0])!r}")
+    if any(s.lower() in have_lower for s in labelled):
+        return LabelsError(f"{head}; the ids differ only in upper/lower case: slide ids are case-sensitive, "
+                           "write them as the slide files are named")
+    return LabelsError(f"{head}; slide_id must be the slide file's name without extension, as RUN/slides.csv "
+                       "lists it, and the RUN must hold this encoder's features (`wsi extract`)")
+
+
 def encode_labels(df: Any, targets: list[TargetSpec], fit_classes: bool = True) -> Labels:
     """Encode the target columns of a labels DataFrame. ``fit_classes`` fills ``TargetSpec.classes`` from the
     data (training); otherwise the stored classes are used and unknown labels are an error."""

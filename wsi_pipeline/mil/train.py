@@ -62,6 +62,7 @@ from wsi_pipeline.mil.targets import (
     read_labels_table,
     stratify_target,
     targets_from_config,
+    unmatched_slides_error,
 )
 
 log = logging.getLogger(__name__)
@@ -129,9 +130,7 @@ def build_cohort(cfg: TrainConfig) -> Cohort:
         log.warning("%d labelled slide(s) have no features in %s and are left out (e.g. %s)",
                     len(missing), store.layout.features_dir(store.encoder), missing[:3])
     if not usable:
-        raise LabelsError(
-            f"{cfg.labels}: no slide_id matches a feature file in {store.layout.features_dir(store.encoder)}"
-        )
+        raise unmatched_slides_error(cfg.labels, missing, sorted(have), store.layout.features_dir(store.encoder))
     labels = labels_all.subset(usable)
     for s in specs:  # every target needs some labels among the usable slides
         if np.all(np.isnan(labels.values[s.name])):
