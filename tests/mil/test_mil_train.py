@@ -322,8 +322,6 @@ def test_train_config_errors(cohort, tmp_path):
     other.write_text("slide_id,response\nX1,1\nX2,0\n")
     with pytest.raises(LabelsError, match=r"no slide_id matches.*slide_id must be the slide file's name"):
         run_train(TrainConfig(**{**base, "labels": str(other)}))
-    import pandas as pd
-
     table = pd.read_csv(labels, dtype=str)
     first = str(table["slide_id"].iloc[0])
     for ids, said in ((table["slide_id"] + ".svs", re.escape(f"so write {first!r}")),
