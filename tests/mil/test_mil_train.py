@@ -145,6 +145,11 @@ def test_heldout_cohort_evaluate_and_subgroups(trained, tmp_path):
     m = json.loads((run / "evaluation" / "abmil-demo" / "metrics.json").read_text())
     assert m["cohort"]["n_patients"] == 30
     assert m["models"]["abmil-demo"]["response"]["auroc"]["estimate"] > 0.75
+    as_files = tmp_path / "as_files.csv"  # slide ids written as file names: the message says what to write
+    table = pd.read_csv(labels, dtype=str)
+    table.assign(slide_id=table["slide_id"] + ".svs").to_csv(as_files, index=False)
+    with pytest.raises(LabelsError, match=r"as_files\.csv: no slide_id matches a slide of the predictions.*so write"):
+        run_evaluate(EvaluateConfig(run=str(run), model=str(trained), labels=str(as_files)))
     _invoke("subgroups", run, "--model", trained, "--labels", labels)
     summary = json.loads((run / "subgroups" / "abmil-demo" / "subgroups.json").read_text())
     card = json.loads((trained / "model.json").read_text())

@@ -49,7 +49,7 @@ class Site:
         self.slides = [s for s in self.table.index.astype(str) if s in have]
         if not self.slides:
             raise unmatched_slides_error(sc.labels, [str(s) for s in self.table.index], sorted(have),
-                                         self.store.layout.features_dir(self.store.encoder))
+                                         f"a feature file in {self.store.layout.features_dir(self.store.encoder)}")
         rows = self.table.loc[self.slides]
         self.patient_of = dict(zip(self.slides, rows[PATIENT_ID].astype(str), strict=True))
         strat = stratify_target(self.specs)

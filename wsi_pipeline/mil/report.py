@@ -38,7 +38,7 @@ from wsi_pipeline.mil.tables import (
     truth_columns,
     truth_for,
 )
-from wsi_pipeline.mil.targets import BINARY, MULTICLASS, PATIENT_ID, SURVIVAL, TargetSpec
+from wsi_pipeline.mil.targets import BINARY, MULTICLASS, PATIENT_ID, TargetSpec
 
 if TYPE_CHECKING:
     from wsi_pipeline.mil.config import TrainConfig
@@ -280,15 +280,20 @@ def evaluate_heldout(
 
     Patients come from the labels (``patient_id``); targets whose columns the labels lack are skipped.
     """
-    from wsi_pipeline.mil.targets import SLIDE_ID, encode_labels
+    from wsi_pipeline.mil.targets import SLIDE_ID, encode_labels, unmatched_slides_error
 
-    specs = [s for s in specs if ({s.time, s.event} if s.kind == SURVIVAL else {s.column}) <= set(labels_df.columns)]
-    if not specs:
-        raise LabelsError("the labels have none of the model's target columns; nothing to evaluate")
-    slides = sorted(set.intersection(*[set(f[SLIDE_ID].astype(str)) for f in slide_frames.values()])
-                    & set(labels_df.index.astype(str)))
+    path = labels_df.attrs.get("path", "labels CSV")
+    columns = set(labels_df.columns)
+    have_specs = [s for s in specs if set(s.label_columns) <= columns]
+    if not have_specs:
+        raise LabelsError(f"{path}: none of the model's target columns "
+                          f"({sorted({c for s in specs for c in s.label_columns})}); nothing to evaluate")
+    specs = have_specs
+    predicted = set.intersection(*[set(f[SLIDE_ID].astype(str)) for f in slide_frames.values()])
+    slides = sorted(predicted & set(labels_df.index.astype(str)))
     if not slides:
-        raise LabelsError("no slide of the predictions has a row in the labels CSV")
+        raise unmatched_slides_error(path, [str(s) for s in labels_df.index], sorted(predicted),
+                                     "a slide of the predictions")
     lab = encode_labels(labels_df.loc[slides], specs, fit_classes=False)
     pmap = dict(zip(lab.slide_ids, lab.patient_ids, strict=True))
     frames = {}

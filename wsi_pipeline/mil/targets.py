@@ -340,14 +340,14 @@ def require_label_columns(columns: Any, targets: list[TargetSpec], path: str) ->
             raise LabelsError(f"{path}: target {t.name!r} needs column(s) {missing}{hints}; the columns are {have}")
 
 
-def unmatched_slides_error(labels_path: Any, labelled: list[str], have: list[str], features_dir: Any) -> LabelsError:
-    """The error when no labelled ``slide_id`` has features: examples of both sides and, when the ids differ
-    only by a file extension or by case, that difference and its fix."""
+def unmatched_slides_error(labels_path: Any, labelled: list[str], have: list[str], what: str) -> LabelsError:
+    """The error when no labelled ``slide_id`` is among ``have`` (the slides with features, or with
+    predictions: ``what`` says which, e.g. "a feature file in DIR"): examples of both sides and, when the ids
+    differ only by a file extension or by case, that difference and its fix."""
     from wsi_pipeline.slide.base import slide_id_from_path
 
     have_set, have_lower = set(have), {h.lower() for h in have}
-    head = (f"{labels_path}: no slide_id matches a feature file in {features_dir} (labels: {labelled[:3]}; "
-            f"features: {sorted(have)[:3]})")
+    head = f"{labels_path}: no slide_id matches {what} (labels: {labelled[:3]}; there: {sorted(have)[:3]})"
     stripped = [s for s in labelled if slide_id_from_path(s) in have_set]
     if stripped:
         return LabelsError(f"{head}; the labels' slide_id holds file names ({stripped[0]!r}): a slide id is the "

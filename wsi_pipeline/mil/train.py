@@ -130,7 +130,8 @@ def build_cohort(cfg: TrainConfig) -> Cohort:
         log.warning("%d labelled slide(s) have no features in %s and are left out (e.g. %s)",
                     len(missing), store.layout.features_dir(store.encoder), missing[:3])
     if not usable:
-        raise unmatched_slides_error(cfg.labels, missing, sorted(have), store.layout.features_dir(store.encoder))
+        raise unmatched_slides_error(cfg.labels, missing, sorted(have),
+                                     f"a feature file in {store.layout.features_dir(store.encoder)}")
     labels = labels_all.subset(usable)
     for s in specs:  # every target needs some labels among the usable slides
         if np.all(np.isnan(labels.values[s.name])):
