@@ -81,6 +81,20 @@ def test_report_with_labels_has_every_section(fake_run: Any, tmp_path: Path) -> 
     assert all((res.path.parent / h).exists() for h in hrefs)
 
 
+def test_labels_that_match_no_prediction_say_why_in_the_notes(fake_run: Any, tmp_path: Path) -> None:
+    import pandas as pd
+
+    table = pd.read_csv(fake_run.labels, dtype=str)
+    as_files = tmp_path / "as_files.csv"
+    table.assign(slide_id=table["slide_id"] + ".svs").to_csv(as_files, index=False)
+    run = tmp_path / "RUN"
+    shutil.copytree(fake_run.run, run)
+    res = build_report(ReportConfig(run=str(run), labels=str(as_files), n_boot=200))
+    assert "performance" not in res.sections
+    html = res.path.read_text().replace("&#x27;", "'")
+    assert "performance sections skipped" in html and "a slide id is the file name without its extension" in html
+
+
 def test_report_out_elsewhere_keeps_links_working(fake_run: Any, tmp_path: Path) -> None:
     run = fake_run.run
     out = tmp_path / "deep" / "dir" / "cohort.html"

@@ -171,7 +171,11 @@ def evaluation_tables(data: ReportData) -> Evaluation | None:
     labels = data.labels
     slides = data.predictions[data.predictions[SLIDE_ID].isin(labels.index)].copy()
     if slides.empty:
-        data.notes.append("no slide of predictions.csv is in the labels CSV: performance sections skipped")
+        from wsi_pipeline.mil.targets import unmatched_slides_error
+
+        why = unmatched_slides_error(labels.attrs.get("path", "the labels CSV"), [str(s) for s in labels.index],
+                                     sorted(data.predictions[SLIDE_ID].astype(str)), "a slide of predictions.csv")
+        data.notes.append(f"performance sections skipped: {why}")
         return None
     slides[PATIENT_ID] = labels.loc[slides[SLIDE_ID], PATIENT_ID].to_numpy()
     lab = labels.loc[slides[SLIDE_ID]]
