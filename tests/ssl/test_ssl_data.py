@@ -109,3 +109,22 @@ def test_hue_rotation_keeps_luma_and_grayscale() -> None:
     torch.testing.assert_close(A.hue_rotate(x, g, 0.0, on), x, atol=1e-6, rtol=0)
     z = A.random_grayscale(x, g, 1.0)
     assert torch.equal(z[:, 0], z[:, 1]) and torch.equal(z[:, 1], z[:, 2])
+
+
+def test_run_folder_source_finds_slides_moved_since_tiling(cmu_svs: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from wsi_pipeline.config import TilingConfig
+    from wsi_pipeline.errors import SlideNotFoundError
+    from wsi_pipeline.runfolder.layout import RunLayout
+    from wsi_pipeline.tiling.stage import tile_slide
+
+    (tmp_path / "old").mkdir()
+    slide = shutil.copy(cmu_svs, tmp_path / "old" / "s.svs")
+    layout = RunLayout(tmp_path / "RUN")
+    tile_slide(slide, layout, TilingConfig(target_mpp=1.0, tile_size=64))
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    with pytest.raises(SlideNotFoundError, match="pass --slide-dir FOLDER"):
+        open_tile_source(layout.root, max_tiles_per_slide=4)
+    src = open_tile_source(layout.root, max_tiles_per_slide=4, slide_dirs=[str(tmp_path / "new")])
+    assert len(src) == 4 and src.read(0).shape == (64, 64, 3)

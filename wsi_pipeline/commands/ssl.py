@@ -10,11 +10,14 @@ from typing import Any
 
 import typer
 
+from wsi_pipeline.commands.tiling_options import slide_dir_list, slide_dir_option
+
 # `wsi ssl-train` option → SSLConfig field ("augment.<field>": a field of its augment section); an option not
 # listed here is the field of the same name
 _SSL_OPTION_FIELDS: dict[str, tuple[str, ...]] = {
     "mpp": ("data_mpp",),
     "train_mpp": ("augment.mpp",),
+    "slide_dir": ("slide_dirs",),
     "color_jitter": ("augment.brightness", "augment.contrast", "augment.saturation"),
     **{k: (f"augment.{k}",) for k in ("global_size", "local_size", "n_local", "zoom_min", "zoom_max",
                                        "hed_sigma", "hed_bias", "hue", "gray_p")},
@@ -49,6 +52,7 @@ def register(app: typer.Typer) -> None:
         split_seed: int = typer.Option(0, "--split-seed", help="Seed of the source split (same as eval-encoder --seed)."),
         test_fraction: float = typer.Option(0.3, "--test-fraction", help="Held-out fraction of the source split."),
         max_tiles_per_slide: int = typer.Option(0, "--max-tiles-per-slide", help="RUN sources: sample at most this many tiles per slide (0: all)."),
+        slide_dir: list[Path] = slide_dir_option(),
         lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate per 256 images (AdamW; scaled by the global batch)."),
         weight_decay: float = typer.Option(0.04, "--weight-decay"),
         weight_decay_end: float = typer.Option(0.4, "--weight-decay-end"),
@@ -163,6 +167,8 @@ def _ssl_fields(options: Mapping[str, Any], only: Collection[str] | None = None)
             value = _json_option("--timm-kwargs", value)
         elif isinstance(value, Path):
             value = str(value)
+        elif name == "slide_dir":
+            value = slide_dir_list(value)
         elif name == "checkpoint_dir" and value is None:
             value = ""
         for field in _SSL_OPTION_FIELDS.get(name, (name,)):

@@ -28,6 +28,7 @@ class SSLConfig:
     split_seed: int = 0
     test_fraction: float = 0.3
     max_tiles_per_slide: int = 0  # RUN sources: 0 = all
+    slide_dirs: list[str] = field(default_factory=list)  # RUN sources: where slides moved since tiling are (by name)
     input_size: int = 224  # nominal tile size written to encoder.json
     stain_norm: str = "none"  # none | reinhard-lab: per-tile stain standardisation, part of the exported encoder
     stain_fit_tiles: int = 1024  # tiles sampled (seeded) to fit the stain-standardisation target

@@ -72,9 +72,11 @@ class FolderTiles(TileSource):
 class RunTiles(TileSource):
     """Tiles listed in ``RUN/tiles/*.h5`` read from their slides at the tiles' target MPP and size."""
 
-    def __init__(self, run_root: str | Path, max_tiles_per_slide: int | None = None, seed: int = 0) -> None:
+    def __init__(self, run_root: str | Path, max_tiles_per_slide: int | None = None, seed: int = 0,
+                 slide_dirs: Sequence[str] = ()) -> None:
         from wsi_pipeline.formats import api as F
         from wsi_pipeline.runfolder.layout import RunLayout
+        from wsi_pipeline.slide.open import require_recorded_slide
 
         layout = RunLayout(run_root)
         ids = layout.slide_ids_with_tiles()
@@ -87,12 +89,7 @@ class RunTiles(TileSource):
             ts = F.read_tiles_h5(layout.tiles_h5(sid))
             if len(ts) == 0:
                 continue
-            path = ts.attrs.get(F.A_SLIDE_PATH)
-            if not path or not Path(path).exists():
-                raise TilesNotFoundError(
-                    f"{layout.tiles_h5(sid)}: slide file {path!r} recorded in the tiles file is missing — "
-                    "re-run `wsi tile` with the slides where they are now"
-                )
+            path = require_recorded_slide(str(ts.attrs.get(F.A_SLIDE_PATH) or ""), slide_dirs)
             xy = ts.l0_xy
             if max_tiles_per_slide and len(xy) > max_tiles_per_slide:
                 xy = xy[seeded_rng(seed, "run", sid).choice(len(xy), max_tiles_per_slide, replace=False)]
@@ -153,6 +150,7 @@ def open_tile_source(
     split_seed: int = 0,
     test_fraction: float = 0.3,
     max_tiles_per_slide: int | None = None,
+    slide_dirs: Sequence[str] = (),
 ) -> TileSource:
     """A RUN folder (has ``tiles/``) or an image folder (recursive) as a :class:`TileSource`.
 
@@ -164,7 +162,7 @@ def open_tile_source(
     if is_run_folder(data):
         if subset != "all":
             raise ConfigError(f"{data}: --subset applies to labelled image folders, not RUN folders")
-        return RunTiles(data, max_tiles_per_slide=max_tiles_per_slide, seed=split_seed)
+        return RunTiles(data, max_tiles_per_slide=max_tiles_per_slide, seed=split_seed, slide_dirs=slide_dirs)
     if subset == "all":
         return FolderTiles(list_images(data), mpp, description=f"{data}")
     tiles = load_labelled_folder(data)

@@ -248,7 +248,7 @@ def _config_dict(cfg: SSLConfig) -> dict[str, Any]:
 
 # options that may change between a checkpoint and its resumption without changing the result
 _RESUME_FREE = {"out", "checkpoint_dir", "resume", "stop_at_step", "checkpoint_every", "log_every", "workers",
-                "threads", "device", "description", "licence", "name", "data"}
+                "threads", "device", "description", "licence", "name", "data", "slide_dirs"}
 
 
 def save_checkpoint(path: Path, step: int, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
@@ -406,7 +406,7 @@ def _train(cfg: SSLConfig, info: DistInfo) -> SSLResult:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     source = open_tile_source(cfg.data, cfg.data_mpp, cfg.subset, cfg.split_seed, cfg.test_fraction,
-                              cfg.max_tiles_per_slide or None)
+                              cfg.max_tiles_per_slide or None, cfg.slide_dirs)
     if info.is_main:
         log.info("ssl-train: %s; %s, %d steps × %d × %d ranks", source.description, cfg.arch, cfg.steps,
                  cfg.batch_size, info.world)
