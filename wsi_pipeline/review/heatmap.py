@@ -23,7 +23,6 @@ from wsi_pipeline.review.scores import (
     SlideScores,
     input_stamps,
     load_slide_scores,
-    open_recorded_slide,
     resolve_model_name,
     scored_slide_ids,
     slide_paths_from_status,
@@ -34,6 +33,9 @@ from wsi_pipeline.runfolder.layout import RunLayout
 log = logging.getLogger(__name__)
 
 STAGE = "heatmap"
+# what drawing one slide imports (matplotlib and zarr take seconds): imported once before the per-slide workers fork
+HEATMAP_PRELOAD = ("matplotlib.pyplot", "wsi_pipeline.review.render", "wsi_pipeline.review.qupath",
+                   "wsi_pipeline.review.zarr_io", "wsi_pipeline.slide.open")
 
 
 @dataclass
@@ -48,6 +50,8 @@ class HeatmapResult:
 # ---------------------------------------------------------------- slide access
 def open_scored_slide(sc: SlideScores, slide_dirs: Sequence[str] = ()):
     """The slide of ``sc`` opened with the MPP its tiling used (looked for in ``slide_dirs`` when it moved)."""
+    from wsi_pipeline.slide.open import open_recorded_slide
+
     if not sc.slide_path:
         raise SlideError(f"<{sc.slide_id}>", "the RUN folder does not record the slide's path",
                          "re-run `wsi tile` so slides.csv and the tiles file name it")
@@ -266,14 +270,4 @@ def run_heatmaps(
     items = [SlideItem(sid, paths.get(sid, "")) for sid in slide_ids or scored_slide_ids(layout, model)]
     workers = default_workers() if cfg.workers is None else cfg.workers
     return run_per_slide(HeatmapStage(layout, model, cfg, paths), items, layout, workers=workers, force=cfg.force,
-                         progress=progress, before_fork=preload_heatmap_modules)
-
-
-def preload_heatmap_modules() -> None:
-    """Import what drawing one slide needs in the parent, so forked per-slide workers inherit it (matplotlib
-    and zarr take seconds to import)."""
-    import importlib
-
-    for name in ("matplotlib.pyplot", "wsi_pipeline.review.render", "wsi_pipeline.review.qupath",
-                 "wsi_pipeline.review.zarr_io", "wsi_pipeline.slide.open"):
-        importlib.import_module(name)
+                         progress=progress, preload=HEATMAP_PRELOAD)

@@ -183,10 +183,7 @@ def render_gallery(path: str | Path, images: Sequence[np.ndarray], captions: Seq
                   fill="black", font=cap_font, anchor="mm")
     if not images:
         draw.text((width // 2, height // 2), "no scored tiles", fill="black", font=cap_font, anchor="mm")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG", **FAST_PNG)
-    return path
+    return save_png(path, np.asarray(canvas), fast=True)
 
 
 FONT_FILE = "DejaVuSans.ttf"  # shipped with matplotlib: covers "—", "µ", "→" and the accented letters

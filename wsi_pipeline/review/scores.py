@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,14 +116,6 @@ def slide_paths_from_status(layout: RunLayout) -> dict[str, str]:
         if r.stage == "tile":
             from_tile.add(r.slide_id)
     return out
-
-
-def open_recorded_slide(recorded: str, mpp: float | None, slide_dirs: Sequence[str | Path] = ()) -> Any:
-    """:func:`~wsi_pipeline.slide.open.open_slide` on the path the RUN recorded at tiling (looked for by name in
-    ``slide_dirs`` when it moved) with the MPP the tiling used."""
-    from wsi_pipeline.slide.open import open_slide, require_recorded_slide
-
-    return open_slide(require_recorded_slide(recorded, slide_dirs), mpp=mpp)
 
 
 def read_predictions(layout: RunLayout) -> dict[str, dict[str, str]]:

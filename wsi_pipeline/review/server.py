@@ -29,7 +29,6 @@ from wsi_pipeline.review.config import SCALES, ViewerConfig
 from wsi_pipeline.review.scores import (
     SlideScores,
     load_slide_scores,
-    open_recorded_slide,
     read_predictions,
     resolve_model_name,
     slide_paths_from_status,
@@ -211,6 +210,7 @@ class ViewerState:
             from openslide.deepzoom import DeepZoomGenerator
 
             from wsi_pipeline.formats.h5 import A_SLIDE_MPP, read_h5_attrs
+            from wsi_pipeline.slide.open import open_recorded_slide
 
             mpp = read_h5_attrs(self.layout.tiles_h5(slide_id)).get(A_SLIDE_MPP)
             slide = open_recorded_slide(self.slide_path(slide_id), float(mpp) if mpp else None, self.cfg.slide_dirs)

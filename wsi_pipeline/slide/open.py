@@ -85,23 +85,25 @@ MOVED_SLIDE_FIX = ("the RUN recorded this path when it was tiled; if the slides 
                    "(where they are now)")
 
 
-def locate_slide(recorded: str, slide_dirs: Sequence[str | Path] = ()) -> str:
-    """The slide path a RUN recorded at tiling when it exists, else the first of ``slide_dirs`` holding a file
-    (or an MRXS/DICOM folder) of the same name: a RUN reviewed on another machine, or after the slides moved."""
-    if not recorded or not slide_dirs or Path(recorded).exists():
+def require_recorded_slide(recorded: str | None, slide_dirs: Sequence[str | Path] = ()) -> str:
+    """The slide path a RUN recorded at tiling when it exists, else the first of ``slide_dirs`` holding a file (or
+    an MRXS/DICOM folder) of the same name: a RUN reviewed on another machine, or after the slides moved.
+    Raises :class:`SlideNotFoundError` with the ``--slide-dir`` fix when the slide is found nowhere."""
+    recorded = str(recorded or "")
+    if recorded and Path(recorded).exists():
         return recorded
     name = Path(recorded).name
-    return next((str(Path(d) / name) for d in slide_dirs if (Path(d) / name).exists()), recorded)
-
-
-def require_recorded_slide(recorded: str, slide_dirs: Sequence[str | Path] = ()) -> str:
-    """:func:`locate_slide`, raising :class:`SlideNotFoundError` with the ``--slide-dir`` fix when the slide is
-    found nowhere."""
-    path = locate_slide(recorded, slide_dirs)
-    if not path or not Path(path).exists():
+    found = next((Path(d) / name for d in slide_dirs if name and (Path(d) / name).exists()), None)
+    if found is None:
         looked = f" (not in {', '.join(map(str, slide_dirs))} either)" if slide_dirs else ""
-        raise SlideNotFoundError(path or "<no path>", MOVED_SLIDE_FIX + looked)
-    return path
+        raise SlideNotFoundError(recorded or "<no path>", MOVED_SLIDE_FIX + looked)
+    return str(found)
+
+
+def open_recorded_slide(recorded: str | None, mpp: float | None, slide_dirs: Sequence[str | Path] = ()) -> Slide:
+    """:func:`open_slide` on the path the RUN recorded at tiling (:func:`require_recorded_slide`) with the MPP the
+    tiling used."""
+    return open_slide(require_recorded_slide(recorded, slide_dirs), mpp=mpp)
 
 
 def no_slides_message(inputs: Sequence[str | Path], recursive: bool) -> str:

@@ -89,7 +89,7 @@ class RunTiles(TileSource):
             ts = F.read_tiles_h5(layout.tiles_h5(sid))
             if len(ts) == 0:
                 continue
-            path = require_recorded_slide(str(ts.attrs.get(F.A_SLIDE_PATH) or ""), slide_dirs)
+            path = require_recorded_slide(ts.attrs.get(F.A_SLIDE_PATH), slide_dirs)
             xy = ts.l0_xy
             if max_tiles_per_slide and len(xy) > max_tiles_per_slide:
                 xy = xy[seeded_rng(seed, "run", sid).choice(len(xy), max_tiles_per_slide, replace=False)]

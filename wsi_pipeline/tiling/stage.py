@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 STAGE = "tile"
 THUMBNAIL_MAX = 1024
+# what tiling one slide imports (scipy.ndimage, skimage.measure, Pillow, the slide backends): imported once before the
+# per-slide workers fork (~1–4 s each otherwise)
+TILING_PRELOAD = ("scipy.ndimage", "skimage.measure", "PIL.Image", "wsi_pipeline.slide", "wsi_pipeline.formats.geojson",
+                  "wsi_pipeline.tiling.contours", "wsi_pipeline.tiling.overlay")
 MASK_MPP_CAP = 2.0  # the tissue level is never finer than this (µm/px): bounded memory on any slide
 
 
@@ -229,16 +233,6 @@ def unique_slide_ids(paths: Sequence[Path]) -> list[str]:
     return ids
 
 
-def preload_tiling_modules() -> None:
-    """Import what tiling one slide needs (scipy.ndimage, skimage.measure, Pillow, the slide backends) in
-    the parent process, so forked per-slide workers inherit them instead of importing them again (~1–4 s each)."""
-    import importlib
-
-    for name in ("scipy.ndimage", "skimage.measure", "PIL.Image", "wsi_pipeline.slide",
-                 "wsi_pipeline.formats.geojson", "wsi_pipeline.tiling.contours", "wsi_pipeline.tiling.overlay"):
-        importlib.import_module(name)
-
-
 def slide_items(paths: Sequence[str | Path]) -> list[SlideItem]:
     """One item per slide file, with unique slide ids (see :func:`unique_slide_ids`) and resolved paths (each
     folder resolved once: a cohort's slides share a few folders)."""
@@ -273,4 +267,4 @@ def run_tile(
     cfg.validate()
     items = (shard or Shard()).select(slide_items(paths))
     return run_per_slide(TileStage(RunLayout(run_root), cfg), items, RunLayout(run_root), workers=workers,
-                         force=force, progress=progress, before_fork=preload_tiling_modules)
+                         force=force, progress=progress, preload=TILING_PRELOAD)

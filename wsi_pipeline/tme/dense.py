@@ -428,7 +428,7 @@ def dense_slide_map(tiles: F.TileSet, encoder: Encoder, clf: TissueClassifier, m
     from wsi_pipeline.encoders.base import prepare_for_inference, resolve_device
     from wsi_pipeline.features.reader import ReadSpec, open_tile_reader
 
-    path = require_recorded_slide(str(tiles.attrs.get(F.A_SLIDE_PATH) or ""))
+    path = require_recorded_slide(tiles.attrs.get(F.A_SLIDE_PATH))
     method = resolve_method(classifier_method(clf, method), encoder)
     geo = geo or dense_geometry(clf, encoder, method)
     encoder = prepare_for_inference(encoder, resolve_device(device))

@@ -109,7 +109,7 @@ def embed_slide_tiles(
     from wsi_pipeline.tiles.embed import embed_tiles
     from wsi_pipeline.tiles.transform import fit_tile, scaled_size
 
-    path = require_recorded_slide(str(tiles.attrs.get(F.A_SLIDE_PATH) or ""))
+    path = require_recorded_slide(tiles.attrs.get(F.A_SLIDE_PATH))
     mpp = encoder.meta.mpp
     size_l0, l0_xy = tiles.tile_size_l0, tiles.l0_xy
     if centre_um > 0:  # read only the centre square: its level-0 size and corners
@@ -363,8 +363,7 @@ def run_tiles(layout: RunLayout, clf: TissueClassifier, cfg: TMEConfig, slide_id
         raise TilesNotFoundError(f"{tiles_path}: no tiles for {slide_id}; run `wsi tile` first")
     tiles = F.read_tiles_h5(tiles_path)
     if len(tiles):  # the slide, where it is now (the map and the grid read it)
-        tiles.attrs[F.A_SLIDE_PATH] = require_recorded_slide(str(tiles.attrs.get(F.A_SLIDE_PATH) or ""),
-                                                             cfg.slide_dirs)
+        tiles.attrs[F.A_SLIDE_PATH] = require_recorded_slide(tiles.attrs.get(F.A_SLIDE_PATH), cfg.slide_dirs)
     footprint = resolve_footprint(cfg, clf, tiles)
     if footprint == "grid":
         tiles = fov_grid(tiles, clf.tile_um, clf.mpp)
